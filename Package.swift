@@ -1,0 +1,84 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "geminus",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "geminus", targets: ["geminus"]),
+        .library(name: "GeminusCore", targets: ["GeminusCore"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+    ],
+    targets: [
+        // System libraries, found through pkg-config; `providers` names the Debian package
+        // so a missing library is reported with the command that installs it.
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
+        .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        // Small C helpers where Swift cannot reach the CPU instruction (CRC32C) cheaply.
+        .target(name: "CGeminusSupport"),
+
+        .target(
+            name: "GeminusCore",
+            dependencies: ["CLZ4", "CXXHash", "CGeminusSupport"]
+        ),
+        .target(
+            name: "GeminusHypervisor",
+            dependencies: ["GeminusCore"]
+        ),
+        .target(
+            name: "GeminusTransport",
+            dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
+            name: "GeminusReplication",
+            dependencies: ["GeminusCore"]
+        ),
+        .target(
+            name: "GeminusAgent",
+            dependencies: [
+                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+            ]
+        ),
+        .executableTarget(
+            name: "geminus",
+            dependencies: [
+                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "geminus-bench",
+            dependencies: [
+                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusAgent",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            path: "Bench/geminus-bench"
+        ),
+        .testTarget(
+            name: "GeminusCoreTests",
+            dependencies: ["GeminusCore", "GeminusHypervisor"]
+        ),
+        .testTarget(
+            name: "GeminusReplicationTests",
+            dependencies: ["GeminusReplication", "GeminusCore"]
+        ),
+        .testTarget(
+            name: "GeminusTransportTests",
+            dependencies: ["GeminusTransport", "GeminusCore"]
+        ),
+        .testTarget(
+            name: "GeminusIntegrationTests",
+            dependencies: ["GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,94 @@
+#include "geminus_support.h"
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <nmmintrin.h>
+#endif
+
+static uint32_t table[8][256];
+static int hardware = -1;
+
+int geminus_crc32c_is_hardware(void);
+
+static void build_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+        table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++)
+            table[t][i] = (table[t - 1][i] >> 8) ^ table[0][table[t - 1][i] & 0xff];
+}
+
+// Built before main so no thread ever sees a half-filled table.
+__attribute__((constructor)) static void geminus_support_init(void) {
+    build_table();
+    geminus_crc32c_is_hardware();
+}
+
+static uint32_t crc32c_software(uint32_t crc, const uint8_t *p, size_t n) {
+    crc = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        v ^= crc;
+        crc = table[7][v & 0xff] ^ table[6][(v >> 8) & 0xff] ^ table[5][(v >> 16) & 0xff] ^
+              table[4][(v >> 24) & 0xff] ^ table[3][(v >> 32) & 0xff] ^ table[2][(v >> 40) & 0xff] ^
+              table[1][(v >> 48) & 0xff] ^ table[0][v >> 56];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = (crc >> 8) ^ table[0][(crc ^ *p++) & 0xff];
+    return ~crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = _mm_crc32_u8(c32, *p++);
+    return ~c32;
+}
+#endif
+
+int geminus_crc32c_is_hardware(void) {
+    if (hardware < 0) {
+#if defined(__x86_64__)
+        unsigned a, b, c, d;
+        hardware = (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_SSE4_2)) ? 1 : 0;
+#else
+        hardware = 0;
+#endif
+    }
+    return hardware;
+}
+
+uint32_t geminus_crc32c(uint32_t crc, const void *data, size_t length) {
+#if defined(__x86_64__)
+    if (geminus_crc32c_is_hardware()) return crc32c_hardware(crc, (const uint8_t *)data, length);
+#endif
+    return crc32c_software(crc, (const uint8_t *)data, length);
+}
+
+void geminus_xor(void *out, const void *a, const void *b, size_t length) {
+    uint64_t *o = (uint64_t *)out;
+    const uint64_t *x = (const uint64_t *)a, *y = (const uint64_t *)b;
+    for (size_t i = 0; i < length / 8; i++) o[i] = x[i] ^ y[i];
+}
+
+int geminus_is_zero(const void *data, size_t length) {
+    const uint64_t *p = (const uint64_t *)data;
+    uint64_t acc = 0;
+    for (size_t i = 0; i < length / 8; i++) acc |= p[i];
+    return acc == 0;
+}

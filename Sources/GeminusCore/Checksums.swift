@@ -1,0 +1,51 @@
+import CGeminusSupport
+import CXXHash
+
+/// CRC32C over frames: cheap enough (hardware instruction) to check every byte on the wire.
+public enum CRC32C {
+    public static func checksum(_ data: UnsafeRawBufferPointer, continuing crc: UInt32 = 0) -> UInt32 {
+        guard let base = data.baseAddress, data.count > 0 else { return crc }
+        return geminus_crc32c(crc, base, data.count)
+    }
+
+    public static func checksum(_ bytes: [UInt8], continuing crc: UInt32 = 0) -> UInt32 {
+        bytes.withUnsafeBytes { checksum($0, continuing: crc) }
+    }
+
+    public static var isHardwareAccelerated: Bool { geminus_crc32c_is_hardware() != 0 }
+}
+
+/// A 64-bit digest (XXH3) of a checkpoint's decoded contents. The primary computes it over the
+/// pages it captured, the secondary over the pages it decoded; equal digests prove the delta
+/// decoding (XOR against the peer's base, LZ4) reproduced exactly what was captured, which a
+/// per-frame CRC alone cannot show.
+public struct ContentDigest: ~Copyable {
+    private let state: OpaquePointer
+
+    public init() {
+        state = XXH3_createState()!
+        XXH3_64bits_reset(state)
+    }
+
+    deinit { XXH3_freeState(state) }
+
+    public mutating func reset() { XXH3_64bits_reset(state) }
+
+    public mutating func addPage(index: UInt64, contents: UnsafeRawPointer) {
+        var le = index.littleEndian
+        withUnsafeBytes(of: &le) { _ = XXH3_64bits_update(state, $0.baseAddress, 8) }
+        XXH3_64bits_update(state, contents, GuestPage.size)
+    }
+
+    public mutating func add(_ data: UnsafeRawBufferPointer) {
+        guard let base = data.baseAddress, data.count > 0 else { return }
+        XXH3_64bits_update(state, base, data.count)
+    }
+
+    public var value: UInt64 { XXH3_64bits_digest(state) }
+
+    /// The hash of one page alone (used by the compare-based dirty-page finder).
+    public static func hashPage(_ contents: UnsafeRawPointer) -> UInt64 {
+        XXH3_64bits(contents, GuestPage.size)
+    }
+}

@@ -1,0 +1,75 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Pages copied out of the guest at one checkpoint, plus its device state: what a capture
+/// produces on the primary and what a decoded epoch stages on the secondary. It is reused from
+/// epoch to epoch so the steady state allocates nothing, and it never grows past `limitPages`.
+///
+/// Ownership moves between threads (capture, then encode); it is never shared at once.
+public final class CheckpointBuffer: @unchecked Sendable {
+    public let limitPages: Int
+    public private(set) var pageIndices: [Int] = []
+    public var deviceState: [UInt8] = []
+    /// A full checkpoint holds every page of the guest.
+    public var isFull = false
+    private var storage: UnsafeMutableRawPointer
+    private var capacityPages: Int
+
+    public init(limitPages: Int, initialCapacityPages: Int = 256) {
+        precondition(limitPages > 0)
+        self.limitPages = limitPages
+        capacityPages = max(1, min(initialCapacityPages, limitPages))
+        storage = UnsafeMutableRawPointer.allocate(byteCount: capacityPages * GuestPage.size, alignment: GuestPage.size)
+    }
+
+    deinit { storage.deallocate() }
+
+    public var pageCount: Int { pageIndices.count }
+    public var payloadBytes: Int { pageIndices.count * GuestPage.size + deviceState.count }
+
+    public func reset() {
+        pageIndices.removeAll(keepingCapacity: true)
+        deviceState.removeAll(keepingCapacity: true)
+        isFull = false
+    }
+
+    /// Contents of the i-th page held (not the guest page number: see `pageIndices`).
+    @inline(__always)
+    public func contents(at i: Int) -> UnsafeMutableRawPointer {
+        precondition(i >= 0 && i < pageIndices.count)
+        return storage + i * GuestPage.size
+    }
+
+    /// Reserves room for one more page and returns where its 4096 bytes go.
+    /// Returns nil at the limit: the caller decides whether that is a rejection or a bug.
+    public func appendPage(index: Int) -> UnsafeMutableRawPointer? {
+        guard pageIndices.count < limitPages else { return nil }
+        if pageIndices.count == capacityPages { grow() }
+        pageIndices.append(index)
+        return storage + (pageIndices.count - 1) * GuestPage.size
+    }
+
+    public func appendPage(index: Int, copying source: UnsafeRawPointer) -> Bool {
+        guard let dst = appendPage(index: index) else { return false }
+        dst.copyMemory(from: source, byteCount: GuestPage.size)
+        return true
+    }
+
+    private func grow() {
+        let newCapacity = min(limitPages, capacityPages * 2)
+        let fresh = UnsafeMutableRawPointer.allocate(byteCount: newCapacity * GuestPage.size, alignment: GuestPage.size)
+        fresh.copyMemory(from: storage, byteCount: pageIndices.count * GuestPage.size)
+        storage.deallocate()
+        storage = fresh
+        capacityPages = newCapacity
+    }
+
+    /// The digest the wire format carries in `epochEnd` (see `ContentDigest`).
+    public func digest() -> UInt64 {
+        var d = ContentDigest()
+        for i in pageIndices.indices { d.addPage(index: UInt64(pageIndices[i]), contents: contents(at: i)) }
+        deviceState.withUnsafeBytes { d.add($0) }
+        return d.value
+    }
+}

@@ -1,0 +1,32 @@
+import GeminusCore
+
+/// The VM as the primary's epoch loop sees it. Implemented by the simulated VM here and by the
+/// libvirt/QEMU domain later; nothing above this seam knows which it drives.
+public protocol ProtectedGuest: AnyObject, Sendable {
+    var pageCount: Int { get }
+    /// Stops the vCPUs and device emulation, so memory and device state hold still.
+    func pause() throws(GeminusError)
+    func resume() throws(GeminusError)
+    /// While paused: copies every page written since the previous capture (every page when
+    /// `full`) and the device state into `buffer`, and starts a new written set.
+    func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
+    /// The guest's own progress counter (the test guests keep one in RAM), for reports.
+    var progressCounter: UInt64 { get }
+    /// Stops the guest for good (the agent is shutting down or handing the VM over).
+    func shutdown()
+}
+
+/// Where guest output (network packets) goes. `offer` returns false when the output buffer is
+/// full: the guest must stall and offer again, never drop (promise S2 bounds, docs/ARCHITECTURE.md).
+public protocol GuestOutputPort: Sendable {
+    func offer(_ packet: [UInt8]) -> Bool
+}
+
+/// The secondary's side: it provides the memory the replica lives in, and turns the last
+/// committed checkpoint into a running guest on failover.
+public protocol StandbyHost: Sendable {
+    func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory
+    /// Starts the guest from `memory` (already holding the committed pages) and the committed
+    /// device state. The returned guest is running and is now the one to protect.
+    func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest
+}

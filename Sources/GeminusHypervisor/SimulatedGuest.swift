@@ -1,0 +1,306 @@
+import CGeminusSupport
+import GeminusCore
+
+/// The simulated guest's machine: RAM, a dirty-page bitmap, and a deterministic CPU that runs
+/// one `step` at a time. No threads and no clock: the real-time runner (`SimulatedVM`) and the
+/// deterministic simulator both drive it through `step()`.
+///
+/// Guest-physical layout (all little-endian), so the same reader works for the RAM file of a
+/// real test guest and for this one:
+/// - page 0, the status page: magic, counter (one per step), output sequence, seed;
+/// - page 1: ring of the last 256 outputs as (sequence, counter) pairs;
+/// - pages 2..<8: reserved;
+/// - pages 8...: the work area the workload writes.
+public final class SimulatedGuest: @unchecked Sendable {
+    public static let magic: UInt64 = 0x4745_4D49_4E55_5331 // "GEMINUS1"
+    public static let counterAddress = 8
+    public static let outputSequenceAddress = 16
+    public static let ringPage = 1
+    public static let ringEntries = 256
+    public static let workAreaFirstPage = 8
+    public static let minimumPages = 16
+    /// Opaque device models make real device state about 13 KB; this one is the same size so
+    /// the device-state path carries a realistic load.
+    static let deviceRegisterBytes = 12 << 10
+
+    public let workload: SimulatedWorkload
+    public let memory: PageMemory
+    public private(set) var written: DirtyPageSet
+    private var rng: Xoshiro256
+    private var registers: [UInt8]
+    /// A packet produced but not yet taken by the output port, like a frame in a NIC's TX ring.
+    public private(set) var pendingOutput: [UInt8]?
+    private let stepsPerOutput: UInt64
+    private let textCorpus: [UInt8]
+
+    public var counter: UInt64 { memory.loadU64(at: Self.counterAddress) }
+    public var outputSequence: UInt64 { memory.loadU64(at: Self.outputSequenceAddress) }
+
+    /// Boots a fresh guest: RAM filled with the workload's kind of content.
+    public init(workload: SimulatedWorkload, memory: PageMemory) throws(GeminusError) {
+        try workload.validate()
+        guard memory.pageCount == workload.pageCount, memory.pageCount >= Self.minimumPages else {
+            throw GeminusError(.invalidArgument, "simulated guest needs \(workload.pageCount) pages (at least \(Self.minimumPages)), memory has \(memory.pageCount)")
+        }
+        self.workload = workload
+        self.memory = memory
+        written = DirtyPageSet(pageCount: memory.pageCount)
+        rng = Xoshiro256(seed: workload.seed)
+        registers = Array(repeating: 0, count: Self.deviceRegisterBytes)
+        stepsPerOutput = workload.outputsPerSecond == 0 ? 0 : UInt64(max(1, workload.dirtyPagesPerSecond / workload.outputsPerSecond))
+        textCorpus = Self.makeCorpus(seed: workload.seed)
+        boot()
+    }
+
+    /// Resumes a guest from a checkpoint: `memory` holds its pages, `deviceState` its CPU and
+    /// devices. The next step continues exactly where the checkpointed guest would have.
+    public init(memory: PageMemory, deviceState: [UInt8]) throws(GeminusError) {
+        guard let state = DeviceState(decoding: deviceState) else {
+            throw GeminusError(.hypervisor, "device state is not a simulated guest's (\(deviceState.count) bytes)",
+                               fix: "resume only checkpoints produced by a simulated primary")
+        }
+        guard memory.pageCount == state.workload.pageCount, memory.loadU64(at: 0) == Self.magic else {
+            throw GeminusError(.hypervisor, "replica memory does not hold the simulated guest the device state describes")
+        }
+        workload = state.workload
+        self.memory = memory
+        written = DirtyPageSet(pageCount: memory.pageCount)
+        rng = state.rng
+        registers = state.registers
+        pendingOutput = state.pendingOutput
+        stepsPerOutput = workload.outputsPerSecond == 0 ? 0 : UInt64(max(1, workload.dirtyPagesPerSecond / workload.outputsPerSecond))
+        textCorpus = Self.makeCorpus(seed: workload.seed)
+    }
+
+    private func boot() {
+        memory.storeU64(Self.magic, at: 0)
+        memory.storeU64(0, at: Self.counterAddress)
+        memory.storeU64(0, at: Self.outputSequenceAddress)
+        memory.storeU64(workload.seed, at: 24)
+        for page in Self.workAreaFirstPage..<memory.pageCount {
+            // Most of a freshly booted guest's memory is still zero; the rest is a mix.
+            switch rng.next() % 10 {
+            case 0..<4: break
+            case 4..<8: fillText(page)
+            case 8: fillRandom(page)
+            default: fillText(page)
+            }
+        }
+        written.insertAll()
+    }
+
+    // MARK: - Running
+
+    /// One unit of guest work: bump the counter, write one page, maybe produce an output.
+    /// Returns false without doing anything while an output is still pending.
+    @discardableResult
+    public func step() -> Bool {
+        guard pendingOutput == nil else { return false }
+        let c = counter &+ 1
+        memory.storeU64(c, at: Self.counterAddress)
+        written.insert(0)
+        let page = pickPage()
+        write(page: page, counter: c)
+        let slot = Int(c % UInt64(Self.deviceRegisterBytes / 8)) * 8
+        registers.withUnsafeMutableBytes { $0.storeBytes(of: c.littleEndian, toByteOffset: slot, as: UInt64.self) }
+        if stepsPerOutput > 0 && c % stepsPerOutput == 0 {
+            let seq = outputSequence + 1
+            memory.storeU64(seq, at: Self.outputSequenceAddress)
+            let ring = Self.ringPage * GuestPage.size + Int(seq % UInt64(Self.ringEntries)) * 16
+            memory.storeU64(seq, at: ring)
+            memory.storeU64(c, at: ring + 8)
+            written.insert(Self.ringPage)
+            pendingOutput = OutputPacket(sequence: seq, counter: c, seed: workload.seed).encoded()
+        }
+        return true
+    }
+
+    /// Hands the pending output to `port`; true when nothing is pending any more.
+    public func flushOutput(to port: any GuestOutputPort) -> Bool {
+        guard let packet = pendingOutput else { return true }
+        guard port.offer(packet) else { return false }
+        pendingOutput = nil
+        return true
+    }
+
+    /// The ring of recent outputs as (sequence, counter), oldest first: what this guest's
+    /// history says it sent. Used to prove every released output is one the guest produced.
+    public func recentOutputs() -> [(sequence: UInt64, counter: UInt64)] {
+        let last = outputSequence
+        let first = last >= UInt64(Self.ringEntries) ? last - UInt64(Self.ringEntries) + 1 : 1
+        guard last >= 1 else { return [] }
+        return (first...last).map { seq in
+            let ring = Self.ringPage * GuestPage.size + Int(seq % UInt64(Self.ringEntries)) * 16
+            return (memory.loadU64(at: ring), memory.loadU64(at: ring + 8))
+        }
+    }
+
+    // MARK: - Checkpointing
+
+    /// Copies the written pages (or all) and the device state into `buffer`; starts a new set.
+    public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        buffer.reset()
+        buffer.isFull = full
+        if full { written.insertAll() }
+        var overflow = false
+        written.forEach { page in
+            if !overflow && !buffer.appendPage(index: page, copying: memory.page(page)) { overflow = true }
+        }
+        guard !overflow else {
+            throw GeminusError(.resourceExhausted, "capture buffer holds \(buffer.limitPages) pages, guest wrote \(written.count)")
+        }
+        written.removeAll()
+        buffer.deviceState = DeviceState(workload: workload, rng: rng, registers: registers, pendingOutput: pendingOutput).encoded()
+    }
+
+    // MARK: - Workload
+
+    private func pickPage() -> Int {
+        let first = Self.workAreaFirstPage
+        let area = memory.pageCount - first
+        let hot = max(1, Int(Double(area) * workload.hotFraction))
+        let r = rng.next()
+        if Double(r >> 11) / Double(1 << 53) < workload.hotShare {
+            return first + Int(rng.next() % UInt64(hot))
+        }
+        return first + Int(rng.next() % UInt64(area))
+    }
+
+    private func write(page: Int, counter c: UInt64) {
+        var kind = workload.content
+        if kind == .mixed {
+            switch rng.next() % 20 {
+            case 0, 1: kind = .zeros
+            case 2..<6: kind = .text
+            case 6, 7: kind = .random
+            default: kind = .smallEdits
+            }
+        }
+        switch kind {
+        case .zeros: memory.page(page).initializeMemory(as: UInt8.self, repeating: 0, count: GuestPage.size)
+        case .text: fillText(page)
+        case .random: fillRandom(page)
+        case .smallEdits, .mixed:
+            let p = memory.page(page)
+            for _ in 0..<(1 + rng.next() % 4) {
+                let offset = Int(rng.next() % UInt64(GuestPage.size / 8)) * 8
+                p.storeBytes(of: (c ^ rng.next() & 0xFFFF).littleEndian, toByteOffset: offset, as: UInt64.self)
+            }
+        }
+        written.insert(page)
+    }
+
+    private func fillText(_ page: Int) {
+        let offset = Int(rng.next() % UInt64(textCorpus.count - GuestPage.size))
+        textCorpus.withUnsafeBytes { memory.page(page).copyMemory(from: $0.baseAddress! + offset, byteCount: GuestPage.size) }
+    }
+
+    private func fillRandom(_ page: Int) {
+        let p = memory.page(page)
+        for i in 0..<(GuestPage.size / 8) { p.storeBytes(of: rng.next(), toByteOffset: i * 8, as: UInt64.self) }
+    }
+
+    /// 64 KiB of log-like lines; pages of "text" are windows into it, which compress like logs do.
+    private static func makeCorpus(seed: UInt64) -> [UInt8] {
+        var rng = Xoshiro256(seed: seed ^ 0x7465_7874)
+        let words = ["invoice", "account", "charged", "EUR", "USD", "status=ok", "retry", "customer", "ledger",
+                     "balance", "debit", "credit", "txn", "settled", "pending", "{\"id\":", "\"amount\":", "},"]
+        var out = [UInt8]()
+        out.reserveCapacity(70_000)
+        while out.count < 64 << 10 {
+            out.append(contentsOf: "2026-11-25T10:\(rng.next() % 60):\(rng.next() % 60) ".utf8)
+            for _ in 0..<(4 + rng.next() % 8) {
+                out.append(contentsOf: words[Int(rng.next() % UInt64(words.count))].utf8)
+                out.append(contentsOf: " \(rng.next() % 100_000) ".utf8)
+            }
+            out.append(10)
+        }
+        return out
+    }
+}
+
+/// A packet the simulated guest emits: its sequence number, the counter at the step that
+/// produced it, and a check value an observer can verify without knowing the guest.
+public struct OutputPacket: Equatable, Sendable {
+    public static let size = 24
+    public var sequence: UInt64
+    public var counter: UInt64
+    public var check: UInt64
+
+    public init(sequence: UInt64, counter: UInt64, seed: UInt64) {
+        self.sequence = sequence
+        self.counter = counter
+        check = Self.checkValue(sequence: sequence, counter: counter, seed: seed)
+    }
+
+    public static func checkValue(sequence: UInt64, counter: UInt64, seed: UInt64) -> UInt64 {
+        var x = Xoshiro256(seed: sequence &* 0x9E37_79B9_7F4A_7C15 ^ counter ^ seed)
+        return x.next()
+    }
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: Self.size)
+        w.u64(sequence)
+        w.u64(counter)
+        w.u64(check)
+        return w.bytes
+    }
+
+    public init?(decoding bytes: [UInt8]) {
+        var r = ByteReader(bytes)
+        guard bytes.count == Self.size, let s = r.u64(), let c = r.u64(), let k = r.u64() else { return nil }
+        sequence = s
+        counter = c
+        check = k
+    }
+}
+
+/// The simulated guest's CPU and device state, as carried in checkpoints.
+struct DeviceState {
+    static let magic: UInt32 = 0x5649_4D53 // "SMIV"
+    var workload: SimulatedWorkload
+    var rng: Xoshiro256
+    var registers: [UInt8]
+    var pendingOutput: [UInt8]?
+
+    func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 64 + registers.count)
+        w.u32(Self.magic)
+        w.u32(1)
+        w.u64(UInt64(workload.ramMiB))
+        w.u64(UInt64(workload.dirtyPagesPerSecond))
+        w.u64(workload.hotFraction.bitPattern)
+        w.u64(workload.hotShare.bitPattern)
+        w.u8(UInt8(PageContent.allCases.firstIndex(of: workload.content)!))
+        w.u64(UInt64(workload.outputsPerSecond))
+        w.u64(workload.seed)
+        w.u64(rng.s.0); w.u64(rng.s.1); w.u64(rng.s.2); w.u64(rng.s.3)
+        w.u32(UInt32(registers.count))
+        w.append(registers)
+        w.u32(UInt32(pendingOutput?.count ?? 0))
+        if let p = pendingOutput { w.append(p) }
+        return w.bytes
+    }
+
+    init(workload: SimulatedWorkload, rng: Xoshiro256, registers: [UInt8], pendingOutput: [UInt8]?) {
+        self.workload = workload
+        self.rng = rng
+        self.registers = registers
+        self.pendingOutput = pendingOutput
+    }
+
+    init?(decoding bytes: [UInt8]) {
+        var r = ByteReader(bytes)
+        guard r.u32() == Self.magic, r.u32() == 1, let ram = r.u64(), let rate = r.u64(), let hf = r.u64(), let hs = r.u64(),
+              let content = r.u8(), Int(content) < PageContent.allCases.count, let outs = r.u64(), let seed = r.u64(),
+              let s0 = r.u64(), let s1 = r.u64(), let s2 = r.u64(), let s3 = r.u64(),
+              let nreg = r.u32(), nreg <= 1 << 20, let reg = r.take(Int(nreg)),
+              let npend = r.u32(), npend <= 1 << 16, let pend = r.take(Int(npend)), r.remaining == 0 else { return nil }
+        workload = SimulatedWorkload(ramMiB: Int(ram), dirtyPagesPerSecond: Int(rate), hotFraction: Double(bitPattern: hf),
+                                     hotShare: Double(bitPattern: hs), content: PageContent.allCases[Int(content)],
+                                     outputsPerSecond: Int(outs), seed: seed)
+        rng = Xoshiro256(state: (s0, s1, s2, s3))
+        registers = Array(reg)
+        pendingOutput = npend == 0 ? nil : Array(pend)
+    }
+}

@@ -1,0 +1,123 @@
+import GeminusCore
+
+/// The secondary's follow/acknowledge/take-over logic as a state machine (no I/O, no clock).
+/// The replica itself (decode, verify, apply) is `GeminusCore.Replica`; this machine decides
+/// what each outcome means for the pair.
+public struct SecondaryMachine: Sendable {
+    public struct Config: Sendable, Equatable {
+        /// No frame or heartbeat from the primary for this long: the primary is lost and the
+        /// standby resumes (promise L1 bounds failover by this plus the resume time).
+        public var takeoverAfterNanos: UInt64
+
+        public init(takeoverAfterNanos: UInt64 = 150_000_000) {
+            self.takeoverAfterNanos = takeoverAfterNanos
+        }
+    }
+
+    public enum State: Equatable, Sendable {
+        /// No primary has delivered a whole checkpoint yet: nothing to resume.
+        case waitingForFirstCheckpoint
+        /// Connected and current.
+        case following
+        /// The link is down; takeover at `sinceNanos + takeoverAfterNanos` unless it comes back.
+        case primarySilent(sinceNanos: UInt64)
+        /// The standby was resumed; this node is the primary now, at `generation`.
+        case tookOver(from: Epoch, generation: Generation)
+    }
+
+    public enum Event: Equatable, Sendable {
+        case tick(nowNanos: UInt64)
+        case primaryConnected(Generation, nowNanos: UInt64)
+        case primaryDisconnected(nowNanos: UInt64, reason: String)
+        case heardFromPrimary(nowNanos: UInt64)
+        case committed(Epoch, nowNanos: UInt64)
+        case rejected(Epoch, RejectReason, nowNanos: UInt64)
+    }
+
+    public enum Action: Equatable, Sendable {
+        case acknowledge(Epoch)
+        case refuse(Epoch, RejectReason)
+        case dropLink(reason: String)
+        /// Resume the standby from the committed checkpoint `from`, as primary of `generation`.
+        case takeOver(from: Epoch, generation: Generation)
+        case notice(Notice)
+    }
+
+    public enum Notice: Equatable, Sendable {
+        case primaryLost(reason: String)
+        case primaryBack
+        case cannotTakeOver(reason: String)
+    }
+
+    public let config: Config
+    public private(set) var state: State = .waitingForFirstCheckpoint
+    public private(set) var generation: Generation
+    public private(set) var committed: Epoch = .none
+    private var connected = false
+    private var lastHeardNanos: UInt64 = 0
+    private var reportedCannotTakeOver = false
+
+    public init(config: Config, generation: Generation) {
+        self.config = config
+        self.generation = generation
+    }
+
+    public mutating func handle(_ event: Event) -> [Action] {
+        if case .tookOver = state { return [] }
+        switch event {
+        case .primaryConnected(let gen, let now):
+            precondition(gen >= generation, "the handshake admits no older generation")
+            generation = gen
+            connected = true
+            lastHeardNanos = now
+            if case .primarySilent = state {
+                state = .following
+                return [.notice(.primaryBack)]
+            }
+            return []
+
+        case .primaryDisconnected(let now, let reason):
+            connected = false
+            if state == .following {
+                state = .primarySilent(sinceNanos: lastHeardNanos)
+                return [.notice(.primaryLost(reason: reason))] + checkTakeover(now)
+            }
+            return []
+
+        case .heardFromPrimary(let now):
+            lastHeardNanos = max(lastHeardNanos, now)
+            return []
+
+        case .committed(let epoch, let now):
+            precondition(epoch > committed, "commits only move forward")
+            committed = epoch
+            lastHeardNanos = max(lastHeardNanos, now)
+            if state == .waitingForFirstCheckpoint { state = connected ? .following : .primarySilent(sinceNanos: lastHeardNanos) }
+            return [.acknowledge(epoch)]
+
+        case .rejected(let epoch, let reason, _):
+            return [.refuse(epoch, reason)]
+
+        case .tick(let now):
+            if state == .following && now >= lastHeardNanos && now - lastHeardNanos > config.takeoverAfterNanos {
+                let reason = "primary silent for \((now - lastHeardNanos) / 1_000_000) ms"
+                state = .primarySilent(sinceNanos: lastHeardNanos)
+                return [.dropLink(reason: reason), .notice(.primaryLost(reason: reason))] + checkTakeover(now)
+            }
+            if state == .waitingForFirstCheckpoint && !connected && lastHeardNanos > 0 && !reportedCannotTakeOver
+                && now - lastHeardNanos > config.takeoverAfterNanos {
+                reportedCannotTakeOver = true
+                return [.notice(.cannotTakeOver(reason: "the primary was lost before its first checkpoint was committed; nothing to resume"))]
+            }
+            return checkTakeover(now)
+        }
+    }
+
+    private mutating func checkTakeover(_ now: UInt64) -> [Action] {
+        guard case .primarySilent(let since) = state, now >= since, now - since >= config.takeoverAfterNanos else { return [] }
+        let newGeneration = generation.next
+        state = .tookOver(from: committed, generation: newGeneration)
+        generation = newGeneration
+        return [.takeOver(from: committed, generation: newGeneration)]
+    }
+}
