@@ -57,7 +57,7 @@ let package = Package(
         .executableTarget(
             name: "geminus-bench",
             dependencies: [
-                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusAgent",
+                "GeminusCore", "GeminusHypervisor",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
@@ -69,7 +69,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusReplicationTests",
-            dependencies: ["GeminusReplication", "GeminusCore"]
+            dependencies: ["GeminusReplication", "GeminusCore", "GeminusHypervisor"]
         ),
         .testTarget(
             name: "GeminusTransportTests",
@@ -77,7 +77,8 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusIntegrationTests",
-            dependencies: ["GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport"]
+            // Depends on the executable so `swift test` builds it: these tests run it as real processes.
+            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport"]
         ),
     ],
     swiftLanguageModes: [.v6]

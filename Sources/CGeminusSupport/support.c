@@ -80,10 +80,15 @@ uint32_t geminus_crc32c(uint32_t crc, const void *data, size_t length) {
     return crc32c_software(crc, (const uint8_t *)data, length);
 }
 
-void geminus_xor(void *out, const void *a, const void *b, size_t length) {
+size_t geminus_xor(void *out, const void *a, const void *b, size_t length) {
     uint64_t *o = (uint64_t *)out;
     const uint64_t *x = (const uint64_t *)a, *y = (const uint64_t *)b;
-    for (size_t i = 0; i < length / 8; i++) o[i] = x[i] ^ y[i];
+    size_t nonzero = 0;
+    for (size_t i = 0; i < length / 8; i++) {
+        o[i] = x[i] ^ y[i];
+        nonzero += o[i] != 0;
+    }
+    return nonzero;
 }
 
 int geminus_is_zero(const void *data, size_t length) {

@@ -123,16 +123,9 @@ public final class SimulatedGuest: @unchecked Sendable {
         return true
     }
 
-    /// The ring of recent outputs as (sequence, counter), oldest first: what this guest's
-    /// history says it sent. Used to prove every released output is one the guest produced.
-    public func recentOutputs() -> [(sequence: UInt64, counter: UInt64)] {
-        let last = outputSequence
-        let first = last >= UInt64(Self.ringEntries) ? last - UInt64(Self.ringEntries) + 1 : 1
-        guard last >= 1 else { return [] }
-        return (first...last).map { seq in
-            let ring = Self.ringPage * GuestPage.size + Int(seq % UInt64(Self.ringEntries)) * 16
-            return (memory.loadU64(at: ring), memory.loadU64(at: ring + 8))
-        }
+    /// The ring of recent outputs, oldest first: what this guest's history says it sent.
+    public func recentOutputs() -> [OutputRecord] {
+        TestGuestHistory(memory: memory, deviceState: []).recent
     }
 
     // MARK: - Checkpointing
@@ -302,5 +295,40 @@ struct DeviceState {
         rng = Xoshiro256(state: (s0, s1, s2, s3))
         registers = Array(reg)
         pendingOutput = npend == 0 ? nil : Array(pend)
+    }
+}
+
+/// One entry of a test guest's output history.
+public struct OutputRecord: Sendable, Equatable {
+    public var sequence: UInt64
+    public var counter: UInt64
+    public init(sequence: UInt64, counter: UInt64) {
+        self.sequence = sequence
+        self.counter = counter
+    }
+}
+
+/// What a checkpoint of a simulated guest says it has sent: read from its memory and device
+/// state without running it, so a takeover can report exactly what the resumed guest will
+/// stand behind.
+public struct TestGuestHistory: Sendable {
+    public var outputSequence: UInt64 = 0
+    public var recent: [OutputRecord] = []
+    public var pendingSequence: UInt64?
+
+    public init(memory: PageMemory, deviceState: [UInt8]) {
+        guard memory.pageCount >= SimulatedGuest.minimumPages, memory.loadU64(at: 0) == SimulatedGuest.magic else { return }
+        outputSequence = memory.loadU64(at: SimulatedGuest.outputSequenceAddress)
+        let last = outputSequence
+        if last >= 1 {
+            let first = last >= UInt64(SimulatedGuest.ringEntries) ? last - UInt64(SimulatedGuest.ringEntries) + 1 : 1
+            recent = (first...last).map { seq in
+                let slot = SimulatedGuest.ringPage * GuestPage.size + Int(seq % UInt64(SimulatedGuest.ringEntries)) * 16
+                return OutputRecord(sequence: memory.loadU64(at: slot), counter: memory.loadU64(at: slot + 8))
+            }
+        }
+        if let state = DeviceState(decoding: deviceState), let p = state.pendingOutput, let packet = OutputPacket(decoding: p) {
+            pendingSequence = packet.sequence
+        }
     }
 }

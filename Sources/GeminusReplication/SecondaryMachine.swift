@@ -55,6 +55,7 @@ public struct SecondaryMachine: Sendable {
     public private(set) var committed: Epoch = .none
     private var connected = false
     private var lastHeardNanos: UInt64 = 0
+    private var everConnected = false
     private var reportedCannotTakeOver = false
 
     public init(config: Config, generation: Generation) {
@@ -69,6 +70,7 @@ public struct SecondaryMachine: Sendable {
             precondition(gen >= generation, "the handshake admits no older generation")
             generation = gen
             connected = true
+            everConnected = true
             lastHeardNanos = now
             if case .primarySilent = state {
                 state = .following
@@ -104,7 +106,7 @@ public struct SecondaryMachine: Sendable {
                 state = .primarySilent(sinceNanos: lastHeardNanos)
                 return [.dropLink(reason: reason), .notice(.primaryLost(reason: reason))] + checkTakeover(now)
             }
-            if state == .waitingForFirstCheckpoint && !connected && lastHeardNanos > 0 && !reportedCannotTakeOver
+            if state == .waitingForFirstCheckpoint && !connected && everConnected && !reportedCannotTakeOver
                 && now - lastHeardNanos > config.takeoverAfterNanos {
                 reportedCannotTakeOver = true
                 return [.notice(.cannotTakeOver(reason: "the primary was lost before its first checkpoint was committed; nothing to resume"))]

@@ -117,16 +117,26 @@ public final class CheckpointEncoder {
         var source = page
         var encoding = PageEncoding.lz4
         if shadowValid.contains(index) {
-            geminus_xor(scratch, page, held, GuestPage.size)
-            if geminus_is_zero(scratch, GuestPage.size) != 0 {
+            let changedWords = geminus_xor(scratch, page, held, GuestPage.size)
+            if changedWords == 0 {
                 PageRecordHeader(pageIndex: UInt64(index), encoding: .unchanged, length: 0).write(to: &w)
                 return .unchanged
             }
-            source = UnsafeRawPointer(scratch)
-            encoding = .xorLZ4
+            // A page rewritten wholesale has an XOR that is noise; trying it would cost a
+            // second compression. Below half its words changed, the XOR is the better bet.
+            if changedWords < GuestPage.size / 16 {
+                source = UnsafeRawPointer(scratch)
+                encoding = .xorLZ4
+            }
         }
         // Anything LZ4 cannot bring under 15/16 of a page goes raw: decoding raw is a memcpy.
-        let n = compressor.compress(source, count: GuestPage.size, into: compressed, capacity: GuestPage.size - GuestPage.size / 16)
+        let limit = GuestPage.size - GuestPage.size / 16
+        var n = compressor.compress(source, count: GuestPage.size, into: compressed, capacity: limit)
+        if n == 0 && encoding == .xorLZ4 {
+            // Rewritten wholesale (new text over old): the XOR is noise, the page itself may not be.
+            encoding = .lz4
+            n = compressor.compress(page, count: GuestPage.size, into: compressed, capacity: limit)
+        }
         if n > 0 {
             PageRecordHeader(pageIndex: UInt64(index), encoding: encoding, length: UInt16(n)).write(to: &w)
             w.append(UnsafeRawBufferPointer(start: compressed, count: n))

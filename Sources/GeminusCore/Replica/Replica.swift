@@ -45,6 +45,9 @@ public final class Replica {
     }
 
     private var staging: Staging?
+    /// The last epoch rejected: its remaining frames are dropped quietly, so one bad epoch is
+    /// counted (and nacked) once, not once per frame.
+    private var discarding: Epoch?
     private let staged: CheckpointBuffer
     private var stagedSet: DirtyPageSet
     private let scratch: UnsafeMutableRawPointer
@@ -93,6 +96,9 @@ public final class Replica {
             // Generations change only through the authenticated handshake (adopt).
             return reject(h.epoch, .staleGeneration, "frame of generation \(h.generation) while the pair is at \(generation)")
         }
+        if h.epoch == discarding && h.kind != .epochBegin {
+            return .ignored(.outOfSequence)
+        }
         switch h.kind {
         case .epochBegin:
             return begin(frame)
@@ -135,7 +141,10 @@ public final class Replica {
         guard frame.header.sequence == 0, let b = EpochBegin(decoding: frame.payload) else {
             return reject(e, .badRecord, "malformed epoch-begin record")
         }
-        guard e > committedEpoch else { return ignore(.stale) }
+        guard e > committedEpoch else {
+            discarding = e
+            return ignore(.stale)
+        }
         guard b.guestPageCount == UInt64(pageCount) else {
             return reject(e, .geometryMismatch, "primary's guest has \(b.guestPageCount) pages, this replica \(pageCount)")
         }
@@ -147,6 +156,7 @@ public final class Replica {
         staged.reset()
         staged.isFull = b.isFull
         stagedSet.removeAll()
+        discarding = nil
         staging = Staging(epoch: e, begin: b, nextSequence: 1)
         return .staged
     }
@@ -186,7 +196,7 @@ public final class Replica {
                     guard length > 0, LZ4Page.decompress(data, count: length, into: dst) else { return "page \(page): bad LZ4 block" }
                 case .xorLZ4:
                     guard length > 0, LZ4Page.decompress(data, count: length, into: scratch) else { return "page \(page): bad LZ4 block" }
-                    geminus_xor(dst, scratch, memory.page(page), GuestPage.size)
+                    _ = geminus_xor(dst, scratch, memory.page(page), GuestPage.size)
                 }
             }
             return nil
@@ -236,6 +246,7 @@ public final class Replica {
 
     private func reject(_ e: Epoch, _ reason: RejectReason, _ detail: String) -> Outcome {
         rejections[reason, default: 0] += 1
+        discarding = e
         return .rejected(e, reason, detail)
     }
 

@@ -168,6 +168,12 @@ public struct FrameDecoder {
     /// The next whole frame, nil when more bytes are needed, or the reason the stream is bad.
     /// After an error the stream cannot be resynchronised; the connection must be dropped.
     public mutating func next() throws(FrameError) -> Frame? {
+        // Judge the magic as soon as it is here, so a peer speaking something else (an HTTP
+        // probe, a port scanner) is named at once rather than waited on for a whole header.
+        if buffer.count - start >= 4 {
+            let magic = buffer.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: start, as: UInt32.self)) }
+            guard magic == FrameHeader.magic else { throw .badMagic(magic) }
+        }
         guard buffer.count - start >= FrameHeader.size else { return nil }
         let parsed = buffer.withUnsafeBytes { raw in
             Result { () throws(FrameError) in

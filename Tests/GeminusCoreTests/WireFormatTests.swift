@@ -1,0 +1,91 @@
+import Testing
+@testable import GeminusCore
+
+@Suite struct WireFormatTests {
+    @Test func frameRoundTripKeepsEveryHeaderField() throws {
+        for kind in FrameKind.allCases {
+            let payload: [UInt8] = (0..<100).map { UInt8($0) }
+            let header = FrameHeader(kind: kind, generation: Generation(7), epoch: Epoch(42), sequence: 9, flags: 3)
+            var decoder = FrameDecoder()
+            decoder.feed(FrameCodec.encode(header, payload: payload))
+            let frame = try #require(try decoder.next())
+            #expect(frame.header.kind == kind)
+            #expect(frame.header.generation == Generation(7))
+            #expect(frame.header.epoch == Epoch(42))
+            #expect(frame.header.sequence == 9)
+            #expect(frame.header.flags == 3)
+            #expect(frame.payload == payload)
+            #expect(try decoder.next() == nil)
+        }
+    }
+
+    @Test func decoderWaitsForWholeFramesFedByteByByte() throws {
+        let bytes = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(1)), payload: [1, 2, 3])
+            + FrameCodec.encode(FrameHeader(kind: .ack, generation: Generation(1), epoch: Epoch(1)))
+        var decoder = FrameDecoder()
+        var frames: [Frame] = []
+        for b in bytes {
+            decoder.feed([b])
+            while let f = try decoder.next() { frames.append(f) }
+        }
+        #expect(frames.map(\.kind) == [.pages, .ack])
+        #expect(frames[0].payload == [1, 2, 3])
+    }
+
+    @Test func everyFlippedByteIsCaught() throws {
+        let good = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(5), sequence: 2), payload: Array(repeating: 0xAB, count: 64))
+        for i in 0..<good.count {
+            var bad = good
+            bad[i] ^= 0x10
+            var decoder = FrameDecoder()
+            decoder.feed(bad)
+            // A flipped length may leave the decoder waiting for more bytes; that is also not
+            // a frame. Anything else must be a specific error, never a silently wrong frame.
+            do {
+                let frame = try decoder.next()
+                #expect(frame == nil, "byte \(i) flipped still produced a frame")
+            } catch {
+                #expect(Bool(true))
+            }
+        }
+    }
+
+    @Test func versionMagicAndSizeAreReportedAsSuch() throws {
+        var v2 = FrameCodec.encode(FrameHeader(kind: .hello, generation: Generation(1), epoch: .none))
+        v2[4] = 2
+        var d = FrameDecoder()
+        d.feed(v2)
+        #expect(throws: FrameError.unsupportedVersion(2)) { try d.next() }
+        #expect(FrameError.unsupportedVersion(2).description.contains("same Geminus release"))
+
+        var http = FrameDecoder()
+        http.feed(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
+        #expect(throws: FrameError.badMagic(0x2054_4547)) { try http.next() }
+
+        var big = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(1)))
+        big.replaceSubrange(8..<12, with: [0xFF, 0xFF, 0xFF, 0x7F])
+        var b = FrameDecoder()
+        b.feed(big)
+        #expect(throws: FrameError.payloadTooLarge(0x7FFF_FFFF)) { try b.next() }
+    }
+
+    @Test func crc32cMatchesTheStandardCheckValue() {
+        // The CRC-32C check value from RFC 3720 / the CRC catalogue.
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        let data: [UInt8] = (0..<1000).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let whole = CRC32C.checksum(data)
+        let split = CRC32C.checksum(Array(data[300...]), continuing: CRC32C.checksum(Array(data[..<300])))
+        #expect(whole == split)
+    }
+
+    @Test func payloadRecordsRoundTrip() throws {
+        let b = EpochBegin(isFull: true, baseEpoch: Epoch(3), guestPageCount: 1234)
+        #expect(EpochBegin(decoding: b.encoded()) == b)
+        let e = EpochEnd(frameCount: 5, pageCount: 77, deviceStateBytes: 13_000, digest: 0xDEAD_BEEF_0123_4567, captureMicros: 9)
+        #expect(EpochEnd(decoding: e.encoded()) == e)
+        let n = Nack(reason: .digestMismatch, detail: "x")
+        #expect(Nack(decoding: n.encoded()) == n)
+        #expect(EpochBegin(decoding: Array(b.encoded().dropLast())) == nil)
+        #expect(EpochEnd(decoding: e.encoded() + [0]) == nil)
+    }
+}
