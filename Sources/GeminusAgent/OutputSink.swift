@@ -1,0 +1,117 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import GeminusCore
+import GeminusHypervisor
+
+/// Where released guest output goes: a UDP datagram per packet to the "network" (an observer
+/// address in the demo and tests). Each datagram is prefixed with the generation of the primary
+/// that released it, so an observer can tell the old primary's output from the new one's.
+public final class OutputSink: @unchecked Sendable {
+    private let fd: Int32
+    private var address = sockaddr_in()
+    public private(set) var packetsSent = 0
+
+    public init(host: String, port: UInt16) throws(GeminusError) {
+        fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        guard fd >= 0 else { throw GeminusError(.io, "cannot create a UDP socket: \(String(cString: strerror(errno)))") }
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &address.sin_addr) == 1 else {
+            close(fd)
+            throw GeminusError(.invalidArgument, "output sink address '\(host)' is not an IPv4 address")
+        }
+    }
+
+    deinit { close(fd) }
+
+    public func send(_ packet: [UInt8], generation: Generation) {
+        var w = ByteWriter(capacity: 8 + packet.count)
+        w.u64(generation.rawValue)
+        w.append(packet)
+        let sent = w.bytes.withUnsafeBytes { buf in
+            withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        }
+        if sent >= 0 { packetsSent += 1 }
+    }
+}
+
+/// The guest's output port on a primary: packets are held in the output-commit queue while a
+/// secondary protects the VM, and pass straight to the sink while it is unprotected.
+public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
+    private let lock = Mutex()
+    private var queue: OutputQueue<[UInt8]>
+    private let sink: OutputSink?
+    public var generation: Generation
+
+    public init(limitBytes: Int, sink: OutputSink?, generation: Generation, openEpoch: Epoch) {
+        queue = OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch)
+        self.sink = sink
+        self.generation = generation
+    }
+
+    public func offer(_ packet: [UInt8]) -> Bool {
+        lock.lock()
+        let outcome = queue.append(packet, bytes: packet.count)
+        lock.unlock()
+        switch outcome {
+        case .held: return true
+        case .releaseNow:
+            sink?.send(packet, generation: generation)
+            return true
+        case .full: return false
+        }
+    }
+
+    /// Called while the guest is paused for the checkpoint of `epoch - 1`.
+    public func open(epoch: Epoch, holding: Bool) {
+        lock.lock()
+        defer { lock.unlock() }
+        if holding && queue.mode == .passThrough { _ = queue.setMode(.holding) }
+        queue.open(epoch: epoch)
+    }
+
+    public func release(through epoch: Epoch) -> Int {
+        lock.lock()
+        let items = queue.release(through: epoch)
+        lock.unlock()
+        for p in items { sink?.send(p, generation: generation) }
+        return items.count
+    }
+
+    public func releaseAll() -> Int {
+        lock.lock()
+        let items = queue.setMode(.passThrough)
+        lock.unlock()
+        for p in items { sink?.send(p, generation: generation) }
+        return items.count
+    }
+
+    public struct Snapshot: Sendable {
+        public var heldCount: Int
+        public var heldBytes: Int
+        public var fullRefusals: Int
+        public var released: Int
+        public var holding: Bool
+    }
+
+    public var snapshot: Snapshot {
+        lock.lock()
+        defer { lock.unlock() }
+        return Snapshot(heldCount: queue.heldCount, heldBytes: queue.heldBytes, fullRefusals: queue.fullRefusals,
+                        released: queue.releasedCount, holding: queue.mode == .holding)
+    }
+}
+
+/// pthread mutex without Foundation's class overhead on the output hot path.
+final class Mutex: @unchecked Sendable {
+    private var m = pthread_mutex_t()
+    init() { pthread_mutex_init(&m, nil) }
+    deinit { pthread_mutex_destroy(&m) }
+    func lock() { pthread_mutex_lock(&m) }
+    func unlock() { pthread_mutex_unlock(&m) }
+}

@@ -1,0 +1,306 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusReplication
+import GeminusTransport
+import Logging
+
+/// Drives `PrimaryMachine` with real I/O: the guest behind the hypervisor seam, the TCP link
+/// to the secondary, the output-commit port. One thread runs the loop, so the machine sees
+/// events in one order; the guest's vCPU runs on its own thread, so encoding and sending
+/// overlap with guest execution (the guest is paused only inside `capture`).
+public final class PrimaryAgent: @unchecked Sendable {
+    public struct Settings: Sendable {
+        public var vmName: String
+        public var peerHost: String?
+        public var peerPort: UInt16
+        public var keyPath: String
+        public var machine: PrimaryMachine.Config
+        public var generation: Generation
+        public var resumedFrom: Epoch
+        public var outputLimitBytes: Int
+        public var sendTimeoutMillis: Int
+        public var progressIntervalMillis: Int
+
+        public init(vmName: String, peerHost: String?, peerPort: UInt16, keyPath: String,
+                    machine: PrimaryMachine.Config = .init(), generation: Generation = Generation(1),
+                    resumedFrom: Epoch = .none, outputLimitBytes: Int = 8 << 20, sendTimeoutMillis: Int = 2000,
+                    progressIntervalMillis: Int = 500) {
+            self.vmName = vmName
+            self.peerHost = peerHost
+            self.peerPort = peerPort
+            self.keyPath = keyPath
+            self.machine = machine
+            self.generation = generation
+            self.resumedFrom = resumedFrom
+            self.outputLimitBytes = outputLimitBytes
+            self.sendTimeoutMillis = sendTimeoutMillis
+            self.progressIntervalMillis = progressIntervalMillis
+        }
+    }
+
+    private let settings: Settings
+    private let guest: any ProtectedGuest
+    private let port: HeldOutputPort
+    private let key: PairKey?
+    private let logger: Logger
+    private let events: EventLog
+    private var machine: PrimaryMachine
+    private let encoder: CheckpointEncoder
+    private let buffer: CheckpointBuffer
+    private var connection: FramedConnection?
+    private let dialer: Dialer?
+    private var pauseStartNanos: [Epoch: UInt64] = [:]
+    private var counterAtCapture: [Epoch: UInt64] = [:]
+    public private(set) var stats = PipelineStats()
+    private let stopFlag = StopFlag()
+
+    public init(settings: Settings, guest: any ProtectedGuest, port: HeldOutputPort, logger: Logger, events: EventLog) throws(GeminusError) {
+        self.settings = settings
+        self.guest = guest
+        self.port = port
+        self.logger = logger
+        self.events = events
+        machine = PrimaryMachine(config: settings.machine, generation: settings.generation, resumedFrom: settings.resumedFrom)
+        encoder = try CheckpointEncoder(pageCount: guest.pageCount)
+        buffer = CheckpointBuffer(limitPages: guest.pageCount, initialCapacityPages: 1024)
+        if let host = settings.peerHost {
+            let key = try PairKey.load(path: settings.keyPath)
+            self.key = key
+            let hello = PeerHello(role: .primary, vmName: settings.vmName, generation: settings.generation,
+                                  committedEpoch: settings.resumedFrom, guestPageCount: UInt64(guest.pageCount),
+                                  agentVersion: GeminusVersion.current)
+            dialer = Dialer(host: host, port: settings.peerPort, key: key, hello: hello, logger: logger)
+        } else {
+            key = nil
+            dialer = nil
+        }
+    }
+
+    public func stop() { stopFlag.set() }
+
+    /// Runs until `stop()` or `deadlineNanos`.
+    public func run(deadlineNanos: UInt64 = .max) {
+        dialer?.start()
+        events.emit("primary-started", ["vm": settings.vmName, "generation": settings.generation.rawValue,
+                                        "resumedFrom": settings.resumedFrom.rawValue, "pages": guest.pageCount,
+                                        "peer": settings.peerHost.map { "\($0):\(settings.peerPort)" } ?? NSNull()])
+        if settings.peerHost == nil {
+            logger.warning("\(settings.vmName) runs UNPROTECTED: no secondary is configured")
+            events.emit("unprotected", ["reason": "no secondary configured"])
+        }
+        var nextProgress = Monotonic.nanos()
+        var window = ProgressWindow()
+        while !stopFlag.isSet {
+            let now = Monotonic.nanos()
+            if now >= deadlineNanos { break }
+            if connection == nil, let fresh = dialer?.take() {
+                connection = fresh
+                logger.info("connected to secondary \(fresh.remoteAddress); starting full checkpoint")
+                events.emit("connected", ["peer": fresh.remoteAddress])
+                execute(machine.handle(.peerConnected(nowNanos: now)))
+            }
+            if let c = connection {
+                execute(machine.handle(.heardFromPeer(nowNanos: c.lastHeardNanos)))
+                receiveFrames(from: c, waitNanos: 1_000_000)
+            } else {
+                Monotonic.sleep(nanos: 1_000_000)
+            }
+            execute(machine.handle(.tick(nowNanos: Monotonic.nanos())))
+            if Monotonic.nanos() >= nextProgress {
+                nextProgress += UInt64(settings.progressIntervalMillis) * 1_000_000
+                emitProgress(&window)
+            }
+        }
+        dialer?.stop()
+        connection?.close()
+        guest.shutdown()
+    }
+
+    private func receiveFrames(from c: FramedConnection, waitNanos: UInt64) {
+        var wait = Duration.nanoseconds(Int64(waitNanos))
+        while true {
+            let frame: Frame?
+            do {
+                frame = try c.receive(timeout: wait)
+            } catch {
+                dropConnection(reason: "\(error)")
+                return
+            }
+            guard let frame else { return }
+            wait = .zero
+            let now = Monotonic.nanos()
+            switch frame.kind {
+            case .ack:
+                execute(machine.handle(.acknowledged(frame.epoch, frame.generation, nowNanos: now)))
+            case .nack:
+                let nack = Nack(decoding: frame.payload)
+                logger.warning("secondary refused epoch \(frame.epoch): \(nack?.reason.description ?? "unreadable nack") \(nack?.detail ?? "")")
+                execute(machine.handle(.refused(frame.epoch, nack?.reason ?? .badRecord, nowNanos: now)))
+            default:
+                dropConnection(reason: "secondary sent an unexpected \(frame.kind) frame")
+                return
+            }
+        }
+    }
+
+    private func dropConnection(reason: String) {
+        guard let c = connection else { return }
+        c.close()
+        connection = nil
+        logger.warning("link to secondary lost: \(reason)")
+        events.emit("link-lost", ["reason": reason])
+        execute(machine.handle(.peerDisconnected(nowNanos: Monotonic.nanos(), reason: reason)))
+        dialer?.reconnect()
+    }
+
+    private func execute(_ actions: [PrimaryMachine.Action]) {
+        for action in actions {
+            switch action {
+            case .capture(let epoch, let full):
+                capture(epoch, full: full)
+            case .transmit(let epoch, let base):
+                transmit(epoch, base: base)
+            case .releaseOutput(let epoch):
+                _ = port.release(through: epoch)
+                if let start = pauseStartNanos.removeValue(forKey: epoch) {
+                    _ = stats.commitMicros.record((Monotonic.nanos() - start) / 1000)
+                }
+                // Older epochs were acknowledged together with this one.
+                for old in pauseStartNanos.keys where old < epoch { pauseStartNanos.removeValue(forKey: old) }
+                for old in counterAtCapture.keys where old < epoch { counterAtCapture.removeValue(forKey: old) }
+                lastAcknowledgedCounter = counterAtCapture[epoch] ?? lastAcknowledgedCounter
+            case .releaseAllOutput:
+                let n = port.releaseAll()
+                logger.warning("\(settings.vmName) is UNPROTECTED; released \(n) held packets")
+            case .disconnect(let reason):
+                dropConnection(reason: reason)
+            case .notice(let notice):
+                report(notice)
+            }
+        }
+    }
+
+    public private(set) var lastAcknowledgedCounter: UInt64 = 0
+
+    private func capture(_ epoch: Epoch, full: Bool) {
+        let t0 = Monotonic.nanos()
+        do {
+            try guest.pause()
+            let t1 = Monotonic.nanos()
+            try guest.capture(full: full, into: buffer)
+            counterAtCapture[epoch] = guest.progressCounter
+            port.open(epoch: epoch.next, holding: true)
+            let t2 = Monotonic.nanos()
+            try guest.resume()
+            let t3 = Monotonic.nanos()
+            if full {
+                _ = stats.fullSyncPauseMicros.record((t3 - t0) / 1000)
+            } else {
+                _ = stats.pauseMicros.record((t3 - t0) / 1000)
+            }
+            _ = stats.captureMicros.record((t2 - t1) / 1000)
+            stats.epochs += 1
+            stats.pagesCaptured += buffer.pageCount
+            if full { stats.fullEpochs += 1 }
+            pauseStartNanos[epoch] = t0
+        } catch {
+            // A guest that cannot be paused or read is not protectable; say so and stop.
+            logger.critical("checkpoint \(epoch) failed: \(error); stopping")
+            events.emit("error", ["message": "\(error)"])
+            try? guest.resume()
+            stopFlag.set()
+            return
+        }
+        execute(machine.handle(.captured(epoch, nowNanos: Monotonic.nanos())))
+    }
+
+    private func transmit(_ epoch: Epoch, base: Epoch) {
+        guard let c = connection else { return }
+        let t0 = Monotonic.nanos()
+        let timeout = Duration.milliseconds(settings.sendTimeoutMillis)
+        do {
+            let s = try encoder.encode(buffer, epoch: epoch, generation: settings.generation, baseEpoch: base) { frame in
+                try c.send(frame, timeout: timeout)
+            }
+            stats.add(s)
+            _ = stats.encodeMicros.record((Monotonic.nanos() - t0) / 1000)
+        } catch {
+            dropConnection(reason: "sending epoch \(epoch) failed: \(error)")
+        }
+    }
+
+    private func report(_ notice: PrimaryMachine.Notice) {
+        switch notice {
+        case .protectionEstablished(let e):
+            logger.notice("\(settings.vmName) is PROTECTED: secondary acknowledged full checkpoint \(e)")
+            events.emit("protected", ["epoch": e.rawValue])
+        case .unprotected(let reason):
+            logger.warning("\(settings.vmName) is UNPROTECTED: \(reason)")
+            events.emit("unprotected", ["reason": reason])
+        case .peerLost(let reason):
+            logger.warning("secondary lost (\(reason)); holding output for up to \(settings.machine.unprotectAfterNanos / 1_000_000) ms")
+            events.emit("peer-lost", ["reason": reason])
+        case .resyncing(let e, let reason):
+            logger.warning("secondary refused epoch \(e) (\(reason)); sending a full checkpoint")
+            events.emit("resync", ["epoch": e.rawValue, "reason": reason.description])
+        case .epochDeferred:
+            stats.deferredEpochs += 1
+        case .staleAck(let e, let g):
+            logger.warning("ignored an acknowledgement of epoch \(e) from generation \(g) (this pair is at \(settings.generation))")
+        }
+    }
+
+    private struct ProgressWindow {
+        var epochs = 0
+        var wireBytes = 0
+        var nanos = Monotonic.nanos()
+    }
+
+    private func emitProgress(_ w: inout ProgressWindow) {
+        let now = Monotonic.nanos()
+        let seconds = Double(now - w.nanos) / 1e9
+        let snap = port.snapshot
+        let state: String
+        switch machine.protection {
+        case .protected: state = "protected"
+        case .syncing: state = "syncing"
+        case .peerLost: state = "peer-lost"
+        case .unprotected: state = "unprotected"
+        }
+        events.emit("progress", [
+            "state": state,
+            "epoch": machine.lastCaptured.rawValue,
+            "acknowledged": machine.lastAcknowledged.rawValue,
+            "acknowledgedCounter": lastAcknowledgedCounter,
+            "counter": guest.progressCounter,
+            "epochs": stats.epochs,
+            "epochsPerSecond": seconds > 0 ? Double(stats.epochs - w.epochs) / seconds : 0,
+            "wireBytes": stats.wireBytes,
+            "wireBytesPerSecond": seconds > 0 ? Double(stats.wireBytes - w.wireBytes) / seconds : 0,
+            "inputBytes": stats.inputBytes,
+            "compressionRatio": stats.compressionRatio,
+            "pauseMicros": PipelineStats.percentiles(stats.pauseMicros),
+            "fullSyncPauseMicros": PipelineStats.percentiles(stats.fullSyncPauseMicros),
+            "commitMicros": PipelineStats.percentiles(stats.commitMicros),
+            "epochsInFlight": machine.epochsInFlight,
+            "heldPackets": snap.heldCount,
+            "heldBytes": snap.heldBytes,
+            "outputFullRefusals": snap.fullRefusals,
+            "deferredEpochs": stats.deferredEpochs,
+        ])
+        w = ProgressWindow(epochs: stats.epochs, wireBytes: stats.wireBytes, nanos: now)
+    }
+}
+
+/// A flag another thread (a signal handler's watcher, a test) sets to end a loop.
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+    func set() { lock.lock(); value = true; lock.unlock() }
+}
+
+public enum GeminusVersion {
+    public static let current = "0.1.0"
+}

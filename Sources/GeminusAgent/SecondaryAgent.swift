@@ -1,0 +1,349 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusReplication
+import GeminusTransport
+import Logging
+
+/// Drives `SecondaryMachine` and the `Replica` with real I/O: accepts the primary on a TCP
+/// listener, stages, verifies and applies epochs, acknowledges them, and on a bounded silence
+/// resumes the standby and carries on as an (unprotected) primary.
+public final class SecondaryAgent: @unchecked Sendable {
+    public struct Settings: Sendable {
+        public var vmName: String
+        public var listenHost: String
+        public var listenPort: UInt16
+        public var keyPath: String
+        public var machine: SecondaryMachine.Config
+        public var counterAddress: Int
+        public var progressIntervalMillis: Int
+
+        public init(vmName: String, listenHost: String, listenPort: UInt16, keyPath: String,
+                    machine: SecondaryMachine.Config = .init(), counterAddress: Int = SimulatedGuest.counterAddress,
+                    progressIntervalMillis: Int = 500) {
+            self.vmName = vmName
+            self.listenHost = listenHost
+            self.listenPort = listenPort
+            self.keyPath = keyPath
+            self.machine = machine
+            self.counterAddress = counterAddress
+            self.progressIntervalMillis = progressIntervalMillis
+        }
+    }
+
+    /// What happened when the standby was resumed; the new primary's loop is `resumed`.
+    public struct Takeover: Sendable {
+        public var fromEpoch: Epoch
+        public var generation: Generation
+        public var counter: UInt64
+        public var resumeMicros: UInt64
+        public var silenceMicros: UInt64
+        /// For test guests (the status-page layout of `SimulatedGuest`): the output sequence
+        /// at the checkpoint and the ring of recent outputs, read before the guest ran on.
+        public var outputSequence: UInt64
+        public var recentOutputs: [OutputRecord]
+        /// An output produced but not yet sent at the checkpoint; the resumed guest sends it.
+        public var pendingOutputSequence: UInt64?
+    }
+
+    private let settings: Settings
+    private let standby: any StandbyHost
+    private let logger: Logger
+    private let events: EventLog
+    private let listener: TCPListener
+    private let key: PairKey
+    private var machine: SecondaryMachine
+    private var replica: Replica?
+    private var connection: FramedConnection?
+    private let acceptor: Acceptor
+    private let stopFlag = StopFlag()
+    private var framesReceived = 0
+    private var bytesApplied = 0
+    /// What the acceptor thread may read: the pair's generation and committed epoch.
+    private let admission = AdmissionState()
+    private var makeOutput: ((Generation, Epoch) -> any GuestOutputPort)?
+    private var takeover: (Takeover, any ProtectedGuest)?
+
+    public var boundPort: UInt16 { listener.port }
+
+    public init(settings: Settings, standby: any StandbyHost, logger: Logger, events: EventLog) throws(GeminusError) {
+        self.settings = settings
+        self.standby = standby
+        self.logger = logger
+        self.events = events
+        key = try PairKey.load(path: settings.keyPath)
+        listener = try TCPListener(host: settings.listenHost, port: settings.listenPort, logger: logger)
+        machine = SecondaryMachine(config: settings.machine, generation: Generation(1))
+        acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, logger: logger)
+    }
+
+    public func stop() { stopFlag.set() }
+
+    /// Follows the primary until `stop()`, the deadline, or a takeover. On takeover it returns
+    /// the resumed guest and where it resumed from; the caller runs it as a primary.
+    public func run(deadlineNanos: UInt64 = .max, output: @escaping @Sendable (Generation, Epoch) -> any GuestOutputPort)
+        -> (Takeover, any ProtectedGuest)? {
+        events.emit("listening", ["host": settings.listenHost, "port": Int(listener.port), "vm": settings.vmName])
+        logger.info("waiting for the primary of \(settings.vmName) on \(settings.listenHost):\(listener.port)")
+        makeOutput = output
+        let admission = self.admission
+        acceptor.start { admission.value }
+        var nextProgress = Monotonic.nanos()
+        defer { acceptor.stop() }
+        while !stopFlag.isSet && Monotonic.nanos() < deadlineNanos && takeover == nil {
+            if let fresh = acceptor.take() {
+                adopt(fresh)
+            }
+            if let c = connection {
+                receiveFrames(from: c)
+                if let c = connection {
+                    for a in machine.handle(.heardFromPrimary(nowNanos: c.lastHeardNanos)) { perform(a) }
+                }
+            } else {
+                Monotonic.sleep(nanos: 1_000_000)
+            }
+            for action in machine.handle(.tick(nowNanos: Monotonic.nanos())) { perform(action) }
+            admission.value = (machine.generation, replica?.committedEpoch ?? .none)
+            if Monotonic.nanos() >= nextProgress {
+                nextProgress += UInt64(settings.progressIntervalMillis) * 1_000_000
+                emitProgress()
+            }
+        }
+        if takeover == nil { connection?.close() }
+        return takeover
+    }
+
+    private func adopt(_ c: FramedConnection) {
+        if let old = connection {
+            old.close()
+            replica?.abandonStaging(reason: .torn)
+        }
+        let hello = c.peer
+        if replica == nil || replica!.pageCount != Int(hello.guestPageCount) {
+            do {
+                let memory = try standby.makeReplicaMemory(pageCount: Int(hello.guestPageCount))
+                replica = Replica(memory: memory, generation: hello.generation)
+            } catch {
+                logger.error("cannot hold a replica of \(hello.guestPageCount) pages: \(error)")
+                c.close()
+                return
+            }
+        }
+        replica!.adopt(generation: hello.generation)
+        connection = c
+        logger.info("primary \(c.remoteAddress) connected (generation \(hello.generation), \(hello.guestPageCount) pages)")
+        events.emit("connected", ["peer": c.remoteAddress, "generation": hello.generation.rawValue])
+        for a in machine.handle(.primaryConnected(hello.generation, nowNanos: Monotonic.nanos())) { perform(a) }
+    }
+
+    private func receiveFrames(from c: FramedConnection) {
+        var wait = Duration.milliseconds(1)
+        while let replica {
+            let frame: Frame?
+            do {
+                frame = try c.receive(timeout: wait)
+            } catch {
+                if let epoch = c.closeReason?.corruptEpoch {
+                    // The stream is unusable after a bad frame; the epoch is counted as corrupt
+                    // and the primary resends everything on its next connection.
+                    _ = replica.noteCorruptFrame(epoch: epoch)
+                    events.emit("rejected", ["epoch": epoch.rawValue, "reason": RejectReason.corruptFrame.description])
+                }
+                lose(reason: "\(error)")
+                return
+            }
+            guard let frame else { return }
+            wait = .zero
+            framesReceived += 1
+            switch frame.kind {
+            case .epochBegin, .pages, .deviceState, .epochEnd:
+                handle(replica.accept(frame))
+            default:
+                lose(reason: "primary sent an unexpected \(frame.kind) frame")
+                return
+            }
+            if connection == nil { return }
+        }
+    }
+
+    private func handle(_ outcome: Replica.Outcome) {
+        let now = Monotonic.nanos()
+        switch outcome {
+        case .staged:
+            break
+        case .committed(let epoch, let stats):
+            bytesApplied += stats.pages * GuestPage.size
+            if stats.isFull {
+                logger.info("full checkpoint \(epoch) committed (\(stats.pages) pages); the standby can take over from now on")
+                events.emit("base-committed", ["epoch": epoch.rawValue, "pages": stats.pages])
+            }
+            for a in machine.handle(.committed(epoch, nowNanos: now)) { perform(a) }
+        case .rejected(let epoch, let reason, let detail):
+            logger.warning("rejected epoch \(epoch) (\(reason)): \(detail); the last committed checkpoint \(replica?.committedEpoch ?? .none) stays")
+            events.emit("rejected", ["epoch": epoch.rawValue, "reason": reason.description, "detail": detail])
+            for a in machine.handle(.rejected(epoch, reason, nowNanos: now)) { perform(a) }
+        case .ignored(let reason):
+            logger.debug("ignored a frame: \(reason)")
+        }
+    }
+
+    private func lose(reason: String) {
+        guard let c = connection else { return }
+        c.close()
+        connection = nil
+        replica?.abandonStaging(reason: .torn)
+        logger.warning("link to primary lost: \(reason)")
+        events.emit("link-lost", ["reason": reason])
+        for a in machine.handle(.primaryDisconnected(nowNanos: Monotonic.nanos(), reason: reason)) { perform(a) }
+    }
+
+    private func perform(_ action: SecondaryMachine.Action) {
+        switch action {
+        case .acknowledge(let epoch):
+            send(FrameCodec.encode(FrameHeader(kind: .ack, generation: machine.generation, epoch: epoch)))
+        case .refuse(let epoch, let reason):
+            let nack = Nack(reason: reason, detail: "epoch \(epoch) refused")
+            send(FrameCodec.encode(FrameHeader(kind: .nack, generation: machine.generation, epoch: epoch), payload: nack.encoded()))
+        case .dropLink(let reason):
+            lose(reason: reason)
+        case .notice(let n):
+            switch n {
+            case .primaryLost(let reason):
+                logger.warning("primary lost: \(reason); taking over in \(settings.machine.takeoverAfterNanos / 1_000_000) ms unless it returns")
+                events.emit("primary-lost", ["reason": reason])
+            case .primaryBack:
+                logger.info("primary is back")
+            case .cannotTakeOver(let reason):
+                logger.error("cannot take over \(settings.vmName): \(reason)")
+                events.emit("cannot-take-over", ["reason": reason])
+            }
+        case .takeOver(let from, let generation):
+            guard let makeOutput else { preconditionFailure("takeover before run()") }
+            takeover = takeOver(from: from, generation: generation, output: makeOutput(generation, from))
+        }
+    }
+
+    private func send(_ frame: [UInt8]) {
+        guard let c = connection else { return }
+        do { try c.send(frame, timeout: .seconds(1)) } catch { lose(reason: "\(error)") }
+    }
+
+    private func takeOver(from epoch: Epoch, generation: Generation, output: any GuestOutputPort) -> (Takeover, any ProtectedGuest)? {
+        guard let replica, replica.hasBaseImage else { return nil }
+        // Stop listening first: an old primary must not be able to reconnect to a node that
+        // is about to run the VM itself.
+        acceptor.stop()
+        connection?.close()
+        connection = nil
+        let t0 = Monotonic.nanos()
+        let counter = replica.memory.loadU64(at: settings.counterAddress)
+        let history = TestGuestHistory(memory: replica.memory, deviceState: replica.committedDeviceState)
+        do {
+            let guest = try standby.resume(memory: replica.memory, deviceState: replica.committedDeviceState, output: output)
+            let t = Takeover(fromEpoch: epoch, generation: generation, counter: counter,
+                             resumeMicros: (Monotonic.nanos() - t0) / 1000, silenceMicros: settings.machine.takeoverAfterNanos / 1000,
+                             outputSequence: history.outputSequence, recentOutputs: history.recent,
+                             pendingOutputSequence: history.pendingSequence)
+            logger.notice("TOOK OVER \(settings.vmName) from checkpoint \(epoch) as generation \(generation) (resume \(t.resumeMicros) us)")
+            return (t, guest)
+        } catch {
+            logger.critical("resuming the standby failed: \(error); the VM is DOWN")
+            events.emit("error", ["message": "resume failed: \(error)"])
+            stopFlag.set()
+            return nil
+        }
+    }
+
+    private func emitProgress() {
+        guard let replica else { return }
+        events.emit("progress", [
+            "committed": replica.committedEpoch.rawValue,
+            "counter": replica.hasBaseImage ? replica.memory.loadU64(at: settings.counterAddress) : 0,
+            "commits": replica.commits,
+            "framesReceived": framesReceived,
+            "rejections": Dictionary(uniqueKeysWithValues: replica.rejections.map { ($0.key.description, $0.value) }),
+            "connected": connection != nil,
+        ])
+    }
+}
+
+/// The generation and committed epoch, published by the apply loop for the acceptor thread.
+final class AdmissionState: @unchecked Sendable {
+    private let lock = NSLock()
+    private var current: (Generation, Epoch) = (Generation(1), .none)
+    var value: (Generation, Epoch) {
+        get { lock.lock(); defer { lock.unlock() }; return current }
+        set { lock.lock(); current = newValue; lock.unlock() }
+    }
+}
+
+/// Accepts primaries on a background thread (a handshake can take a while and must not stall
+/// the apply loop), admitting only the right VM at a current generation.
+final class Acceptor: @unchecked Sendable {
+    private let listener: TCPListener
+    private let key: PairKey
+    private let vmName: String
+    private let logger: Logger
+    private let condition = NSCondition()
+    private var ready: FramedConnection?
+    private var stopped = false
+
+    init(listener: TCPListener, key: PairKey, vmName: String, logger: Logger) {
+        self.listener = listener
+        self.key = key
+        self.vmName = vmName
+        self.logger = logger
+    }
+
+    func start(state: @escaping @Sendable () -> (Generation, Epoch)) {
+        let t = Thread { [self] in loop(state: state) }
+        t.name = "geminus-acceptor"
+        t.start()
+    }
+
+    func take() -> FramedConnection? {
+        condition.lock()
+        defer { condition.unlock() }
+        let c = ready
+        ready = nil
+        return c
+    }
+
+    func stop() {
+        condition.lock()
+        stopped = true
+        ready?.close()
+        ready = nil
+        condition.unlock()
+        listener.close()
+    }
+
+    private var isStopped: Bool { condition.lock(); defer { condition.unlock() }; return stopped }
+
+    private func loop(state: @escaping @Sendable () -> (Generation, Epoch)) {
+        while !isStopped {
+            let (generation, committed) = state()
+            let local = PeerHello(role: .secondary, vmName: vmName, generation: generation, committedEpoch: committed,
+                                  guestPageCount: 0, agentVersion: GeminusVersion.current)
+            let vmName = self.vmName
+            do {
+                guard let c = try listener.accept(key: key, local: local, admit: { peer in
+                    if peer.role != .primary { return "only a primary may connect to a secondary" }
+                    if peer.vmName != vmName { return "this secondary protects '\(vmName)', not '\(peer.vmName)'" }
+                    if peer.generation < generation {
+                        return "generation \(peer.generation) is stale: the pair is at generation \(generation) (this primary was deposed)"
+                    }
+                    return nil
+                }, timeout: .milliseconds(200)) else { continue }
+                condition.lock()
+                if stopped { condition.unlock(); c.close(); return }
+                ready?.close()
+                ready = c
+                condition.unlock()
+            } catch {
+                if isStopped { return }
+                logger.warning("\(error)")
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+import GeminusCore
+
+/// Mutual challenge-response over the pair key (docs/PROTOCOL.md, "Handshake").
+///
+/// Both sides contribute a fresh nonce, and each MAC covers both nonces and both hellos, so a
+/// recorded handshake cannot be replayed and neither hello can be altered in flight. The two
+/// MACs use different labels so the secondary's answer can never be reflected back as the
+/// primary's proof. Neither side keeps the socket on failure: the caller releases it.
+enum Handshake {
+    static let nonceBytes = 32
+    static let clientLabel = Array("geminus-v1 client".utf8)
+    static let serverLabel = Array("geminus-v1 server".utf8)
+    static let maxReasonBytes = 1024
+
+    /// First byte of a `refused` payload; the UTF-8 reason follows.
+    enum Refusal: UInt8 {
+        case authenticationFailed = 1
+        case notAdmitted = 2
+        case protocolError = 3
+    }
+
+    struct Outcome {
+        var peer: PeerHello
+        var decoder: FrameDecoder
+    }
+
+    static func refusalPayload(_ code: Refusal, _ reason: String) -> [UInt8] {
+        [code.rawValue] + Array(reason.utf8.prefix(maxReasonBytes))
+    }
+
+    static func mac(_ key: PairKey, _ label: [UInt8], nonceC: [UInt8], nonceS: [UInt8],
+                    helloC: [UInt8], helloS: [UInt8]) -> [UInt8] {
+        Crypto.hmacSHA256(key: key.bytes, label, nonceC, nonceS, helloC, helloS)
+    }
+
+    /// Splits a hello or challenge payload into the nonce and the sender's hello.
+    static func parseGreeting(_ payload: [UInt8]) -> (nonce: [UInt8], helloBytes: [UInt8], hello: PeerHello)? {
+        guard payload.count > nonceBytes else { return nil }
+        let helloBytes = Array(payload[nonceBytes...])
+        guard let hello = PeerHello(decoding: helloBytes) else { return nil }
+        return (Array(payload[..<nonceBytes]), helloBytes, hello)
+    }
+
+    // MARK: Dialing side (primary)
+
+    static func client(socket: Socket, key: PairKey, local: PeerHello, remote: String,
+                       deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
+        let helloC = try local.encoded()
+        let nonceC = try Crypto.randomBytes(nonceBytes)
+        var channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
+        let describe = { (f: HandshakeChannel.Failure) -> GeminusError in
+            switch f {
+            case .timedOut:
+                GeminusError(.timeout, "handshake with \(remote) timed out after \(timeout.millisDescription)",
+                             fix: "check that \(remote) is a Geminus secondary and the network between the hosts")
+            case .closed:
+                GeminusError(.connectionFailed, "\(remote) closed the connection during the handshake")
+            case .socket(let e):
+                GeminusError(.connectionFailed, "handshake with \(remote) failed: \(Socket.describe(errno: e))")
+            case .frame(let e):
+                GeminusError(.protocolMismatch, "handshake with \(remote) failed: \(e)")
+            }
+        }
+
+        try channel.io(describe) { c throws(HandshakeChannel.Failure) in
+            try c.write(.hello, generation: local.generation, payload: nonceC + helloC)
+        }
+        let challenge = try channel.io(describe) { c throws(HandshakeChannel.Failure) in try c.read() }
+        guard challenge.kind == .challenge else {
+            throw unexpected(challenge, expected: .challenge, remote: remote, key: key)
+        }
+        guard let (nonceS, helloS, peer) = parseGreeting(challenge.payload) else {
+            throw GeminusError(.protocolMismatch, "handshake with \(remote) failed: malformed challenge (\(challenge.payload.count) bytes)")
+        }
+        guard nonceS != nonceC else {
+            throw GeminusError(.authenticationFailed, "handshake with \(remote) failed: the peer echoed this agent's nonce")
+        }
+        let proof = mac(key, clientLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
+        try channel.io(describe) { c throws(HandshakeChannel.Failure) in
+            try c.write(.auth, generation: local.generation, payload: proof)
+        }
+        let answer = try channel.io(describe) { c throws(HandshakeChannel.Failure) in try c.read() }
+        guard answer.kind == .accepted else {
+            throw unexpected(answer, expected: .accepted, remote: remote, key: key)
+        }
+        let expected = mac(key, serverLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
+        guard Crypto.constantTimeEqual(answer.payload, expected) else {
+            throw GeminusError(.authenticationFailed,
+                               "\(remote) could not prove it holds the pair key in \(key.path): it is not this pair's secondary, or its key differs",
+                               fix: "copy the same key file to both hosts")
+        }
+        return Outcome(peer: peer, decoder: channel.decoder)
+    }
+
+    /// A `refused` frame becomes the secondary's reason; anything else out of turn is a
+    /// protocol violation.
+    private static func unexpected(_ frame: Frame, expected: FrameKind, remote: String, key: PairKey) -> GeminusError {
+        guard frame.kind == .refused else {
+            return GeminusError(.protocolMismatch,
+                                "handshake with \(remote) failed: peer sent a \(frame.kind) frame, expected \(expected)")
+        }
+        let code = frame.payload.first.flatMap(Refusal.init(rawValue:))
+        let reason = String(decoding: frame.payload.dropFirst(), as: UTF8.self)
+        switch code {
+        case .authenticationFailed:
+            return GeminusError(.authenticationFailed,
+                                "\(remote) refused this agent: authentication failed (its pair key differs from the one in \(key.path))",
+                                fix: "copy the same key file to both hosts")
+        case .notAdmitted:
+            return GeminusError(.peerRefused, "\(remote) refused this agent: \(reason)")
+        case .protocolError, nil:
+            return GeminusError(.protocolMismatch, "\(remote) refused the handshake: \(reason)")
+        }
+    }
+
+    // MARK: Listening side (secondary)
+
+    static func server(socket: Socket, key: PairKey, local: PeerHello, admit: (PeerHello) -> String?,
+                       remote: String, deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
+        let helloS = try local.encoded()
+        let nonceS = try Crypto.randomBytes(nonceBytes)
+        var channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
+        let prefix = "refused connection from \(remote)"
+        let describe = { (f: HandshakeChannel.Failure) -> GeminusError in
+            switch f {
+            case .timedOut:
+                GeminusError(.timeout, "\(prefix): no complete handshake within \(timeout.millisDescription)")
+            case .closed:
+                GeminusError(.connectionFailed, "\(prefix): it closed the connection during the handshake")
+            case .socket(let e):
+                GeminusError(.connectionFailed, "\(prefix): \(Socket.describe(errno: e))")
+            case .frame(let e):
+                GeminusError(.protocolMismatch, "\(prefix): \(e)")
+            }
+        }
+        /// Tells the peer why (best effort: it may already be gone), then gives up.
+        func refuse(_ code: Refusal, _ reason: String, _ error: GeminusError) -> GeminusError {
+            try? channel.write(.refused, generation: local.generation, payload: refusalPayload(code, reason))
+            channel.linger()
+            return error
+        }
+        func read() throws(GeminusError) -> Frame {
+            do {
+                return try channel.read()
+            } catch {
+                // Answer a peer of another version in our framing: its decoder then reports
+                // the version mismatch on its side too.
+                if case .frame(let e) = error { throw refuse(.protocolError, e.description, describe(error)) }
+                throw describe(error)
+            }
+        }
+
+        let hello = try read()
+        guard hello.kind == .hello, let (nonceC, helloC, peer) = parseGreeting(hello.payload) else {
+            let what = hello.kind == .hello ? "a malformed hello" : "a \(hello.kind) frame instead of a hello"
+            throw refuse(.protocolError, "expected a hello", GeminusError(.protocolMismatch, "\(prefix): it sent \(what)"))
+        }
+        try channel.io(describe) { c throws(HandshakeChannel.Failure) in
+            try c.write(.challenge, generation: local.generation, payload: nonceS + helloS)
+        }
+        let auth = try read()
+        guard auth.kind == .auth else {
+            throw refuse(.protocolError, "expected auth",
+                         GeminusError(.protocolMismatch, "\(prefix): it sent a \(auth.kind) frame instead of auth"))
+        }
+        let expected = mac(key, clientLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
+        guard Crypto.constantTimeEqual(auth.payload, expected) else {
+            throw refuse(.authenticationFailed, "authentication failed",
+                         GeminusError(.authenticationFailed,
+                                      "\(prefix): authentication failed (peer does not hold the pair key in \(key.path))",
+                                      fix: "copy the same key file to both hosts"))
+        }
+        // Only an authenticated peer learns whether it would be admitted.
+        if let reason = admit(peer) {
+            throw refuse(.notAdmitted, reason,
+                         GeminusError(.peerRefused,
+                                      "\(prefix) (\(peer.role) of '\(peer.vmName)', generation \(peer.generation)): \(reason)"))
+        }
+        let proof = mac(key, serverLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
+        try channel.io(describe) { c throws(HandshakeChannel.Failure) in
+            try c.write(.accepted, generation: local.generation, payload: proof)
+        }
+        return Outcome(peer: peer, decoder: channel.decoder)
+    }
+}

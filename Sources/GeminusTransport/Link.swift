@@ -1,0 +1,206 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import GeminusCore
+import Logging
+import Synchronization
+
+/// The machinery behind a `FramedConnection`: the socket, both queues, the reader and writer
+/// threads and the counters. The threads hold the link, not the connection, so dropping the
+/// last reference to a connection closes it (its deinit) and lets the threads end.
+final class Link: @unchecked Sendable {
+    /// The writer gathers up to this many frames into one sendmsg; far below IOV_MAX (1024)
+    /// because the pointers are pinned by nested closures, one stack frame each.
+    static let maxFramesPerWrite = 64
+    static let maxBytesPerWrite = 8 << 20
+    static let readChunkBytes = 1 << 20
+
+    let socket: Socket
+    let remoteAddress: String
+    let outbound: OutboundQueue
+    let inbound: InboundQueue
+    private let heartbeatFrame: [UInt8]
+    private let heartbeatNanos: UInt64
+    private let logger: Logger
+    private let reason = Mutex<ConnectionClosed?>(nil)
+
+    let bytesSent = Atomic<UInt64>(0)
+    let bytesReceived = Atomic<UInt64>(0)
+    let framesSent = Atomic<UInt64>(0)
+    let framesReceived = Atomic<UInt64>(0)
+    let heartbeatsSent = Atomic<UInt64>(0)
+    let heartbeatsReceived = Atomic<UInt64>(0)
+    let lastHeardNanos: Atomic<UInt64>
+
+    init(socket: Socket, remoteAddress: String, heartbeatGeneration: Generation, options: LinkOptions, logger: Logger) {
+        self.socket = socket
+        self.remoteAddress = remoteAddress
+        self.logger = logger
+        outbound = OutboundQueue(limitBytes: options.outboundLimitBytes)
+        inbound = InboundQueue(limitBytes: options.inboundLimitBytes)
+        heartbeatFrame = FrameCodec.encode(FrameHeader(kind: .heartbeat, generation: heartbeatGeneration, epoch: .none))
+        heartbeatNanos = max(1, options.heartbeatInterval.clampedNanos)
+        // The handshake just completed: the peer was heard from now.
+        lastHeardNanos = Atomic(Monotonic.nanos())
+    }
+
+    /// Starts the threads; `decoder` holds any bytes that arrived behind the handshake.
+    func start(decoder: FrameDecoder) {
+        socket.retain()
+        socket.retain()
+        // FrameDecoder is not declared Sendable; this hands it to the reader thread, which is
+        // from then on its only user.
+        nonisolated(unsafe) let handoff = decoder
+        let reader = Thread { [self] in
+            readLoop(decoder: handoff)
+            socket.release()
+        }
+        reader.name = "geminus-rx \(remoteAddress)"
+        let writer = Thread { [self] in
+            writeLoop()
+            socket.release()
+        }
+        writer.name = "geminus-tx \(remoteAddress)"
+        reader.start()
+        writer.start()
+    }
+
+    var closeReason: ConnectionClosed? { reason.withLock { $0 } }
+
+    /// The first reason wins: a reader that sees EOF after a local close must not report
+    /// "peer closed".
+    func close(_ why: ConnectionClosed) {
+        let first = reason.withLock { r -> Bool in
+            guard r == nil else { return false }
+            r = why
+            return true
+        }
+        guard first else { return }
+        socket.shutdown()
+        outbound.close()
+        inbound.close(discarding: why == .closedLocally)
+        socket.release()
+        if why != .closedLocally {
+            logger.debug("connection to \(remoteAddress) closed: \(why)")
+        }
+    }
+
+    // MARK: Reader
+
+    private func readLoop(decoder initial: FrameDecoder) {
+        var decoder = initial
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.readChunkBytes, alignment: 16)
+        defer { buffer.deallocate() }
+        while true {
+            do {
+                while let frame = try decoder.next() {
+                    guard deliver(frame) else { return }
+                }
+            } catch {
+                close(.frameError(error))
+                return
+            }
+            let n = recv(socket.fd, buffer.baseAddress, buffer.count, 0)
+            if n > 0 {
+                lastHeardNanos.store(Monotonic.nanos(), ordering: .relaxed)
+                bytesReceived.add(UInt64(n), ordering: .relaxed)
+                decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            } else if n == 0 {
+                close(.peerClosed)
+                return
+            } else {
+                let e = errno
+                if e == EINTR { continue }
+                close(e == ECONNRESET ? .peerClosed : .socketError(e))
+                return
+            }
+        }
+    }
+
+    /// Heartbeats end here; anything else waits in the inbound queue (blocking while it is full).
+    private func deliver(_ frame: Frame) -> Bool {
+        if frame.kind == .heartbeat {
+            heartbeatsReceived.add(1, ordering: .relaxed)
+            return true
+        }
+        guard inbound.push(frame) else { return false }
+        framesReceived.add(1, ordering: .relaxed)
+        return true
+    }
+
+    // MARK: Writer
+
+    private func writeLoop() {
+        var lastSentNanos = Monotonic.nanos()
+        while true {
+            let due = lastSentNanos &+ heartbeatNanos
+            guard let batch = outbound.nextBatch(heartbeatDueNanos: due < lastSentNanos ? .max : due,
+                                                 maxFrames: Self.maxFramesPerWrite, maxBytes: Self.maxBytesPerWrite)
+            else { return }
+            let isHeartbeat = batch.frames.isEmpty
+            let frames = isHeartbeat ? [heartbeatFrame] : batch.frames
+            let total = frames.reduce(0) { $0 + $1.count }
+            let failure = Self.withIOVecs(frames[...]) { vecs in writeAll(&vecs) }
+            if let failure {
+                close(failure == EPIPE || failure == ECONNRESET ? .peerClosed : .socketError(failure))
+                return
+            }
+            lastSentNanos = Monotonic.nanos()
+            bytesSent.add(UInt64(total), ordering: .relaxed)
+            if isHeartbeat {
+                heartbeatsSent.add(1, ordering: .relaxed)
+            } else {
+                framesSent.add(UInt64(frames.count), ordering: .relaxed)
+                outbound.written(batch.bytes)
+            }
+        }
+    }
+
+    /// Gives `body` one iovec per frame. The arrays' storage is only pinned inside
+    /// `withUnsafeBytes`, so each frame adds one nested closure.
+    private static func withIOVecs<R>(_ frames: ArraySlice<[UInt8]>, _ body: (inout [iovec]) -> R) -> R {
+        var vecs: [iovec] = []
+        vecs.reserveCapacity(frames.count)
+        return pin(frames, &vecs, body)
+    }
+
+    private static func pin<R>(_ frames: ArraySlice<[UInt8]>, _ vecs: inout [iovec], _ body: (inout [iovec]) -> R) -> R {
+        guard let first = frames.first else { return body(&vecs) }
+        return first.withUnsafeBytes { raw in
+            if raw.count > 0 {
+                vecs.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress), iov_len: raw.count))
+            }
+            return pin(frames.dropFirst(), &vecs, body)
+        }
+    }
+
+    /// Writes every byte the iovecs describe; the errno on failure, nil on success.
+    private func writeAll(_ vecs: inout [iovec]) -> Int32? {
+        var index = 0
+        while index < vecs.count {
+            let n = vecs.withUnsafeMutableBufferPointer { v -> Int in
+                var msg = msghdr()
+                msg.msg_iov = v.baseAddress! + index
+                msg.msg_iovlen = v.count - index
+                return sendmsg(socket.fd, &msg, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                return errno
+            }
+            var left = n
+            while left > 0 && index < vecs.count {
+                if left >= vecs[index].iov_len {
+                    left -= vecs[index].iov_len
+                    index += 1
+                } else {
+                    vecs[index].iov_base += left
+                    vecs[index].iov_len -= left
+                    left = 0
+                }
+            }
+        }
+        return nil
+    }
+}

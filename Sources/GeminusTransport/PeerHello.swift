@@ -1,0 +1,72 @@
+import GeminusCore
+
+public enum PeerRole: UInt8, Sendable, CustomStringConvertible {
+    case primary = 1
+    case secondary = 2
+
+    public var description: String { self == .primary ? "primary" : "secondary" }
+}
+
+/// What each agent says about itself in the handshake; the secondary's admission decision
+/// (right VM, current generation) is made on the primary's hello.
+public struct PeerHello: Sendable, Equatable {
+    public static let maxVMNameBytes = 255
+    public static let maxAgentVersionBytes = 255
+    static let fixedBytes = 32
+
+    public var role: PeerRole
+    public var vmName: String
+    public var generation: Generation
+    public var committedEpoch: Epoch
+    public var guestPageCount: UInt64
+    public var agentVersion: String
+
+    public init(role: PeerRole, vmName: String, generation: Generation, committedEpoch: Epoch,
+                guestPageCount: UInt64, agentVersion: String) {
+        self.role = role
+        self.vmName = vmName
+        self.generation = generation
+        self.committedEpoch = committedEpoch
+        self.guestPageCount = guestPageCount
+        self.agentVersion = agentVersion
+    }
+
+    /// Layout in docs/PROTOCOL.md, "Handshake". Throws for names too long for their length byte
+    /// rather than truncating: a cut VM name would be admitted or refused as another VM.
+    public func encoded() throws(GeminusError) -> [UInt8] {
+        let name = Array(vmName.utf8)
+        let version = Array(agentVersion.utf8)
+        guard name.count <= Self.maxVMNameBytes else {
+            throw GeminusError(.invalidArgument, "VM name '\(vmName.prefix(40))...' is \(name.count) bytes of UTF-8; at most \(Self.maxVMNameBytes) are allowed")
+        }
+        guard version.count <= Self.maxAgentVersionBytes else {
+            throw GeminusError(.invalidArgument, "agent version string is \(version.count) bytes; at most \(Self.maxAgentVersionBytes) are allowed")
+        }
+        var w = ByteWriter(capacity: Self.fixedBytes + name.count + version.count)
+        w.u8(role.rawValue)
+        w.u8(UInt8(name.count))
+        w.u8(UInt8(version.count))
+        w.zeros(5)
+        w.u64(generation.rawValue)
+        w.u64(committedEpoch.rawValue)
+        w.u64(guestPageCount)
+        w.append(name)
+        w.append(version)
+        return w.bytes
+    }
+
+    /// nil for anything malformed: unknown role, lengths that disagree with the size, or text
+    /// that is not UTF-8.
+    public init?(decoding bytes: [UInt8]) {
+        var r = ByteReader(bytes)
+        guard let roleByte = r.u8(), let role = PeerRole(rawValue: roleByte),
+              let nameLength = r.u8(), let versionLength = r.u8(), r.skip(5),
+              let generation = r.u64(), let committed = r.u64(), let pages = r.u64(),
+              bytes.count == Self.fixedBytes + Int(nameLength) + Int(versionLength),
+              let name = r.take(Int(nameLength)), let version = r.take(Int(versionLength)),
+              let vmName = String(validating: name, as: UTF8.self),
+              let agentVersion = String(validating: version, as: UTF8.self) else { return nil }
+        self.init(role: role, vmName: vmName, generation: Generation(generation), committedEpoch: Epoch(committed),
+                  guestPageCount: pages, agentVersion: agentVersion)
+    }
+}

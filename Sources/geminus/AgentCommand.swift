@@ -1,0 +1,145 @@
+import ArgumentParser
+import Foundation
+import GeminusAgent
+import GeminusCore
+import GeminusHypervisor
+import GeminusReplication
+import Logging
+
+enum Role: String, ExpressibleByArgument, CaseIterable {
+    case primary, secondary
+}
+
+extension PageContent: ExpressibleByArgument {}
+
+struct Agent: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the Geminus agent for one protected VM (the daemon an operator runs on each host).",
+        discussion: """
+        The primary runs the VM and streams checkpoints to the secondary; the secondary keeps the \
+        replica and resumes the VM when the primary is lost. This release protects the simulated VM; \
+        the libvirt/QEMU path comes with the hypervisor issue.
+
+        Example pair on one machine:
+          geminus keygen --out /etc/geminus/pair.key
+          geminus agent --role secondary --listen 127.0.0.1:7400 --key /etc/geminus/pair.key
+          geminus agent --role primary --peer 127.0.0.1:7400 --key /etc/geminus/pair.key
+        """)
+
+    @Option(help: "primary or secondary.") var role: Role
+    @Option(help: "Name of the protected VM; both agents must agree.") var vm = "demo"
+    @Option(help: "Pair key file (mode 0600), the same on both hosts.") var key: String
+    @Option(help: "Secondary: address to listen on (port 0 picks a free one).") var listen: Endpoint?
+    @Option(help: "Primary: the secondary's address.") var peer: Endpoint?
+    @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
+    @Option(help: "Secondary: silence from the primary, in milliseconds, after which it takes over.") var takeoverAfterMillis = 150
+    @Option(help: "Primary: silence from the secondary, in milliseconds, after which the link is dropped.") var peerSilenceMillis = 150
+    @Option(help: "Primary: after losing the secondary, hold output this long before running unprotected.") var unprotectAfterMillis = 300
+    @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
+    @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
+    @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
+    @Option(help: "Simulated VM: guest RAM in MiB.") var ramMib = 64
+    @Option(help: "Simulated VM: pages written per second.") var dirtyRate = 20_000
+    @Option(help: "Simulated VM: page content written (\(PageContent.allCases.map(\.rawValue).joined(separator: ", "))).") var content = PageContent.mixed
+    @Option(help: "Simulated VM: fraction of the work area that takes 90% of the writes.") var hotFraction = 0.05
+    @Option(help: "Simulated VM: output packets per second.") var outputsPerSecond = 500
+    @Option(help: "Simulated VM: random seed.") var seed: UInt64 = 1
+    @Option(help: "Stop after this many seconds (default: run until killed).") var durationSeconds: Double?
+    @Flag(help: "Write machine-readable events, one JSON object per line, to standard output.") var events = false
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+
+    func validate() throws {
+        switch role {
+        case .primary:
+            if listen != nil { throw ValidationError("--listen is for the secondary; the primary connects with --peer") }
+        case .secondary:
+            if listen == nil { throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)") }
+            if peer != nil { throw ValidationError("--peer is for the primary; the secondary listens with --listen") }
+        }
+        guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
+        guard takeoverAfterMillis >= 2 * intervalMillis else {
+            throw ValidationError("--takeover-after-millis (\(takeoverAfterMillis)) must be at least twice --interval-millis (\(intervalMillis)), or every slow epoch looks like a dead primary")
+        }
+        guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+    }
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "geminus.\(role.rawValue)")
+        let eventLog = EventLog(enabled: events, role: role.rawValue)
+        let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
+        let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
+        do {
+            switch role {
+            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline)
+            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline)
+            }
+        } catch {
+            eventLog.emit("error", ["message": "\(error)"])
+            throw operatorFailure(error)
+        }
+    }
+
+    var primaryMachineConfig: PrimaryMachine.Config {
+        PrimaryMachine.Config(epochIntervalNanos: UInt64(intervalMillis) * 1_000_000, maxEpochsInFlight: maxInFlight,
+                              peerSilenceNanos: UInt64(peerSilenceMillis) * 1_000_000,
+                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000)
+    }
+
+    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64) throws {
+        let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
+                                         content: content, outputsPerSecond: outputsPerSecond, seed: seed)
+        try workload.validate()
+        let generation = Generation(1)
+        let port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: generation, openEpoch: Epoch(1))
+        let vm = try SimulatedVM(workload: workload, output: port)
+        let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
+                                             keyPath: key, machine: primaryMachineConfig, generation: generation,
+                                             outputLimitBytes: outputLimitBytes)
+        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events)
+        vm.start()
+        agent.run(deadlineNanos: deadline)
+    }
+
+    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64) throws {
+        let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
+                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000))
+        let secondary = try SecondaryAgent(settings: settings, standby: SimulatedStandbyHost(), logger: logger, events: events)
+        let limit = outputLimitBytes
+        let ports = PortBox()
+        guard let (takeover, guest) = secondary.run(deadlineNanos: deadline, output: { generation, epoch in
+            let p = HeldOutputPort(limitBytes: limit, sink: sink, generation: generation, openEpoch: epoch.next)
+            ports.port = p
+            return p
+        }) else { return }
+        var report: [String: Any] = [
+            "fromEpoch": takeover.fromEpoch.rawValue, "generation": takeover.generation.rawValue,
+            "counter": takeover.counter, "resumeMicros": takeover.resumeMicros,
+        ]
+        if let sim = guest as? SimulatedVM {
+            report["outputSequence"] = takeover.outputSequence
+            report["recentOutputs"] = takeover.recentOutputs.map { [$0.sequence, $0.counter] }
+            report["pendingOutput"] = takeover.pendingOutputSequence ?? NSNull()
+            report["seed"] = sim.guest.workload.seed
+        }
+        events.emit("took-over", report)
+        // Carry on as the primary. Without a configured new secondary the VM runs unprotected
+        // (re-protection is a later issue), which the agent reports loudly.
+        let settingsAsPrimary = PrimaryAgent.Settings(vmName: vm, peerHost: nil, peerPort: 0, keyPath: key,
+                                                      machine: primaryMachineConfig, generation: takeover.generation,
+                                                      resumedFrom: takeover.fromEpoch, outputLimitBytes: outputLimitBytes)
+        let primary = try PrimaryAgent(settings: settingsAsPrimary, guest: guest, port: ports.port!, logger: logger, events: events)
+        primary.run(deadlineNanos: deadline)
+    }
+}
+
+/// Hands the output port created inside the takeover closure back to the caller.
+final class PortBox: @unchecked Sendable {
+    var port: HeldOutputPort?
+}

@@ -1,0 +1,178 @@
+import ArgumentParser
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusTransport
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Replicate a VM between two agents on this machine, kill the primary, and prove the secondary carries on.",
+        discussion: """
+        Starts `geminus agent --role secondary` and `geminus agent --role primary` as two processes on \
+        loopback, replicates for a few seconds with live progress, kills the primary with SIGKILL at a \
+        random moment, and checks that the resumed VM continues from the last acknowledged checkpoint \
+        and that no output was ever released that the resumed VM does not stand behind. Exits 1 if a \
+        check fails. This release replicates the simulated VM; the real libvirt/QEMU demo comes next.
+        """)
+
+    @Flag(help: "Use the simulated VM (the only kind this release replicates).") var simulated = false
+    @Option(help: "Seconds of replication before the primary is killed.") var durationSeconds = 5.0
+    @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
+    @Option(help: "Silence in milliseconds after which the secondary takes over.") var takeoverAfterMillis = 150
+    @Option(help: "Guest RAM in MiB.") var ramMib = 64
+    @Option(help: "Pages the guest writes per second.") var dirtyRate = 20_000
+    @Option(help: "Output packets the guest sends per second.") var outputsPerSecond = 500
+    @Option(help: "Seed for the guest and the kill moment.") var seed: UInt64 = UInt64(UInt32.random(in: 1...UInt32.max))
+    @Flag(help: "Print the summary as JSON (progress goes to standard error).") var json = false
+
+    func validate() throws {
+        guard durationSeconds >= 1 && durationSeconds <= 3600 else { throw ValidationError("--duration-seconds must be 1...3600") }
+        guard takeoverAfterMillis >= 2 * intervalMillis else { throw ValidationError("--takeover-after-millis must be at least twice --interval-millis") }
+    }
+
+    func run() throws {
+        let say: (String) -> Void = { line in
+            // Unbuffered, so progress shows live even through a pipe.
+            (json ? FileHandle.standardError : FileHandle.standardOutput).write(Data((line + "\n").utf8))
+        }
+        say("Geminus demo: a simulated \(ramMib) MiB VM writing \(dirtyRate) pages/s, checkpointed every \(intervalMillis) ms (seed \(seed))")
+        let run = try DemoRun(settings: self, say: say)
+        defer { run.cleanUp() }
+        let summary = try run.execute()
+        if json {
+            let data = try JSONSerialization.data(withJSONObject: summary.json, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            summary.printReport()
+        }
+        if !summary.passed { throw ExitCode(1) }
+    }
+}
+
+/// One agent process and the events it prints.
+final class AgentProcess: @unchecked Sendable {
+    let name: String
+    let process = Process()
+    private let lock = NSCondition()
+    private var events: [[String: Any]] = []
+    private var done = false
+
+    init(name: String, executable: URL, arguments: [String], logFile: URL) throws {
+        self.name = name
+        process.executableURL = executable
+        process.arguments = arguments
+        let out = Pipe()
+        process.standardOutput = out
+        FileManager.default.createFile(atPath: logFile.path, contents: nil)
+        process.standardError = try FileHandle(forWritingTo: logFile)
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let reader = Thread { [self] in
+            var pending = Data()
+            let handle = out.fileHandleForReading
+            while true {
+                let chunk = handle.availableData
+                if chunk.isEmpty { break }
+                pending.append(chunk)
+                while let nl = pending.firstIndex(of: 10) {
+                    let line = pending[pending.startIndex..<nl]
+                    pending = Data(pending[(nl + 1)...])
+                    if let obj = try? JSONSerialization.jsonObject(with: line) as? [String: Any] {
+                        lock.lock(); events.append(obj); lock.broadcast(); lock.unlock()
+                    }
+                }
+            }
+            lock.lock(); done = true; lock.broadcast(); lock.unlock()
+        }
+        reader.start()
+    }
+
+    /// Waits for the first event of `type` after index `from`.
+    func wait(for type: String, timeoutSeconds: Double, from: Int = 0) -> [String: Any]? {
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        lock.lock()
+        defer { lock.unlock() }
+        while true {
+            if let e = events.dropFirst(from).first(where: { $0["event"] as? String == type }) { return e }
+            if done || !lock.wait(until: deadline) { return events.dropFirst(from).first(where: { $0["event"] as? String == type }) }
+        }
+    }
+
+    func last(_ type: String) -> [String: Any]? {
+        lock.lock(); defer { lock.unlock() }
+        return events.last { $0["event"] as? String == type }
+    }
+
+    var eventCount: Int { lock.lock(); defer { lock.unlock() }; return events.count }
+
+    func kill(_ signal: Int32) {
+        if process.isRunning { Foundation.kill(process.processIdentifier, signal) }
+    }
+}
+
+/// Receives the datagrams agents release to "the network" and remembers them in order.
+final class OutputObserver: @unchecked Sendable {
+    struct Packet { var generation: UInt64; var packet: OutputPacket }
+    let fd: Int32
+    let port: UInt16
+    private let lock = NSLock()
+    private var packets: [Packet] = []
+    private var malformed = 0
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        self.fd = fd
+        var size: Int32 = 8 << 20
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let ok = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        guard ok else { throw GeminusError(.io, "cannot bind the demo's observer socket on 127.0.0.1") }
+        port = UInt16(bigEndian: addr.sin_port)
+        let t = Thread { [self] in
+            var buf = [UInt8](repeating: 0, count: 2048)
+            while true {
+                let n = recv(fd, &buf, buf.count, 0)
+                if n <= 0 { return }
+                var r = ByteReader(Array(buf[0..<n]))
+                guard let g = r.u64(), let rest = r.take(r.remaining), let p = OutputPacket(decoding: Array(rest)) else {
+                    lock.lock(); malformed += 1; lock.unlock(); continue
+                }
+                lock.lock(); packets.append(Packet(generation: g, packet: p)); lock.unlock()
+            }
+        }
+        t.start()
+    }
+
+    var snapshot: (packets: [Packet], malformed: Int) { lock.lock(); defer { lock.unlock() }; return (packets, malformed) }
+    func close() { shutdown(fd, Int32(SHUT_RDWR)); Glibc.close(fd) }
+}
+
+struct DemoSummary {
+    var checks: [(name: String, passed: Bool, detail: String)] = []
+    var figures: [String: Any] = [:]
+    var passed: Bool { !checks.isEmpty && checks.allSatisfy(\.passed) }
+
+    mutating func check(_ name: String, _ ok: Bool, _ detail: String) { checks.append((name, ok, detail)) }
+
+    var json: [String: Any] {
+        var j = figures
+        j["passed"] = passed
+        j["checks"] = checks.map { ["name": $0.name, "passed": $0.passed, "detail": $0.detail] }
+        return j
+    }
+
+    func printReport() {
+        print("")
+        print("Summary")
+        for key in figures.keys.sorted() { print("  \(key): \(figures[key]!)") }
+        print("")
+        for c in checks { print("  [\(c.passed ? "PASS" : "FAIL")] \(c.name): \(c.detail)") }
+        print("")
+        print(passed ? "All checks passed." : "SOME CHECKS FAILED.")
+    }
+}

@@ -1,0 +1,168 @@
+import ArgumentParser
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusTransport
+
+/// The demo's script: start, watch, kill, check.
+final class DemoRun {
+    let s: Demo
+    let say: (String) -> Void
+    let dir: URL
+    let observer: OutputObserver
+    var secondary: AgentProcess?
+    var primary: AgentProcess?
+
+    init(settings: Demo, say: @escaping (String) -> Void) throws {
+        s = settings
+        self.say = say
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-demo-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        observer = try OutputObserver()
+    }
+
+    func cleanUp() {
+        primary?.kill(SIGKILL)
+        secondary?.kill(SIGKILL)
+        primary?.process.waitUntilExit()
+        secondary?.process.waitUntilExit()
+        observer.close()
+        try? FileManager.default.removeItem(at: dir)
+    }
+
+    var executable: URL { URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath() }
+
+    func common(_ role: String) -> [String] {
+        ["agent", "--role", role, "--vm", "demo", "--key", dir.appendingPathComponent("pair.key").path, "--events",
+         "--interval-millis", "\(s.intervalMillis)", "--takeover-after-millis", "\(s.takeoverAfterMillis)",
+         "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice"]
+    }
+
+    func execute() throws -> DemoSummary {
+        var summary = DemoSummary()
+        try PairKey.generate(path: dir.appendingPathComponent("pair.key").path)
+
+        let sec = try AgentProcess(name: "secondary", executable: executable,
+                                   arguments: common("secondary") + ["--listen", "127.0.0.1:0"],
+                                   logFile: dir.appendingPathComponent("secondary.log"))
+        secondary = sec
+        guard let listening = sec.wait(for: "listening", timeoutSeconds: 10), let port = listening["port"] as? Int else {
+            throw failure("the secondary agent did not start", log: "secondary.log")
+        }
+        say("secondary agent (pid \(sec.process.processIdentifier)) listening on 127.0.0.1:\(port)")
+        let pri = try AgentProcess(name: "primary", executable: executable,
+                                   arguments: common("primary") + ["--peer", "127.0.0.1:\(port)", "--ram-mib", "\(s.ramMib)",
+                                                                    "--dirty-rate", "\(s.dirtyRate)", "--outputs-per-second", "\(s.outputsPerSecond)",
+                                                                    "--seed", "\(s.seed)"],
+                                   logFile: dir.appendingPathComponent("primary.log"))
+        primary = pri
+        say("primary agent (pid \(pri.process.processIdentifier)) running the VM, connecting to the secondary")
+        guard pri.wait(for: "protected", timeoutSeconds: 20) != nil else {
+            throw failure("the VM never became protected", log: "primary.log")
+        }
+        say("protected: the secondary acknowledged the full checkpoint; replicating for \(s.durationSeconds) s")
+
+        // Live progress while replicating.
+        let start = Date()
+        var lastLine = Date.distantPast
+        while Date().timeIntervalSince(start) < s.durationSeconds {
+            Thread.sleep(forTimeInterval: 0.1)
+            if Date().timeIntervalSince(lastLine) >= 0.5, let p = pri.last("progress") {
+                lastLine = Date()
+                say(progressLine(p, elapsed: Date().timeIntervalSince(start)))
+            }
+        }
+        // A random moment inside an epoch, so the kill lands mid-capture, mid-send or mid-ack.
+        var rng = Xoshiro256(seed: s.seed)
+        Thread.sleep(forTimeInterval: Double(rng.next() % UInt64(s.intervalMillis * 1000)) / 1e6)
+        let beforeKill = pri.last("progress") ?? [:]
+        let killMicros = WallClock.micros()
+        pri.kill(SIGKILL)
+        pri.process.waitUntilExit()
+        say("killed the primary agent with SIGKILL (its VM died with it)")
+
+        guard let took = sec.wait(for: "took-over", timeoutSeconds: Double(s.takeoverAfterMillis) / 1000 + 10) else {
+            throw failure("the secondary did not take over", log: "secondary.log")
+        }
+        let takeoverMicros = (took["timeMicros"] as? UInt64 ?? 0) &- killMicros
+        say("the secondary resumed the VM from checkpoint \(took["fromEpoch"] ?? "?") in \(String(format: "%.1f", Double(takeoverMicros) / 1000)) ms after the kill")
+        // Progress comes every 500 ms; after 1.2 s the latest one shows the resumed VM running.
+        Thread.sleep(forTimeInterval: 1.2)
+        let after = sec.last("progress")
+        sec.kill(SIGTERM)
+        Thread.sleep(forTimeInterval: 0.2)
+
+        verify(&summary, took: took, beforeKill: beforeKill, after: after, takeoverMicros: takeoverMicros)
+        return summary
+    }
+
+    func verify(_ summary: inout DemoSummary, took: [String: Any], beforeKill: [String: Any], after: [String: Any]?, takeoverMicros: UInt64) {
+        let resumedCounter = took["counter"] as? UInt64 ?? 0
+        let fromEpoch = took["fromEpoch"] as? UInt64 ?? 0
+        let ackedEpoch = beforeKill["acknowledged"] as? UInt64 ?? 0
+        let ackedCounter = beforeKill["acknowledgedCounter"] as? UInt64 ?? 0
+        let outputSequence = took["outputSequence"] as? UInt64 ?? 0
+        let generation = took["generation"] as? UInt64 ?? 0
+        let ring = (took["recentOutputs"] as? [[UInt64]] ?? []).reduce(into: [UInt64: UInt64]()) { $0[$1[0]] = $1[1] }
+        let pending = took["pendingOutput"] as? UInt64
+        let seed = took["seed"] as? UInt64 ?? s.seed
+        let (packets, malformed) = observer.snapshot
+
+        summary.figures["takeoverMillis"] = Double(takeoverMicros) / 1000
+        summary.figures["takeoverBoundMillis"] = s.takeoverAfterMillis
+        summary.figures["resumedFromEpoch"] = fromEpoch
+        summary.figures["resumedCounter"] = resumedCounter
+        summary.figures["lastAcknowledgedEpochSeenByPrimary"] = ackedEpoch
+        summary.figures["epochsPerSecond"] = beforeKill["epochsPerSecond"] ?? 0
+        summary.figures["pauseMicros"] = beforeKill["pauseMicros"] ?? [:]
+        summary.figures["fullSyncPauseMicros"] = beforeKill["fullSyncPauseMicros"] ?? [:]
+        summary.figures["commitMicros"] = beforeKill["commitMicros"] ?? [:]
+        summary.figures["compressionRatio"] = beforeKill["compressionRatio"] ?? 0
+        summary.figures["wireBytes"] = beforeKill["wireBytes"] ?? 0
+        summary.figures["packetsObserved"] = packets.count
+
+        summary.check("resumed from the last acknowledged checkpoint",
+                      fromEpoch >= ackedEpoch && resumedCounter >= ackedCounter,
+                      "resumed epoch \(fromEpoch) counter \(resumedCounter); the primary's last progress report had epoch \(ackedEpoch) acknowledged at counter \(ackedCounter)")
+
+        let old = packets.filter { $0.generation < generation }
+        let new = packets.filter { $0.generation == generation }
+        let beyond = old.filter { $0.packet.sequence > outputSequence }
+        let mismatched = old.filter { seen in ring[seen.packet.sequence].map { $0 != seen.packet.counter } ?? false }
+        let forged = packets.filter { $0.packet.check != OutputPacket.checkValue(sequence: $0.packet.sequence, counter: $0.packet.counter, seed: seed) }
+        summary.check("no output released ahead of its checkpoint (S2)",
+                      !old.isEmpty && beyond.isEmpty && mismatched.isEmpty && forged.isEmpty && malformed == 0,
+                      "\(old.count) packets from the old primary, highest #\(old.map(\.packet.sequence).max() ?? 0); the resumed VM stands behind #\(outputSequence); \(beyond.count) beyond it, \(mismatched.count) disagreeing with its history, \(forged.count + malformed) malformed")
+
+        let seqs = new.map(\.packet.sequence)
+        let expectedFirst = pending ?? outputSequence + 1
+        let contiguous = zip(seqs, seqs.dropFirst()).allSatisfy { $1 == $0 + 1 }
+        let lostAtFailover = (old.map(\.packet.sequence).max() ?? 0) < expectedFirst - 1 ? expectedFirst - 1 - (old.map(\.packet.sequence).max() ?? 0) : 0
+        summary.figures["heldPacketsLostAtFailover"] = lostAtFailover
+        summary.check("the resumed VM's output continues its own history",
+                      !seqs.isEmpty && seqs.first == expectedFirst && contiguous,
+                      "new primary sent #\(seqs.first ?? 0)...#\(seqs.last ?? 0) (\(seqs.count) packets), expected to start at #\(expectedFirst); \(lostAtFailover) packets were still held when the primary died (lost as a network may lose them)")
+
+        let laterCounter = after?["counter"] as? UInt64 ?? 0
+        summary.check("the resumed VM keeps running", laterCounter > resumedCounter,
+                      "counter \(resumedCounter) at resume, \(laterCounter) about a second later")
+        summary.check("failover within the bound", takeoverMicros <= UInt64(s.takeoverAfterMillis + 1000) * 1000,
+                      "\(String(format: "%.1f", Double(takeoverMicros) / 1000)) ms from SIGKILL to running (silence bound \(s.takeoverAfterMillis) ms)")
+    }
+
+    func progressLine(_ p: [String: Any], elapsed: Double) -> String {
+        let pause = p["pauseMicros"] as? [String: Any] ?? [:]
+        let commit = p["commitMicros"] as? [String: Any] ?? [:]
+        func ms(_ d: [String: Any], _ k: String) -> String { String(format: "%.2f", Double(d[k] as? UInt64 ?? 0) / 1000) }
+        let wire = Double(p["wireBytes"] as? Int ?? 0) / 1e6
+        return String(format: "  %4.1fs  %5.1f epochs/s  pause p50 %@ ms p99 %@ ms  commit lag p50 %@ ms  wire %.1f MB  ratio %.1f:1  acked #%@  counter %@  held %@",
+                      elapsed, p["epochsPerSecond"] as? Double ?? 0, ms(pause, "p50"), ms(pause, "p99"), ms(commit, "p50"), wire,
+                      p["compressionRatio"] as? Double ?? 0, "\(p["acknowledged"] ?? 0)", "\(p["counter"] ?? 0)", "\(p["heldPackets"] ?? 0)")
+    }
+
+    func failure(_ what: String, log: String) -> ValidationError {
+        let text = (try? String(contentsOf: dir.appendingPathComponent(log), encoding: .utf8)) ?? ""
+        let tail = text.split(separator: "\n").suffix(15).joined(separator: "\n")
+        return ValidationError("\(what). Last lines of its log:\n\(tail)")
+    }
+}

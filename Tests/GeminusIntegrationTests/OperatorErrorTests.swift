@@ -1,0 +1,104 @@
+import Foundation
+import Testing
+
+/// Bad input from an operator gets a message that names the cause and the fix, and exit 1.
+@Suite struct OperatorErrorTests {
+    @Test func unknownFlagIsNamed() throws {
+        let r = try GeminusBinary.run(["agent", "--role", "primary", "--key", "/x", "--bogus"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("--bogus"))
+    }
+
+    @Test func missingKeyFileSaysHowToCreateOne() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("nope.key"), "--duration-seconds", "1"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains(s.path("nope.key")))
+        #expect(r.stderr.contains("geminus keygen"))
+    }
+
+    @Test func worldReadableKeyIsRefusedWithTheChmod() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        chmod(key, 0o644)
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", key, "--duration-seconds", "1"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("chmod 600"))
+    }
+
+    @Test func keygenRefusesToOverwrite() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        let again = try GeminusBinary.run(["keygen", "--out", key])
+        #expect(again.status != 0)
+        #expect(again.stderr.contains(key))
+    }
+
+    @Test func portInUseIsNamed() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        _ = try GeminusBinary.run(["keygen", "--out", key])
+        // Hold a port, then ask the agent for it.
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 1) == 0 && getsockname(fd, $0, &len) == 0 }
+        }
+        let port = UInt16(bigEndian: addr.sin_port)
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)", "--key", key, "--duration-seconds", "1"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("in use"))
+        #expect(r.stderr.contains("\(port)"))
+    }
+
+    @Test func secondaryWithoutListenAddressIsToldWhatToAdd() throws {
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--key", "/x"])
+        #expect(r.status != 0)
+        #expect(r.stderr.contains("--listen"))
+    }
+
+    /// A primary holding another key is refused by the secondary, which logs why; no
+    /// checkpoint from it is accepted.
+    @Test func primaryWithTheWrongKeyIsRefused() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        _ = try GeminusBinary.run(["keygen", "--out", s.path("a.key")])
+        _ = try GeminusBinary.run(["keygen", "--out", s.path("b.key")])
+        let sec = Process()
+        sec.executableURL = GeminusBinary.url
+        sec.arguments = ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"), "--events", "--duration-seconds", "4"]
+        let out = Pipe(), err = Pipe()
+        sec.standardOutput = out
+        sec.standardError = err
+        try sec.run()
+        defer { if sec.isRunning { kill(sec.processIdentifier, SIGKILL) } }
+        // First line is the "listening" event with the port.
+        var line = Data()
+        while true {
+            let b = out.fileHandleForReading.readData(ofLength: 1)
+            if b.isEmpty || b == Data([10]) { break }
+            line.append(b)
+        }
+        let listening = try #require(try JSONSerialization.jsonObject(with: line) as? [String: Any])
+        let port = try #require(listening["port"] as? Int)
+        let pri = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
+                                         "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning"])
+        kill(sec.processIdentifier, SIGTERM)
+        sec.waitUntilExit()
+        let secLog = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let secEvents = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(secLog.lowercased().contains("authentication failed"), "secondary log:\n\(secLog)")
+        #expect(pri.stderr.lowercased().contains("authentication"), "primary log:\n\(pri.stderr)")
+        #expect(!secEvents.contains("base-committed"))
+    }
+}
