@@ -49,67 +49,6 @@ struct Demo: ParsableCommand {
     }
 }
 
-/// One agent process and the events it prints.
-final class AgentProcess: @unchecked Sendable {
-    let name: String
-    let process = Process()
-    private let lock = NSCondition()
-    private var events: [[String: Any]] = []
-    private var done = false
-
-    init(name: String, executable: URL, arguments: [String], logFile: URL) throws {
-        self.name = name
-        process.executableURL = executable
-        process.arguments = arguments
-        let out = Pipe()
-        process.standardOutput = out
-        FileManager.default.createFile(atPath: logFile.path, contents: nil)
-        process.standardError = try FileHandle(forWritingTo: logFile)
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
-        let reader = Thread { [self] in
-            var pending = Data()
-            let handle = out.fileHandleForReading
-            while true {
-                let chunk = handle.availableData
-                if chunk.isEmpty { break }
-                pending.append(chunk)
-                while let nl = pending.firstIndex(of: 10) {
-                    let line = pending[pending.startIndex..<nl]
-                    pending = Data(pending[(nl + 1)...])
-                    if let obj = try? JSONSerialization.jsonObject(with: line) as? [String: Any] {
-                        lock.lock(); events.append(obj); lock.broadcast(); lock.unlock()
-                    }
-                }
-            }
-            lock.lock(); done = true; lock.broadcast(); lock.unlock()
-        }
-        reader.start()
-    }
-
-    /// Waits for the first event of `type` after index `from`.
-    func wait(for type: String, timeoutSeconds: Double, from: Int = 0) -> [String: Any]? {
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        lock.lock()
-        defer { lock.unlock() }
-        while true {
-            if let e = events.dropFirst(from).first(where: { $0["event"] as? String == type }) { return e }
-            if done || !lock.wait(until: deadline) { return events.dropFirst(from).first(where: { $0["event"] as? String == type }) }
-        }
-    }
-
-    func last(_ type: String) -> [String: Any]? {
-        lock.lock(); defer { lock.unlock() }
-        return events.last { $0["event"] as? String == type }
-    }
-
-    var eventCount: Int { lock.lock(); defer { lock.unlock() }; return events.count }
-
-    func kill(_ signal: Int32) {
-        if process.isRunning { Foundation.kill(process.processIdentifier, signal) }
-    }
-}
-
 /// Receives the datagrams agents release to "the network" and remembers them in order.
 final class OutputObserver: @unchecked Sendable {
     struct Packet { var generation: UInt64; var packet: OutputPacket }

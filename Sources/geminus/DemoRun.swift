@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import GeminusAgent
 import GeminusCore
 import GeminusHypervisor
 import GeminusTransport
