@@ -28,8 +28,9 @@ struct PipelineBench: ParsableCommand {
             print("geminus-bench: \(ramMib) MiB guest, \(pagesPerEpoch) pages/epoch, \(epochs) epochs per workload, CRC32C \(CRC32C.isHardwareAccelerated ? "hardware" : "software")")
             print("baseline: a plain memcpy of each epoch's captured pages, timed right after the capture (the physical limit)")
             print("")
-            print(pad("workload", 11) + pad("capture GB/s", 13) + pad("memcpy GB/s", 12) + pad("encode GB/s", 12) + pad("x memcpy", 9) + pad("decode GB/s", 12)
-                  + pad("ratio", 8) + pad("pause p50/p99 us", 18) + pad("commit p50/p99 us", 18) + "wire MB/epoch")
+            print(pad("workload", 11) + pad("memcpy", 8) + pad("capture", 15) + pad("encode", 15) + pad("decode", 15)
+                  + pad("enc/memcpy", 11) + pad("ratio", 9) + pad("pause us p50/p99/max", 21) + pad("commit us p50/p99", 19) + "wire MB/epoch")
+            print(pad("", 11) + pad("GB/s", 8) + pad("GB/s Mpage/s", 15) + pad("GB/s Mpage/s", 15) + pad("GB/s Mpage/s", 15))
         }
         for kind in kinds {
             FileHandle.standardError.write("running \(kind.rawValue)...\n".data(using: .utf8)!)
@@ -41,10 +42,11 @@ struct PipelineBench: ParsableCommand {
             row["captureVsMemcpy"] = r.captureGBps / memcpyGBps
             results.append(row)
             if !json {
-                print(pad(kind.rawValue, 11) + pad(f2(r.captureGBps), 13) + pad(f2(memcpyGBps), 12) + pad(f2(r.encodeGBps), 12) + pad(f2(r.encodeGBps / memcpyGBps), 9)
-                      + pad(f2(r.decodeGBps), 12) + pad(f1(r.ratio) + ":1", 8)
-                      + pad("\(r.pause.valueAtPercentile(50))/\(r.pause.valueAtPercentile(99))", 18)
-                      + pad("\(r.commit.valueAtPercentile(50))/\(r.commit.valueAtPercentile(99))", 18)
+                func both(_ gbps: Double) -> String { pad(f2(gbps), 6) + f2(gbps * 1e9 / 4096 / 1e6) }
+                print(pad(kind.rawValue, 11) + pad(f2(memcpyGBps), 8) + pad(both(r.captureGBps), 15) + pad(both(r.encodeGBps), 15)
+                      + pad(both(r.decodeGBps), 15) + pad(f2(r.encodeGBps / memcpyGBps), 11) + pad(f1(r.ratio) + ":1", 9)
+                      + pad("\(r.pause.valueAtPercentile(50))/\(r.pause.valueAtPercentile(99))/\(r.pause.max)", 21)
+                      + pad("\(r.commit.valueAtPercentile(50))/\(r.commit.valueAtPercentile(99))", 19)
                       + f2(Double(r.wireBytes) / Double(epochs) / 1e6))
             }
         }

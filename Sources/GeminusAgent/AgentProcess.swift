@@ -8,6 +8,10 @@ public final class AgentProcess: @unchecked Sendable {
     private let lock = NSCondition()
     private var events: [[String: Any]] = []
     private var done = false
+    /// Per-epoch trace events are kept compactly (bounded), not in `events`.
+    private var checkpointCounters: [UInt64: UInt64] = [:]
+    private var acknowledged: UInt64 = 0
+    private static let tracedEpochsKept = 100_000
 
     public init(name: String, executable: URL, arguments: [String], logFile: URL) throws {
         self.name = name
@@ -30,7 +34,10 @@ public final class AgentProcess: @unchecked Sendable {
                     let line = pending[pending.startIndex..<nl]
                     pending = Data(pending[(nl + 1)...])
                     if let obj = try? JSONSerialization.jsonObject(with: line) as? [String: Any] {
-                        lock.lock(); events.append(obj); lock.broadcast(); lock.unlock()
+                        lock.lock()
+                        record(obj)
+                        lock.broadcast()
+                        lock.unlock()
                     }
                 }
             }
@@ -38,6 +45,29 @@ public final class AgentProcess: @unchecked Sendable {
         }
         reader.start()
     }
+
+    private func record(_ obj: [String: Any]) {
+        switch obj["event"] as? String {
+        case "checkpoint":
+            if let e = obj["epoch"] as? UInt64, let c = obj["counter"] as? UInt64 {
+                checkpointCounters[e] = c
+                if e > UInt64(Self.tracedEpochsKept) { checkpointCounters.removeValue(forKey: e - UInt64(Self.tracedEpochsKept)) }
+            }
+        case "acknowledged":
+            acknowledged = max(acknowledged, obj["epoch"] as? UInt64 ?? 0)
+        default:
+            events.append(obj)
+        }
+    }
+
+    /// The guest's counter captured at `epoch` (needs `--trace-epochs`).
+    public func counter(atCheckpoint epoch: UInt64) -> UInt64? {
+        lock.lock(); defer { lock.unlock() }
+        return checkpointCounters[epoch]
+    }
+
+    /// The highest epoch whose acknowledgement the agent received (needs `--trace-epochs`).
+    public var highestAcknowledged: UInt64 { lock.lock(); defer { lock.unlock() }; return acknowledged }
 
     /// Waits for the first event of `type` after index `from`.
     public func wait(for type: String, timeoutSeconds: Double, from: Int = 0) -> [String: Any]? {

@@ -21,11 +21,14 @@ public final class PrimaryAgent: @unchecked Sendable {
         public var outputLimitBytes: Int
         public var sendTimeoutMillis: Int
         public var progressIntervalMillis: Int
+        /// Emit a `checkpoint` event per capture and an `acknowledged` event per ack (for the
+        /// demo's exact continuity check; chatty, so off by default).
+        public var traceEpochs: Bool
 
         public init(vmName: String, peerHost: String?, peerPort: UInt16, keyPath: String,
                     machine: PrimaryMachine.Config = .init(), generation: Generation = Generation(1),
                     resumedFrom: Epoch = .none, outputLimitBytes: Int = 8 << 20, sendTimeoutMillis: Int = 2000,
-                    progressIntervalMillis: Int = 500) {
+                    progressIntervalMillis: Int = 500, traceEpochs: Bool = false) {
             self.vmName = vmName
             self.peerHost = peerHost
             self.peerPort = peerPort
@@ -36,6 +39,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             self.outputLimitBytes = outputLimitBytes
             self.sendTimeoutMillis = sendTimeoutMillis
             self.progressIntervalMillis = progressIntervalMillis
+            self.traceEpochs = traceEpochs
         }
     }
 
@@ -170,6 +174,7 @@ public final class PrimaryAgent: @unchecked Sendable {
                 for old in pauseStartNanos.keys where old < epoch { pauseStartNanos.removeValue(forKey: old) }
                 for old in counterAtCapture.keys where old < epoch { counterAtCapture.removeValue(forKey: old) }
                 lastAcknowledgedCounter = counterAtCapture[epoch] ?? lastAcknowledgedCounter
+                if settings.traceEpochs { events.emit("acknowledged", ["epoch": epoch.rawValue]) }
             case .releaseAllOutput:
                 let n = port.releaseAll()
                 logger.warning("\(settings.vmName) is UNPROTECTED; released \(n) held packets")
@@ -204,6 +209,9 @@ public final class PrimaryAgent: @unchecked Sendable {
             stats.pagesCaptured += buffer.pageCount
             if full { stats.fullEpochs += 1 }
             pauseStartNanos[epoch] = t0
+            if settings.traceEpochs {
+                events.emit("checkpoint", ["epoch": epoch.rawValue, "counter": counterAtCapture[epoch] ?? 0, "full": full])
+            }
         } catch {
             // A guest that cannot be paused or read is not protectable; say so and stop.
             logger.critical("checkpoint \(epoch) failed: \(error); stopping")

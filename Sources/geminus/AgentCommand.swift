@@ -46,6 +46,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Simulated VM: random seed.") var seed: UInt64 = 1
     @Option(help: "Stop after this many seconds (default: run until killed).") var durationSeconds: Double?
     @Flag(help: "Write machine-readable events, one JSON object per line, to standard output.") var events = false
+    @Flag(help: ArgumentHelp("With --events: also one event per checkpoint and per acknowledgement.", visibility: .hidden)) var traceEpochs = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
     func validate() throws {
@@ -101,7 +102,7 @@ struct Agent: ParsableCommand {
         let vm = try SimulatedVM(workload: workload, output: port)
         let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
                                              keyPath: key, machine: primaryMachineConfig, generation: generation,
-                                             outputLimitBytes: outputLimitBytes)
+                                             outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
         let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events)
         vm.start()
         agent.run(deadlineNanos: deadline)
