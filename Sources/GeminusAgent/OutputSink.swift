@@ -46,7 +46,7 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     private let lock = Mutex()
     private var queue: OutputQueue<[UInt8]>
     private let sink: OutputSink?
-    public var generation: Generation
+    public let generation: Generation
 
     public init(limitBytes: Int, sink: OutputSink?, generation: Generation, openEpoch: Epoch) {
         queue = OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch)
@@ -54,11 +54,14 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         self.generation = generation
     }
 
+    // Sends happen under the lock: a packet passing straight through must never overtake
+    // older packets being released from the queue at the same moment. A send is one
+    // non-blocking UDP sendto, so holding the lock across it is cheap.
+
     public func offer(_ packet: [UInt8]) -> Bool {
         lock.lock()
-        let outcome = queue.append(packet, bytes: packet.count)
-        lock.unlock()
-        switch outcome {
+        defer { lock.unlock() }
+        switch queue.append(packet, bytes: packet.count) {
         case .held: return true
         case .releaseNow:
             sink?.send(packet, generation: generation)
@@ -77,16 +80,16 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
 
     public func release(through epoch: Epoch) -> Int {
         lock.lock()
+        defer { lock.unlock() }
         let items = queue.release(through: epoch)
-        lock.unlock()
         for p in items { sink?.send(p, generation: generation) }
         return items.count
     }
 
     public func releaseAll() -> Int {
         lock.lock()
+        defer { lock.unlock() }
         let items = queue.setMode(.passThrough)
-        lock.unlock()
         for p in items { sink?.send(p, generation: generation) }
         return items.count
     }

@@ -114,11 +114,14 @@ public final class SecondaryAgent: @unchecked Sendable {
     }
 
     private func adopt(_ c: FramedConnection) {
-        if let old = connection {
-            old.close()
-            replica?.abandonStaging(reason: .torn)
-        }
         let hello = c.peer
+        // The acceptor judged the generation against a snapshot; the pair may have moved on
+        // since. A deposed primary is refused here too, never adopted.
+        if let replica, hello.generation < replica.generation {
+            logger.warning("refused primary \(c.remoteAddress): generation \(hello.generation) is older than the pair's \(replica.generation)")
+            c.close()
+            return
+        }
         if replica == nil || replica!.pageCount != Int(hello.guestPageCount) {
             do {
                 let memory = try standby.makeReplicaMemory(pageCount: Int(hello.guestPageCount))
@@ -128,6 +131,10 @@ public final class SecondaryAgent: @unchecked Sendable {
                 c.close()
                 return
             }
+        }
+        if let old = connection {
+            old.close()
+            replica?.abandonStaging(reason: .torn)
         }
         replica!.adopt(generation: hello.generation)
         connection = c
