@@ -11,10 +11,7 @@ final class Dialer: @unchecked Sendable {
     private let key: PairKey
     private let hello: PeerHello
     private let logger: Logger
-    private let condition = NSCondition()
-    private var ready: FramedConnection?
-    private var wanted = true
-    private var stopped = false
+    private let handoff = ConnectionHandoff()
     static let retryMillis = 200
 
     init(host: String, port: UInt16, key: PairKey, hello: PeerHello, logger: Logger) {
@@ -31,45 +28,19 @@ final class Dialer: @unchecked Sendable {
         t.start()
     }
 
-    func take() -> FramedConnection? {
-        condition.lock()
-        defer { condition.unlock() }
-        let c = ready
-        ready = nil
-        return c
-    }
+    func take() -> FramedConnection? { handoff.take() }
 
     /// The loop lost its connection: dial again.
-    func reconnect() {
-        condition.lock()
-        wanted = true
-        condition.broadcast()
-        condition.unlock()
-    }
+    func reconnect() { handoff.request() }
 
-    func stop() {
-        condition.lock()
-        stopped = true
-        ready?.close()
-        ready = nil
-        condition.broadcast()
-        condition.unlock()
-    }
+    func stop() { handoff.stop() }
 
     private func loop() {
         var lastError = ""
-        while true {
-            condition.lock()
-            while !wanted && !stopped { condition.wait() }
-            if stopped { condition.unlock(); return }
-            condition.unlock()
+        while handoff.waitUntilWanted() {
             do {
                 let c = try TCPDialer.connect(host: host, port: port, key: key, local: hello, timeout: .seconds(2), logger: logger)
-                condition.lock()
-                if stopped { condition.unlock(); c.close(); return }
-                ready = c
-                wanted = false
-                condition.unlock()
+                guard handoff.offer(c) else { return }
                 lastError = ""
             } catch {
                 // Say it once per distinct failure: a secondary that is down for an hour must

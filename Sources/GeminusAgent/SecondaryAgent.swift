@@ -291,9 +291,7 @@ final class Acceptor: @unchecked Sendable {
     private let key: PairKey
     private let vmName: String
     private let logger: Logger
-    private let condition = NSCondition()
-    private var ready: FramedConnection?
-    private var stopped = false
+    private let handoff = ConnectionHandoff()
 
     init(listener: TCPListener, key: PairKey, vmName: String, logger: Logger) {
         self.listener = listener
@@ -308,27 +306,15 @@ final class Acceptor: @unchecked Sendable {
         t.start()
     }
 
-    func take() -> FramedConnection? {
-        condition.lock()
-        defer { condition.unlock() }
-        let c = ready
-        ready = nil
-        return c
-    }
+    func take() -> FramedConnection? { handoff.take() }
 
     func stop() {
-        condition.lock()
-        stopped = true
-        ready?.close()
-        ready = nil
-        condition.unlock()
+        handoff.stop()
         listener.close()
     }
 
-    private var isStopped: Bool { condition.lock(); defer { condition.unlock() }; return stopped }
-
     private func loop(state: @escaping @Sendable () -> (Generation, Epoch)) {
-        while !isStopped {
+        while !handoff.isStopped {
             let (generation, committed) = state()
             let local = PeerHello(role: .secondary, vmName: vmName, generation: generation, committedEpoch: committed,
                                   guestPageCount: 0, agentVersion: GeminusVersion.current)
@@ -342,13 +328,9 @@ final class Acceptor: @unchecked Sendable {
                     }
                     return nil
                 }, timeout: .milliseconds(200)) else { continue }
-                condition.lock()
-                if stopped { condition.unlock(); c.close(); return }
-                ready?.close()
-                ready = c
-                condition.unlock()
+                guard handoff.offer(c) else { return }
             } catch {
-                if isStopped { return }
+                if handoff.isStopped { return }
                 logger.warning("\(error)")
             }
         }
