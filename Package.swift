@@ -31,6 +31,11 @@ let package = Package(
             dependencies: ["GeminusCore"]
         ),
         .target(
+            // QEMU driven directly over QMP: the real guest behind the hypervisor seam.
+            name: "GeminusQEMU",
+            dependencies: ["GeminusCore", "GeminusHypervisor"]
+        ),
+        .target(
             name: "GeminusTransport",
             dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
         ),
@@ -70,6 +75,10 @@ let package = Package(
         .testTarget(
             name: "GeminusReplicationTests",
             dependencies: ["GeminusReplication", "GeminusCore", "GeminusHypervisor"]
+        ),
+        .testTarget(
+            name: "GeminusQEMUTests",
+            dependencies: ["GeminusQEMU", "GeminusCore", "GeminusHypervisor"]
         ),
         .testTarget(
             name: "GeminusTransportTests",

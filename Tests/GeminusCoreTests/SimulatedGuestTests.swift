@@ -64,3 +64,16 @@ final class RecordingPort: GuestOutputPort, @unchecked Sendable {
     var packets: [[UInt8]] = []
     func offer(_ packet: [UInt8]) -> Bool { packets.append(packet); return true }
 }
+
+@Suite struct FileBackedMemoryTests {
+    @Test func twoMappingsOfOneFileSeeEachOthersWrites() throws {
+        let path = "/dev/shm/geminus-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { unlink(path) }
+        let a = try PageMemory(fileAt: path, pageCount: 4, create: true)
+        let b = try PageMemory(fileAt: path, pageCount: 4, create: false)
+        a.storeU64(0xFEED, at: 4096 + 8)
+        #expect(b.loadU64(at: 4096 + 8) == 0xFEED)
+        #expect(throws: GeminusError.self) { try PageMemory(fileAt: path, pageCount: 8, create: false) }
+        #expect(throws: GeminusError.self) { try PageMemory(fileAt: "/nonexistent/dir/x", pageCount: 1, create: true) }
+    }
+}

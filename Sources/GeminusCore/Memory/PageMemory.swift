@@ -26,6 +26,35 @@ public final class PageMemory: @unchecked Sendable {
         self.mappedBytes = bytes
     }
 
+    /// Maps a file shared, so writes go to the file and other mappings of it (QEMU's guest RAM
+    /// file on tmpfs, or the replica file a standby QEMU will run on). With `create`, the file
+    /// is created (or extended) to `pageCount` pages; otherwise it must already be that large.
+    public init(fileAt path: String, pageCount: Int, create: Bool) throws(GeminusError) {
+        precondition(pageCount > 0)
+        let bytes = pageCount * GuestPage.size
+        let fd = open(path, create ? (O_RDWR | O_CREAT | O_CLOEXEC) : (O_RDWR | O_CLOEXEC), 0o600)
+        guard fd >= 0 else {
+            throw GeminusError(.io, "cannot open guest memory file \(path): \(String(cString: strerror(errno)))",
+                               fix: "check that the file exists and this agent may read and write it")
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw GeminusError(.io, "cannot stat \(path): \(String(cString: strerror(errno)))") }
+        if Int(st.st_size) < bytes {
+            guard create, ftruncate(fd, off_t(bytes)) == 0 else {
+                throw GeminusError(.io, "guest memory file \(path) holds \(st.st_size) bytes, \(bytes) expected",
+                                   fix: create ? "free space on its filesystem" : "point the agent at the VM's RAM file")
+            }
+        }
+        let p = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        guard let p, p != MAP_FAILED else {
+            throw GeminusError(.resourceExhausted, "cannot map \(path): \(String(cString: strerror(errno)))")
+        }
+        self.pageCount = pageCount
+        self.base = p
+        self.mappedBytes = bytes
+    }
+
     deinit { munmap(base, mappedBytes) }
 
     @inline(__always)

@@ -1,0 +1,1 @@
+// The QEMU module: see the issue of the real libvirt/QEMU path.
