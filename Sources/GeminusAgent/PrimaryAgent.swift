@@ -112,7 +112,8 @@ public final class PrimaryAgent: @unchecked Sendable {
             }
             execute(machine.handle(.tick(nowNanos: Monotonic.nanos())))
             if Monotonic.nanos() >= nextProgress {
-                nextProgress += UInt64(settings.progressIntervalMillis) * 1_000_000
+                // After a stall, report once and move on rather than in a burst.
+                nextProgress = max(nextProgress + UInt64(settings.progressIntervalMillis) * 1_000_000, Monotonic.nanos())
                 emitProgress(&window)
             }
         }

@@ -105,7 +105,8 @@ public final class SecondaryAgent: @unchecked Sendable {
             for action in machine.handle(.tick(nowNanos: Monotonic.nanos())) { perform(action) }
             admission.value = (machine.generation, replica?.committedEpoch ?? .none)
             if Monotonic.nanos() >= nextProgress {
-                nextProgress += UInt64(settings.progressIntervalMillis) * 1_000_000
+                // After a stall, report once and move on rather than in a burst.
+                nextProgress = max(nextProgress + UInt64(settings.progressIntervalMillis) * 1_000_000, Monotonic.nanos())
                 emitProgress()
             }
         }
@@ -330,8 +331,9 @@ final class Acceptor: @unchecked Sendable {
                 }, timeout: .milliseconds(200)) else { continue }
                 guard handoff.offer(c) else { return }
             } catch {
+                // The listener already logged the failed handshake with its cause.
                 if handoff.isStopped { return }
-                logger.warning("\(error)")
+                logger.debug("handshake failed: \(error)")
             }
         }
     }

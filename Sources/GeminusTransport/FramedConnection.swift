@@ -16,7 +16,7 @@ public final class FramedConnection: @unchecked Sendable {
     public let remoteAddress: String
     private let link: Link
 
-    init(socket: Socket, decoder: FrameDecoder, local: PeerHello, peer: PeerHello, remoteAddress: String,
+    init(socket: Socket, reader: FrameReader, local: PeerHello, peer: PeerHello, remoteAddress: String,
          options: LinkOptions, logger: Logger) {
         self.local = local
         self.peer = peer
@@ -24,7 +24,7 @@ public final class FramedConnection: @unchecked Sendable {
         socket.setNoDelay()
         link = Link(socket: socket, remoteAddress: remoteAddress, heartbeatGeneration: local.generation,
                     options: options, logger: logger)
-        link.start(decoder: decoder)
+        link.start(reader: reader)
     }
 
     deinit {

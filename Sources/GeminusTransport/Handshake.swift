@@ -21,7 +21,7 @@ enum Handshake {
 
     struct Outcome {
         var peer: PeerHello
-        var decoder: FrameDecoder
+        var reader: FrameReader
     }
 
     static func refusalPayload(_ code: Refusal, _ reason: String) -> [UInt8] {
@@ -47,13 +47,13 @@ enum Handshake {
                        deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
         let helloC = try local.encoded()
         let nonceC = try Crypto.randomBytes(nonceBytes)
-        var channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
+        let channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
         let describe = { (f: HandshakeChannel.Failure) -> GeminusError in
             switch f {
             case .timedOut:
                 GeminusError(.timeout, "handshake with \(remote) timed out after \(timeout.millisDescription)",
                              fix: "check that \(remote) is a Geminus secondary and the network between the hosts")
-            case .closed:
+            case .endOfStream:
                 GeminusError(.connectionFailed, "\(remote) closed the connection during the handshake")
             case .socket(let e):
                 GeminusError(.connectionFailed, "handshake with \(remote) failed: \(Socket.describe(errno: e))")
@@ -89,7 +89,7 @@ enum Handshake {
                                "\(remote) could not prove it holds the pair key in \(key.path): it is not this pair's secondary, or its key differs",
                                fix: "copy the same key file to both hosts")
         }
-        return Outcome(peer: peer, decoder: channel.decoder)
+        return Outcome(peer: peer, reader: channel.reader)
     }
 
     /// A `refused` frame becomes the secondary's reason; anything else out of turn is a
@@ -119,13 +119,13 @@ enum Handshake {
                        remote: String, deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
         let helloS = try local.encoded()
         let nonceS = try Crypto.randomBytes(nonceBytes)
-        var channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
+        let channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
         let prefix = "refused connection from \(remote)"
         let describe = { (f: HandshakeChannel.Failure) -> GeminusError in
             switch f {
             case .timedOut:
                 GeminusError(.timeout, "\(prefix): no complete handshake within \(timeout.millisDescription)")
-            case .closed:
+            case .endOfStream:
                 GeminusError(.connectionFailed, "\(prefix): it closed the connection during the handshake")
             case .socket(let e):
                 GeminusError(.connectionFailed, "\(prefix): \(Socket.describe(errno: e))")
@@ -180,6 +180,6 @@ enum Handshake {
         try channel.io(describe) { c throws(HandshakeChannel.Failure) in
             try c.write(.accepted, generation: local.generation, payload: proof)
         }
-        return Outcome(peer: peer, decoder: channel.decoder)
+        return Outcome(peer: peer, reader: channel.reader)
     }
 }

@@ -6,62 +6,31 @@ import GeminusCore
 /// Frame I/O for the handshake: synchronous, on the caller's thread, every call bounded by
 /// one deadline for the whole handshake.
 struct HandshakeChannel {
-    enum Failure: Error {
-        case timedOut
-        case closed
-        case socket(Int32)
-        case frame(FrameError)
-    }
+    typealias Failure = FrameReader.Failure
+    /// Handshake frames are a few hundred bytes; an unauthenticated peer gets no more.
+    static let maxPayloadBytes = 64 << 10
 
     let socket: Socket
     let deadlineNanos: UInt64
     /// Keeps bytes read past the last handshake frame; the connection's reader continues with it.
-    private(set) var decoder = FrameDecoder()
-    /// The stream's first bytes. The decoder needs a whole 40-byte header before it can say
-    /// "bad magic", and a client such as `curl` sends less and then waits for an answer.
-    private var streamPrefix: [UInt8] = []
-    private static let magicBytes: [UInt8] = withUnsafeBytes(of: FrameHeader.magic.littleEndian) { Array($0) }
+    let reader: FrameReader
 
     init(socket: Socket, deadlineNanos: UInt64) {
         self.socket = socket
         self.deadlineNanos = deadlineNanos
+        reader = FrameReader(fd: socket.fd)
+        reader.maxPayloadBytes = Self.maxPayloadBytes
     }
 
-    mutating func read() throws(Failure) -> Frame {
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            do {
-                if let f = try decoder.next() { return f }
-            } catch {
-                throw .frame(error)
-            }
-            let r = chunk.withUnsafeMutableBytes { socket.receive(into: $0, deadlineNanos: deadlineNanos) }
-            switch r {
-            case .done(let n):
-                try checkPrefix(chunk[0..<n])
-                decoder.feed(Array(chunk[0..<n]))
-            case .endOfStream: throw .closed
-            case .timedOut: throw .timedOut
-            case .failed(let e): throw e == ECONNRESET ? .closed : .socket(e)
-            }
-        }
-    }
-
-    private mutating func checkPrefix(_ bytes: ArraySlice<UInt8>) throws(Failure) {
-        guard streamPrefix.count < 4 else { return }
-        streamPrefix.append(contentsOf: bytes.prefix(4 - streamPrefix.count))
-        guard streamPrefix.elementsEqual(Self.magicBytes.prefix(streamPrefix.count)) else {
-            var padded = streamPrefix + [UInt8](repeating: 0, count: 4 - streamPrefix.count)
-            let seen = padded.withUnsafeMutableBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
-            throw .frame(.badMagic(seen))
-        }
+    func read() throws(Failure) -> Frame {
+        try reader.next(deadlineNanos: deadlineNanos)
     }
 
     /// Runs channel I/O, describing a failure the way the calling side wants it told.
-    mutating func io<T>(_ describe: (Failure) -> GeminusError,
-                        _ body: (inout HandshakeChannel) throws(Failure) -> T) throws(GeminusError) -> T {
+    func io<T>(_ describe: (Failure) -> GeminusError,
+               _ body: (HandshakeChannel) throws(Failure) -> T) throws(GeminusError) -> T {
         do {
-            return try body(&self)
+            return try body(self)
         } catch {
             throw describe(error)
         }
@@ -72,8 +41,8 @@ struct HandshakeChannel {
         switch socket.sendAll(frame, deadlineNanos: deadlineNanos) {
         case .done: return
         case .timedOut: throw .timedOut
-        case .endOfStream: throw .closed
-        case .failed(let e): throw e == EPIPE || e == ECONNRESET ? .closed : .socket(e)
+        case .endOfStream: throw .endOfStream
+        case .failed(let e): throw e == EPIPE || e == ECONNRESET ? .endOfStream : .socket(e)
         }
     }
 

@@ -14,7 +14,6 @@ final class Link: @unchecked Sendable {
     /// because the pointers are pinned by nested closures, one stack frame each.
     static let maxFramesPerWrite = 64
     static let maxBytesPerWrite = 8 << 20
-    static let readChunkBytes = 1 << 20
 
     let socket: Socket
     let remoteAddress: String
@@ -45,25 +44,30 @@ final class Link: @unchecked Sendable {
         lastHeardNanos = Atomic(Monotonic.nanos())
     }
 
-    /// Starts the threads; `decoder` holds any bytes that arrived behind the handshake.
-    func start(decoder: FrameDecoder) {
+    /// Starts the threads; `reader` holds any bytes that arrived behind the handshake.
+    func start(reader: FrameReader) {
+        AllocatorTuning.apply()
+        reader.maxPayloadBytes = FrameHeader.maxPayloadBytes
+        reader.onReceive = { [unowned self] n in
+            lastHeardNanos.store(Monotonic.nanos(), ordering: .relaxed)
+            bytesReceived.add(UInt64(n), ordering: .relaxed)
+        }
         socket.retain()
         socket.retain()
-        // FrameDecoder is not declared Sendable; this hands it to the reader thread, which is
-        // from then on its only user.
-        nonisolated(unsafe) let handoff = decoder
-        let reader = Thread { [self] in
-            readLoop(decoder: handoff)
+        let readerThread = Thread { [self] in
+            readLoop(reader)
+            reader.onReceive = nil
             socket.release()
         }
-        reader.name = "geminus-rx \(remoteAddress)"
-        let writer = Thread { [self] in
+        // Linux keeps 15 characters of a thread name; the address would not fit.
+        readerThread.name = "geminus-rx"
+        let writerThread = Thread { [self] in
             writeLoop()
             socket.release()
         }
-        writer.name = "geminus-tx \(remoteAddress)"
-        reader.start()
-        writer.start()
+        writerThread.name = "geminus-tx"
+        readerThread.start()
+        writerThread.start()
     }
 
     var closeReason: ConnectionClosed? { reason.withLock { $0 } }
@@ -88,33 +92,21 @@ final class Link: @unchecked Sendable {
 
     // MARK: Reader
 
-    private func readLoop(decoder initial: FrameDecoder) {
-        var decoder = initial
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.readChunkBytes, alignment: 16)
-        defer { buffer.deallocate() }
+    private func readLoop(_ reader: FrameReader) {
         while true {
-            do {
-                while let frame = try decoder.next() {
-                    guard deliver(frame) else { return }
-                }
+            let frame: Frame
+            do throws(FrameReader.Failure) {
+                frame = try reader.next()
             } catch {
-                close(.frameError(error))
+                switch error {
+                case .frame(let e): close(.frameError(e))
+                case .endOfStream: close(.peerClosed)
+                case .socket(let e): close(.socketError(e))
+                case .timedOut: close(.socketError(ETIMEDOUT))
+                }
                 return
             }
-            let n = recv(socket.fd, buffer.baseAddress, buffer.count, 0)
-            if n > 0 {
-                lastHeardNanos.store(Monotonic.nanos(), ordering: .relaxed)
-                bytesReceived.add(UInt64(n), ordering: .relaxed)
-                decoder.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-            } else if n == 0 {
-                close(.peerClosed)
-                return
-            } else {
-                let e = errno
-                if e == EINTR { continue }
-                close(e == ECONNRESET ? .peerClosed : .socketError(e))
-                return
-            }
+            guard deliver(frame) else { return }
         }
     }
 

@@ -63,7 +63,8 @@ final class OutboundQueue: @unchecked Sendable {
 
     func written(_ bytes: Int) {
         condition.withLock {
-            queuedBytes -= bytes
+            // After close() the count was already zeroed with the dropped frames.
+            if !closed { queuedBytes -= bytes }
             condition.broadcast()
         }
     }
@@ -83,6 +84,7 @@ final class OutboundQueue: @unchecked Sendable {
         condition.withLock {
             closed = true
             frames.removeAll()
+            queuedBytes = 0
             condition.broadcast()
         }
     }

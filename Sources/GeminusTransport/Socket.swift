@@ -33,6 +33,16 @@ final class Socket: @unchecked Sendable {
         state.withLock { $0.users += 1 }
     }
 
+    /// For users that may race with `shutdown()`: once shut down, the descriptor may already
+    /// be closed, and must not be used again.
+    func retainIfOpen() -> Bool {
+        state.withLock { s in
+            guard !s.isShutDown, s.users > 0 else { return false }
+            s.users += 1
+            return true
+        }
+    }
+
     func release() {
         let last = state.withLock { s -> Bool in
             s.users -= 1

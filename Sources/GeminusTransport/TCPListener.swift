@@ -69,7 +69,7 @@ public final class TCPListener: @unchecked Sendable {
                                                deadlineNanos: options.handshakeTimeout.deadlineFromNow,
                                                timeout: options.handshakeTimeout)
             logger.debug("accepted \(outcome.peer.role) of '\(outcome.peer.vmName)' from \(remote)")
-            return FramedConnection(socket: client, decoder: outcome.decoder, local: local, peer: outcome.peer,
+            return FramedConnection(socket: client, reader: outcome.reader, local: local, peer: outcome.peer,
                                     remoteAddress: remote, options: options, logger: logger)
         } catch {
             client.release()
@@ -79,9 +79,8 @@ public final class TCPListener: @unchecked Sendable {
     }
 
     private func waitForConnection(deadlineNanos: UInt64) throws(GeminusError) -> (Int32, String)? {
-        // The listening descriptor stays valid while we use it even if close() runs meanwhile.
-        guard !closed.withLock({ $0 }) else { throw closedError }
-        socket.retain()
+        // Holding a reference keeps the descriptor number ours even if close() runs meanwhile.
+        guard socket.retainIfOpen() else { throw closedError }
         defer { socket.release() }
         while true {
             if closed.withLock({ $0 }) { throw closedError }

@@ -88,6 +88,22 @@ import Testing
         #expect(refusal.payload.first == Handshake.Refusal.protocolError.rawValue)
     }
 
+    @Test func dataFramesBeforeTheHandshakeAreRefused() throws {
+        let key = try makeKey()
+        let listener = try TCPListener(host: "127.0.0.1", port: 0)
+        defer { listener.close() }
+        let accepted = acceptInBackground(listener, key: key)
+        let fd = try rawConnect(port: listener.port)
+        defer { close(fd) }
+        rawSend(fd, FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(3), epoch: Epoch(1)), payload: [1, 2, 3]))
+        guard case .failure(let error) = try #require(accepted.wait()) else {
+            Issue.record("a connection that skipped the handshake was accepted")
+            return
+        }
+        #expect(error.code == .protocolMismatch)
+        #expect(error.message.contains("pages frame instead of a hello"))
+    }
+
     @Test func dialerReportsAPeerOfAnotherVersion() throws {
         let server = try RawServer { fd in
             _ = rawReadAll(fd, limit: 1) // the hello's first byte is enough

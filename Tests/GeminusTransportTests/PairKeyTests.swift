@@ -3,8 +3,10 @@ import GeminusCore
 @testable import GeminusTransport
 import Testing
 
-@Suite struct PairKeyTests {
+@Suite final class PairKeyTests {
     let dir = makeTemporaryDirectory()
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
 
     func write(_ text: String, to name: String, mode: mode_t) -> String {
         let path = dir + "/" + name

@@ -6,14 +6,18 @@ import Testing
 
 /// A fresh private directory per test; the pair key lives there.
 func makeTemporaryDirectory() -> String {
-    var template = Array((NSTemporaryDirectory() + "/geminus-transport-XXXXXX").utf8CString)
+    let base = NSTemporaryDirectory().hasSuffix("/") ? NSTemporaryDirectory() : NSTemporaryDirectory() + "/"
+    var template = Array((base + "geminus-transport-XXXXXX").utf8CString)
     let path = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
     precondition(path != nil, "mkdtemp failed")
     return String(cString: path!)
 }
 
+/// A loaded key whose file is already gone: the key lives in memory, the path only in messages.
 func makeKey(_ name: String = "pair.key") throws -> PairKey {
-    let path = makeTemporaryDirectory() + "/" + name
+    let dir = makeTemporaryDirectory()
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let path = dir + "/" + name
     try PairKey.generate(path: path)
     return try PairKey.load(path: path)
 }

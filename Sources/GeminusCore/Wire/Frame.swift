@@ -123,6 +123,16 @@ public enum FrameCodec {
         out.append(contentsOf: w.bytes)
     }
 
+    /// CRC32C of the 40 header bytes with the CRC field (bytes 32..<36) taken as zero: the
+    /// start of a frame's checksum, which the receiver continues over the payload.
+    public static func headerChecksum(_ header: UnsafeRawBufferPointer) -> UInt32 {
+        precondition(header.count >= FrameHeader.size)
+        let zero: [UInt8] = [0, 0, 0, 0]
+        var crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<32]))
+        crc = zero.withUnsafeBytes { CRC32C.checksum($0, continuing: crc) }
+        return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[36..<40]), continuing: crc)
+    }
+
     /// Parses the 40 header bytes; the version is checked before anything else is trusted so
     /// that a peer of another release gets a message about versions, not about checksums.
     public static func parseHeader(_ bytes: UnsafeRawBufferPointer) throws(FrameError) -> (FrameHeader, crc: UInt32) {
@@ -183,12 +193,9 @@ public struct FrameDecoder {
         let (header, crc) = try parsed.get()
         let total = FrameHeader.size + Int(header.payloadLength)
         guard buffer.count - start >= total else { return nil }
-        let computed = buffer.withUnsafeMutableBytes { raw -> UInt32 in
-            // The CRC was computed with its own field as zero.
-            var crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[start..<start + 32]))
-            let zero: [UInt8] = [0, 0, 0, 0]
-            crc = zero.withUnsafeBytes { CRC32C.checksum($0, continuing: crc) }
-            return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[start + 36..<start + total]), continuing: crc)
+        let computed = buffer.withUnsafeBytes { raw -> UInt32 in
+            let crc = FrameCodec.headerChecksum(UnsafeRawBufferPointer(rebasing: raw[start..<start + FrameHeader.size]))
+            return CRC32C.checksum(UnsafeRawBufferPointer(rebasing: raw[start + FrameHeader.size..<start + total]), continuing: crc)
         }
         guard computed == crc else {
             throw .checksumMismatch(kind: header.kind.rawValue, epoch: header.epoch.rawValue, sequence: header.sequence)
