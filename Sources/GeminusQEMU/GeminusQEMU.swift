@@ -1,1 +1,0 @@
-// The QEMU module: see the issue of the real libvirt/QEMU path.

@@ -1,0 +1,144 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where the time of one checkpoint pause went (nanoseconds).
+public struct CaptureTimings: Sendable, Equatable {
+    /// QMP `stop` round trip.
+    public var stopNanos: UInt64 = 0
+    /// Finding the dirty pages and copying them into the buffer.
+    public var findCopyNanos: UInt64 = 0
+    /// `xen-save-devices-state` round trip plus reading the file.
+    public var saveNanos: UInt64 = 0
+    /// QMP `cont` round trip.
+    public var contNanos: UInt64 = 0
+    public var pages: Int = 0
+    public var deviceStateBytes: Int = 0
+
+    public init() {}
+    /// From the `stop` command to the `cont` reply (what the guest feels).
+    public var pauseNanos: UInt64 { stopNanos + findCopyNanos + saveNanos + contNanos }
+}
+
+/// A QEMU guest with its RAM in a shared file, driven over QMP: the real `ProtectedGuest`.
+public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
+    public let process: QEMUProcess
+    public let qmp: QMPClient
+    /// The guest's RAM, mapped from its RAM file.
+    public let memory: PageMemory
+    /// Guest-physical address of the guest's progress counter (u64).
+    public let counterAddress: Int
+    /// Where QEMU writes the device state at each capture.
+    public let deviceStatePath: String
+    /// Whether `shutdown` deletes the RAM file.
+    public let ownsRAMFile: Bool
+
+    private let lock = NSLock()
+    private let finder: any DirtyPageFinder
+    private var current = CaptureTimings()
+    private var _lastTimings: CaptureTimings?
+    private var isShutDown = false
+
+    public static let tinyGuestCounterAddress = 0x200008
+
+    public var pageCount: Int { memory.pageCount }
+    public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+    /// The timings of the last complete pause → capture → resume cycle.
+    public var lastTimings: CaptureTimings? { lock.lock(); defer { lock.unlock() }; return _lastTimings }
+
+    /// Wraps a running QEMU (its QMP already connected, its RAM file mapped).
+    public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
+                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+                finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true) {
+        self.process = process
+        self.qmp = qmp
+        self.memory = memory
+        self.counterAddress = counterAddress
+        self.finder = finder
+        self.ownsRAMFile = ownsRAMFile
+        deviceStatePath = process.config.ramFilePath + ".devstate"
+    }
+
+    /// Starts a fresh guest: deletes a stale RAM file, starts QEMU, connects QMP and maps RAM.
+    public static func launch(_ config: QEMUGuestConfig, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+                              finder: any DirtyPageFinder = ShadowCompareFinder()) throws(GeminusError) -> QEMUGuest {
+        precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
+        unlink(config.ramFilePath)
+        let process = try QEMULauncher.start(config)
+        do throws(GeminusError) {
+            let qmp = try connectQMP(process)
+            // QEMU creates and sizes the RAM file before it opens the QMP socket.
+            let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
+            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
+        } catch {
+            process.cleanup(removeRAMFile: true)
+            throw error
+        }
+    }
+
+    static func connectQMP(_ process: QEMUProcess, timeout: Double = 10) throws(GeminusError) -> QMPClient {
+        do throws(GeminusError) {
+            return try QMPClient(socketPath: process.config.qmpSocketPath, connectTimeout: timeout)
+        } catch {
+            var e = error
+            if !process.isRunning { e.message = "QEMU (pid \(process.pid)) exited at start: \(process.stderrTail())" }
+            throw e
+        }
+    }
+
+    public func pause() throws(GeminusError) {
+        let t0 = Monotonic.nanos()
+        try qmp.execute("stop")
+        lock.lock()
+        current = CaptureTimings()
+        current.stopNanos = Monotonic.nanos() - t0
+        lock.unlock()
+    }
+
+    public func resume() throws(GeminusError) {
+        let t0 = Monotonic.nanos()
+        try qmp.execute("cont")
+        lock.lock()
+        current.contNanos = Monotonic.nanos() - t0
+        _lastTimings = current
+        lock.unlock()
+    }
+
+    public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        lock.lock()
+        defer { lock.unlock() }
+        buffer.reset()
+        buffer.isFull = full
+        let t0 = Monotonic.nanos()
+        try finder.collect(from: memory, full: full, into: buffer)
+        let t1 = Monotonic.nanos()
+        unlink(deviceStatePath)
+        try qmp.execute("xen-save-devices-state", arguments: ["filename": deviceStatePath, "live": false])
+        guard let data = FileManager.default.contents(atPath: deviceStatePath) else {
+            throw GeminusError(.io, "cannot read the device state QEMU saved to \(deviceStatePath)")
+        }
+        buffer.deviceState = [UInt8](data)
+        let t2 = Monotonic.nanos()
+        current.findCopyNanos = t1 - t0
+        current.saveNanos = t2 - t1
+        current.pages = buffer.pageCount
+        current.deviceStateBytes = buffer.deviceState.count
+    }
+
+    /// Kills QEMU (by pid) and removes its files. Idempotent.
+    public func shutdown() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !isShutDown else { return }
+        isShutDown = true
+        qmp.close()
+        process.cleanup(removeRAMFile: ownsRAMFile)
+        unlink(deviceStatePath)
+    }
+
+    /// Kills QEMU at once (SIGKILL) without removing anything: a crash, for failover tests.
+    public func crash() { process.kill(signal: SIGKILL) }
+}

@@ -1,0 +1,158 @@
+import Foundation
+import GeminusCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a QEMU guest is started from: the small set of flags verified under QEMU 7.2 TCG.
+public struct QEMUGuestConfig: Sendable {
+    public var ramMiB: Int
+    public var kernelPath: String
+    public var append: String
+    /// Guest RAM file (memory-backend-file, share=on), normally on /dev/shm.
+    public var ramFilePath: String
+    public var qmpSocketPath: String
+    public var serialLogPath: String
+    /// Standby: `-incoming defer -global migration.send-configuration=off`.
+    public var incomingDefer: Bool
+    public var qemuBinary: String
+    /// QEMU's own stderr; nil discards it.
+    public var stderrLogPath: String?
+
+    public init(ramMiB: Int, kernelPath: String, append: String, ramFilePath: String, qmpSocketPath: String,
+                serialLogPath: String, incomingDefer: Bool = false, qemuBinary: String = "qemu-system-x86_64",
+                stderrLogPath: String? = nil) {
+        self.ramMiB = ramMiB
+        self.kernelPath = kernelPath
+        self.append = append
+        self.ramFilePath = ramFilePath
+        self.qmpSocketPath = qmpSocketPath
+        self.serialLogPath = serialLogPath
+        self.incomingDefer = incomingDefer
+        self.qemuBinary = qemuBinary
+        self.stderrLogPath = stderrLogPath
+    }
+
+    public var pageCount: Int { ramMiB * (1 << 20) / GuestPage.size }
+
+    /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
+    /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).
+    public static func standard(tag: String, ramMiB: Int, kernelPath: String, append: String,
+                                shmDirectory: String = "/dev/shm", runDirectory: String = NSTemporaryDirectory()) -> QEMUGuestConfig {
+        let run = runDirectory.hasSuffix("/") ? String(runDirectory.dropLast()) : runDirectory
+        return QEMUGuestConfig(ramMiB: ramMiB, kernelPath: kernelPath, append: append,
+                               ramFilePath: "\(shmDirectory)/\(tag).ram",
+                               qmpSocketPath: "\(run)/\(tag).qmp",
+                               serialLogPath: "\(run)/\(tag).serial",
+                               stderrLogPath: "\(run)/\(tag).stderr")
+    }
+}
+
+/// Builds QEMU command lines and starts QEMU processes.
+public enum QEMULauncher {
+    /// The argv (without the binary) for `config`.
+    public static func arguments(for c: QEMUGuestConfig) -> [String] {
+        var a = [
+            "-accel", "tcg",
+            "-machine", "pc,memory-backend=pc.ram",
+            "-m", "\(c.ramMiB)",
+            "-object", "memory-backend-file,id=pc.ram,size=\(c.ramMiB)M,mem-path=\(c.ramFilePath),share=on",
+            "-nodefaults", "-no-user-config",
+            "-display", "none",
+            "-kernel", c.kernelPath,
+            "-append", c.append,
+            "-chardev", "file,id=s0,path=\(c.serialLogPath)",
+            "-device", "isa-serial,chardev=s0",
+            "-qmp", "unix:\(c.qmpSocketPath),server=on,wait=off",
+        ]
+        if c.incomingDefer {
+            a += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
+        }
+        return a
+    }
+
+    /// Finds `name` in PATH (or checks it when it holds a slash).
+    public static func locate(_ name: String) -> String? {
+        if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/local/bin:/usr/bin:/bin"
+        for dir in path.split(separator: ":") {
+            let candidate = "\(dir)/\(name)"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
+    public static let installHint = "apt-get install -y --no-install-recommends qemu-system-x86"
+
+    /// Starts QEMU for `config`. A stale QMP socket file is removed first; the RAM file is left
+    /// as it is (a standby runs on the replica's contents; a fresh primary should delete it first).
+    public static func start(_ config: QEMUGuestConfig) throws(GeminusError) -> QEMUProcess {
+        guard let binary = locate(config.qemuBinary) else {
+            throw GeminusError(.hypervisor, "\(config.qemuBinary) not found", fix: installHint)
+        }
+        unlink(config.qmpSocketPath)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: binary)
+        p.arguments = arguments(for: config)
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = FileHandle.nullDevice
+        if let log = config.stderrLogPath, FileManager.default.createFile(atPath: log, contents: nil),
+           let h = FileHandle(forWritingAtPath: log) {
+            p.standardError = h
+        } else {
+            p.standardError = FileHandle.nullDevice
+        }
+        do {
+            try p.run()
+        } catch {
+            throw GeminusError(.hypervisor, "cannot start \(binary): \(error)", fix: installHint)
+        }
+        return QEMUProcess(process: p, config: config)
+    }
+}
+
+/// A QEMU process this agent started.
+public final class QEMUProcess: @unchecked Sendable {
+    public let config: QEMUGuestConfig
+    public let pid: Int32
+    private let process: Process
+
+    init(process: Process, config: QEMUGuestConfig) {
+        self.process = process
+        self.config = config
+        pid = process.processIdentifier
+    }
+
+    public var isRunning: Bool { process.isRunning }
+
+    /// The tail of QEMU's stderr log, for error messages.
+    public func stderrTail(_ bytes: Int = 600) -> String {
+        guard let path = config.stderrLogPath, let d = FileManager.default.contents(atPath: path) else { return "" }
+        return String(decoding: d.suffix(bytes), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// Sends `signal` to this QEMU (by pid) and waits up to `timeout` s for it to exit.
+    /// Returns whether it has exited.
+    @discardableResult
+    public func kill(signal: Int32 = SIGKILL, timeout: Double = 5) -> Bool {
+        if process.isRunning { _ = Glibc.kill(pid, signal) }
+        return waitForExit(timeout: timeout)
+    }
+
+    @discardableResult
+    public func waitForExit(timeout: Double) -> Bool {
+        let deadline = Monotonic.nanos() + UInt64(timeout * 1e9)
+        while process.isRunning {
+            if Monotonic.nanos() >= deadline { return false }
+            Monotonic.sleep(nanos: 1_000_000)
+        }
+        return true
+    }
+
+    /// Kills QEMU and removes its socket and logs; the RAM file too when `removeRAMFile`.
+    public func cleanup(removeRAMFile: Bool) {
+        kill()
+        for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath].compactMap({ $0 }) { unlink(path) }
+        if removeRAMFile { unlink(config.ramFilePath) }
+    }
+}

@@ -1,0 +1,278 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where the time of a failover resume went (nanoseconds).
+public struct ResumeTimings: Sendable, Equatable {
+    /// Writing the committed device state to a file.
+    public var writeStateNanos: UInt64 = 0
+    /// Starting QEMU and connecting QMP (0 for a hot standby started in advance).
+    public var startNanos: UInt64 = 0
+    /// `migrate-set-capabilities` (0 when done in advance) + `migrate-incoming` + polling
+    /// `query-migrate` until completed.
+    public var loadNanos: UInt64 = 0
+    /// `cont`, including retries while QEMU finalises the incoming migration.
+    public var contNanos: UInt64 = 0
+    public var contRetries: Int = 0
+    /// Of `loadNanos`: the `migrate-incoming` round trip, and how many `query-migrate` polls.
+    public var incomingCommandNanos: UInt64 = 0
+    public var polls: Int = 0
+    public var hot: Bool = false
+
+    public init() {}
+    public var totalNanos: UInt64 { writeStateNanos + startNanos + loadNanos + contNanos }
+}
+
+/// How the committed device state reaches the standby QEMU's `migrate-incoming`.
+public enum IncomingTransport: String, Sendable {
+    /// A pipe whose read end is passed over QMP (`getfd`) and read with `fd:NAME`: no file,
+    /// no process; also works under libvirt's `-sandbox spawn=deny`.
+    case fdPipe
+    /// A file read by `exec:cat FILE` (QEMU spawns a shell): the recipe of DESIGN.md.
+    case execCat
+}
+
+/// The secondary's QEMU: the replica lives in a RAM file on /dev/shm, and failover starts (or,
+/// hot, has already started) QEMU on that file with `-incoming defer`, loads the committed
+/// device state with `migrate-incoming` (x-ignore-shared: RAM is not in the stream) and `cont`s.
+public final class QEMUStandby: StandbyHost, @unchecked Sendable {
+    /// The primary's configuration with this host's paths (RAM file = the replica file).
+    public let config: QEMUGuestConfig
+    public let hot: Bool
+    public let counterAddress: Int
+    public let deviceStatePath: String
+    public let transport: IncomingTransport
+
+    private let lock = NSLock()
+    private var standbyProcess: QEMUProcess?
+    private var standbyQMP: QMPClient?
+    private var capabilitiesSet = false
+    private var resumed = false
+    private var _lastResume: ResumeTimings?
+
+    /// `config` names this host's files; its `incomingDefer` is forced on. With `hot`, QEMU
+    /// is started by `makeReplicaMemory` and waits for the device state.
+    public init(config: QEMUGuestConfig, hot: Bool = true, transport: IncomingTransport = .fdPipe,
+                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress) {
+        self.transport = transport
+        var c = config
+        c.incomingDefer = true
+        self.config = c
+        self.hot = hot
+        self.counterAddress = counterAddress
+        deviceStatePath = c.ramFilePath + ".incoming"
+    }
+
+    public var lastResumeTimings: ResumeTimings? { lock.lock(); defer { lock.unlock() }; return _lastResume }
+    /// The waiting standby QEMU's pid (hot standby, before resume).
+    public var standbyPID: Int32? { lock.lock(); defer { lock.unlock() }; return standbyProcess?.pid }
+
+    public func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory {
+        guard pageCount == config.pageCount else {
+            throw GeminusError(.invalidArgument, "the replica has \(pageCount) pages but the standby QEMU is configured for \(config.pageCount) (\(config.ramMiB) MiB)")
+        }
+        try Self.preallocate(path: config.ramFilePath, bytes: pageCount * GuestPage.size)
+        let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: pageCount, create: false)
+        if hot {
+            lock.lock()
+            defer { lock.unlock() }
+            try startStandbyLocked()
+            try setCapabilitiesLocked()
+        }
+        return memory
+    }
+
+    /// Creates (truncating) and preallocates the replica file: the first touch of a fresh tmpfs
+    /// page is slow, and failing now beats failing at failover.
+    static func preallocate(path: String, bytes: Int) throws(GeminusError) {
+        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw GeminusError(.io, "cannot create replica file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        let r = posix_fallocate(fd, 0, off_t(bytes))
+        guard r == 0 else {
+            unlink(path)
+            throw GeminusError(.resourceExhausted, "cannot allocate \(bytes >> 20) MiB for replica file \(path): \(String(cString: strerror(r)))",
+                               fix: "free space on /dev/shm or protect a smaller VM")
+        }
+    }
+
+    private func startStandbyLocked() throws(GeminusError) {
+        if let p = standbyProcess, p.isRunning, standbyQMP?.state != .closed { return }
+        standbyProcess?.cleanup(removeRAMFile: false)
+        standbyProcess = nil
+        standbyQMP = nil
+        capabilitiesSet = false
+        let p = try QEMULauncher.start(config)
+        do throws(GeminusError) {
+            standbyQMP = try QEMUGuest.connectQMP(p)
+            standbyProcess = p
+        } catch {
+            p.cleanup(removeRAMFile: false)
+            throw error
+        }
+    }
+
+    private func setCapabilitiesLocked() throws(GeminusError) {
+        guard !capabilitiesSet, let qmp = standbyQMP else { return }
+        try qmp.execute("migrate-set-capabilities",
+                        arguments: ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+        capabilitiesSet = true
+    }
+
+    public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
+        try resumeGuest(memory: memory, deviceState: deviceState)
+    }
+
+    /// `resume` with the concrete type.
+    public func resumeGuest(memory: PageMemory, deviceState: [UInt8], migrationTimeout: Double = 10) throws(GeminusError) -> QEMUGuest {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !resumed else { throw GeminusError(.internalInvariant, "this standby has already resumed its guest") }
+        guard memory.pageCount == config.pageCount else {
+            throw GeminusError(.invalidArgument, "replica memory has \(memory.pageCount) pages, the standby QEMU \(config.pageCount)")
+        }
+        guard !deviceState.isEmpty else { throw GeminusError(.invalidArgument, "no committed device state to resume from") }
+        var t = ResumeTimings()
+        t.hot = standbyProcess?.isRunning == true && standbyQMP?.state != .closed
+
+        var t0 = Monotonic.nanos()
+        var pipeReadEnd: Int32 = -1
+        defer { if pipeReadEnd >= 0 { close(pipeReadEnd) } }
+        switch transport {
+        case .execCat:
+            guard FileManager.default.createFile(atPath: deviceStatePath, contents: Data(deviceState)) else {
+                throw GeminusError(.io, "cannot write the device state to \(deviceStatePath)")
+            }
+        case .fdPipe:
+            pipeReadEnd = try Self.pipe(holding: deviceState)
+        }
+        t.writeStateNanos = Monotonic.nanos() - t0
+
+        t0 = Monotonic.nanos()
+        if !t.hot { try startStandbyLocked() }
+        t.startNanos = Monotonic.nanos() - t0
+        guard let process = standbyProcess, let qmp = standbyQMP else {
+            throw GeminusError(.internalInvariant, "standby QEMU missing after start")
+        }
+        do throws(GeminusError) {
+            t0 = Monotonic.nanos()
+            try setCapabilitiesLocked()
+            switch transport {
+            case .execCat:
+                try qmp.execute("migrate-incoming", arguments: ["uri": "exec:cat \(Self.shellQuote(deviceStatePath))"])
+            case .fdPipe:
+                try qmp.execute("getfd", arguments: ["fdname": "geminus-incoming"], passing: pipeReadEnd)
+                close(pipeReadEnd)
+                pipeReadEnd = -1
+                try qmp.execute("migrate-incoming", arguments: ["uri": "fd:geminus-incoming"])
+            }
+            t.incomingCommandNanos = Monotonic.nanos() - t0
+            let deadline = Monotonic.nanos() + UInt64(migrationTimeout * 1e9)
+            while true {
+                t.polls += 1
+                let info = try qmp.execute("query-migrate") as? [String: Any]
+                let status = info?["status"] as? String ?? ""
+                if status == "completed" { break }
+                if status == "failed" || status == "cancelled" {
+                    let why = info?["error-desc"] as? String ?? "no reason given"
+                    throw GeminusError(.hypervisor, "loading the device state into the standby QEMU failed (\(status)): \(why)")
+                }
+                guard Monotonic.nanos() < deadline else {
+                    throw GeminusError(.timeout, "the standby QEMU did not load the device state within \(migrationTimeout) s (status '\(status)')")
+                }
+                Monotonic.sleep(nanos: 200_000)
+            }
+            t.loadNanos = Monotonic.nanos() - t0
+
+            t0 = Monotonic.nanos()
+            while true {
+                do throws(GeminusError) {
+                    try qmp.execute("cont")
+                    break
+                } catch {
+                    guard error.code == .hypervisor, error.message.contains("not finalized"), t.contRetries < 2000 else { throw error }
+                    t.contRetries += 1
+                    Monotonic.sleep(nanos: 500_000)
+                }
+            }
+            t.contNanos = Monotonic.nanos() - t0
+        } catch {
+            var e = error
+            if !process.isRunning { e.message += " (standby QEMU exited: \(process.stderrTail()))" }
+            throw e
+        }
+        unlink(deviceStatePath)
+        resumed = true
+        _lastResume = t
+        standbyProcess = nil
+        standbyQMP = nil
+        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress)
+    }
+
+    /// Stops a waiting standby QEMU and removes the replica file and other files (not a
+    /// resumed guest's: that one belongs to the returned `QEMUGuest`).
+    public func cleanup() {
+        lock.lock()
+        defer { lock.unlock() }
+        standbyQMP?.close()
+        standbyProcess?.cleanup(removeRAMFile: false)
+        standbyProcess = nil
+        standbyQMP = nil
+        unlink(deviceStatePath)
+        if !resumed {
+            unlink(config.ramFilePath)
+            for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath].compactMap({ $0 }) { unlink(path) }
+        }
+    }
+
+    /// A pipe already holding `bytes` with its write end closed; returns the read end. Bytes
+    /// beyond the pipe's capacity are written by a short-lived thread as QEMU reads.
+    static func pipe(holding bytes: [UInt8]) throws(GeminusError) -> Int32 {
+        var fds: [Int32] = [-1, -1]
+        // Glibc's Swift overlay hides pipe2 and F_SETPIPE_SZ (GNU extensions): set close-on-exec
+        // at once, so no QEMU started meanwhile inherits the write end (it would never see EOF).
+        guard Glibc.pipe(&fds) == 0 else {
+            throw GeminusError(.resourceExhausted, "cannot create a pipe: \(String(cString: strerror(errno)))")
+        }
+        let (r, w) = (fds[0], fds[1])
+        _ = fcntl(r, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(w, F_SETFD, FD_CLOEXEC)
+        let setPipeSize: Int32 = 1031, getPipeSize: Int32 = 1032  // F_SETPIPE_SZ, F_GETPIPE_SZ (Linux)
+        _ = fcntl(w, setPipeSize, Int32(min(bytes.count + 4096, 1 << 20)))
+        let capacity = Int(fcntl(w, getPipeSize))
+        let first = min(bytes.count, max(0, capacity))
+        var written = 0
+        while written < first {
+            let n = bytes.withUnsafeBytes { write(w, $0.baseAddress! + written, first - written) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                close(r); close(w)
+                throw GeminusError(.io, "cannot write the device state into a pipe: \(String(cString: strerror(errno)))")
+            }
+            written += n
+        }
+        if written == bytes.count {
+            close(w)
+        } else {
+            let rest = Array(bytes[written...])
+            Thread.detachNewThread {
+                var off = 0
+                while off < rest.count {
+                    let n = rest.withUnsafeBytes { write(w, $0.baseAddress! + off, rest.count - off) }
+                    if n < 0 && errno == EINTR { continue }
+                    if n <= 0 { break }
+                    off += n
+                }
+                close(w)
+            }
+        }
+        return r
+    }
+
+    static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+}
