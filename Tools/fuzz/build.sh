@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer target for the frame decoder and the replica (with AddressSanitizer),
+# and the seed-corpus writer, from GeminusCore's own sources. Output: Tools/fuzz/.out/
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+out="$here/.out"
+mkdir -p "$out/modules/CGeminusSupport"
+cat > "$out/modules/CGeminusSupport/module.modulemap" <<MAP
+module CGeminusSupport {
+    header "$root/Sources/CGeminusSupport/include/geminus_support.h"
+    export *
+}
+MAP
+core=$(find "$root/Sources/GeminusCore" -name '*.swift' | sort)
+common=(-parse-as-library -module-name GeminusFuzz -swift-version 6 -O
+        -I "$root/Sources/CLZ4" -I "$root/Sources/CXXHash" -I "$out/modules/CGeminusSupport")
+clang -O1 -g -fsanitize=fuzzer-no-link,address -c "$root/Sources/CGeminusSupport/support.c" \
+  -I "$root/Sources/CGeminusSupport/include" -o "$out/support-fuzz.o"
+clang -O2 -c "$root/Sources/CGeminusSupport/support.c" -I "$root/Sources/CGeminusSupport/include" -o "$out/support.o"
+swiftc "${common[@]}" -sanitize=fuzzer,address $core "$here/Harness.swift" "$out/support-fuzz.o" \
+  -llz4 -lxxhash -o "$out/fuzz-replica" 2> >(grep -v "Cannot export local symbol" >&2)
+swiftc "${common[@]}" $core "$here/Harness.swift" "$here/MakeCorpus.swift" -D MAKE_CORPUS "$out/support.o" \
+  -llz4 -lxxhash -o "$out/make-corpus"
+echo "$out/fuzz-replica"
