@@ -54,7 +54,7 @@ let package = Package(
         .executableTarget(
             name: "geminus",
             dependencies: [
-                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport",
+                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -87,7 +87,9 @@ public struct PrimaryMachine: Sendable {
     private var ignoreNacksBefore: Epoch = .none
     private var nextEpochDueNanos: UInt64 = 0
     private var lastHeardNanos: UInt64 = 0
+    /// Epochs that came due while `maxEpochsInFlight` were unacknowledged (each counted once).
     public private(set) var deferredEpochs = 0
+    private var dueEpochDeferred = false
     public private(set) var staleAcks = 0
 
     /// - Parameter resumedFrom: the epoch a taken-over VM resumed from; numbering continues there.
@@ -196,9 +198,12 @@ public struct PrimaryMachine: Sendable {
     private mutating func captureIfDue(_ now: UInt64) -> [Action] {
         guard captureInProgress == nil, now >= nextEpochDueNanos else { return [] }
         guard epochsInFlight < config.maxEpochsInFlight else {
+            guard !dueEpochDeferred else { return [] }
+            dueEpochDeferred = true
             deferredEpochs += 1
             return [.notice(.epochDeferred(inFlight: epochsInFlight))]
         }
+        dueEpochDeferred = false
         let epoch = lastCaptured.next
         let full = needsFull
         needsFull = false

@@ -3,11 +3,18 @@ import Foundation
 import GeminusAgent
 import GeminusCore
 import GeminusHypervisor
+import GeminusQEMU
 import GeminusReplication
 import Logging
 
 enum Role: String, ExpressibleByArgument, CaseIterable {
     case primary, secondary
+}
+
+/// What runs the VM: the simulated guest, or QEMU started directly by the agent (the
+/// libvirt-managed domain comes with the hypervisor issue).
+enum GuestKind: String, ExpressibleByArgument, CaseIterable {
+    case simulated, qemu
 }
 
 extension PageContent: ExpressibleByArgument {}
@@ -38,7 +45,11 @@ struct Agent: ParsableCommand {
     @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
     @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
-    @Option(help: "Simulated VM: guest RAM in MiB.") var ramMib = 64
+    @Option(help: "What runs the VM: simulated, or qemu (QEMU started by the agent under TCG).") var guest = GuestKind.simulated
+    @Option(help: "QEMU guest: the multiboot kernel to boot (e.g. the one Tools/guest-tiny/build.sh prints).") var kernel: String?
+    @Option(help: "QEMU guest: the kernel command line.") var append = "pages=64"
+    @Option(help: "Guest-physical address of the guest's progress counter (default: where the test guests keep it).") var counterAddress: Int?
+    @Option(help: "Guest RAM in MiB.") var ramMib = 64
     @Option(help: "Simulated VM: pages written per second.") var dirtyRate = 20_000
     @Option(help: "Simulated VM: page content written (\(PageContent.allCases.map(\.rawValue).joined(separator: ", "))).") var content = PageContent.mixed
     @Option(help: "Simulated VM: fraction of the work area that takes 90% of the writes.") var hotFraction = 0.05
@@ -63,6 +74,25 @@ struct Agent: ParsableCommand {
         }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        if guest == .qemu {
+            guard let kernel else {
+                throw ValidationError("--guest qemu needs --kernel PATH (build the test guest with Tools/guest-tiny/build.sh)")
+            }
+            guard FileManager.default.isReadableFile(atPath: kernel) else {
+                throw ValidationError("kernel \(kernel) does not exist or is not readable (build it with Tools/guest-tiny/build.sh)")
+            }
+            guard QEMULauncher.locate("qemu-system-x86_64") != nil else {
+                throw ValidationError("qemu-system-x86_64 is not installed; fix: \(QEMULauncher.installHint)")
+            }
+        }
+    }
+
+    var guestCounterAddress: Int {
+        counterAddress ?? (guest == .qemu ? QEMUGuest.tinyGuestCounterAddress : SimulatedGuest.counterAddress)
+    }
+
+    func qemuConfig(_ role: String) -> QEMUGuestConfig {
+        QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
     }
 
     func run() throws {
@@ -74,12 +104,13 @@ struct Agent: ParsableCommand {
         }
         let logger = Logger(label: "geminus.\(role.rawValue)")
         let eventLog = EventLog(enabled: events, role: role.rawValue)
+        let stopper = StopOnSignal()
         let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
         do {
             switch role {
-            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline)
-            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline)
+            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper)
+            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper)
             }
         } catch {
             eventLog.emit("error", ["message": "\(error)"])
@@ -93,32 +124,62 @@ struct Agent: ParsableCommand {
                               unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000)
     }
 
-    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64) throws {
-        let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
-                                         content: content, outputsPerSecond: outputsPerSecond, seed: seed)
-        try workload.validate()
+    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal) throws {
         let generation = Generation(1)
         let port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: generation, openEpoch: Epoch(1))
-        let vm = try SimulatedVM(workload: workload, output: port)
+        let vm: any ProtectedGuest
+        switch guest {
+        case .simulated:
+            let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
+                                             content: content, outputsPerSecond: outputsPerSecond, seed: seed)
+            try workload.validate()
+            let sim = try SimulatedVM(workload: workload, output: port)
+            sim.start()
+            vm = sim
+        case .qemu:
+            let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress)
+            logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
+            events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
+            vm = q
+        }
+        // Whatever ends the agent, its guest goes with it: a QEMU left behind would be a second
+        // running copy once the secondary takes over.
+        defer { vm.shutdown() }
         let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
                                              keyPath: key, machine: primaryMachineConfig, generation: generation,
                                              outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
         let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events)
-        vm.start()
+        stopper.onSignal { agent.stop() }
         agent.run(deadlineNanos: deadline)
     }
 
-    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64) throws {
+    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal) throws {
         let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
-                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000))
-        let secondary = try SecondaryAgent(settings: settings, standby: SimulatedStandbyHost(), logger: logger, events: events)
+                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000),
+                                               counterAddress: guestCounterAddress)
+        let standby: any StandbyHost
+        var qemuStandby: QEMUStandby?
+        switch guest {
+        case .simulated:
+            standby = SimulatedStandbyHost()
+        case .qemu:
+            let q = QEMUStandby(config: qemuConfig("standby"), hot: true, counterAddress: guestCounterAddress)
+            qemuStandby = q
+            standby = q
+        }
+        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events)
+        stopper.onSignal { secondary.stop() }
         let limit = outputLimitBytes
         let ports = PortBox()
         guard let (takeover, guest) = secondary.run(deadlineNanos: deadline, output: { generation, epoch in
             let p = HeldOutputPort(limitBytes: limit, sink: sink, generation: generation, openEpoch: epoch.next)
             ports.port = p
             return p
-        }) else { return }
+        }) else {
+            qemuStandby?.cleanup()
+            return
+        }
+        defer { guest.shutdown() }
         var report: [String: Any] = [
             "fromEpoch": takeover.fromEpoch.rawValue, "generation": takeover.generation.rawValue,
             "counter": takeover.counter, "resumeMicros": takeover.resumeMicros,
@@ -129,6 +190,9 @@ struct Agent: ParsableCommand {
             report["pendingOutput"] = takeover.pendingOutputSequence ?? NSNull()
             report["seed"] = sim.guest.workload.seed
         }
+        if let q = guest as? QEMUGuest {
+            report["guestPid"] = Int(q.process.pid)
+        }
         events.emit("took-over", report)
         // Carry on as the primary. Without a configured new secondary the VM runs unprotected
         // (re-protection is a later issue), which the agent reports loudly.
@@ -136,7 +200,38 @@ struct Agent: ParsableCommand {
                                                       machine: primaryMachineConfig, generation: takeover.generation,
                                                       resumedFrom: takeover.fromEpoch, outputLimitBytes: outputLimitBytes)
         let primary = try PrimaryAgent(settings: settingsAsPrimary, guest: guest, port: ports.port!, logger: logger, events: events)
+        stopper.onSignal { primary.stop() }
         primary.run(deadlineNanos: deadline)
+    }
+}
+
+/// SIGTERM and SIGINT end the agent through its normal path (stop the loop, shut the guest
+/// down), instead of the default of dying on the spot and leaving a QEMU behind.
+final class StopOnSignal: @unchecked Sendable {
+    private var sources: [DispatchSourceSignal] = []
+    private let lock = NSLock()
+    private var action: (@Sendable () -> Void)?
+
+    init() {
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [self] in
+                lock.lock()
+                let a = action
+                lock.unlock()
+                a?()
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    /// Replaces what a signal does (the secondary hands over to its primary loop at takeover).
+    func onSignal(_ a: @escaping @Sendable () -> Void) {
+        lock.lock()
+        action = a
+        lock.unlock()
     }
 }
 

@@ -15,7 +15,11 @@ struct Demo: ParsableCommand {
         check fails. This release replicates the simulated VM; the real libvirt/QEMU demo comes next.
         """)
 
-    @Flag(help: "Use the simulated VM (the only kind this release replicates).") var simulated = false
+    @Flag(help: "Use the simulated VM (the default in this release).") var simulated = false
+    @Flag(help: "Replicate a real QEMU guest (TCG) instead: each agent starts its own QEMU; needs --kernel.") var qemu = false
+    @Option(help: "With --qemu: the multiboot test guest to boot (Tools/guest-tiny/build.sh prints its path; Tools/demo --qemu builds it).") var kernel: String?
+    @Option(help: "With --qemu: the guest's command line (pages written per loop, etc.).") var append = "pages=64"
+
     @Option(help: "Seconds of replication before the primary is killed.") var durationSeconds = 5.0
     @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
     @Option(help: "Silence in milliseconds after which the secondary takes over.") var takeoverAfterMillis = 150
@@ -28,6 +32,8 @@ struct Demo: ParsableCommand {
     func validate() throws {
         guard durationSeconds >= 1 && durationSeconds <= 3600 else { throw ValidationError("--duration-seconds must be 1...3600") }
         guard takeoverAfterMillis >= 2 * intervalMillis else { throw ValidationError("--takeover-after-millis must be at least twice --interval-millis") }
+        if simulated && qemu { throw ValidationError("choose one of --simulated and --qemu") }
+        if qemu && kernel == nil { throw ValidationError("--qemu needs --kernel PATH; Tools/demo --qemu builds the test guest and passes it") }
     }
 
     func run() throws {
@@ -35,7 +41,11 @@ struct Demo: ParsableCommand {
             // Unbuffered, so progress shows live even through a pipe.
             (json ? FileHandle.standardError : FileHandle.standardOutput).write(Data((line + "\n").utf8))
         }
-        say("Geminus demo: a simulated \(ramMib) MiB VM writing \(dirtyRate) pages/s, checkpointed every \(intervalMillis) ms (seed \(seed))")
+        if qemu {
+            say("Geminus demo: a \(ramMib) MiB QEMU guest (\(kernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
+        } else {
+            say("Geminus demo: a simulated \(ramMib) MiB VM writing \(dirtyRate) pages/s, checkpointed every \(intervalMillis) ms (seed \(seed))")
+        }
         let run = try DemoRun(settings: self, say: say)
         defer { run.cleanUp() }
         let summary = try run.execute()

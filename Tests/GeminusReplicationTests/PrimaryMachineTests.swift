@@ -46,6 +46,9 @@ private let ms: UInt64 = 1_000_000
         _ = run(.tick(nowNanos: 50 * ms), now: 50 * ms)
         #expect(m.epochsInFlight == 3)
         #expect(run(.tick(nowNanos: 75 * ms), now: 75 * ms) == [.notice(.epochDeferred(inFlight: 3))])
+        // Still waiting on the next ticks: the same epoch, not counted again.
+        #expect(run(.tick(nowNanos: 76 * ms), now: 76 * ms).isEmpty)
+        #expect(run(.tick(nowNanos: 77 * ms), now: 77 * ms).isEmpty)
         #expect(m.deferredEpochs == 1)
         let a = run(.acknowledged(Epoch(2), Generation(1), nowNanos: 80 * ms), now: 80 * ms)
         #expect(a.first == .releaseOutput(through: Epoch(2)))
