@@ -19,6 +19,7 @@ let package = Package(
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt-qemu", providers: [.apt(["libvirt-dev"])]),
         // Small C helpers where Swift cannot reach the CPU instruction (CRC32C) cheaply.
         .target(name: "CGeminusSupport"),
 
@@ -34,6 +35,11 @@ let package = Package(
             // QEMU driven directly over QMP: the real guest behind the hypervisor seam.
             name: "GeminusQEMU",
             dependencies: ["GeminusCore", "GeminusHypervisor"]
+        ),
+        .target(
+            // libvirt's C API: connections, domains, their XML, and the checks for enrolment.
+            name: "GeminusLibvirt",
+            dependencies: ["CLibvirt", "GeminusCore"]
         ),
         .target(
             name: "GeminusTransport",
@@ -79,6 +85,10 @@ let package = Package(
         .testTarget(
             name: "GeminusQEMUTests",
             dependencies: ["GeminusQEMU", "GeminusCore", "GeminusHypervisor"]
+        ),
+        .testTarget(
+            name: "GeminusLibvirtTests",
+            dependencies: ["GeminusLibvirt", "GeminusCore"]
         ),
         .testTarget(
             name: "GeminusTransportTests",

@@ -1,0 +1,1 @@
+// libvirt: see the issue of the real libvirt/QEMU path.
