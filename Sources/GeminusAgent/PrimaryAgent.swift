@@ -58,8 +58,12 @@ public final class PrimaryAgent: @unchecked Sendable {
     private var counterAtCapture: [Epoch: UInt64] = [:]
     public private(set) var stats = PipelineStats()
     private let stopFlag = StopFlag()
+    /// What `geminus status` shows; the caller may serve it on a control socket.
+    public let status: AgentStatus
 
-    public init(settings: Settings, guest: any ProtectedGuest, port: HeldOutputPort, logger: Logger, events: EventLog) throws(GeminusError) {
+    public init(settings: Settings, guest: any ProtectedGuest, port: HeldOutputPort, logger: Logger, events: EventLog,
+                status: AgentStatus = AgentStatus()) throws(GeminusError) {
+        self.status = status
         self.settings = settings
         self.guest = guest
         self.port = port
@@ -277,7 +281,12 @@ public final class PrimaryAgent: @unchecked Sendable {
         case .peerLost: state = "peer-lost"
         case .unprotected: state = "unprotected"
         }
-        events.emit("progress", [
+        let fields: [String: Any] = [
+            "role": "primary",
+            "vm": settings.vmName,
+            "generation": settings.generation.rawValue,
+            "peer": settings.peerHost.map { "\($0):\(settings.peerPort)" } ?? "none",
+            "linkUp": connection != nil,
             "state": state,
             "epoch": machine.lastCaptured.rawValue,
             "acknowledged": machine.lastAcknowledged.rawValue,
@@ -297,7 +306,9 @@ public final class PrimaryAgent: @unchecked Sendable {
             "heldBytes": snap.heldBytes,
             "outputFullRefusals": snap.fullRefusals,
             "deferredEpochs": stats.deferredEpochs,
-        ])
+        ]
+        status.update(fields)
+        events.emit("progress", fields)
         w = ProgressWindow(epochs: stats.epochs, wireBytes: stats.wireBytes, nanos: now)
     }
 }

@@ -63,10 +63,14 @@ public final class SecondaryAgent: @unchecked Sendable {
     private let admission = AdmissionState()
     private var makeOutput: ((Generation, Epoch) -> any GuestOutputPort)?
     private var takeover: (Takeover, any ProtectedGuest)?
+    /// What `geminus status` shows; the caller may serve it on a control socket.
+    public let status: AgentStatus
 
     public var boundPort: UInt16 { listener.port }
 
-    public init(settings: Settings, standby: any StandbyHost, logger: Logger, events: EventLog) throws(GeminusError) {
+    public init(settings: Settings, standby: any StandbyHost, logger: Logger, events: EventLog,
+                status: AgentStatus = AgentStatus()) throws(GeminusError) {
+        self.status = status
         self.settings = settings
         self.standby = standby
         self.logger = logger
@@ -263,15 +267,30 @@ public final class SecondaryAgent: @unchecked Sendable {
     }
 
     private func emitProgress() {
-        guard let replica else { return }
-        events.emit("progress", [
-            "committed": replica.committedEpoch.rawValue,
-            "counter": replica.hasBaseImage ? replica.memory.loadU64(at: settings.counterAddress) : 0,
-            "commits": replica.commits,
+        let state: String
+        switch machine.state {
+        case .waitingForFirstCheckpoint: state = "waiting-for-first-checkpoint"
+        case .following: state = "following"
+        case .primarySilent: state = "primary-silent"
+        case .tookOver: state = "took-over"
+        }
+        var fields: [String: Any] = [
+            "role": "secondary",
+            "vm": settings.vmName,
+            "state": state,
+            "generation": machine.generation.rawValue,
+            "listen": "\(settings.listenHost):\(listener.port)",
+            "linkUp": connection != nil,
             "framesReceived": framesReceived,
-            "rejections": Dictionary(uniqueKeysWithValues: replica.rejections.map { ($0.key.description, $0.value) }),
-            "connected": connection != nil,
-        ])
+        ]
+        if let replica {
+            fields["committed"] = replica.committedEpoch.rawValue
+            fields["counter"] = replica.hasBaseImage ? replica.memory.loadU64(at: settings.counterAddress) : 0
+            fields["commits"] = replica.commits
+            fields["rejections"] = Dictionary(uniqueKeysWithValues: replica.rejections.map { ($0.key.description, $0.value) })
+        }
+        status.update(fields)
+        events.emit("progress", fields)
     }
 }
 

@@ -57,6 +57,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Simulated VM: random seed.") var seed: UInt64 = 1
     @Option(help: "Stop after this many seconds (default: run until killed).") var durationSeconds: Double?
     @Flag(help: "Write machine-readable events, one JSON object per line, to standard output.") var events = false
+    @Option(help: "Unix socket answering `geminus status` (default /run/geminus/VM.ROLE.sock).") var statusSocket: String?
     @Flag(help: ArgumentHelp("With --events: also one event per checkpoint and per acknowledgement.", visibility: .hidden)) var traceEpochs = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
@@ -87,6 +88,12 @@ struct Agent: ParsableCommand {
         }
     }
 
+    /// Started once the agent's own settings have been accepted, so a bad key or a busy port is
+    /// what the operator hears about first.
+    func serveStatus(_ status: AgentStatus) throws(GeminusError) -> StatusServer {
+        try StatusServer(path: statusSocket ?? StatusServer.defaultPath(vm: vm, role: role.rawValue), status: status)
+    }
+
     var guestCounterAddress: Int {
         counterAddress ?? (guest == .qemu ? QEMUGuest.tinyGuestCounterAddress : SimulatedGuest.counterAddress)
     }
@@ -105,12 +112,14 @@ struct Agent: ParsableCommand {
         let logger = Logger(label: "geminus.\(role.rawValue)")
         let eventLog = EventLog(enabled: events, role: role.rawValue)
         let stopper = StopOnSignal()
+        let status = AgentStatus()
+        status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
         let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
         do {
             switch role {
-            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper)
-            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper)
+            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
+            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
             }
         } catch {
             eventLog.emit("error", ["message": "\(error)"])
@@ -124,7 +133,7 @@ struct Agent: ParsableCommand {
                               unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000)
     }
 
-    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal) throws {
+    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal, status: AgentStatus) throws {
         let generation = Generation(1)
         let port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: generation, openEpoch: Epoch(1))
         let vm: any ProtectedGuest
@@ -148,12 +157,14 @@ struct Agent: ParsableCommand {
         let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
                                              keyPath: key, machine: primaryMachineConfig, generation: generation,
                                              outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
-        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events)
+        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status)
+        let server = try serveStatus(status)
+        defer { server.close() }
         stopper.onSignal { agent.stop() }
         agent.run(deadlineNanos: deadline)
     }
 
-    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal) throws {
+    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal, status: AgentStatus) throws {
         let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
                                                machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000),
                                                counterAddress: guestCounterAddress)
@@ -167,7 +178,9 @@ struct Agent: ParsableCommand {
             qemuStandby = q
             standby = q
         }
-        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events)
+        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status)
+        let server = try serveStatus(status)
+        defer { server.close() }
         stopper.onSignal { secondary.stop() }
         let limit = outputLimitBytes
         let ports = PortBox()
@@ -199,7 +212,9 @@ struct Agent: ParsableCommand {
         let settingsAsPrimary = PrimaryAgent.Settings(vmName: vm, peerHost: nil, peerPort: 0, keyPath: key,
                                                       machine: primaryMachineConfig, generation: takeover.generation,
                                                       resumedFrom: takeover.fromEpoch, outputLimitBytes: outputLimitBytes)
-        let primary = try PrimaryAgent(settings: settingsAsPrimary, guest: guest, port: ports.port!, logger: logger, events: events)
+        // Same status object: `geminus status` on this socket now shows the new primary.
+        status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
+        let primary = try PrimaryAgent(settings: settingsAsPrimary, guest: guest, port: ports.port!, logger: logger, events: events, status: status)
         stopper.onSignal { primary.stop() }
         primary.run(deadlineNanos: deadline)
     }

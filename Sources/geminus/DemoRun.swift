@@ -40,7 +40,8 @@ final class DemoRun {
     func common(_ role: String) -> [String] {
         var args = ["agent", "--role", role, "--vm", "demo", "--key", dir.appendingPathComponent("pair.key").path, "--events",
                     "--interval-millis", "\(s.intervalMillis)", "--takeover-after-millis", "\(s.takeoverAfterMillis)",
-                    "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice", "--ram-mib", "\(s.ramMib)"]
+                    "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice", "--ram-mib", "\(s.ramMib)",
+                    "--status-socket", dir.appendingPathComponent("\(role).sock").path]
         if s.qemu { args += ["--guest", "qemu", "--kernel", s.kernel!, "--append", s.append] }
         return args
     }
@@ -210,9 +211,9 @@ final class DemoRun {
                       p["compressionRatio"] as? Double ?? 0, "\(p["acknowledged"] ?? 0)", "\(p["counter"] ?? 0)", "\(p["heldPackets"] ?? 0)")
     }
 
-    func failure(_ what: String, log: String) -> ValidationError {
+    func failure(_ what: String, log: String) -> OperatorError {
         let text = (try? String(contentsOf: dir.appendingPathComponent(log), encoding: .utf8)) ?? ""
         let tail = text.split(separator: "\n").suffix(15).joined(separator: "\n")
-        return ValidationError("\(what). Last lines of its log:\n\(tail)")
+        return OperatorError(description: "\(what). Last lines of its log:\n\(tail)")
     }
 }

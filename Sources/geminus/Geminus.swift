@@ -8,7 +8,7 @@ struct Geminus: ParsableCommand {
         commandName: "geminus",
         abstract: "Continuous availability for KVM virtual machines: checkpoint replication and failover.",
         version: "0.1.0",
-        subcommands: [Agent.self, Demo.self, Keygen.self]
+        subcommands: [Agent.self, Status.self, Demo.self, Keygen.self]
     )
 }
 
@@ -36,13 +36,18 @@ struct Endpoint: ExpressibleByArgument, CustomStringConvertible {
     static var defaultCompletionKind: CompletionKind { .default }
 }
 
-/// Turns a GeminusError into the message an operator sees (and exit code 1), instead of a
-/// stack of Swift type names.
-func operatorFailure(_ error: any Error) -> ValidationError {
+/// A failure at run time (not a misuse of the command line): ArgumentParser prints it as
+/// "Error: ..." without the usage text, and the exit status is 1.
+struct OperatorError: Error, CustomStringConvertible {
+    var description: String
+}
+
+/// Turns an error into what an operator reads: the cause and, where known, the fix.
+func operatorFailure(_ error: any Error) -> OperatorError {
     if let e = error as? GeminusError {
-        return ValidationError("\(e.message)" + (e.fix.map { "\n  fix: \($0)" } ?? ""))
+        return OperatorError(description: e.message + (e.fix.map { "\n  fix: \($0)" } ?? ""))
     }
-    return ValidationError("\(error)")
+    return OperatorError(description: "\(error)")
 }
 
 struct Keygen: ParsableCommand {

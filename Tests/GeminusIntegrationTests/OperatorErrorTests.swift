@@ -12,7 +12,7 @@ import Testing
     @Test func missingKeyFileSaysHowToCreateOne() throws {
         let s = try Scratch()
         defer { s.remove() }
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("nope.key"), "--duration-seconds", "1"])
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("nope.key"), "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains(s.path("nope.key")))
         #expect(r.stderr.contains("geminus keygen"))
@@ -24,7 +24,7 @@ import Testing
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         chmod(key, 0o644)
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", key, "--duration-seconds", "1"])
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains("chmod 600"))
     }
@@ -55,7 +55,7 @@ import Testing
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 1) == 0 && getsockname(fd, $0, &len) == 0 }
         }
         let port = UInt16(bigEndian: addr.sin_port)
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)", "--key", key, "--duration-seconds", "1"])
+        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains("in use"))
         #expect(r.stderr.contains("\(port)"))
@@ -76,7 +76,8 @@ import Testing
         _ = try GeminusBinary.run(["keygen", "--out", s.path("b.key")])
         let sec = Process()
         sec.executableURL = GeminusBinary.url
-        sec.arguments = ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"), "--events", "--duration-seconds", "4"]
+        sec.arguments = ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"), "--events", "--duration-seconds", "4",
+                         "--status-socket", s.path("s.sock")]
         let out = Pipe(), err = Pipe()
         sec.standardOutput = out
         sec.standardError = err
@@ -92,7 +93,7 @@ import Testing
         let listening = try #require(try JSONSerialization.jsonObject(with: line) as? [String: Any])
         let port = try #require(listening["port"] as? Int)
         let pri = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
-                                         "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning"])
+                                         "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning", "--status-socket", s.path("p.sock")])
         kill(sec.processIdentifier, SIGTERM)
         sec.waitUntilExit()
         let secLog = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)

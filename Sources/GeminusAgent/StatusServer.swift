@@ -1,0 +1,121 @@
+import Foundation
+import GeminusCore
+
+/// The latest status of an agent, as `geminus status` reads it: the same fields as the
+/// `progress` event, plus the role and VM. Updated by the agent's loop, read by the server.
+public final class AgentStatus: @unchecked Sendable {
+    private let lock = NSLock()
+    private var fields: [String: Any] = [:]
+
+    public init() {}
+
+    public func update(_ new: [String: Any]) {
+        lock.lock()
+        for (k, v) in new { fields[k] = v }
+        lock.unlock()
+    }
+
+    public var json: Data {
+        lock.lock()
+        defer { lock.unlock() }
+        return (try? JSONSerialization.data(withJSONObject: fields, options: [.sortedKeys])) ?? Data("{}".utf8)
+    }
+}
+
+/// Answers every connection on a unix socket with the agent's status as one JSON line, then
+/// closes it. The socket's directory is made owner-only: status shows what is protected where.
+public final class StatusServer: @unchecked Sendable {
+    public static let defaultDirectory = "/run/geminus"
+    public let path: String
+    private let fd: Int32
+    private let status: AgentStatus
+
+    public static func defaultPath(vm: String, role: String) -> String { "\(defaultDirectory)/\(vm).\(role).sock" }
+
+    public init(path: String, status: AgentStatus) throws(GeminusError) {
+        self.path = path
+        self.status = status
+        let dir = (path as NSString).deletingLastPathComponent
+        mkdir(dir, 0o700)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            throw GeminusError(.invalidArgument, "status socket path \(path) is too long for a unix socket", fix: "choose a shorter --status-socket")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        // A socket file left by an agent that died is in the way; one that answers is not ours
+        // to take.
+        if StatusServer.query(path: path, timeoutMillis: 200) != nil {
+            throw GeminusError(.addressInUse, "another agent answers on \(path)",
+                               fix: "stop that agent, or give this one another --status-socket")
+        }
+        unlink(path)
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw GeminusError(.io, "cannot create the status socket: \(String(cString: strerror(errno)))") }
+        let ok = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+        guard ok, listen(fd, 8) == 0 else {
+            let e = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw GeminusError(.io, "cannot listen on status socket \(path): \(e)", fix: "check that \(dir) is writable by this agent")
+        }
+        chmod(path, 0o600)
+        let t = Thread { [self] in serve() }
+        t.name = "geminus-status"
+        t.start()
+    }
+
+    public func close() {
+        shutdown(fd, Int32(SHUT_RDWR))
+        Glibc.close(fd)
+        unlink(path)
+    }
+
+    private func serve() {
+        while true {
+            let client = accept(fd, nil, nil)
+            if client < 0 {
+                if errno == EINTR { continue }
+                return
+            }
+            var data = status.json
+            data.append(10)
+            _ = data.withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            Glibc.close(client)
+        }
+    }
+
+    /// Reads one agent's status, or nil if nothing answers in time.
+    public static func query(path: String, timeoutMillis: Int = 1000) -> [String: Any]? {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var tv = timeval(tv_sec: timeoutMillis / 1000, tv_usec: (timeoutMillis % 1000) * 1000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let connected = withUnsafePointer(to: &addr) { p in
+            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+        guard connected else { return nil }
+        var data = Data()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while data.count < 1 << 20 {
+            let n = recv(fd, &buf, buf.count, 0)
+            if n <= 0 { break }
+            data.append(contentsOf: buf[0..<n])
+        }
+        return try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+    }
+}

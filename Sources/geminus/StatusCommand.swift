@@ -1,0 +1,74 @@
+import ArgumentParser
+import Foundation
+import GeminusAgent
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show the protection state of the VMs whose agents run on this host.",
+        discussion: "Asks every agent's control socket (/run/geminus/VM.ROLE.sock unless --socket is given). Exit status 0 when every VM shown is protected or following, 2 when one is UNPROTECTED or its agent does not answer, 1 when no agent was found.")
+
+    @Argument(help: "Only this VM.") var vm: String?
+    @Option(help: "Ask this socket only.") var socket: String?
+    @Flag(help: "Print JSON (an array of the agents' status objects).") var json = false
+
+    func run() throws {
+        let paths: [String]
+        if let socket {
+            paths = [socket]
+        } else {
+            let dir = StatusServer.defaultDirectory
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+            paths = names.filter { $0.hasSuffix(".sock") && (vm == nil || $0.hasPrefix("\(vm!).")) }.sorted().map { "\(dir)/\($0)" }
+        }
+        guard !paths.isEmpty else {
+            throw OperatorError(description: vm.map { "no Geminus agent for '\($0)' runs on this host (no socket in \(StatusServer.defaultDirectory))" }
+                                  ?? "no Geminus agent runs on this host (no socket in \(StatusServer.defaultDirectory))")
+        }
+        var all: [[String: Any]] = []
+        var worrying = false
+        for path in paths {
+            guard let s = StatusServer.query(path: path) else {
+                all.append(["socket": path, "state": "no-answer"])
+                worrying = true
+                continue
+            }
+            var entry = s
+            entry["socket"] = path
+            all.append(entry)
+            let state = s["state"] as? String ?? ""
+            if state == "unprotected" || state == "peer-lost" || state == "primary-silent" { worrying = true }
+        }
+        if json {
+            let data = try JSONSerialization.data(withJSONObject: all, options: [.prettyPrinted, .sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            for s in all { print(line(s)) }
+        }
+        if worrying { throw ExitCode(2) }
+    }
+
+    func line(_ s: [String: Any]) -> String {
+        let vm = s["vm"] as? String ?? "?"
+        let role = s["role"] as? String ?? "?"
+        let state = s["state"] as? String ?? "?"
+        if state == "no-answer" { return "\(s["socket"]!): the agent does not answer (stopped or hung)" }
+        func ms(_ key: String, _ p: String) -> String {
+            guard let d = s[key] as? [String: Any], let v = d[p] as? Int else { return "-" }
+            return String(format: "%.2f", Double(v) / 1000)
+        }
+        switch role {
+        case "primary":
+            let shown = state == "unprotected" ? "UNPROTECTED" : state == "protected" ? "PROTECTED" : state.uppercased()
+            return "\(vm)  primary  \(shown)  generation \(s["generation"] ?? "?")  epoch \(s["epoch"] ?? 0), acknowledged \(s["acknowledged"] ?? 0)"
+                + String(format: "  %.1f epochs/s", s["epochsPerSecond"] as? Double ?? 0)
+                + "  pause p50 \(ms("pauseMicros", "p50")) ms p99 \(ms("pauseMicros", "p99")) ms  commit lag p50 \(ms("commitMicros", "p50")) ms"
+                + "  held output \(s["heldPackets"] ?? 0) packets  peer \(s["peer"] ?? "none") \((s["linkUp"] as? Bool ?? false) ? "up" : "DOWN")"
+        case "secondary":
+            let rejections = (s["rejections"] as? [String: Int] ?? [:]).map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", ")
+            return "\(vm)  secondary  \(state)  generation \(s["generation"] ?? "?")  committed \(s["committed"] ?? 0)  counter \(s["counter"] ?? 0)"
+                + "  rejections \(rejections.isEmpty ? "none" : rejections)  listening \(s["listen"] ?? "?"), primary \((s["linkUp"] as? Bool ?? false) ? "connected" : "NOT connected")"
+        default:
+            return "\(vm)  \(role)  \(state)"
+        }
+    }
+}

@@ -1,0 +1,58 @@
+import Foundation
+import GeminusAgent
+import Testing
+
+/// `geminus status` as an operator uses it: what each agent says about the VM, and an exit
+/// status a monitoring script can act on.
+@Suite(.serialized) struct StatusTests {
+    @Test func statusShowsProtectionAndSaysLoudlyWhenItIsLost() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning"]
+        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
+                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
+                                                     "--status-socket", s.path("s.sock")] + common,
+                                         logFile: s.url.appendingPathComponent("s.log"))
+        defer { secondary.kill(SIGKILL) }
+        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
+                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "8",
+                                                   "--status-socket", s.path("p.sock")] + common,
+                                       logFile: s.url.appendingPathComponent("p.log"))
+        defer { primary.kill(SIGKILL) }
+        #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
+        // Status refreshes with each progress report (every 500 ms).
+        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+
+        let p = try GeminusBinary.run(["status", "--socket", s.path("p.sock"), "--json"])
+        let pj = try #require(try JSONSerialization.jsonObject(with: Data(p.stdout.utf8)) as? [[String: Any]])
+        #expect(pj.first?["role"] as? String == "primary")
+        #expect(pj.first?["state"] as? String == "protected")
+        #expect(pj.first?["vm"] as? String == "ledger")
+        #expect((pj.first?["acknowledged"] as? Int ?? 0) > 0)
+        #expect(p.status == 0)
+        let sText = try GeminusBinary.run(["status", "--socket", s.path("s.sock")])
+        #expect(sText.stdout.contains("ledger  secondary  following"), "\(sText.stdout)")
+        #expect(sText.status == 0)
+
+        let mark = primary.eventCount
+        secondary.kill(SIGKILL)
+        #expect(primary.wait(for: "unprotected", timeoutSeconds: 5, from: mark) != nil)
+        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+        let lost = try GeminusBinary.run(["status", "--socket", s.path("p.sock")])
+        #expect(lost.stdout.contains("UNPROTECTED"), "\(lost.stdout)")
+        #expect(lost.status == 2)
+        // The dead secondary's socket no longer answers: said so, not skipped.
+        let dead = try GeminusBinary.run(["status", "--socket", s.path("s.sock")])
+        #expect(dead.stdout.contains("does not answer"))
+        #expect(dead.status == 2)
+    }
+
+    @Test func noAgentIsAnErrorThatSaysWhereItLooked() throws {
+        let r = try GeminusBinary.run(["status", "no-such-vm-\(UInt32.random(in: 0...UInt32.max))"])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("/run/geminus"))
+    }
+}
