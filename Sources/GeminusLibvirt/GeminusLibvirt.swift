@@ -1,1 +1,0 @@
-// libvirt: see the issue of the real libvirt/QEMU path.
