@@ -60,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "geminus",
             dependencies: [
-                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU",
+                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -97,7 +97,7 @@ let package = Package(
         .testTarget(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
-            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport"]
+            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt"]
         ),
     ],
     swiftLanguageModes: [.v6]

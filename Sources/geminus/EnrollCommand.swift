@@ -1,0 +1,118 @@
+import ArgumentParser
+import Foundation
+import GeminusCore
+import GeminusLibvirt
+
+struct Enroll: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check that a libvirt domain can be protected in CA mode and record its enrolment.",
+        discussion: """
+        Reads the domain's persistent definition and lists everything that stops continuous \
+        availability, with the change each needs. With --prepare it makes the changes it can (shared \
+        file-backed memory, no memory balloon) to the persistent definition, after confirmation; they \
+        take effect at the domain's next start. An enrolable domain gets a <geminus:enrollment> element \
+        in its <metadata> naming the peer and the checkpoint interval.
+        """)
+
+    @Argument(help: "The libvirt domain.") var domain: String
+    @Option(help: "The secondary host, HOST[:PORT] (default port 7400).") var peer: String
+    @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
+    @Flag(help: "Change the persistent definition so the domain can be protected.") var prepare = false
+    @Flag(name: .shortAndLong, help: "With --prepare: do not ask for confirmation.") var yes = false
+    @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    func validate() throws {
+        guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
+        guard !peer.isEmpty, !peer.contains(" ") else { throw ValidationError("--peer must be HOST or HOST:PORT") }
+    }
+
+    /// HOST:PORT as given, or HOST with the agent's default port.
+    var peerAddress: String { Endpoint(argument: peer) != nil ? peer : "\(peer):7400" }
+
+    func run() throws {
+        do {
+            let conn = try LibvirtConnection.open(uri: uri)
+            defer { try? conn.close() }
+            let dom = try conn.lookupDomain(named: domain)
+            var xml = try conn.xml(of: dom, .persistent)
+            var check = CAEnrollmentCheck(xml: xml)
+            if !check.canProtect && prepare {
+                let fixed = try CAEnrollmentCheck.prepare(xml)
+                let remaining = CAEnrollmentCheck(xml: fixed)
+                let automatic = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
+                guard !automatic.isEmpty else {
+                    throw operatorFailure(check.error!)
+                }
+                say("--prepare will change the persistent definition of '\(domain)':")
+                for p in automatic { say("  - \(p.message): \(p.fix)") }
+                say("The change takes effect at the next start of '\(domain)'.")
+                guard yes || confirm("Apply? [y/N] ") else {
+                    throw OperatorError(description: "nothing changed: not confirmed (use --yes when not interactive)")
+                }
+                _ = try conn.defineDomain(xml: fixed)
+                xml = try conn.xml(of: dom, .persistent)
+                check = CAEnrollmentCheck(xml: xml)
+                say("updated the definition of '\(domain)'")
+            }
+            guard check.canProtect else {
+                if json { printJSON(["domain": domain, "enrolled": false, "problems": check.problems.map { ["code": $0.code.rawValue, "message": $0.message, "fix": $0.fix] }]) }
+                var lines = ["domain '\(domain)' cannot be protected in CA mode:"]
+                for p in check.problems { lines.append("  - \(p.message)\n    fix: \(p.fix)") }
+                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon)") }
+                throw OperatorError(description: lines.joined(separator: "\n"))
+            }
+            let enrollment = GeminusEnrollment(peer: peerAddress, intervalMilliseconds: intervalMillis, state: .enrolled)
+            try conn.writeEnrollment(enrollment, of: dom)
+            if json {
+                printJSON(["domain": domain, "enrolled": true, "peer": enrollment.peer, "intervalMillis": intervalMillis,
+                           "machineType": check.facts.machineType ?? "", "memoryKiB": check.facts.memoryKiB ?? 0])
+            } else {
+                say("enrolled '\(domain)' for CA: peer \(enrollment.peer), checkpoint every \(intervalMillis) ms (machine \(check.facts.machineType ?? "?"), \((check.facts.memoryKiB ?? 0) / 1024) MiB)")
+                say("the peer must offer the same machine type and emulator; the agents compare them when they connect")
+            }
+        } catch let e as OperatorError {
+            throw e
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+
+    func say(_ s: String) { if !json { print(s) } else { FileHandle.standardError.write(Data((s + "\n").utf8)) } }
+
+    func confirm(_ prompt: String) -> Bool {
+        guard isatty(0) != 0 else { return false }
+        print(prompt, terminator: "")
+        return (readLine() ?? "").lowercased().hasPrefix("y")
+    }
+}
+
+struct Unenroll: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Remove a domain's Geminus enrolment (its definition is otherwise left as it is).")
+
+    @Argument(help: "The libvirt domain.") var domain: String
+    @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI
+
+    func run() throws {
+        do {
+            let conn = try LibvirtConnection.open(uri: uri)
+            defer { try? conn.close() }
+            let dom = try conn.lookupDomain(named: domain)
+            guard try conn.readEnrollment(of: dom) != nil else {
+                throw OperatorError(description: "domain '\(domain)' is not enrolled; nothing to remove")
+            }
+            try conn.removeEnrollment(of: dom)
+            print("removed the enrolment of '\(domain)'")
+        } catch let e as OperatorError {
+            throw e
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
+
+func printJSON(_ object: Any) {
+    if let data = try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys]) {
+        print(String(decoding: data, as: UTF8.self))
+    }
+}
