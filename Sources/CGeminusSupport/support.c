@@ -10,6 +10,9 @@ static uint32_t table[8][256];
 static int hardware = -1;
 
 int geminus_crc32c_is_hardware(void);
+#if defined(__x86_64__)
+static void build_shift_table(void);
+#endif
 
 static void build_table(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -25,7 +28,11 @@ static void build_table(void) {
 // Built before main so no thread ever sees a half-filled table.
 __attribute__((constructor)) static void geminus_support_init(void) {
     build_table();
+#if defined(__x86_64__)
+    if (geminus_crc32c_is_hardware()) build_shift_table();
+#else
     geminus_crc32c_is_hardware();
+#endif
 }
 
 static uint32_t crc32c_software(uint32_t crc, const uint8_t *p, size_t n) {
@@ -45,9 +52,17 @@ static uint32_t crc32c_software(uint32_t crc, const uint8_t *p, size_t n) {
 }
 
 #if defined(__x86_64__)
+/* The crc32 instruction has a latency of 3 cycles and a throughput of 1 per cycle, so one
+ * dependent chain runs at a third of what the CPU can do. Long inputs are therefore cut into
+ * blocks of three lanes of LANE bytes, each lane with its own chain, and the three registers
+ * are merged with `shift_lane`: advancing a CRC register over LANE zero bytes is linear, so it
+ * is a table lookup per register byte. The table is built once, with the instruction itself. */
+#define LANE 4096
+static uint32_t shift_lane[4][256];
+
 __attribute__((target("sse4.2")))
-static uint32_t crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) {
-    uint64_t c = ~crc;
+static uint32_t crc32c_chain(uint32_t reg, const uint8_t *p, size_t n) {
+    uint64_t c = reg;
     while (n >= 8) {
         uint64_t v;
         memcpy(&v, p, 8);
@@ -57,9 +72,49 @@ static uint32_t crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) {
     }
     uint32_t c32 = (uint32_t)c;
     while (n--) c32 = _mm_crc32_u8(c32, *p++);
-    return ~c32;
+    return c32;
+}
+
+__attribute__((target("sse4.2")))
+static void build_shift_table(void) {
+    static const uint8_t zeros[LANE];
+    for (int byte = 0; byte < 4; byte++)
+        for (uint32_t v = 0; v < 256; v++)
+            shift_lane[byte][v] = crc32c_chain(v << (8 * byte), zeros, LANE);
+}
+
+static inline uint32_t shift_over_lane(uint32_t reg) {
+    return shift_lane[0][reg & 0xff] ^ shift_lane[1][(reg >> 8) & 0xff] ^
+           shift_lane[2][(reg >> 16) & 0xff] ^ shift_lane[3][reg >> 24];
+}
+
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) {
+    uint32_t reg = ~crc;
+    while (n >= 3 * LANE) {
+        uint64_t a = reg, b = 0, c = 0;
+        const uint8_t *pa = p, *pb = p + LANE, *pc = p + 2 * LANE;
+        for (size_t i = 0; i < LANE; i += 8) {
+            uint64_t va, vb, vc;
+            memcpy(&va, pa + i, 8);
+            memcpy(&vb, pb + i, 8);
+            memcpy(&vc, pc + i, 8);
+            a = _mm_crc32_u64(a, va);
+            b = _mm_crc32_u64(b, vb);
+            c = _mm_crc32_u64(c, vc);
+        }
+        /* reg(A||B||C) = shift(shift(a) ^ b) ^ c, every shift over one lane. */
+        reg = shift_over_lane(shift_over_lane((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)c;
+        p += 3 * LANE;
+        n -= 3 * LANE;
+    }
+    return ~crc32c_chain(reg, p, n);
 }
 #endif
+
+uint32_t geminus_crc32c_software(uint32_t crc, const void *data, size_t length) {
+    return crc32c_software(crc, (const uint8_t *)data, length);
+}
 
 int geminus_crc32c_is_hardware(void) {
     if (hardware < 0) {

@@ -13,6 +13,12 @@ public enum CRC32C {
     }
 
     public static var isHardwareAccelerated: Bool { geminus_crc32c_is_hardware() != 0 }
+
+    /// The plain table-driven computation, whatever the CPU: the reference the fast path is
+    /// tested against.
+    public static func referenceChecksum(_ bytes: [UInt8], continuing crc: UInt32 = 0) -> UInt32 {
+        bytes.withUnsafeBytes { geminus_crc32c_software(crc, $0.baseAddress, $0.count) }
+    }
 }
 
 /// A 64-bit digest (XXH3) of a checkpoint's decoded contents. The primary computes it over the

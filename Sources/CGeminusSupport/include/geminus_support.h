@@ -7,6 +7,9 @@
 /// `crc` is the running value: start with 0, feed the previous result to continue.
 uint32_t geminus_crc32c(uint32_t crc, const void *data, size_t length);
 
+/// The table-driven path alone, whatever the CPU: the reference the hardware path is tested against.
+uint32_t geminus_crc32c_software(uint32_t crc, const void *data, size_t length);
+
 /// Whether the hardware path is in use (reported by `geminus bench`).
 int geminus_crc32c_is_hardware(void);
 
