@@ -78,7 +78,7 @@ public final class SecondaryAgent: @unchecked Sendable {
         key = try PairKey.load(path: settings.keyPath)
         listener = try TCPListener(host: settings.listenHost, port: settings.listenPort, logger: logger)
         machine = SecondaryMachine(config: settings.machine, generation: Generation(1))
-        acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, logger: logger)
+        acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, expectedPageCount: standby.expectedPageCount, logger: logger)
     }
 
     public func stop() { stopFlag.set() }
@@ -310,13 +310,15 @@ final class Acceptor: @unchecked Sendable {
     private let listener: TCPListener
     private let key: PairKey
     private let vmName: String
+    private let expectedPageCount: Int?
     private let logger: Logger
     private let handoff = ConnectionHandoff()
 
-    init(listener: TCPListener, key: PairKey, vmName: String, logger: Logger) {
+    init(listener: TCPListener, key: PairKey, vmName: String, expectedPageCount: Int?, logger: Logger) {
         self.listener = listener
         self.key = key
         self.vmName = vmName
+        self.expectedPageCount = expectedPageCount
         self.logger = logger
     }
 
@@ -339,10 +341,15 @@ final class Acceptor: @unchecked Sendable {
             let local = PeerHello(role: .secondary, vmName: vmName, generation: generation, committedEpoch: committed,
                                   guestPageCount: 0, agentVersion: GeminusVersion.current)
             let vmName = self.vmName
+            let expectedPages = expectedPageCount
             do {
                 guard let c = try listener.accept(key: key, local: local, admit: { peer in
                     if peer.role != .primary { return "only a primary may connect to a secondary" }
                     if peer.vmName != vmName { return "this secondary protects '\(vmName)', not '\(peer.vmName)'" }
+                    if let expectedPages, peer.guestPageCount != UInt64(expectedPages) {
+                        let mib = { (pages: UInt64) in (pages * UInt64(GuestPage.size)) >> 20 }
+                        return "this secondary's standby is set up for \(mib(UInt64(expectedPages))) MiB of guest RAM, the primary's guest has \(mib(peer.guestPageCount)) MiB; start the secondary with --ram-mib \(mib(peer.guestPageCount))"
+                    }
                     if peer.generation < generation {
                         return "generation \(peer.generation) is stale: the pair is at generation \(generation) (this primary was deposed)"
                     }

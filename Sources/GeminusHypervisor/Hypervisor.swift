@@ -25,8 +25,15 @@ public protocol GuestOutputPort: Sendable {
 /// The secondary's side: it provides the memory the replica lives in, and turns the last
 /// committed checkpoint into a running guest on failover.
 public protocol StandbyHost: Sendable {
+    /// The guest size this standby is set up for, or nil if it takes any. A primary with
+    /// another size is refused at the handshake, with the reason, instead of being dropped.
+    var expectedPageCount: Int? { get }
     func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory
     /// Starts the guest from `memory` (already holding the committed pages) and the committed
     /// device state. The returned guest is running and is now the one to protect.
     func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest
+}
+
+extension StandbyHost {
+    public var expectedPageCount: Int? { nil }
 }

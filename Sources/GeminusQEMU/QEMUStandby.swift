@@ -70,6 +70,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     /// The waiting standby QEMU's pid (hot standby, before resume).
     public var standbyPID: Int32? { lock.lock(); defer { lock.unlock() }; return standbyProcess?.pid }
 
+    public var expectedPageCount: Int? { config.pageCount }
+
     public func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory {
         guard pageCount == config.pageCount else {
             throw GeminusError(.invalidArgument, "the replica has \(pageCount) pages but the standby QEMU is configured for \(config.pageCount) (\(config.ramMiB) MiB)")

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
 import GeminusCore
 import Logging
 import Synchronization
@@ -15,6 +16,7 @@ public final class TCPListener: @unchecked Sendable {
     private let socket: Socket
     private let logger: Logger
     private let closed = Mutex(false)
+    private let refusalLog = Mutex(LogThrottle())
 
     public init(host: String, port: UInt16, logger: Logger = Logger(label: "geminus.transport")) throws(GeminusError) {
         self.host = host
@@ -73,7 +75,13 @@ public final class TCPListener: @unchecked Sendable {
                                     remoteAddress: remote, options: options, logger: logger)
         } catch {
             client.release()
-            logger.warning("\(error.message)")
+            // The same refusal again (a misconfigured peer retrying) is logged every 10 s with a
+            // count, not on every attempt. The peer's port changes each time, so it is not part
+            // of what counts as "the same".
+            let repeats = refusalLog.withLock { $0.admit(error.message.replacingOccurrences(of: remote, with: ""), nowNanos: Monotonic.nanos()) }
+            if let repeats {
+                logger.warning("\(error.message)\(repeats > 0 ? " (and \(repeats) times more since this was last logged)" : "")")
+            }
             throw error
         }
     }

@@ -62,3 +62,16 @@ import Testing
         #expect(released == produced)
     }
 }
+
+@Suite struct LogThrottleTests {
+    @Test func repeatsAreCountedAndLoggedOncePerInterval() {
+        var t = LogThrottle(intervalNanos: 1_000)
+        #expect(t.admit("refused: wrong size", nowNanos: 0) == 0)
+        #expect(t.admit("refused: wrong size", nowNanos: 10) == nil)
+        #expect(t.admit("refused: wrong size", nowNanos: 20) == nil)
+        #expect(t.admit("refused: wrong size", nowNanos: 1_000) == 2)
+        // A different message is news: logged at once.
+        #expect(t.admit("refused: bad key", nowNanos: 1_001) == 0)
+        #expect(t.admit("refused: wrong size", nowNanos: 1_002) == 0)
+    }
+}

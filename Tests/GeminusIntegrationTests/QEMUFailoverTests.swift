@@ -1,4 +1,5 @@
 import Foundation
+import GeminusAgent
 import Testing
 
 /// The test guest built from `Tools/guest-tiny`, or why it cannot be had.
@@ -52,5 +53,31 @@ struct QEMUFailoverTests {
         #expect(checks.map { $0["name"] as? String ?? "" }.contains("at most one running copy"))
         #expect(checks.count == 4)
         #expect(r.status == 0)
+    }
+}
+
+/// A secondary set up for another guest size refuses the primary at the handshake with the
+/// fix, instead of accepting and dropping it over and over.
+@Suite(.disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
+struct GuestSizeMismatchTests {
+    @Test func theRefusalNamesBothSizesAndTheFlag() throws {
+        guard let kernel = try TinyGuest.kernel() else { return }
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        _ = try GeminusBinary.run(["keygen", "--out", key])
+        let qemu = ["--guest", "qemu", "--kernel", kernel, "--key", key, "--vm", "sized"]
+        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
+                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--ram-mib", "32",
+                                                     "--events", "--status-socket", s.path("s.sock")] + qemu,
+                                         logFile: s.url.appendingPathComponent("s.log"))
+        defer { secondary.kill(SIGTERM) }
+        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        let primary = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "64",
+                                             "--duration-seconds", "1.5", "--status-socket", s.path("p.sock")] + qemu)
+        #expect(primary.stderr.contains("set up for 32 MiB of guest RAM, the primary's guest has 64 MiB; start the secondary with --ram-mib 64"),
+                "\(primary.stderr)")
+        // Logged once, not at every 200 ms retry.
+        #expect(primary.stderr.components(separatedBy: "refused this agent").count - 1 == 1)
     }
 }
