@@ -74,6 +74,7 @@ struct Agent: ParsableCommand {
             throw ValidationError("--takeover-after-millis (\(takeoverAfterMillis)) must be at least twice --interval-millis (\(intervalMillis)), or every slow epoch looks like a dead primary")
         }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
+        if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         if guest == .qemu {
             guard let kernel else {
@@ -115,8 +116,8 @@ struct Agent: ParsableCommand {
         let status = AgentStatus()
         status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
         let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
-        let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
         do {
+            let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
             switch role {
             case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
             case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
