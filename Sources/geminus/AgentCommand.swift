@@ -24,8 +24,8 @@ struct Agent: ParsableCommand {
         abstract: "Run the Geminus agent for one protected VM (the daemon an operator runs on each host).",
         discussion: """
         The primary runs the VM and streams checkpoints to the secondary; the secondary keeps the \
-        replica and resumes the VM when the primary is lost. This release protects the simulated VM; \
-        the libvirt/QEMU path comes with the hypervisor issue.
+        replica and resumes the VM when the primary is lost. The VM is the simulated one, or with \
+        --guest qemu a QEMU guest each agent starts itself (a libvirt-managed domain is not attached yet).
 
         Example pair on one machine:
           geminus keygen --out /etc/geminus/pair.key
