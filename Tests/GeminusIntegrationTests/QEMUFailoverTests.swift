@@ -39,7 +39,7 @@ enum TinyGuest {
 /// running, failover must be within the bound, and the old QEMU must not be running.
 @Suite(.serialized, .disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
 struct QEMUFailoverTests {
-    @Test(arguments: [21, 22, 23] as [UInt64])
+    @Test(arguments: Array(UInt64(21)...UInt64(30)))
     func realGuestSurvivesThePrimaryHostDying(seed: UInt64) throws {
         guard let kernel = try TinyGuest.kernel() else { return }
         let r = try GeminusBinary.run(["demo", "--qemu", "--kernel", kernel, "--json", "--duration-seconds", "2", "--seed", "\(seed)"],
