@@ -3,6 +3,7 @@ import Glibc
 #endif
 import GeminusCore
 import GeminusHypervisor
+import Synchronization
 
 /// Where released guest output goes: a UDP datagram per packet to the "network" (an observer
 /// address in the demo and tests). Each datagram is prefixed with the generation of the primary
@@ -43,13 +44,12 @@ public final class OutputSink: @unchecked Sendable {
 /// The guest's output port on a primary: packets are held in the output-commit queue while a
 /// secondary protects the VM, and pass straight to the sink while it is unprotected.
 public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
-    private let lock = Mutex()
-    private var queue: OutputQueue<[UInt8]>
+    private let queue: Mutex<OutputQueue<[UInt8]>>
     private let sink: OutputSink?
     public let generation: Generation
 
     public init(limitBytes: Int, sink: OutputSink?, generation: Generation, openEpoch: Epoch) {
-        queue = OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch)
+        queue = Mutex(OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch))
         self.sink = sink
         self.generation = generation
     }
@@ -59,37 +59,34 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     // non-blocking UDP sendto, so holding the lock across it is cheap.
 
     public func offer(_ packet: [UInt8]) -> Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        switch queue.append(packet, bytes: packet.count) {
-        case .held: return true
-        case .releaseNow:
-            sink?.send(packet, generation: generation)
-            return true
-        case .full: return false
+        queue.withLock { q in
+            switch q.append(packet, bytes: packet.count) {
+            case .held: return true
+            case .releaseNow:
+                sink?.send(packet, generation: generation)
+                return true
+            case .full: return false
+            }
         }
     }
 
     /// Called while the guest is paused for the checkpoint of `epoch - 1`.
     public func open(epoch: Epoch, holding: Bool) {
-        lock.lock()
-        defer { lock.unlock() }
-        if holding && queue.mode == .passThrough { _ = queue.setMode(.holding) }
-        queue.open(epoch: epoch)
+        queue.withLock { q in
+            if holding && q.mode == .passThrough { _ = q.setMode(.holding) }
+            q.open(epoch: epoch)
+        }
     }
 
     public func release(through epoch: Epoch) -> Int {
-        lock.lock()
-        defer { lock.unlock() }
-        let items = queue.release(through: epoch)
-        for p in items { sink?.send(p, generation: generation) }
-        return items.count
+        queue.withLock { q in send(q.release(through: epoch)) }
     }
 
     public func releaseAll() -> Int {
-        lock.lock()
-        defer { lock.unlock() }
-        let items = queue.setMode(.passThrough)
+        queue.withLock { q in send(q.setMode(.passThrough)) }
+    }
+
+    private func send(_ items: [[UInt8]]) -> Int {
         for p in items { sink?.send(p, generation: generation) }
         return items.count
     }
@@ -103,18 +100,9 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     }
 
     public var snapshot: Snapshot {
-        lock.lock()
-        defer { lock.unlock() }
-        return Snapshot(heldCount: queue.heldCount, heldBytes: queue.heldBytes, fullRefusals: queue.fullRefusals,
-                        released: queue.releasedCount, holding: queue.mode == .holding)
+        queue.withLock { q in
+            Snapshot(heldCount: q.heldCount, heldBytes: q.heldBytes, fullRefusals: q.fullRefusals,
+                     released: q.releasedCount, holding: q.mode == .holding)
+        }
     }
-}
-
-/// pthread mutex without Foundation's class overhead on the output hot path.
-final class Mutex: @unchecked Sendable {
-    private var m = pthread_mutex_t()
-    init() { pthread_mutex_init(&m, nil) }
-    deinit { pthread_mutex_destroy(&m) }
-    func lock() { pthread_mutex_lock(&m) }
-    func unlock() { pthread_mutex_unlock(&m) }
 }

@@ -37,15 +37,8 @@ public final class StatusServer: @unchecked Sendable {
         self.status = status
         let dir = (path as NSString).deletingLastPathComponent
         mkdir(dir, 0o700)
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+        guard var addr = Self.unixAddress(path) else {
             throw GeminusError(.invalidArgument, "status socket path \(path) is too long for a unix socket", fix: "choose a shorter --status-socket")
-        }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
         }
         // A socket file left by an agent that died is in the way; one that answers is not ours
         // to take.
@@ -90,13 +83,8 @@ public final class StatusServer: @unchecked Sendable {
         }
     }
 
-    /// Reads one agent's status, or nil if nothing answers in time.
-    public static func query(path: String, timeoutMillis: Int = 1000) -> [String: Any]? {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        defer { Glibc.close(fd) }
-        var tv = timeval(tv_sec: timeoutMillis / 1000, tv_usec: (timeoutMillis % 1000) * 1000)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    /// The socket address for `path`, or nil when the path does not fit in one.
+    static func unixAddress(_ path: String) -> sockaddr_un? {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
@@ -105,6 +93,17 @@ public final class StatusServer: @unchecked Sendable {
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
+        return addr
+    }
+
+    /// Reads one agent's status, or nil if nothing answers in time.
+    public static func query(path: String, timeoutMillis: Int = 1000) -> [String: Any]? {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var tv = timeval(tv_sec: timeoutMillis / 1000, tv_usec: (timeoutMillis % 1000) * 1000)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        guard var addr = unixAddress(path) else { return nil }
         let connected = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }

@@ -47,7 +47,7 @@ public final class SimulatedGuest: @unchecked Sendable {
         written = DirtyPageSet(pageCount: memory.pageCount)
         rng = Xoshiro256(seed: workload.seed)
         registers = Array(repeating: 0, count: Self.deviceRegisterBytes)
-        stepsPerOutput = workload.outputsPerSecond == 0 ? 0 : UInt64(max(1, workload.dirtyPagesPerSecond / workload.outputsPerSecond))
+        stepsPerOutput = Self.stepsPerOutput(workload)
         textCorpus = Self.makeCorpus(seed: workload.seed)
         boot()
     }
@@ -68,8 +68,13 @@ public final class SimulatedGuest: @unchecked Sendable {
         rng = state.rng
         registers = state.registers
         pendingOutput = state.pendingOutput
-        stepsPerOutput = workload.outputsPerSecond == 0 ? 0 : UInt64(max(1, workload.dirtyPagesPerSecond / workload.outputsPerSecond))
+        stepsPerOutput = Self.stepsPerOutput(workload)
         textCorpus = Self.makeCorpus(seed: workload.seed)
+    }
+
+    /// Steps between two outputs (0: the workload sends none).
+    private static func stepsPerOutput(_ w: SimulatedWorkload) -> UInt64 {
+        w.outputsPerSecond == 0 ? 0 : UInt64(max(1, w.dirtyPagesPerSecond / w.outputsPerSecond))
     }
 
     private func boot() {

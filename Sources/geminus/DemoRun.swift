@@ -176,22 +176,23 @@ final class DemoRun {
                       outputSequence: UInt64, ring: [UInt64: UInt64], pending: UInt64?, seed: UInt64) {
         let old = packets.filter { $0.generation < generation }
         let new = packets.filter { $0.generation == generation }
+        let highestOld = old.map(\.packet.sequence).max() ?? 0
         let beyond = old.filter { $0.packet.sequence > outputSequence }
         let mismatched = old.filter { seen in ring[seen.packet.sequence].map { $0 != seen.packet.counter } ?? false }
         let forged = packets.filter { $0.packet.check != OutputPacket.checkValue(sequence: $0.packet.sequence, counter: $0.packet.counter, seed: seed) }
         summary.check("no output released ahead of its checkpoint (S2)",
                       !old.isEmpty && beyond.isEmpty && mismatched.isEmpty && forged.isEmpty && malformed == 0,
-                      "\(old.count) packets from the old primary, highest #\(old.map(\.packet.sequence).max() ?? 0); the resumed VM stands behind #\(outputSequence); \(beyond.count) beyond it, \(mismatched.count) disagreeing with its history, \(forged.count + malformed) malformed")
+                      "\(old.count) packets from the old primary, highest #\(highestOld); the resumed VM stands behind #\(outputSequence); \(beyond.count) beyond it, \(mismatched.count) disagreeing with its history, \(forged.count + malformed) malformed")
 
         let seqs = new.map(\.packet.sequence)
         let expectedFirst = pending ?? outputSequence + 1
         let contiguous = zip(seqs, seqs.dropFirst()).allSatisfy { $1 == $0 + 1 }
-        let lostAtFailover = (old.map(\.packet.sequence).max() ?? 0) < expectedFirst - 1 ? expectedFirst - 1 - (old.map(\.packet.sequence).max() ?? 0) : 0
+        // Produced before the checkpoint but still held when the primary died.
+        let lostAtFailover = expectedFirst - 1 > highestOld ? expectedFirst - 1 - highestOld : 0
         summary.figures["heldPacketsLostAtFailover"] = lostAtFailover
         summary.check("the resumed VM's output continues its own history",
                       !seqs.isEmpty && seqs.first == expectedFirst && contiguous,
                       "new primary sent #\(seqs.first ?? 0)...#\(seqs.last ?? 0) (\(seqs.count) packets), expected to start at #\(expectedFirst); \(lostAtFailover) packets were still held when the primary died (lost as a network may lose them)")
-
     }
 
     /// The state letter of a process from /proc (R, S, Z, ...), nil when there is no such process.

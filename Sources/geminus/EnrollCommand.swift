@@ -71,8 +71,6 @@ struct Enroll: ParsableCommand {
                 say("enrolled '\(domain)' for CA: peer \(enrollment.peer), checkpoint every \(intervalMillis) ms (machine \(check.facts.machineType ?? "?"), \((check.facts.memoryKiB ?? 0) / 1024) MiB)")
                 say("the peer must offer the same machine type and emulator; the agents compare them when they connect")
             }
-        } catch let e as OperatorError {
-            throw e
         } catch {
             throw operatorFailure(error)
         }
@@ -103,8 +101,6 @@ struct Unenroll: ParsableCommand {
             }
             try conn.removeEnrollment(of: dom)
             print("removed the enrolment of '\(domain)'")
-        } catch let e as OperatorError {
-            throw e
         } catch {
             throw operatorFailure(error)
         }

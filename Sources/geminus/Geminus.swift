@@ -44,6 +44,7 @@ struct OperatorError: Error, CustomStringConvertible {
 
 /// Turns an error into what an operator reads: the cause and, where known, the fix.
 func operatorFailure(_ error: any Error) -> OperatorError {
+    if let e = error as? OperatorError { return e }
     if let e = error as? GeminusError {
         return OperatorError(description: e.message + (e.fix.map { "\n  fix: \($0)" } ?? ""))
     }
