@@ -12,8 +12,17 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
     /// The guest's own progress counter (the test guests keep one in RAM), for reports.
     var progressCounter: UInt64 { get }
-    /// Stops the guest for good (the agent is shutting down or handing the VM over).
+    /// Stops the guest for good: it must not run again here (handed over, or a guest the
+    /// agent started itself and takes down with it).
     func shutdown()
+    /// Lets go of the guest when the agent stops without handing it over: a guest the agent
+    /// started is stopped (`shutdown`), a libvirt domain the operator runs is left running
+    /// (unprotected) with its vCPUs resumed. Idempotent.
+    func detach()
+}
+
+extension ProtectedGuest {
+    public func detach() { shutdown() }
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is
