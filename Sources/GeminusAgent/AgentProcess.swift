@@ -69,14 +69,17 @@ public final class AgentProcess: @unchecked Sendable {
     /// The highest epoch whose acknowledgement the agent received (needs `--trace-epochs`).
     public var highestAcknowledged: UInt64 { lock.lock(); defer { lock.unlock() }; return acknowledged }
 
-    /// Waits for the first event of `type` after index `from`.
-    public func wait(for type: String, timeoutSeconds: Double, from: Int = 0) -> [String: Any]? {
+    /// Waits for the first event of `type` after index `from` that `matches`.
+    public func wait(for type: String, timeoutSeconds: Double, from: Int = 0,
+                     where matches: ([String: Any]) -> Bool = { _ in true }) -> [String: Any]? {
         let deadline = Date().addingTimeInterval(timeoutSeconds)
         lock.lock()
         defer { lock.unlock() }
         while true {
-            if let e = events.dropFirst(from).first(where: { $0["event"] as? String == type }) { return e }
-            if done || !lock.wait(until: deadline) { return events.dropFirst(from).first(where: { $0["event"] as? String == type }) }
+            if let e = events.dropFirst(from).first(where: { $0["event"] as? String == type && matches($0) }) { return e }
+            if done || !lock.wait(until: deadline) {
+                return events.dropFirst(from).first(where: { $0["event"] as? String == type && matches($0) })
+            }
         }
     }
 

@@ -6,22 +6,27 @@ import GeminusCore
 public final class EventLog: @unchecked Sendable {
     private let lock = NSLock()
     private let enabled: Bool
-    private let role: String
+    private var role: String
 
     public init(enabled: Bool, role: String) {
         self.enabled = enabled
         self.role = role
     }
 
+    /// The role events are tagged with from now on (a switchover swaps roles).
+    public func setRole(_ r: String) {
+        lock.withLock { role = r }
+    }
+
     public func emit(_ type: String, _ fields: [String: Any] = [:]) {
         guard enabled else { return }
+        lock.lock()
+        defer { lock.unlock() }
         var object = fields
         object["event"] = type
         object["role"] = role
         object["timeMicros"] = WallClock.micros()
         guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
-        lock.lock()
-        defer { lock.unlock() }
         FileHandle.standardOutput.write(data + Data([10]))
     }
 }

@@ -87,8 +87,26 @@ public final class PrimaryAgent: @unchecked Sendable {
 
     public func stop() { stopFlag.set() }
 
-    /// Runs until `stop()` or `deadlineNanos`.
-    public func run(deadlineNanos: UInt64 = .max) {
+    /// How `run` ended.
+    public enum Outcome: Sendable, Equatable {
+        /// Stopped (signal, deadline, or a guest that cannot be checkpointed): the guest was
+        /// detached, not stopped, unless the agent started it itself.
+        case stopped
+        /// Planned switchover done: the secondary runs the guest from `epoch`, as
+        /// `confirmedGeneration` (nil: told to, but its answer was lost with the link); the
+        /// guest here was stopped for good.
+        case handedOver(Epoch, confirmedGeneration: Generation?)
+    }
+
+    /// Asks the loop for a planned switchover and waits (at most `timeout`) for its outcome.
+    /// Called from another thread (the control socket).
+    public func requestSwitchover(timeout: Duration = .seconds(60)) -> SwitchoverResult {
+        switchoverRequests.request(timeout: timeout)
+    }
+
+    /// Runs until `stop()`, `deadlineNanos`, or a planned switchover hands the guest over.
+    @discardableResult
+    public func run(deadlineNanos: UInt64 = .max) -> Outcome {
         dialer?.start()
         events.emit("primary-started", ["vm": settings.vmName, "generation": settings.generation.rawValue,
                                         "resumedFrom": settings.resumedFrom.rawValue, "pages": guest.pageCount,
@@ -102,6 +120,11 @@ public final class PrimaryAgent: @unchecked Sendable {
         while !stopFlag.isSet {
             let now = Monotonic.nanos()
             if now >= deadlineNanos { break }
+            if switchoverRequests.takeRequest() {
+                logger.notice("planned switchover of \(settings.vmName) requested")
+                events.emit("switchover-requested", [:])
+                execute(machine.handle(.switchoverRequested(nowNanos: now)))
+            }
             if connection == nil, let fresh = dialer?.take() {
                 connection = fresh
                 logger.info("connected to secondary \(fresh.remoteAddress); starting full checkpoint")
@@ -123,7 +146,10 @@ public final class PrimaryAgent: @unchecked Sendable {
         }
         dialer?.stop()
         connection?.close()
-        guest.shutdown()
+        switchoverRequests.finish(SwitchoverResult(ok: false, message: "the agent stopped before the switchover finished"))
+        if let handedOver = outcome { return handedOver }
+        guest.detach()
+        return .stopped
     }
 
     private func receiveFrames(from c: FramedConnection, waitNanos: UInt64) {
@@ -142,6 +168,12 @@ public final class PrimaryAgent: @unchecked Sendable {
             switch frame.kind {
             case .ack:
                 execute(machine.handle(.acknowledged(frame.epoch, frame.generation, nowNanos: now)))
+            case .handoverDone:
+                execute(machine.handle(.handoverConfirmed(frame.generation, nowNanos: now)))
+                if outcome != nil { return }
+            case .handoverDeclined:
+                let reason = String(decoding: frame.payload.prefix(Nack.maxDetailBytes), as: UTF8.self)
+                execute(machine.handle(.handoverDeclined(reason: reason, nowNanos: now)))
             case .nack:
                 let nack = Nack(decoding: frame.payload)
                 logger.warning("secondary refused epoch \(frame.epoch): \(nack?.reason.description ?? "unreadable nack") \(nack?.detail ?? "")")
@@ -185,16 +217,67 @@ public final class PrimaryAgent: @unchecked Sendable {
                 logger.warning("\(settings.vmName) is UNPROTECTED; released \(n) held packets")
             case .disconnect(let reason):
                 dropConnection(reason: reason)
+            case .captureFinal(let epoch):
+                capture(epoch, full: false, final: true)
+            case .handOver(let epoch):
+                logger.notice("secondary acknowledged the final checkpoint \(epoch); handing \(settings.vmName) over")
+                events.emit("handover-sent", ["epoch": epoch.rawValue])
+                send(FrameCodec.encode(FrameHeader(kind: .handover, generation: settings.generation, epoch: epoch)))
+            case .resumeGuest:
+                do {
+                    try guest.resume()
+                } catch {
+                    logger.critical("cannot resume \(settings.vmName) after the switchover was called off: \(error)")
+                    events.emit("error", ["message": "resume after aborted switchover failed: \(error)"])
+                    stopFlag.set()
+                }
+            case .finishHandover(let epoch, let generation):
+                finishHandover(epoch, confirmedGeneration: generation)
             case .notice(let notice):
                 report(notice)
             }
         }
     }
 
+    private var outcome: Outcome?
+    private var finalPauseStartNanos: UInt64 = 0
+    private let switchoverRequests = SwitchoverMailbox()
+
+    private func finishHandover(_ epoch: Epoch, confirmedGeneration: Generation?) {
+        // The guest must never run here again: the secondary runs it (or, unconfirmed, takes
+        // over by silence once this side is gone).
+        guest.shutdown()
+        let downMicros = (Monotonic.nanos() - finalPauseStartNanos) / 1000
+        outcome = .handedOver(epoch, confirmedGeneration: confirmedGeneration)
+        var fields: [String: Any] = ["epoch": epoch.rawValue, "pausedMicros": downMicros]
+        if let g = confirmedGeneration {
+            logger.notice("HANDED OVER \(settings.vmName) at checkpoint \(epoch): the secondary runs it as generation \(g) (guest paused \(downMicros / 1000) ms)")
+            fields["generation"] = g.rawValue
+        } else {
+            logger.warning("handed over \(settings.vmName) at checkpoint \(epoch) but the secondary's confirmation was lost with the link; it takes over on its own once it notices the silence. This copy is stopped.")
+            fields["generation"] = NSNull()
+        }
+        events.emit("handed-over", fields)
+        status.update(["state": "handed-over", "handedOverAt": epoch.rawValue])
+        switchoverRequests.finish(SwitchoverResult(
+            ok: true, message: confirmedGeneration == nil
+                ? "handed over at checkpoint \(epoch); the secondary's confirmation was lost with the link (it takes over on its own)"
+                : "handed over at checkpoint \(epoch); the secondary runs \(settings.vmName) as generation \(confirmedGeneration!)",
+            epoch: epoch, generation: confirmedGeneration, guestPausedMicros: downMicros))
+        stopFlag.set()
+    }
+
+    private func send(_ frame: [UInt8]) {
+        guard let c = connection else { return }
+        do { try c.send(frame, timeout: .milliseconds(settings.sendTimeoutMillis)) } catch { dropConnection(reason: "\(error)") }
+    }
+
     public private(set) var lastAcknowledgedCounter: UInt64 = 0
 
-    private func capture(_ epoch: Epoch, full: Bool) {
+    /// `final`: the switchover's last capture; the guest stays paused.
+    private func capture(_ epoch: Epoch, full: Bool, final: Bool = false) {
         let t0 = Monotonic.nanos()
+        if final { finalPauseStartNanos = t0 }
         do {
             try guest.pause()
             let t1 = Monotonic.nanos()
@@ -202,7 +285,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             counterAtCapture[epoch] = guest.progressCounter
             port.open(epoch: epoch.next, holding: true)
             let t2 = Monotonic.nanos()
-            try guest.resume()
+            if !final { try guest.resume() }
             let t3 = Monotonic.nanos()
             if full {
                 _ = stats.fullSyncPauseMicros.record((t3 - t0) / 1000)
@@ -216,6 +299,9 @@ public final class PrimaryAgent: @unchecked Sendable {
             pauseStartNanos[epoch] = t0
             if settings.traceEpochs {
                 events.emit("checkpoint", ["epoch": epoch.rawValue, "counter": counterAtCapture[epoch] ?? 0, "full": full])
+            }
+            if final {
+                events.emit("final-checkpoint", ["epoch": epoch.rawValue, "counter": counterAtCapture[epoch] ?? 0, "pauseMicros": (t3 - t0) / 1000])
             }
         } catch {
             // A guest that cannot be paused or read is not protectable; say so and stop.
@@ -261,6 +347,14 @@ public final class PrimaryAgent: @unchecked Sendable {
             stats.deferredEpochs += 1
         case .staleAck(let e, let g):
             logger.warning("ignored an acknowledgement of epoch \(e) from generation \(g) (this pair is at \(settings.generation))")
+        case .switchoverRefused(let reason):
+            logger.warning("switchover refused: \(reason)")
+            events.emit("switchover-refused", ["reason": reason])
+            switchoverRequests.finish(SwitchoverResult(ok: false, message: "switchover refused: \(reason)"))
+        case .switchoverAborted(let reason):
+            logger.warning("switchover called off, \(settings.vmName) runs on here: \(reason)")
+            events.emit("switchover-aborted", ["reason": reason])
+            switchoverRequests.finish(SwitchoverResult(ok: false, message: "switchover called off, the VM runs on here: \(reason)"))
         }
     }
 

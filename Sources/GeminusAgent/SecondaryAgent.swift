@@ -17,10 +17,14 @@ public final class SecondaryAgent: @unchecked Sendable {
         public var machine: SecondaryMachine.Config
         public var counterAddress: Int
         public var progressIntervalMillis: Int
+        /// The pair's generation as this node knows it (after a switchover, the generation the
+        /// new primary runs as): primaries of older generations are refused.
+        public var generation: Generation
 
         public init(vmName: String, listenHost: String, listenPort: UInt16, keyPath: String,
                     machine: SecondaryMachine.Config = .init(), counterAddress: Int = SimulatedGuest.counterAddress,
-                    progressIntervalMillis: Int = 500) {
+                    progressIntervalMillis: Int = 500, generation: Generation = Generation(1)) {
+            self.generation = generation
             self.vmName = vmName
             self.listenHost = listenHost
             self.listenPort = listenPort
@@ -44,6 +48,8 @@ public final class SecondaryAgent: @unchecked Sendable {
         public var recentOutputs: [OutputRecord]
         /// An output produced but not yet sent at the checkpoint; the resumed guest sends it.
         public var pendingOutputSequence: UInt64?
+        /// A planned switchover (the primary paused at `fromEpoch` and asked), not a failure.
+        public var planned: Bool
     }
 
     private let settings: Settings
@@ -77,7 +83,7 @@ public final class SecondaryAgent: @unchecked Sendable {
         self.events = events
         key = try PairKey.load(path: settings.keyPath)
         listener = try TCPListener(host: settings.listenHost, port: settings.listenPort, logger: logger)
-        machine = SecondaryMachine(config: settings.machine, generation: Generation(1))
+        machine = SecondaryMachine(config: settings.machine, generation: settings.generation)
         acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, expectedPageCount: standby.expectedPageCount, logger: logger)
     }
 
@@ -170,6 +176,10 @@ public final class SecondaryAgent: @unchecked Sendable {
             switch frame.kind {
             case .epochBegin, .pages, .deviceState, .epochEnd:
                 handle(replica.accept(frame))
+            case .handover:
+                logger.notice("the primary hands \(settings.vmName) over at checkpoint \(frame.epoch)")
+                events.emit("handover-requested", ["epoch": frame.epoch.rawValue])
+                for a in machine.handle(.handoverRequested(frame.epoch, nowNanos: Monotonic.nanos())) { perform(a) }
             default:
                 lose(reason: "primary sent an unexpected \(frame.kind) frame")
                 return
@@ -232,6 +242,14 @@ public final class SecondaryAgent: @unchecked Sendable {
         case .takeOver(let from, let generation):
             guard let makeOutput else { preconditionFailure("takeover before run()") }
             takeover = takeOver(from: from, generation: generation, output: makeOutput(generation, from))
+        case .acceptHandover(let from, let generation):
+            guard let makeOutput else { preconditionFailure("handover before run()") }
+            takeover = takeOver(from: from, generation: generation, output: makeOutput(generation, from), planned: true)
+        case .declineHandover(let epoch, let reason):
+            logger.warning("declined the handover at checkpoint \(epoch): \(reason)")
+            events.emit("handover-declined", ["epoch": epoch.rawValue, "reason": reason])
+            send(FrameCodec.encode(FrameHeader(kind: .handoverDeclined, generation: machine.generation, epoch: epoch),
+                                   payload: Array(reason.utf8.prefix(Nack.maxDetailBytes))))
         }
     }
 
@@ -240,25 +258,43 @@ public final class SecondaryAgent: @unchecked Sendable {
         do { try c.send(frame, timeout: .seconds(1)) } catch { lose(reason: "\(error)") }
     }
 
-    private func takeOver(from epoch: Epoch, generation: Generation, output: any GuestOutputPort) -> (Takeover, any ProtectedGuest)? {
+    private func takeOver(from epoch: Epoch, generation: Generation, output: any GuestOutputPort,
+                          planned: Bool = false) -> (Takeover, any ProtectedGuest)? {
         guard let replica, replica.hasBaseImage else { return nil }
         // Stop listening first: an old primary must not be able to reconnect to a node that
         // is about to run the VM itself.
         acceptor.stop()
-        connection?.close()
+        // A planned handover keeps the link to answer on it; the primary waits, paused.
+        let plannedLink = planned ? connection : nil
+        if !planned { connection?.close() }
         connection = nil
+        defer { try? plannedLink?.flush(timeout: .seconds(1)); plannedLink?.close() }
         let t0 = Monotonic.nanos()
         let counter = replica.memory.loadU64(at: settings.counterAddress)
         let history = TestGuestHistory(memory: replica.memory, deviceState: replica.committedDeviceState)
         do {
             let guest = try standby.resume(memory: replica.memory, deviceState: replica.committedDeviceState, output: output)
             let t = Takeover(fromEpoch: epoch, generation: generation, counter: counter,
-                             resumeMicros: (Monotonic.nanos() - t0) / 1000, silenceMicros: settings.machine.takeoverAfterNanos / 1000,
+                             resumeMicros: (Monotonic.nanos() - t0) / 1000,
+                             silenceMicros: planned ? 0 : settings.machine.takeoverAfterNanos / 1000,
                              outputSequence: history.outputSequence, recentOutputs: history.recent,
-                             pendingOutputSequence: history.pendingSequence)
-            logger.notice("TOOK OVER \(settings.vmName) from checkpoint \(epoch) as generation \(generation) (resume \(t.resumeMicros) us)")
+                             pendingOutputSequence: history.pendingSequence, planned: planned)
+            if let link = plannedLink {
+                try? link.send(FrameCodec.encode(FrameHeader(kind: .handoverDone, generation: generation, epoch: epoch)), timeout: .seconds(1))
+            }
+            logger.notice("TOOK OVER \(settings.vmName) from checkpoint \(epoch) as generation \(generation)\(planned ? " (planned switchover)" : "") (resume \(t.resumeMicros) us)")
             return (t, guest)
         } catch {
+            if let link = plannedLink {
+                // Nothing runs here: the primary may safely run its paused guest on.
+                try? link.send(FrameCodec.encode(FrameHeader(kind: .handoverDeclined, generation: generation, epoch: epoch),
+                                                 payload: Array("resuming the standby failed: \(error)".utf8.prefix(Nack.maxDetailBytes))),
+                               timeout: .seconds(1))
+                logger.error("planned switchover failed here (\(error)); the primary keeps running \(settings.vmName)")
+                events.emit("error", ["message": "handover resume failed: \(error)"])
+                stopFlag.set()
+                return nil
+            }
             logger.critical("resuming the standby failed: \(error); the VM is DOWN")
             events.emit("error", ["message": "resume failed: \(error)"])
             stopFlag.set()

@@ -15,6 +15,8 @@ public final class AgentStatus: @unchecked Sendable {
         lock.unlock()
     }
 
+    var role: String? { lock.withLock { fields["role"] as? String } }
+
     public var json: Data {
         lock.lock()
         defer { lock.unlock() }
@@ -22,15 +24,28 @@ public final class AgentStatus: @unchecked Sendable {
     }
 }
 
-/// Answers every connection on a unix socket with the agent's status as one JSON line, then
-/// closes it. The socket's directory is made owner-only: status shows what is protected where.
+/// The agent's control socket. A client writes one request line, `status` or `switchover`,
+/// and reads one JSON line back; a client that writes nothing gets the status. The socket's
+/// directory is made owner-only: status shows what is protected where, and a switchover moves
+/// the VM.
 public final class StatusServer: @unchecked Sendable {
+    public enum Request: String, Sendable {
+        case status, switchover
+    }
     public static let defaultDirectory = "/run/geminus"
     public let path: String
     private let fd: Int32
     private let status: AgentStatus
+    private let lock = NSLock()
+    private var switchoverHandler: (@Sendable () -> SwitchoverResult)?
 
-    public static func defaultPath(vm: String, role: String) -> String { "\(defaultDirectory)/\(vm).\(role).sock" }
+    /// One socket per VM and host, whatever the agent's role: a switchover swaps roles.
+    public static func defaultPath(vm: String) -> String { "\(defaultDirectory)/\(vm).sock" }
+
+    /// What a `switchover` request runs (on its own thread); nil refuses it (not a primary).
+    public func onSwitchover(_ handler: (@Sendable () -> SwitchoverResult)?) {
+        lock.withLock { switchoverHandler = handler }
+    }
 
     public init(path: String, status: AgentStatus) throws(GeminusError) {
         self.path = path
@@ -76,11 +91,37 @@ public final class StatusServer: @unchecked Sendable {
                 if errno == EINTR { continue }
                 return
             }
-            var data = status.json
-            data.append(10)
-            _ = data.withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            Glibc.close(client)
+            switch Self.readRequest(client) {
+            case .switchover:
+                let handler = lock.withLock { switchoverHandler }
+                // A switchover takes seconds; status requests keep being answered meanwhile.
+                let t = Thread { [status] in
+                    let result = handler?() ?? SwitchoverResult(ok: false, message: "this agent is not running the VM (\(status.role ?? "starting")): ask the primary's agent")
+                    Self.reply(client, (try? JSONSerialization.data(withJSONObject: result.json, options: [.sortedKeys])) ?? Data("{}".utf8))
+                }
+                t.name = "geminus-switchover"
+                t.start()
+            case .status, nil:
+                Self.reply(client, status.json)
+            }
         }
+    }
+
+    private static func reply(_ client: Int32, _ json: Data) {
+        var data = json
+        data.append(10)
+        _ = data.withUnsafeBytes { send(client, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+        Glibc.close(client)
+    }
+
+    /// The request line, waiting briefly: an old client writes nothing and means `status`.
+    private static func readRequest(_ client: Int32) -> Request? {
+        var tv = timeval(tv_sec: 0, tv_usec: 200_000)
+        setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        while line.count < 64, recv(client, &byte, 1, 0) == 1, byte != 10 { line.append(byte) }
+        return Request(rawValue: String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespaces))
     }
 
     /// The socket address for `path`, or nil when the path does not fit in one.
@@ -96,8 +137,8 @@ public final class StatusServer: @unchecked Sendable {
         return addr
     }
 
-    /// Reads one agent's status, or nil if nothing answers in time.
-    public static func query(path: String, timeoutMillis: Int = 1000) -> [String: Any]? {
+    /// Sends `request` to one agent and reads its JSON answer, or nil if nothing answers in time.
+    public static func query(path: String, request: Request = .status, timeoutMillis: Int = 1000) -> [String: Any]? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { return nil }
         defer { Glibc.close(fd) }
@@ -108,6 +149,8 @@ public final class StatusServer: @unchecked Sendable {
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
         guard connected else { return nil }
+        let line = Array((request.rawValue + "\n").utf8)
+        guard send(fd, line, line.count, Int32(MSG_NOSIGNAL)) == line.count else { return nil }
         var data = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
         while data.count < 1 << 20 {

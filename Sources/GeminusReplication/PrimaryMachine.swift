@@ -10,7 +10,10 @@ import GeminusCore
 /// - held output is released only through an acknowledged epoch, or all at once when the VM
 ///   has been declared unprotected (no secondary can resume it any more);
 /// - any doubt about what the secondary holds (a new connection, a nack) is answered with a
-///   full checkpoint.
+///   full checkpoint;
+/// - a planned switchover pauses the guest for good only after the secondary has acknowledged
+///   the final checkpoint, and the guest runs here again only if the secondary says it did not
+///   take over: never while the secondary might be running it.
 public struct PrimaryMachine: Sendable {
     public struct Config: Sendable, Equatable {
         public var epochIntervalNanos: UInt64
@@ -20,13 +23,21 @@ public struct PrimaryMachine: Sendable {
         /// After losing the secondary, output stays held this long before the VM is declared
         /// unprotected and it is released (the secondary may still be taking over meanwhile).
         public var unprotectAfterNanos: UInt64
+        /// Planned switchover: how long the final checkpoint may wait for its acknowledgement
+        /// (the guest is paused meanwhile) before the switchover is called off and the guest runs on.
+        public var finalAckTimeoutNanos: UInt64
+        /// Planned switchover: how long the secondary may take to report the guest running.
+        public var takeoverConfirmTimeoutNanos: UInt64
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
-                    peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000) {
+                    peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
+                    finalAckTimeoutNanos: UInt64 = 2_000_000_000, takeoverConfirmTimeoutNanos: UInt64 = 20_000_000_000) {
             self.epochIntervalNanos = epochIntervalNanos
             self.maxEpochsInFlight = maxEpochsInFlight
             self.peerSilenceNanos = peerSilenceNanos
             self.unprotectAfterNanos = unprotectAfterNanos
+            self.finalAckTimeoutNanos = finalAckTimeoutNanos
+            self.takeoverConfirmTimeoutNanos = takeoverConfirmTimeoutNanos
         }
     }
 
@@ -50,6 +61,24 @@ public struct PrimaryMachine: Sendable {
         case captured(Epoch, nowNanos: UInt64)
         case acknowledged(Epoch, Generation, nowNanos: UInt64)
         case refused(Epoch, RejectReason, nowNanos: UInt64)
+        /// The operator asked for a planned switchover to the secondary.
+        case switchoverRequested(nowNanos: UInt64)
+        /// The secondary runs the guest now, as `Generation`.
+        case handoverConfirmed(Generation, nowNanos: UInt64)
+        case handoverDeclined(reason: String, nowNanos: UInt64)
+    }
+
+    /// Where a planned switchover is. The guest is paused from the final capture on.
+    public enum Switchover: Equatable, Sendable {
+        /// Asked for; the final capture follows the one in progress.
+        case requested
+        /// The final epoch is captured and sent; the guest stays paused until it is acknowledged.
+        case awaitingFinalAck(Epoch, sinceNanos: UInt64)
+        /// The secondary acknowledged it and was told to take over.
+        case awaitingTakeover(Epoch, sinceNanos: UInt64)
+        /// The secondary runs the guest (confirmed), or may (the link went after the handover
+        /// was sent); either way it must never run here again.
+        case handedOver(Epoch, confirmedGeneration: Generation?)
     }
 
     public enum Action: Equatable, Sendable {
@@ -62,6 +91,15 @@ public struct PrimaryMachine: Sendable {
         /// Release everything held and let output pass unheld: nothing protects the VM.
         case releaseAllOutput
         case disconnect(reason: String)
+        /// Planned switchover: pause the guest, capture the final epoch, and leave it paused.
+        /// Then feed `.captured`.
+        case captureFinal(Epoch)
+        /// Tell the secondary to resume the guest from `epoch` (it has acknowledged it).
+        case handOver(Epoch)
+        /// The switchover was called off: run the guest that `captureFinal` left paused.
+        case resumeGuest
+        /// The guest runs on the secondary now (or may): stop it here for good. Nothing follows.
+        case finishHandover(Epoch, confirmedGeneration: Generation?)
         case notice(Notice)
     }
 
@@ -72,6 +110,8 @@ public struct PrimaryMachine: Sendable {
         case resyncing(after: Epoch, RejectReason)
         case epochDeferred(inFlight: Int)
         case staleAck(Epoch, Generation)
+        case switchoverRefused(reason: String)
+        case switchoverAborted(reason: String)
     }
 
     public let config: Config
@@ -91,6 +131,7 @@ public struct PrimaryMachine: Sendable {
     public private(set) var deferredEpochs = 0
     private var dueEpochDeferred = false
     public private(set) var staleAcks = 0
+    public private(set) var switchover: Switchover?
 
     /// - Parameter resumedFrom: the epoch a taken-over VM resumed from; numbering continues there.
     public init(config: Config, generation: Generation, resumedFrom: Epoch = .none) {
@@ -105,6 +146,7 @@ public struct PrimaryMachine: Sendable {
     public var epochsInFlight: Int { Int(lastCaptured.rawValue - lastAcknowledged.rawValue) }
 
     public mutating func handle(_ event: Event) -> [Action] {
+        if case .handedOver = switchover { return [] }
         switch event {
         case .peerConnected(let now):
             lastHeardNanos = now
@@ -127,6 +169,7 @@ public struct PrimaryMachine: Sendable {
             var actions: [Action] = []
             switch protection {
             case .syncing, .protected:
+                if let timeout = switchoverTimeout(now) { return timeout }
                 if now >= lastHeardNanos && now - lastHeardNanos > config.peerSilenceNanos {
                     let reason = "secondary silent for \((now - lastHeardNanos) / 1_000_000) ms"
                     actions.append(.disconnect(reason: reason))
@@ -156,14 +199,21 @@ public struct PrimaryMachine: Sendable {
             case .syncing, .protected:
                 let base = lastTransmitted
                 lastTransmitted = epoch
+                if case .awaitingFinalAck(epoch, _) = switchover {
+                    return [.transmit(epoch, base: base)]
+                }
                 return [.transmit(epoch, base: base)] + captureIfDue(now)
             case .peerLost, .unprotected:
                 // The link went while the guest was paused: nobody to send it to. The next
                 // connection starts with a full checkpoint anyway.
+                if case .awaitingFinalAck = switchover {
+                    switchover = nil
+                    return [.resumeGuest, .notice(.switchoverAborted(reason: "the link to the secondary went during the final checkpoint"))]
+                }
                 return []
             }
 
-        case .acknowledged(let epoch, let gen, _):
+        case .acknowledged(let epoch, let gen, let now):
             guard gen == generation else {
                 staleAcks += 1
                 return [.notice(.staleAck(epoch, gen))]
@@ -179,6 +229,10 @@ public struct PrimaryMachine: Sendable {
                 protection = .protected
                 actions.append(.notice(.protectionEstablished(epoch)))
             }
+            if case .awaitingFinalAck(let final, _) = switchover, epoch >= final {
+                switchover = .awaitingTakeover(final, sinceNanos: now)
+                actions.append(.handOver(final))
+            }
             return actions
 
         case .refused(let epoch, let reason, let now):
@@ -188,15 +242,83 @@ public struct PrimaryMachine: Sendable {
                 needsFull = true
                 ignoreNacksBefore = lastCaptured.next
                 protection = .syncing(fullEpoch: lastCaptured.next)
-                return [.notice(.resyncing(after: epoch, reason))] + captureIfDue(now)
+                var actions: [Action] = [.notice(.resyncing(after: epoch, reason))]
+                if case .awaitingFinalAck = switchover {
+                    switchover = nil
+                    actions += [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary refused the final checkpoint (\(reason)); resynchronising"))]
+                }
+                return actions + captureIfDue(now)
             case .peerLost, .unprotected:
                 return []
             }
+
+        case .switchoverRequested(let now):
+            guard switchover == nil else { return [.notice(.switchoverRefused(reason: "a switchover is already under way"))] }
+            guard protection == .protected else {
+                let why: String
+                switch protection {
+                case .syncing: why = "the secondary does not hold a whole checkpoint yet (full copy under way)"
+                case .peerLost: why = "the link to the secondary is down"
+                default: why = "no secondary protects this VM"
+                }
+                return [.notice(.switchoverRefused(reason: why))]
+            }
+            switchover = .requested
+            return captureFinalIfIdle(now)
+
+        case .handoverConfirmed(let gen, _):
+            guard case .awaitingTakeover(let final, _) = switchover else { return [] }
+            guard gen > generation else {
+                return [.disconnect(reason: "the secondary confirmed the takeover with generation \(gen), not newer than \(generation)")]
+                    + finishUnconfirmed(final)
+            }
+            switchover = .handedOver(final, confirmedGeneration: gen)
+            return [.finishHandover(final, confirmedGeneration: gen)]
+
+        case .handoverDeclined(let reason, let now):
+            guard case .awaitingTakeover = switchover else { return [] }
+            switchover = nil
+            nextEpochDueNanos = now
+            return [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary declined: \(reason)"))] + captureIfDue(now)
+        }
+    }
+
+    /// The final capture, once no other capture is in progress.
+    private mutating func captureFinalIfIdle(_ now: UInt64) -> [Action] {
+        guard switchover == .requested, captureInProgress == nil else { return [] }
+        let epoch = lastCaptured.next
+        lastCaptured = epoch
+        captureInProgress = epoch
+        switchover = .awaitingFinalAck(epoch, sinceNanos: now)
+        return [.captureFinal(epoch)]
+    }
+
+    /// The handover was sent but its outcome is unknown: the secondary holds the final
+    /// checkpoint and takes over on its own once this side goes quiet, so the guest must
+    /// not run here again.
+    private mutating func finishUnconfirmed(_ final: Epoch) -> [Action] {
+        switchover = .handedOver(final, confirmedGeneration: nil)
+        return [.finishHandover(final, confirmedGeneration: nil)]
+    }
+
+    private mutating func switchoverTimeout(_ now: UInt64) -> [Action]? {
+        switch switchover {
+        case .awaitingFinalAck(_, let since) where now >= since && now - since > config.finalAckTimeoutNanos:
+            switchover = nil
+            nextEpochDueNanos = now
+            return [.resumeGuest, .notice(.switchoverAborted(reason: "the final checkpoint was not acknowledged within \(config.finalAckTimeoutNanos / 1_000_000) ms"))]
+                + captureIfDue(now)
+        case .awaitingTakeover(let final, let since) where now >= since && now - since > config.takeoverConfirmTimeoutNanos:
+            return [.disconnect(reason: "the secondary did not confirm the takeover within \(config.takeoverConfirmTimeoutNanos / 1_000_000) ms")]
+                + finishUnconfirmed(final)
+        default:
+            return nil
         }
     }
 
     private mutating func captureIfDue(_ now: UInt64) -> [Action] {
-        guard captureInProgress == nil, now >= nextEpochDueNanos else { return [] }
+        if switchover == .requested { return captureFinalIfIdle(now) }
+        guard switchover == nil, captureInProgress == nil, now >= nextEpochDueNanos else { return [] }
         guard epochsInFlight < config.maxEpochsInFlight else {
             guard !dueEpochDeferred else { return [] }
             dueEpochDeferred = true
@@ -219,7 +341,21 @@ public struct PrimaryMachine: Sendable {
         switch protection {
         case .syncing, .protected:
             protection = .peerLost(sinceNanos: now)
-            return [.notice(.peerLost(reason: reason))]
+            switch switchover {
+            case .awaitingTakeover(let final, _):
+                return [.notice(.peerLost(reason: reason))] + finishUnconfirmed(final)
+            case .awaitingFinalAck:
+                // Not acknowledged, so not handed over: the secondary can only take over by
+                // silence, as after any link loss (held output waits for that as always).
+                switchover = nil
+                return [.notice(.peerLost(reason: reason)), .resumeGuest,
+                        .notice(.switchoverAborted(reason: "the link to the secondary went before the final checkpoint was acknowledged"))]
+            case .requested:
+                switchover = nil
+                return [.notice(.peerLost(reason: reason)), .notice(.switchoverAborted(reason: "the link to the secondary went"))]
+            case nil, .handedOver:
+                return [.notice(.peerLost(reason: reason))]
+            }
         case .peerLost, .unprotected:
             return []
         }

@@ -32,6 +32,8 @@ public struct SecondaryMachine: Sendable {
         case heardFromPrimary(nowNanos: UInt64)
         case committed(Epoch, nowNanos: UInt64)
         case rejected(Epoch, RejectReason, nowNanos: UInt64)
+        /// Planned switchover: the primary has paused its guest for good at `Epoch`.
+        case handoverRequested(Epoch, nowNanos: UInt64)
     }
 
     public enum Action: Equatable, Sendable {
@@ -40,6 +42,11 @@ public struct SecondaryMachine: Sendable {
         case dropLink(reason: String)
         /// Resume the standby from the committed checkpoint `from`, as primary of `generation`.
         case takeOver(from: Epoch, generation: Generation)
+        /// Planned switchover: resume the standby from `from` as `generation`, then tell the
+        /// primary (it waits, paused, for that answer).
+        case acceptHandover(from: Epoch, generation: Generation)
+        /// Planned switchover refused: the primary runs its guest on.
+        case declineHandover(Epoch, reason: String)
         case notice(Notice)
     }
 
@@ -99,6 +106,20 @@ public struct SecondaryMachine: Sendable {
 
         case .rejected(let epoch, let reason, _):
             return [.refuse(epoch, reason)]
+
+        case .handoverRequested(let epoch, _):
+            // Only the exact checkpoint the primary paused at: anything else would resume a
+            // different guest state than the one the primary stopped with.
+            guard state == .following, connected else {
+                return [.declineHandover(epoch, reason: "the secondary is not following the primary")]
+            }
+            guard epoch == committed else {
+                return [.declineHandover(epoch, reason: "the secondary's last committed checkpoint is \(committed), not \(epoch)")]
+            }
+            let newGeneration = generation.next
+            state = .tookOver(from: committed, generation: newGeneration)
+            generation = newGeneration
+            return [.acceptHandover(from: committed, generation: newGeneration)]
 
         case .tick(let now):
             if state == .following && now >= lastHeardNanos && now - lastHeardNanos > config.takeoverAfterNanos {

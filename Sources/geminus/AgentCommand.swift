@@ -36,8 +36,8 @@ struct Agent: ParsableCommand {
     @Option(help: "primary or secondary.") var role: Role
     @Option(help: "Name of the protected VM; both agents must agree.") var vm = "demo"
     @Option(help: "Pair key file (mode 0600), the same on both hosts.") var key: String
-    @Option(help: "Secondary: address to listen on (port 0 picks a free one).") var listen: Endpoint?
-    @Option(help: "Primary: the secondary's address.") var peer: Endpoint?
+    @Option(help: "Where this agent listens while it is the secondary (a primary given one becomes the secondary after a planned switchover; port 0 picks a free one).") var listen: Endpoint?
+    @Option(help: "The other agent's --listen address, connected to while this agent is the primary (a secondary given one protects the VM there after taking over).") var peer: Endpoint?
     @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
     @Option(help: "Secondary: silence from the primary, in milliseconds, after which it takes over.") var takeoverAfterMillis = 150
     @Option(help: "Primary: silence from the secondary, in milliseconds, after which the link is dropped.") var peerSilenceMillis = 150
@@ -62,12 +62,8 @@ struct Agent: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 
     func validate() throws {
-        switch role {
-        case .primary:
-            if listen != nil { throw ValidationError("--listen is for the secondary; the primary connects with --peer") }
-        case .secondary:
-            if listen == nil { throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)") }
-            if peer != nil { throw ValidationError("--peer is for the primary; the secondary listens with --listen") }
+        if role == .secondary && listen == nil {
+            throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)")
         }
         guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
         guard takeoverAfterMillis >= 2 * intervalMillis else {
@@ -92,7 +88,7 @@ struct Agent: ParsableCommand {
     /// Started once the agent's own settings have been accepted, so a bad key or a busy port is
     /// what the operator hears about first.
     func serveStatus(_ status: AgentStatus) throws(GeminusError) -> StatusServer {
-        try StatusServer(path: statusSocket ?? StatusServer.defaultPath(vm: vm, role: role.rawValue), status: status)
+        try StatusServer(path: statusSocket ?? StatusServer.defaultPath(vm: vm), status: status)
     }
 
     var guestCounterAddress: Int {
@@ -110,7 +106,6 @@ struct Agent: ParsableCommand {
             h.logLevel = level
             return h
         }
-        let logger = Logger(label: "geminus.\(role.rawValue)")
         let eventLog = EventLog(enabled: events, role: role.rawValue)
         let stopper = StopOnSignal()
         let status = AgentStatus()
@@ -118,14 +113,41 @@ struct Agent: ParsableCommand {
         let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
-            switch role {
-            case .primary: try runPrimary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
-            case .secondary: try runSecondary(logger: logger, events: eventLog, sink: sink, deadline: deadline, stopper: stopper, status: status)
+            var run = RoleRun(role: role)
+            let server = try serveStatus(status)
+            defer { server.close() }
+            // A planned switchover swaps the roles: the old primary follows as the secondary
+            // (on --listen), the new primary protects the VM by connecting to it (--peer).
+            while true {
+                let logger = Logger(label: "geminus.\(run.role.rawValue)")
+                status.update(["role": run.role.rawValue, "state": "starting"])
+                eventLog.setRole(run.role.rawValue)
+                switch run.role {
+                case .primary:
+                    let outcome = try runPrimary(&run, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                                                 stopper: stopper, status: status, server: server)
+                    guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
+                          Monotonic.nanos() < deadline else { return }
+                    run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
+                case .secondary:
+                    guard try runSecondary(&run, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                                           stopper: stopper, status: status), !stopper.fired, Monotonic.nanos() < deadline else { return }
+                }
             }
         } catch {
             eventLog.emit("error", ["message": "\(error)"])
             throw operatorFailure(error)
         }
+    }
+
+    /// What one stretch in one role starts from.
+    struct RoleRun {
+        var role: Role
+        var generation = Generation(1)
+        /// After a takeover: the running guest, its output port and the checkpoint it resumed from.
+        var carried: (guest: any ProtectedGuest, port: HeldOutputPort, resumedFrom: Epoch)?
+        /// Counts role changes, so each QEMU this process starts gets its own files.
+        var serial = 0
     }
 
     var primaryMachineConfig: PrimaryMachine.Config {
@@ -134,10 +156,8 @@ struct Agent: ParsableCommand {
                               unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000)
     }
 
-    func runPrimary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal, status: AgentStatus) throws {
-        let generation = Generation(1)
-        let port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: generation, openEpoch: Epoch(1))
-        let vm: any ProtectedGuest
+    /// The guest this agent starts (or attaches to) as the first primary.
+    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
         switch guest {
         case .simulated:
             let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
@@ -145,43 +165,56 @@ struct Agent: ParsableCommand {
             try workload.validate()
             let sim = try SimulatedVM(workload: workload, output: port)
             sim.start()
-            vm = sim
+            return sim
         case .qemu:
             let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress)
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
-            vm = q
+            return q
         }
-        // Whatever ends the agent, its guest goes with it: a QEMU left behind would be a second
-        // running copy once the secondary takes over.
-        defer { vm.shutdown() }
-        let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
-                                             keyPath: key, machine: primaryMachineConfig, generation: generation,
-                                             outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
-        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status)
-        let server = try serveStatus(status)
-        defer { server.close() }
-        stopper.onSignal { agent.stop() }
-        agent.run(deadlineNanos: deadline)
     }
 
-    func runSecondary(logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64, stopper: StopOnSignal, status: AgentStatus) throws {
+    func runPrimary(_ run: inout RoleRun, logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+                    stopper: StopOnSignal, status: AgentStatus, server: StatusServer) throws -> PrimaryAgent.Outcome {
+        let port: HeldOutputPort
+        let vm: any ProtectedGuest
+        if let carried = run.carried {
+            (vm, port) = (carried.guest, carried.port)
+        } else {
+            port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: run.generation, openEpoch: Epoch(1))
+            vm = try startGuest(port: port, logger: logger, events: events)
+        }
+        // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
+        // a second running copy once the secondary takes over); an operator's domain stays.
+        defer { vm.detach() }
+        let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
+                                             keyPath: key, machine: primaryMachineConfig, generation: run.generation,
+                                             resumedFrom: run.carried?.resumedFrom ?? .none,
+                                             outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
+        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status)
+        stopper.onSignal { agent.stop() }
+        server.onSwitchover { agent.requestSwitchover() }
+        defer { server.onSwitchover(nil) }
+        return agent.run(deadlineNanos: deadline)
+    }
+
+    /// Follows the primary; after a takeover, sets `run` up as the primary and returns true.
+    func runSecondary(_ run: inout RoleRun, logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+                      stopper: StopOnSignal, status: AgentStatus) throws -> Bool {
         let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
                                                machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000),
-                                               counterAddress: guestCounterAddress)
+                                               counterAddress: guestCounterAddress, generation: run.generation)
         let standby: any StandbyHost
         var qemuStandby: QEMUStandby?
         switch guest {
         case .simulated:
             standby = SimulatedStandbyHost()
         case .qemu:
-            let q = QEMUStandby(config: qemuConfig("standby"), hot: true, counterAddress: guestCounterAddress)
+            let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress)
             qemuStandby = q
             standby = q
         }
         let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status)
-        let server = try serveStatus(status)
-        defer { server.close() }
         stopper.onSignal { secondary.stop() }
         let limit = outputLimitBytes
         let ports = PortBox()
@@ -191,12 +224,11 @@ struct Agent: ParsableCommand {
             return p
         }) else {
             qemuStandby?.cleanup()
-            return
+            return false
         }
-        defer { guest.shutdown() }
         var report: [String: Any] = [
             "fromEpoch": takeover.fromEpoch.rawValue, "generation": takeover.generation.rawValue,
-            "counter": takeover.counter, "resumeMicros": takeover.resumeMicros,
+            "counter": takeover.counter, "resumeMicros": takeover.resumeMicros, "planned": takeover.planned,
         ]
         if let sim = guest as? SimulatedVM {
             report["outputSequence"] = takeover.outputSequence
@@ -208,16 +240,12 @@ struct Agent: ParsableCommand {
             report["guestPid"] = Int(q.process.pid)
         }
         events.emit("took-over", report)
-        // Carry on as the primary. Without a configured new secondary the VM runs unprotected
-        // (re-protection is a later issue), which the agent reports loudly.
-        let settingsAsPrimary = PrimaryAgent.Settings(vmName: vm, peerHost: nil, peerPort: 0, keyPath: key,
-                                                      machine: primaryMachineConfig, generation: takeover.generation,
-                                                      resumedFrom: takeover.fromEpoch, outputLimitBytes: outputLimitBytes)
-        // Same status object: `geminus status` on this socket now shows the new primary.
+        // Carry on as the primary, protected by --peer if given (after a planned switchover the
+        // old primary follows there); otherwise the VM runs unprotected, reported loudly.
         status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
-        let primary = try PrimaryAgent(settings: settingsAsPrimary, guest: guest, port: ports.port!, logger: logger, events: events, status: status)
-        stopper.onSignal { primary.stop() }
-        primary.run(deadlineNanos: deadline)
+        run = RoleRun(role: .primary, generation: takeover.generation, carried: (guest, ports.port!, takeover.fromEpoch),
+                      serial: run.serial + 1)
+        return true
     }
 }
 
@@ -227,6 +255,9 @@ final class StopOnSignal: @unchecked Sendable {
     private var sources: [DispatchSourceSignal] = []
     private let lock = NSLock()
     private var action: (@Sendable () -> Void)?
+    private var _fired = false
+    /// A signal arrived: no further role is started.
+    var fired: Bool { lock.withLock { _fired } }
 
     init() {
         for sig in [SIGTERM, SIGINT] {
@@ -235,6 +266,7 @@ final class StopOnSignal: @unchecked Sendable {
             source.setEventHandler { [self] in
                 lock.lock()
                 let a = action
+                _fired = true
                 lock.unlock()
                 a?()
             }

@@ -90,6 +90,8 @@ struct PairSimulation {
                 resyncs += 1
             case .disconnect, .notice:
                 break
+            case .captureFinal, .handOver, .resumeGuest, .finishHandover:
+                Issue.record("this simulation asks for no switchover (SwitchoverTests covers it)")
             }
         }
     }
@@ -118,6 +120,8 @@ struct PairSimulation {
                 return (e, g)
             case .dropLink, .notice:
                 break
+            case .acceptHandover, .declineHandover:
+                Issue.record("this simulation asks for no switchover (SwitchoverTests covers it)")
             }
         }
         return nil

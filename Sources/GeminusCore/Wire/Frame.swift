@@ -16,6 +16,14 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case nack = 0x21
     // Both ways.
     case heartbeat = 0x30
+    // Planned switchover (docs/PROTOCOL.md, "Planned switchover").
+    /// Primary to secondary: the guest is paused for good at `epoch`, which the secondary has
+    /// acknowledged; resume it there.
+    case handover = 0x40
+    /// Secondary to primary: the guest runs here now, as `generation`, from `epoch`.
+    case handoverDone = 0x41
+    /// Secondary to primary: not taken over (payload: the reason, UTF-8); the primary resumes.
+    case handoverDeclined = 0x42
 }
 
 /// The fixed 40-byte header in front of every frame (docs/PROTOCOL.md, "Frame").
