@@ -57,7 +57,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Simulated VM: random seed.") var seed: UInt64 = 1
     @Option(help: "Stop after this many seconds (default: run until killed).") var durationSeconds: Double?
     @Flag(help: "Write machine-readable events, one JSON object per line, to standard output.") var events = false
-    @Option(help: "Unix socket answering `geminus status` (default /run/geminus/VM.ROLE.sock).") var statusSocket: String?
+    @Option(help: "Control socket answering `geminus status` and `geminus failover` (default /run/geminus/VM.sock).") var statusSocket: String?
     @Flag(help: ArgumentHelp("With --events: also one event per checkpoint and per acknowledgement.", visibility: .hidden)) var traceEpochs = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
 

@@ -5,7 +5,7 @@ import GeminusAgent
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the protection state of the VMs whose agents run on this host.",
-        discussion: "Asks every agent's control socket (/run/geminus/VM.ROLE.sock unless --socket is given). Exit status 0 when every VM shown is protected or following, 2 when one is UNPROTECTED or its agent does not answer, 1 when no agent was found.")
+        discussion: "Asks every agent's control socket (/run/geminus/VM.sock unless --socket is given). Exit status 0 when every VM shown is protected or following, 2 when one is UNPROTECTED or its agent does not answer, 1 when no agent was found.")
 
     @Argument(help: "Only this VM.") var vm: String?
     @Option(help: "Ask this socket only.") var socket: String?
