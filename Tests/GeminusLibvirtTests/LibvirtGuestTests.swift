@@ -132,9 +132,12 @@ struct LibvirtGuestTests {
         #expect { try LibvirtGuest.attach(connection: conn, domainName: name, timeout: 1) } throws: {
             ($0 as? GeminusError)?.message.contains("is not running") == true
         }
-        // Without the private socket: refused with the enrolment fix.
-        let without = xml.replacingOccurrences(of: "<qemu:arg value='-qmp'/>", with: "")
+        // Without the private socket: refused with the enrolment fix. (Redefined from libvirt's
+        // own XML: it carries the uuid, and libvirt refuses a same-named domain without it.)
+        let full = try conn.xml(of: domain, .persistent)
+        let without = full.replacingOccurrences(of: "<qemu:arg value='-qmp'/>", with: "")
             .replacingOccurrences(of: "<qemu:arg value='unix:\(PrivateQMP.socketPath(domain: name)),server=on,wait=off'/>", with: "")
+        #expect(without != full)
         #expect(CAEnrollmentCheck(xml: without).problems.map(\.code) == [.privateQMP])
         _ = try conn.defineDomain(xml: without)
         let persistent = try conn.xml(of: domain, .persistent)
