@@ -41,6 +41,21 @@ struct LibvirtGuestTests {
             """.utf8))
     }
 
+    /// libvirt follows the private monitor's STOP/RESUME events asynchronously (its own
+    /// monitor thread): right after our `cont` it may still say paused for a moment. Waits up
+    /// to 2 s for `state`, reports the lag on stderr, and returns whether it was reached.
+    static func libvirtReaches(_ state: LibvirtDomainState, _ conn: LibvirtConnection, _ domain: LibvirtDomain, _ what: String) throws -> Bool {
+        let start = Monotonic.nanos()
+        while true {
+            if try conn.state(of: domain).state == state {
+                FileHandle.standardError.write(Data("libvirt-state \(what): \(state) after \(String(format: "%.1f", Double(Monotonic.nanos() - start) / 1e6)) ms\n".utf8))
+                return true
+            }
+            if Monotonic.nanos() - start > 2_000_000_000 { return false }
+            sleep(ms: 1)
+        }
+    }
+
     static func kernel() -> String? {
         switch LibvirtEnv.guestELF {
         case .success(let p): return p
@@ -77,7 +92,7 @@ struct LibvirtGuestTests {
             try guest.pause()
             if epoch == 0 {
                 // libvirt follows the private monitor's STOP event.
-                #expect(try conn.state(of: domain).state == .paused)
+                #expect(try Self.libvirtReaches(.paused, conn, domain, "after private stop"))
             }
             try guest.capture(full: epoch == 0, into: buffer)
             let counter = guest.progressCounter
@@ -93,7 +108,7 @@ struct LibvirtGuestTests {
             #expect(counter > last, "the counter advances between captures")
             last = counter
         }
-        #expect(try conn.state(of: domain).state == .running)
+        #expect(try Self.libvirtReaches(.running, conn, domain, "after private cont"))
         Self.report("attach (32 MiB, pages=8)", timings)
 
         // detach leaves the domain running, even when it was paused, and is idempotent.
@@ -101,7 +116,7 @@ struct LibvirtGuestTests {
         guest.detach()
         guest.detach()
         detached = true
-        #expect(try conn.state(of: domain).state == .running)
+        #expect(try Self.libvirtReaches(.running, conn, domain, "after detach"))
         let a = guest.progressCounter
         Self.sleep(ms: 100)
         #expect(guest.progressCounter > a, "still running after detach")
@@ -234,7 +249,7 @@ struct LibvirtGuestTests {
         let later = resumed.progressCounter
         #expect(later > first, "the resumed guest runs")
         #expect(resumed.memory.loadU64(at: Self.bootMarkerAddress) == bootMarker, "same boot: resumed, not rebooted")
-        #expect(try conn.state(of: domainB).state == .running, "libvirt reports the resumed standby running")
+        #expect(try Self.libvirtReaches(.running, conn, domainB, "standby after resume"), "libvirt reports the resumed standby running")
         #expect(try conn.xml(of: domainB, .persistent) == definitionB)
 
         // The resumed guest is protected in turn.
