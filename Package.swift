@@ -42,6 +42,12 @@ let package = Package(
             dependencies: ["CLibvirt", "GeminusCore"]
         ),
         .target(
+            // A libvirt domain behind the hypervisor seam: the checkpoint cycle over the domain's
+            // private QMP socket, and a hot standby started through libvirt.
+            name: "GeminusLibvirtGuest",
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt"]
+        ),
+        .target(
             name: "GeminusTransport",
             dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
         ),
@@ -88,7 +94,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusLibvirtTests",
-            dependencies: ["GeminusLibvirt", "GeminusCore"]
+            dependencies: ["GeminusLibvirt", "GeminusLibvirtGuest", "GeminusQEMU", "GeminusHypervisor", "GeminusCore"]
         ),
         .testTarget(
             name: "GeminusTransportTests",

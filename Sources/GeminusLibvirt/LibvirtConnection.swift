@@ -199,10 +199,13 @@ public final class LibvirtConnection: @unchecked Sendable {
         return LibvirtDomain(handle: h, connection: self)
     }
 
-    /// Starts a transient domain from XML (gone from libvirt once it stops).
-    public func createTransient(xml: String, timeout: Double? = nil) throws -> LibvirtDomain {
+    /// Starts a transient domain from XML (gone from libvirt once it stops), optionally paused.
+    /// With the name and uuid of an inactive persistent domain, libvirt 9.0 starts that domain
+    /// with this XML as its live definition and leaves the persistent one unchanged.
+    public func createTransient(xml: String, paused: Bool = false, timeout: Double? = nil) throws -> LibvirtDomain {
+        let flags = VIR_DOMAIN_START_VALIDATE.rawValue | (paused ? VIR_DOMAIN_START_PAUSED.rawValue : 0)
         let h = try call("virDomainCreateXML", timeout: timeout, release: LibvirtCall.freeDomain) { conn -> LibvirtHandle in
-            guard let p = virDomainCreateXML(conn.pointer, xml, VIR_DOMAIN_START_VALIDATE.rawValue) else {
+            guard let p = virDomainCreateXML(conn.pointer, xml, flags) else {
                 throw LibvirtCall.lastError("libvirt could not start the transient domain")
             }
             return LibvirtHandle(pointer: p)

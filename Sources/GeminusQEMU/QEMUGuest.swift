@@ -36,10 +36,9 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// Whether `shutdown` deletes the RAM file.
     public let ownsRAMFile: Bool
 
+    /// The shared stop → capture → cont cycle.
+    public let checkpointer: QMPCheckpointer
     private let lock = NSLock()
-    private let finder: any DirtyPageFinder
-    private var current = CaptureTimings()
-    private var _lastTimings: CaptureTimings?
     private var isShutDown = false
 
     public static let tinyGuestCounterAddress = 0x200008
@@ -47,7 +46,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public var pageCount: Int { memory.pageCount }
     public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
     /// The timings of the last complete pause → capture → resume cycle.
-    public var lastTimings: CaptureTimings? { lock.lock(); defer { lock.unlock() }; return _lastTimings }
+    public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
 
     /// Wraps a running QEMU (its QMP already connected, its RAM file mapped).
     public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
@@ -57,9 +56,9 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         self.qmp = qmp
         self.memory = memory
         self.counterAddress = counterAddress
-        self.finder = finder
         self.ownsRAMFile = ownsRAMFile
         deviceStatePath = process.config.ramFilePath + ".devstate"
+        checkpointer = QMPCheckpointer(qmp: qmp, memory: memory, target: .file(deviceStatePath), finder: finder)
     }
 
     /// Starts a fresh guest: deletes a stale RAM file, starts QEMU, connects QMP and maps RAM.
@@ -89,43 +88,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         }
     }
 
-    public func pause() throws(GeminusError) {
-        let t0 = Monotonic.nanos()
-        try qmp.execute("stop")
-        lock.lock()
-        current = CaptureTimings()
-        current.stopNanos = Monotonic.nanos() - t0
-        lock.unlock()
-    }
-
-    public func resume() throws(GeminusError) {
-        let t0 = Monotonic.nanos()
-        try qmp.execute("cont")
-        lock.lock()
-        current.contNanos = Monotonic.nanos() - t0
-        _lastTimings = current
-        lock.unlock()
-    }
-
+    public func pause() throws(GeminusError) { try checkpointer.pause() }
+    public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
-        lock.lock()
-        defer { lock.unlock() }
-        buffer.reset()
-        buffer.isFull = full
-        let t0 = Monotonic.nanos()
-        try finder.collect(from: memory, full: full, into: buffer)
-        let t1 = Monotonic.nanos()
-        unlink(deviceStatePath)
-        try qmp.execute("xen-save-devices-state", arguments: ["filename": deviceStatePath, "live": false])
-        guard let data = FileManager.default.contents(atPath: deviceStatePath) else {
-            throw GeminusError(.io, "cannot read the device state QEMU saved to \(deviceStatePath)")
-        }
-        buffer.deviceState = [UInt8](data)
-        let t2 = Monotonic.nanos()
-        current.findCopyNanos = t1 - t0
-        current.saveNanos = t2 - t1
-        current.pages = buffer.pageCount
-        current.deviceStateBytes = buffer.deviceState.count
+        try checkpointer.capture(full: full, into: buffer)
     }
 
     /// Kills QEMU (by pid) and removes its files. Idempotent.

@@ -21,6 +21,8 @@ public struct ResumeTimings: Sendable, Equatable {
     public var incomingCommandNanos: UInt64 = 0
     public var polls: Int = 0
     public var hot: Bool = false
+    /// `announce-self` after `cont` (not part of `totalNanos`: the guest already runs).
+    public var announceNanos: UInt64 = 0
 
     public init() {}
     public var totalNanos: UInt64 { writeStateNanos + startNanos + loadNanos + contNanos }
@@ -121,8 +123,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
 
     private func setCapabilitiesLocked() throws(GeminusError) {
         guard !capabilitiesSet, let qmp = standbyQMP else { return }
-        try qmp.execute("migrate-set-capabilities",
-                        arguments: ["capabilities": [["capability": "x-ignore-shared", "state": true]]])
+        try IncomingMigration.enableIgnoreShared(qmp)
         capabilitiesSet = true
     }
 
@@ -151,7 +152,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
                 throw GeminusError(.io, "cannot write the device state to \(deviceStatePath)")
             }
         case .fdPipe:
-            pipeReadEnd = try Self.pipe(holding: deviceState)
+            pipeReadEnd = try IncomingMigration.pipe(holding: deviceState)
         }
         t.writeStateNanos = Monotonic.nanos() - t0
 
@@ -168,40 +169,16 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
             case .execCat:
                 try qmp.execute("migrate-incoming", arguments: ["uri": "exec:cat \(Self.shellQuote(deviceStatePath))"])
             case .fdPipe:
-                try qmp.execute("getfd", arguments: ["fdname": "geminus-incoming"], passing: pipeReadEnd)
+                try IncomingMigration.startFromPipe(qmp, readEnd: pipeReadEnd)
                 close(pipeReadEnd)
                 pipeReadEnd = -1
-                try qmp.execute("migrate-incoming", arguments: ["uri": "fd:geminus-incoming"])
             }
             t.incomingCommandNanos = Monotonic.nanos() - t0
-            let deadline = Monotonic.nanos() + UInt64(migrationTimeout * 1e9)
-            while true {
-                t.polls += 1
-                let info = try qmp.execute("query-migrate") as? [String: Any]
-                let status = info?["status"] as? String ?? ""
-                if status == "completed" { break }
-                if status == "failed" || status == "cancelled" {
-                    let why = info?["error-desc"] as? String ?? "no reason given"
-                    throw GeminusError(.hypervisor, "loading the device state into the standby QEMU failed (\(status)): \(why)")
-                }
-                guard Monotonic.nanos() < deadline else {
-                    throw GeminusError(.timeout, "the standby QEMU did not load the device state within \(migrationTimeout) s (status '\(status)')")
-                }
-                Monotonic.sleep(nanos: 200_000)
-            }
+            t.polls = try IncomingMigration.waitCompleted(qmp, timeout: migrationTimeout)
             t.loadNanos = Monotonic.nanos() - t0
 
             t0 = Monotonic.nanos()
-            while true {
-                do throws(GeminusError) {
-                    try qmp.execute("cont")
-                    break
-                } catch {
-                    guard error.code == .hypervisor, error.message.contains("not finalized"), t.contRetries < 2000 else { throw error }
-                    t.contRetries += 1
-                    Monotonic.sleep(nanos: 500_000)
-                }
-            }
+            t.contRetries = try IncomingMigration.contRetrying(qmp)
             t.contNanos = Monotonic.nanos() - t0
         } catch {
             var e = error
@@ -230,50 +207,6 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
             unlink(config.ramFilePath)
             for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath].compactMap({ $0 }) { unlink(path) }
         }
-    }
-
-    /// A pipe already holding `bytes` with its write end closed; returns the read end. Bytes
-    /// beyond the pipe's capacity are written by a short-lived thread as QEMU reads.
-    static func pipe(holding bytes: [UInt8]) throws(GeminusError) -> Int32 {
-        var fds: [Int32] = [-1, -1]
-        // Glibc's Swift overlay hides pipe2 and F_SETPIPE_SZ (GNU extensions): set close-on-exec
-        // at once, so no QEMU started meanwhile inherits the write end (it would never see EOF).
-        guard Glibc.pipe(&fds) == 0 else {
-            throw GeminusError(.resourceExhausted, "cannot create a pipe: \(String(cString: strerror(errno)))")
-        }
-        let (r, w) = (fds[0], fds[1])
-        _ = fcntl(r, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(w, F_SETFD, FD_CLOEXEC)
-        let setPipeSize: Int32 = 1031, getPipeSize: Int32 = 1032  // F_SETPIPE_SZ, F_GETPIPE_SZ (Linux)
-        _ = fcntl(w, setPipeSize, Int32(min(bytes.count + 4096, 1 << 20)))
-        let capacity = Int(fcntl(w, getPipeSize))
-        let first = min(bytes.count, max(0, capacity))
-        var written = 0
-        while written < first {
-            let n = bytes.withUnsafeBytes { write(w, $0.baseAddress! + written, first - written) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else {
-                close(r); close(w)
-                throw GeminusError(.io, "cannot write the device state into a pipe: \(String(cString: strerror(errno)))")
-            }
-            written += n
-        }
-        if written == bytes.count {
-            close(w)
-        } else {
-            let rest = Array(bytes[written...])
-            Thread.detachNewThread {
-                var off = 0
-                while off < rest.count {
-                    let n = rest.withUnsafeBytes { write(w, $0.baseAddress! + off, rest.count - off) }
-                    if n < 0 && errno == EINTR { continue }
-                    if n <= 0 { break }
-                    off += n
-                }
-                close(w)
-            }
-        }
-        return r
     }
 
     static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }

@@ -37,7 +37,7 @@ import GeminusCore
       </devices>
       <qemu:commandline>
         <qemu:arg value='-qmp'/>
-        <qemu:arg value='unix:/run/geminus/billing-1.qmp,server=on,wait=off'/>
+        <qemu:arg value='unix:/run/geminus/qmp/billing-1.sock,server=on,wait=off'/>
       </qemu:commandline>
     </domain>
     """
@@ -197,7 +197,7 @@ import GeminusCore
           <devices><hostdev mode='subsystem' type='pci'/></devices></domain>
         """
         let c = CAEnrollmentCheck(xml: xml)
-        #expect(c.problems.map(\.code) == [.memorySource, .memoryAccess, .memoryBalloon, .hostdev])
+        #expect(c.problems.map(\.code) == [.memorySource, .memoryAccess, .memoryBalloon, .hostdev, .privateQMP])
         #expect(c.facts.memoryKiB == 1048576)
         let e = c.error
         #expect(e?.code == .invalidArgument)
@@ -252,7 +252,7 @@ import GeminusCore
     """
 
     @Test func prepareFixesBackingAndBalloonAndKeepsTheRest() throws {
-        #expect(Self.codes(Self.needsPreparing) == [.memorySource, .memoryAccess, .memoryBalloon])
+        #expect(Self.codes(Self.needsPreparing) == [.memorySource, .memoryAccess, .memoryBalloon, .privateQMP])
         let out = try CAEnrollmentCheck.prepare(Self.needsPreparing)
         let c = CAEnrollmentCheck(xml: out)
         #expect(c.problems == [])
@@ -307,7 +307,65 @@ import GeminusCore
         let out = try CAEnrollmentCheck.prepare(bare)
         #expect(CAEnrollmentCheck(xml: out).problems == [])
         #expect(out.contains("<devices><memballoon model=\"none\"/></devices>"))
-        #expect(CAEnrollmentCheck(xml: try CAEnrollmentCheck.prepare("<domain type='kvm'/>")).problems == [])
+        #expect(out.contains("<qemu:commandline><qemu:arg value=\"-qmp\"/><qemu:arg value=\"unix:/run/geminus/qmp/x.sock,server=on,wait=off\"/></qemu:commandline>"))
+        #expect(out.contains("xmlns:qemu=\"http://libvirt.org/schemas/domain/qemu/1.0\""))
+        #expect(CAEnrollmentCheck(xml: try CAEnrollmentCheck.prepare("<domain type='kvm'><name>y</name></domain>")).problems == [])
+        // Without a name the socket cannot be named: that problem stays.
+        #expect(CAEnrollmentCheck(xml: try CAEnrollmentCheck.prepare("<domain type='kvm'/>")).problems.map(\.code) == [.privateQMP])
+    }
+
+    // MARK: Private QMP socket
+
+    /// `xml` with libvirt's QEMU namespace bound to the prefix `q` instead of `qemu`.
+    static func otherPrefix(_ xml: String) -> String {
+        xml.replacingOccurrences(of: "qemu:", with: "q:").replacingOccurrences(of: "xmlns:qemu=", with: "xmlns:q=")
+    }
+
+    @Test func missingPrivateQMPIsRefusedWithTheFix() {
+        let without = Self.variant("""
+              <qemu:commandline>
+                <qemu:arg value='-qmp'/>
+                <qemu:arg value='unix:/run/geminus/qmp/billing-1.sock,server=on,wait=off'/>
+              </qemu:commandline>
+
+            """, "")
+        let c = CAEnrollmentCheck(xml: without)
+        #expect(c.problems.map(\.code) == [.privateQMP])
+        #expect(c.problems.first?.fix.contains("geminus enroll billing-1 --prepare") == true)
+        #expect(c.problems.first?.message.contains("unix:/run/geminus/qmp/billing-1.sock,server=on,wait=off") == true)
+        #expect(CAEnrollmentCheck.Code.privateQMP.rawValue == "private-qmp")
+        // Another socket (the old recipe's path) is not the agent's.
+        #expect(Self.codes(Self.variant("/run/geminus/qmp/billing-1.sock", "/run/geminus/billing-1.qmp")) == [.privateQMP])
+        // The arguments in another namespace prefix count; outside the QEMU namespace they do not.
+        #expect(Self.codes(Self.otherPrefix(Self.good)) == [])
+        #expect(Self.codes(Self.good.replacingOccurrences(of: "http://libvirt.org/schemas/domain/qemu/1.0", with: "urn:other")) == [.privateQMP])
+    }
+
+    @Test func preparedPrivateQMPKeepsOtherArgumentsAndIsIdempotent() throws {
+        let xml = Self.variant("<qemu:arg value='-qmp'/>\n    <qemu:arg value='unix:/run/geminus/qmp/billing-1.sock,server=on,wait=off'/>",
+                               "<qemu:arg value='-d'/>\n    <qemu:arg value='guest_errors'/>")
+        #expect(Self.codes(xml) == [.privateQMP])
+        let out = try CAEnrollmentCheck.prepare(xml)
+        #expect(Self.codes(out) == [])
+        #expect(out.contains("<qemu:arg value=\"-d\"/>"))
+        #expect(out.contains("<qemu:arg value=\"guest_errors\"/>"))
+        #expect(out.components(separatedBy: "<qemu:commandline>").count == 2)
+        #expect(try CAEnrollmentCheck.prepare(out) == out)
+        // A domain already right gets no second socket.
+        let good = try CAEnrollmentCheck.prepare(Self.good)
+        #expect(good.components(separatedBy: "/run/geminus/qmp/billing-1.sock").count == 2)
+        // With another prefix, the arguments go into that element.
+        let other = try CAEnrollmentCheck.prepare(Self.otherPrefix(xml))
+        #expect(other.contains("<q:arg value=\"unix:/run/geminus/qmp/billing-1.sock,server=on,wait=off\"/>"))
+        #expect(Self.codes(other) == [])
+    }
+
+    @Test func addingQEMUArgumentsAddsEachMissingGroupOnce() throws {
+        let groups = [["-incoming", "defer"], ["-global", "migration.send-configuration=off"]]
+        let once = try CAEnrollmentCheck.addingQEMUArguments(Self.good, groups)
+        #expect(try CAEnrollmentCheck.addingQEMUArguments(once, groups) == once)
+        #expect(once.contains("<qemu:arg value=\"-incoming\"/><qemu:arg value=\"defer\"/>") || once.contains("<qemu:arg value=\"-incoming\"/>\n"))
+        #expect(Self.codes(once) == [])
     }
 
     @Test func peerFactsComparison() {

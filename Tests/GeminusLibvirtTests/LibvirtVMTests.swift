@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import GeminusCore
 @testable import GeminusLibvirt
+import GeminusLibvirtGuest
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -50,6 +51,8 @@ enum LibvirtEnv {
             return nil
         }
         do {
+            // QEMU (libvirt-qemu) creates the test domains' private QMP sockets there.
+            try PrivateQMP.ensureDirectory()
             return try LibvirtConnection.open(uri: uri, timeout: 60)
         } catch {
             Issue.record("cannot connect to \(uri): \(error); \(startHint)", sourceLocation: sourceLocation)
@@ -103,10 +106,11 @@ enum LibvirtEnv {
         }
     }
 
-    /// The tiny guest as a CA-ready domain (TCG, 32 MiB, shared file RAM, no balloon, serial to a file).
-    static func domainXML(name: String, kernel: String, serialPath: String) -> String {
+    /// The tiny guest as a CA-ready domain (TCG, 32 MiB, shared file RAM, no balloon, serial to
+    /// a file, the agent's private QMP socket).
+    static func domainXML(name: String, kernel: String, serialPath: String, pages: Int = 8) -> String {
         """
-        <domain type='qemu'>
+        <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
           <name>\(name)</name>
           <memory unit='MiB'>32</memory>
           <vcpu>1</vcpu>
@@ -114,12 +118,16 @@ enum LibvirtEnv {
           <os>
             <type arch='x86_64' machine='pc'>hvm</type>
             <kernel>\(kernel)</kernel>
-            <cmdline>pages=8</cmdline>
+            <cmdline>pages=\(pages)</cmdline>
           </os>
           <devices>
             <serial type='file'><source path='\(serialPath)'/><target port='0'/></serial>
             <memballoon model='none'/>
           </devices>
+          <qemu:commandline>
+            <qemu:arg value='-qmp'/>
+            <qemu:arg value='unix:\(PrivateQMP.socketPath(domain: name)),server=on,wait=off'/>
+          </qemu:commandline>
         </domain>
         """
     }
@@ -128,6 +136,7 @@ enum LibvirtEnv {
     /// made by `uniqueName` (prefix geminus-test-) are ever passed here.
     static func cleanUp(_ conn: LibvirtConnection, _ name: String) {
         precondition(name.hasPrefix("geminus-test-"))
+        defer { unlink(PrivateQMP.socketPath(domain: name)) }
         guard let d = try? conn.lookupDomain(named: name) else { return }
         if (try? conn.isActive(d)) == true { try? conn.destroy(d) }
         if (try? conn.isPersistent(d)) == true { try? conn.undefine(d) }

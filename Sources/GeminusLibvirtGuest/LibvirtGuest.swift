@@ -1,0 +1,184 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusLibvirt
+import GeminusQEMU
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The private QMP socket of a domain, beside libvirt's own monitor. The agent drives the
+/// checkpoint cycle over it: stop/save/cont take about 2 ms there against 20 ms through
+/// libvirt's QMP passthrough.
+public enum PrivateQMP {
+    public static var directory: String { CAEnrollmentCheck.privateQMPDirectory }
+
+    /// /run/geminus/qmp/<name>.sock
+    public static func socketPath(domain: String) -> String {
+        CAEnrollmentCheck.privateQMPSocketPath(domain: domain)
+    }
+
+    /// The `<qemu:commandline>` arguments that create the socket.
+    public static func arguments(domain: String) -> [String] {
+        CAEnrollmentCheck.privateQMPArguments(domain: domain)
+    }
+
+    /// Creates the directory so QEMU, running as libvirt's unprivileged user, can create its
+    /// socket there: owned by that user (libvirt-qemu on Debian) with mode 0750 when the user
+    /// exists, else world-writable and sticky (1733, like /tmp without listing). The agent is
+    /// root and connects either way. Must exist before the domain starts, or QEMU fails to
+    /// start (it cannot bind the socket).
+    public static func ensureDirectory(qemuUser: String = "libvirt-qemu") throws(GeminusError) {
+        let parent = (directory as NSString).deletingLastPathComponent
+        for (dir, mode) in [(parent, mode_t(0o755)), (directory, mode_t(0o750))] {
+            if mkdir(dir, mode) != 0 && errno != EEXIST {
+                throw GeminusError(.io, "cannot create \(dir): \(String(cString: strerror(errno)))",
+                                   fix: "run the agent as root")
+            }
+        }
+        if let pw = getpwnam(qemuUser) {
+            if chown(directory, pw.pointee.pw_uid, pw.pointee.pw_gid) == 0, chmod(directory, 0o750) == 0 { return }
+        }
+        guard chmod(directory, 0o1733) == 0 else {
+            throw GeminusError(.io, "cannot set the permissions of \(directory): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+/// Runs a libvirt call (untyped throws) with GeminusError as the only error.
+func libvirt<T>(_ body: () throws -> T) throws(GeminusError) -> T {
+    do {
+        return try body()
+    } catch let e as GeminusError {
+        throw e
+    } catch {
+        throw GeminusError(.hypervisor, "\(error)")
+    }
+}
+
+/// A running libvirt domain protected by the agent: the checkpoint cycle runs over the
+/// domain's private QMP socket (not libvirt's passthrough), guest RAM is read from the shared
+/// RAM file QEMU names, and the device state goes into a file passed with `add-fd`, so QEMU
+/// (libvirt-qemu, sandboxed) needs no writable directory.
+///
+/// libvirt sees the `stop`/`cont` events on its own monitor and follows them: during a pause
+/// `virsh domstate` says "paused (unknown)", after `cont` "running (unpaused)" (libvirt 9.0).
+public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
+    public let connection: LibvirtConnection
+    public let domain: LibvirtDomain
+    public let domainName: String
+    public let counterAddress: Int
+    public let checkpointer: QMPCheckpointer
+    private let deviceStateFD: DeviceStateFD
+    private let ramPath: String
+    private let pid: Int32?
+    private let lock = NSLock()
+    private var released = false
+
+    init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
+         counterAddress: Int, finder: any DirtyPageFinder) throws(GeminusError) {
+        self.connection = connection
+        self.domain = domain
+        self.domainName = domain.name
+        self.counterAddress = counterAddress
+        self.ramPath = ramFilePath
+        self.deviceStateFD = try DeviceStateFD.register(with: qmp)
+        self.checkpointer = QMPCheckpointer(qmp: qmp, memory: memory, target: .descriptorSet(deviceStateFD), finder: finder)
+        self.pid = connection.qemuPid(of: domain)
+    }
+
+    /// Attaches to a RUNNING libvirt domain whose definition has the private QMP socket and
+    /// shared file memory.
+    public static func attach(connection: LibvirtConnection, domainName: String,
+                              counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+                              finder: any DirtyPageFinder = ShadowCompareFinder(), timeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
+        let domain = try libvirt { try connection.lookupDomain(named: domainName, timeout: timeout) }
+        guard try libvirt({ try connection.isActive(domain, timeout: timeout) }) else {
+            throw GeminusError(.invalidArgument, "domain '\(domainName)' is not running", fix: "start it: `virsh start \(domainName)`")
+        }
+        let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
+        do throws(GeminusError) {
+            let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)
+            return try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory, ramFilePath: path,
+                                    counterAddress: counterAddress, finder: finder)
+        } catch {
+            qmp.close()
+            throw error
+        }
+    }
+
+    static func connectPrivateQMP(domainName: String, timeout: Double) throws(GeminusError) -> QMPClient {
+        let socket = PrivateQMP.socketPath(domain: domainName)
+        do throws(GeminusError) {
+            return try QMPClient(socketPath: socket, connectTimeout: timeout)
+        } catch {
+            var e = error
+            e.fix = "the domain needs its private QMP socket: `geminus enroll \(domainName) --prepare`, then restart the domain"
+            throw e
+        }
+    }
+
+    /// Asks QEMU where guest RAM lives (the path has libvirt's per-start id in it) and maps it.
+    static func mapRAM(qmp: QMPClient, domainName: String, create: Bool) throws(GeminusError) -> (String, PageMemory) {
+        let reply = try qmp.execute("qom-get", arguments: ["path": "/objects/pc.ram", "property": "mem-path"])
+        guard let path = reply as? String, !path.isEmpty else {
+            throw GeminusError(.invalidArgument, "domain '\(domainName)' has no file-backed RAM (/objects/pc.ram mem-path: \(reply))",
+                               fix: "`geminus enroll \(domainName) --prepare` sets <memoryBacking><source type='file'/><access mode='shared'/>")
+        }
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw GeminusError(.io, "cannot stat the RAM file \(path) of '\(domainName)': \(String(cString: strerror(errno)))",
+                               fix: "run the agent as root on the domain's host")
+        }
+        let pages = Int(st.st_size) / GuestPage.size
+        guard pages > 0 else { throw GeminusError(.hypervisor, "the RAM file \(path) of '\(domainName)' is empty") }
+        return (path, try PageMemory(fileAt: path, pageCount: pages, create: create))
+    }
+
+    public var qmp: QMPClient { checkpointer.qmp }
+    public var memory: PageMemory { checkpointer.memory }
+    public var qemuPID: Int32? { pid }
+    public var ramFilePath: String { ramPath }
+    public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
+    public var pageCount: Int { memory.pageCount }
+    public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+
+    public func pause() throws(GeminusError) { try checkpointer.pause() }
+    public func resume() throws(GeminusError) { try checkpointer.resume() }
+    public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        try checkpointer.capture(full: full, into: buffer)
+    }
+
+    /// Handover: the guest must not run here again. virDomainDestroy (which also ends a
+    /// paused QEMU), then QMP is closed. Idempotent.
+    public func shutdown() {
+        guard markReleased() else { return }
+        qmp.close()
+        if (try? connection.destroy(domain)) == nil, let pid {
+            // libvirt did not answer: make sure this QEMU cannot run on.
+            if (try? connection.isActive(domain)) != false { kill(pid, SIGKILL) }
+        }
+    }
+
+    /// Leaves the domain running (unprotected): `cont` if the agent paused it, the fdset
+    /// removed, QMP closed. Idempotent.
+    public func detach() {
+        guard markReleased() else { return }
+        if checkpointer.isPaused { try? checkpointer.resume() }
+        deviceStateFD.unregister(from: qmp)
+        qmp.close()
+    }
+
+    /// SIGKILL to the QEMU process: a host crash, for tests.
+    public func crash() {
+        if let pid { kill(pid, SIGKILL) }
+    }
+
+    private func markReleased() -> Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        if released { return false }
+        released = true
+        return true
+    }
+}

@@ -1,0 +1,188 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusLibvirt
+import GeminusQEMU
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The secondary's hot standby as a libvirt domain. `domainName` is this host's definition of
+/// the protected VM (persistent, inactive). `makeReplicaMemory` starts it paused through
+/// libvirt with `-incoming defer`; its own RAM file is the replica (written in place while it
+/// waits); failover loads the committed device state over `fd:` and `cont`s.
+///
+/// Found on libvirt 9.0: `virDomainCreateXML(START_PAUSED)` with the persistent definition's
+/// XML (same name and uuid) plus the extra `<qemu:commandline>` arguments starts the inactive
+/// persistent domain with that XML as its live definition and leaves the persistent
+/// definition unchanged (`virsh dumpxml --inactive` identical before and after). libvirt
+/// reports it "paused (user)"; after our `cont` on the private socket, "running (unpaused)".
+public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
+    public let connection: LibvirtConnection
+    public let domainName: String
+    public let counterAddress: Int
+    /// Bound on each libvirt call and on connecting QMP (seconds).
+    public let timeout: Double
+
+    private let lock = NSLock()
+    private var domain: LibvirtDomain?
+    private var qmp: QMPClient?
+    private var pid: Int32?
+    private var ramPath = ""
+    private var started = false
+    private var resumed = false
+    private var _lastResume: ResumeTimings?
+    private let definedPages: Int?
+
+    public init(connection: LibvirtConnection, domainName: String, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress) {
+        self.connection = connection
+        self.domainName = domainName
+        self.counterAddress = counterAddress
+        self.timeout = 30
+        if let d = try? connection.lookupDomain(named: domainName),
+           let xml = try? connection.xml(of: d, .persistent),
+           let kib = CAEnrollmentCheck(xml: xml).facts.memoryKiB {
+            definedPages = Int(kib * 1024) / GuestPage.size
+        } else {
+            definedPages = nil
+        }
+    }
+
+    /// From the definition's <memory> (nil when the definition could not be read).
+    public var expectedPageCount: Int? { definedPages }
+    public var lastResumeTimings: ResumeTimings? { lock.lock(); defer { lock.unlock() }; return _lastResume }
+    /// The waiting standby QEMU's pid (before resume).
+    public var standbyPID: Int32? { lock.lock(); defer { lock.unlock() }; return resumed ? nil : pid }
+
+    /// The standby domain is active and paused, and its private QMP answers.
+    public var isStandbyReady: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !resumed, let domain, let qmp, qmp.state != .closed,
+              (try? connection.state(of: domain, timeout: 2))?.state == .paused,
+              let status = try? qmp.execute("query-status", timeout: 1) as? [String: Any] else { return false }
+        return status["running"] as? Bool == false
+    }
+
+    /// The standby's live XML: the persistent definition plus `-incoming defer`, no
+    /// configuration section in the stream (the primary sends none) and the private QMP socket.
+    public static func standbyXML(definition: String, domainName: String) throws -> String {
+        try CAEnrollmentCheck.addingQEMUArguments(definition, [
+            PrivateQMP.arguments(domain: domainName),
+            ["-incoming", "defer"],
+            ["-global", "migration.send-configuration=off"],
+        ])
+    }
+
+    public func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !resumed else { throw GeminusError(.internalInvariant, "this standby has already resumed its guest") }
+        if let expected = definedPages, expected != pageCount {
+            throw GeminusError(.invalidArgument, "the replica has \(pageCount) pages but domain '\(domainName)' is defined with \(expected)")
+        }
+        stopLocked()
+        try PrivateQMP.ensureDirectory()
+        let d = try libvirt { try connection.lookupDomain(named: domainName, timeout: timeout) }
+        if try libvirt({ try connection.isActive(d, timeout: timeout) }) {
+            throw GeminusError(.invalidArgument, "standby domain '\(domainName)' is already running on this host",
+                               fix: "a standby starts from an inactive definition: `virsh destroy \(domainName)` if it is a leftover")
+        }
+        let definition = try libvirt { try connection.xml(of: d, .persistent, timeout: timeout) }
+        let xml = try libvirt { try Self.standbyXML(definition: definition, domainName: domainName) }
+        unlink(PrivateQMP.socketPath(domain: domainName))
+        let live = try libvirt { try connection.createTransient(xml: xml, paused: true, timeout: timeout) }
+        domain = live
+        started = true
+        do throws(GeminusError) {
+            let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout)
+            qmp = q
+            pid = connection.qemuPid(of: live)
+            try IncomingMigration.enableIgnoreShared(q)
+            let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, create: false)
+            ramPath = path
+            guard memory.pageCount == pageCount else {
+                throw GeminusError(.invalidArgument, "the standby's RAM file \(path) has \(memory.pageCount) pages, the replica \(pageCount)")
+            }
+            // Touch every page now: the first write to fresh tmpfs pages is slow (DESIGN.md).
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            if fd >= 0 { _ = posix_fallocate(fd, 0, off_t(memory.byteCount)); close(fd) }
+            return memory
+        } catch {
+            stopLocked()
+            throw error
+        }
+    }
+
+    public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
+        try resumeGuest(memory: memory, deviceState: deviceState)
+    }
+
+    /// `resume` with the concrete type.
+    public func resumeGuest(memory: PageMemory, deviceState: [UInt8], migrationTimeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !resumed else { throw GeminusError(.internalInvariant, "this standby has already resumed its guest") }
+        guard let domain, let qmp else {
+            throw GeminusError(.internalInvariant, "no standby domain waiting: makeReplicaMemory starts it")
+        }
+        guard !deviceState.isEmpty else { throw GeminusError(.invalidArgument, "no committed device state to resume from") }
+        var t = ResumeTimings()
+        t.hot = true
+        var t0 = Monotonic.nanos()
+        var readEnd = try IncomingMigration.pipe(holding: deviceState)
+        defer { if readEnd >= 0 { close(readEnd) } }
+        t.writeStateNanos = Monotonic.nanos() - t0
+        do throws(GeminusError) {
+            // `fd:` and not `exec:`: libvirt runs QEMU with -sandbox spawn=deny, and an exec:
+            // URI kills it.
+            t0 = Monotonic.nanos()
+            try IncomingMigration.startFromPipe(qmp, readEnd: readEnd)
+            close(readEnd)
+            readEnd = -1
+            t.incomingCommandNanos = Monotonic.nanos() - t0
+            t.polls = try IncomingMigration.waitCompleted(qmp, timeout: migrationTimeout)
+            t.loadNanos = Monotonic.nanos() - t0
+            t0 = Monotonic.nanos()
+            t.contRetries = try IncomingMigration.contRetrying(qmp)
+            t.contNanos = Monotonic.nanos() - t0
+            // Switches learn the guest's MACs on this host (best effort: no NIC, no packets).
+            t0 = Monotonic.nanos()
+            _ = try? qmp.execute("announce-self", arguments: ["initial": 50, "max": 550, "rounds": 5, "step": 100])
+            t.announceNanos = Monotonic.nanos() - t0
+        } catch {
+            var e = error
+            if (try? connection.isActive(domain, timeout: 2)) == false { e.message += " (the standby QEMU has exited)" }
+            throw e
+        }
+        let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
+                                     ramFilePath: ramPath,
+                                     counterAddress: counterAddress, finder: ShadowCompareFinder())
+        resumed = true
+        _lastResume = t
+        self.qmp = nil
+        self.domain = nil
+        return guest
+    }
+
+    /// Destroys a waiting (not resumed) standby; the persistent definition stays. Idempotent.
+    public func cleanup() {
+        lock.lock()
+        defer { lock.unlock() }
+        stopLocked()
+    }
+
+    private func stopLocked() {
+        qmp?.close()
+        qmp = nil
+        if !resumed, started {
+            if let d = domain ?? (try? connection.lookupDomain(named: domainName)),
+               (try? connection.isActive(d)) == true {
+                if (try? connection.destroy(d)) == nil, let pid { kill(pid, SIGKILL) }
+            }
+            started = false
+        }
+        domain = nil
+        pid = nil
+    }
+}
