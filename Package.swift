@@ -67,6 +67,7 @@ let package = Package(
             name: "geminus",
             dependencies: [
                 "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
+                "GeminusLibvirtGuest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

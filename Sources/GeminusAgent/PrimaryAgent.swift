@@ -244,10 +244,11 @@ public final class PrimaryAgent: @unchecked Sendable {
     private let switchoverRequests = SwitchoverMailbox()
 
     private func finishHandover(_ epoch: Epoch, confirmedGeneration: Generation?) {
+        // Until the confirmation: the secondary resumed the guest before sending it.
+        let downMicros = (Monotonic.nanos() - finalPauseStartNanos) / 1000
         // The guest must never run here again: the secondary runs it (or, unconfirmed, takes
         // over by silence once this side is gone).
         guest.shutdown()
-        let downMicros = (Monotonic.nanos() - finalPauseStartNanos) / 1000
         outcome = .handedOver(epoch, confirmedGeneration: confirmedGeneration)
         var fields: [String: Any] = ["epoch": epoch.rawValue, "pausedMicros": downMicros]
         if let g = confirmedGeneration {

@@ -25,9 +25,10 @@ public final class AgentStatus: @unchecked Sendable {
 }
 
 /// The agent's control socket. A client writes one request line, `status` or `switchover`,
-/// and reads one JSON line back; a client that writes nothing gets the status. The socket's
-/// directory is made owner-only: status shows what is protected where, and a switchover moves
-/// the VM.
+/// and reads one JSON line back; a client that writes nothing gets the status. The socket is
+/// owner-only (created so, not chmod-ed after): status shows what is protected where, and a
+/// switchover moves the VM. Its directory stays traversable: QEMU's unprivileged user reaches
+/// the private QMP sockets in /run/geminus/qmp through it.
 public final class StatusServer: @unchecked Sendable {
     public enum Request: String, Sendable {
         case status, switchover
@@ -51,7 +52,7 @@ public final class StatusServer: @unchecked Sendable {
         self.path = path
         self.status = status
         let dir = (path as NSString).deletingLastPathComponent
-        mkdir(dir, 0o700)
+        mkdir(dir, 0o755)
         guard var addr = Self.unixAddress(path) else {
             throw GeminusError(.invalidArgument, "status socket path \(path) is too long for a unix socket", fix: "choose a shorter --status-socket")
         }
@@ -64,15 +65,16 @@ public final class StatusServer: @unchecked Sendable {
         unlink(path)
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw GeminusError(.io, "cannot create the status socket: \(String(cString: strerror(errno)))") }
+        let oldMask = umask(0o177)
         let ok = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
+        umask(oldMask)
         guard ok, listen(fd, 8) == 0 else {
             let e = String(cString: strerror(errno))
             Glibc.close(fd)
             throw GeminusError(.io, "cannot listen on status socket \(path): \(e)", fix: "check that \(dir) is writable by this agent")
         }
-        chmod(path, 0o600)
         let t = Thread { [self] in serve() }
         t.name = "geminus-status"
         t.start()

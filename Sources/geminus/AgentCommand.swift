@@ -3,6 +3,8 @@ import Foundation
 import GeminusAgent
 import GeminusCore
 import GeminusHypervisor
+import GeminusLibvirt
+import GeminusLibvirtGuest
 import GeminusQEMU
 import GeminusReplication
 import Logging
@@ -11,10 +13,10 @@ enum Role: String, ExpressibleByArgument, CaseIterable {
     case primary, secondary
 }
 
-/// What runs the VM: the simulated guest, or QEMU started directly by the agent (the
-/// libvirt-managed domain comes with the hypervisor issue).
+/// What runs the VM: a libvirt domain (production), QEMU started directly by the agent, or
+/// the simulated guest.
 enum GuestKind: String, ExpressibleByArgument, CaseIterable {
-    case simulated, qemu
+    case simulated, qemu, libvirt
 }
 
 extension PageContent: ExpressibleByArgument {}
@@ -24,8 +26,10 @@ struct Agent: ParsableCommand {
         abstract: "Run the Geminus agent for one protected VM (the daemon an operator runs on each host).",
         discussion: """
         The primary runs the VM and streams checkpoints to the secondary; the secondary keeps the \
-        replica and resumes the VM when the primary is lost. The VM is the simulated one, or with \
-        --guest qemu a QEMU guest each agent starts itself (a libvirt-managed domain is not attached yet).
+        replica and resumes the VM when the primary is lost. With --guest libvirt the VM is a libvirt \
+        domain (enrolled with `geminus enroll`): the primary attaches to it running, the secondary \
+        starts a paused hot standby from its own definition of it. --guest qemu has each agent start \
+        QEMU itself; --guest simulated (the default) needs neither.
 
         Example pair on one machine:
           geminus keygen --out /etc/geminus/pair.key
@@ -45,7 +49,9 @@ struct Agent: ParsableCommand {
     @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
     @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
-    @Option(help: "What runs the VM: simulated, or qemu (QEMU started by the agent under TCG).") var guest = GuestKind.simulated
+    @Option(help: "What runs the VM: simulated, libvirt (a domain, see --domain), or qemu (QEMU started by the agent under TCG).") var guest = GuestKind.simulated
+    @Option(help: "libvirt guest: this host's domain of the VM (default: --vm). The primary's must be running; the secondary's defined and shut off (its standby is started from it).") var domain: String?
+    @Option(help: "libvirt guest: connection URI.") var uri = LibvirtConnection.defaultURI
     @Option(help: "QEMU guest: the multiboot kernel to boot (e.g. the one Tools/guest-tiny/build.sh prints).") var kernel: String?
     @Option(help: "QEMU guest: the kernel command line.") var append = "pages=64"
     @Option(help: "Guest-physical address of the guest's progress counter (default: where the test guests keep it).") var counterAddress: Int?
@@ -72,6 +78,7 @@ struct Agent: ParsableCommand {
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
+        if guest != .libvirt && domain != nil { throw ValidationError("--domain is for --guest libvirt") }
         if guest == .qemu {
             guard let kernel else {
                 throw ValidationError("--guest qemu needs --kernel PATH (build the test guest with Tools/guest-tiny/build.sh)")
@@ -92,7 +99,19 @@ struct Agent: ParsableCommand {
     }
 
     var guestCounterAddress: Int {
-        counterAddress ?? (guest == .qemu ? QEMUGuest.tinyGuestCounterAddress : SimulatedGuest.counterAddress)
+        counterAddress ?? (guest == .simulated ? SimulatedGuest.counterAddress : QEMUGuest.tinyGuestCounterAddress)
+    }
+
+    var domainName: String { domain ?? vm }
+
+    func openLibvirt() throws -> LibvirtConnection {
+        do {
+            return try LibvirtConnection.open(uri: uri)
+        } catch let e as GeminusError {
+            var e = e
+            if e.fix == nil { e.fix = "start libvirtd (Tools/start-libvirt as root), or pass --uri" }
+            throw e
+        }
     }
 
     func qemuConfig(_ role: String) -> QEMUGuestConfig {
@@ -171,6 +190,11 @@ struct Agent: ParsableCommand {
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
+        case .libvirt:
+            let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
+            logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \(l.pageCount * GuestPage.size >> 20) MiB, RAM \(l.ramFilePath))")
+            events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
+            return l
         }
     }
 
@@ -205,14 +229,18 @@ struct Agent: ParsableCommand {
                                                machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000),
                                                counterAddress: guestCounterAddress, generation: run.generation)
         let standby: any StandbyHost
-        var qemuStandby: QEMUStandby?
+        var cleanup: () -> Void = {}
         switch guest {
         case .simulated:
             standby = SimulatedStandbyHost()
         case .qemu:
             let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress)
-            qemuStandby = q
+            cleanup = q.cleanup
             standby = q
+        case .libvirt:
+            let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
+            cleanup = l.cleanup
+            standby = l
         }
         let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status)
         stopper.onSignal { secondary.stop() }
@@ -223,7 +251,7 @@ struct Agent: ParsableCommand {
             ports.port = p
             return p
         }) else {
-            qemuStandby?.cleanup()
+            cleanup()
             return false
         }
         var report: [String: Any] = [
@@ -238,6 +266,10 @@ struct Agent: ParsableCommand {
         }
         if let q = guest as? QEMUGuest {
             report["guestPid"] = Int(q.process.pid)
+        }
+        if let l = guest as? LibvirtGuest {
+            report["guestPid"] = l.qemuPID.map { Int($0) } ?? NSNull()
+            report["domain"] = l.domainName
         }
         events.emit("took-over", report)
         // Carry on as the primary, protected by --peer if given (after a planned switchover the
