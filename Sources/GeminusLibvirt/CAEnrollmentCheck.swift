@@ -3,6 +3,9 @@ import Foundation
 import FoundationXML
 #endif
 import GeminusCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Whether a libvirt domain can be protected in continuous-availability mode, judged from its
 /// XML alone: every reason it cannot, each with exactly what to change, and the facts the
@@ -294,6 +297,27 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
     /// The arguments that give QEMU the agent's private QMP socket.
     public static func privateQMPArguments(domain: String) -> [String] {
         ["-qmp", "unix:\(privateQMPSocketPath(domain: domain)),server=on,wait=off"]
+    }
+
+    /// Creates the private QMP directory so QEMU, running as libvirt's unprivileged user, can
+    /// create its socket there: owned by that user (libvirt-qemu on Debian) with mode 0750
+    /// when the user exists, else world-writable and sticky (1733). The agent is root and
+    /// connects either way. It must exist before the domain starts, or QEMU cannot bind the
+    /// socket and the start fails; /run is a tmpfs, so the agent recreates it at its start.
+    public static func ensurePrivateQMPDirectory(qemuUser: String = "libvirt-qemu") throws(GeminusError) {
+        let parent = (privateQMPDirectory as NSString).deletingLastPathComponent
+        for (dir, mode) in [(parent, mode_t(0o755)), (privateQMPDirectory, mode_t(0o750))] {
+            if mkdir(dir, mode) != 0 && errno != EEXIST {
+                throw GeminusError(.io, "cannot create \(dir): \(String(cString: strerror(errno)))", fix: "run as root")
+            }
+        }
+        if let pw = getpwnam(qemuUser),
+           chown(privateQMPDirectory, pw.pointee.pw_uid, pw.pointee.pw_gid) == 0, chmod(privateQMPDirectory, 0o750) == 0 {
+            return
+        }
+        guard chmod(privateQMPDirectory, 0o1733) == 0 else {
+            throw GeminusError(.io, "cannot set the permissions of \(privateQMPDirectory): \(String(cString: strerror(errno)))", fix: "run as root")
+        }
     }
 
     /// The prefix the root binds to libvirt's QEMU namespace, if any.

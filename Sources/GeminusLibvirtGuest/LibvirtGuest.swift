@@ -23,25 +23,9 @@ public enum PrivateQMP {
         CAEnrollmentCheck.privateQMPArguments(domain: domain)
     }
 
-    /// Creates the directory so QEMU, running as libvirt's unprivileged user, can create its
-    /// socket there: owned by that user (libvirt-qemu on Debian) with mode 0750 when the user
-    /// exists, else world-writable and sticky (1733, like /tmp without listing). The agent is
-    /// root and connects either way. Must exist before the domain starts, or QEMU fails to
-    /// start (it cannot bind the socket).
+    /// Creates the directory so QEMU (libvirt's unprivileged user) can create its socket there.
     public static func ensureDirectory(qemuUser: String = "libvirt-qemu") throws(GeminusError) {
-        let parent = (directory as NSString).deletingLastPathComponent
-        for (dir, mode) in [(parent, mode_t(0o755)), (directory, mode_t(0o750))] {
-            if mkdir(dir, mode) != 0 && errno != EEXIST {
-                throw GeminusError(.io, "cannot create \(dir): \(String(cString: strerror(errno)))",
-                                   fix: "run the agent as root")
-            }
-        }
-        if let pw = getpwnam(qemuUser) {
-            if chown(directory, pw.pointee.pw_uid, pw.pointee.pw_gid) == 0, chmod(directory, 0o750) == 0 { return }
-        }
-        guard chmod(directory, 0o1733) == 0 else {
-            throw GeminusError(.io, "cannot set the permissions of \(directory): \(String(cString: strerror(errno)))")
-        }
+        try CAEnrollmentCheck.ensurePrivateQMPDirectory(qemuUser: qemuUser)
     }
 }
 

@@ -9,7 +9,7 @@ struct Enroll: ParsableCommand {
         discussion: """
         Reads the domain's persistent definition and lists everything that stops continuous \
         availability, with the change each needs. With --prepare it makes the changes it can (shared \
-        file-backed memory, no memory balloon) to the persistent definition, after confirmation; they \
+        file-backed memory, no memory balloon, the agent's private QMP socket) to the persistent definition, after confirmation; they \
         take effect at the domain's next start. An enrolable domain gets a <geminus:enrollment> element \
         in its <metadata> naming the peer and the checkpoint interval.
         """)
@@ -51,6 +51,8 @@ struct Enroll: ParsableCommand {
                     throw OperatorError(description: "nothing changed: not confirmed (use --yes when not interactive)")
                 }
                 _ = try conn.defineDomain(xml: fixed)
+                // QEMU creates the private QMP socket there at the domain's next start.
+                if automatic.contains(where: { $0.code == .privateQMP }) { try? CAEnrollmentCheck.ensurePrivateQMPDirectory() }
                 xml = try conn.xml(of: dom, .persistent)
                 check = CAEnrollmentCheck(xml: xml)
                 say("updated the definition of '\(domain)'")
@@ -59,7 +61,7 @@ struct Enroll: ParsableCommand {
                 if json { printJSON(["domain": domain, "enrolled": false, "problems": check.problems.map { ["code": $0.code.rawValue, "message": $0.message, "fix": $0.fix] }]) }
                 var lines = ["domain '\(domain)' cannot be protected in CA mode:"]
                 for p in check.problems { lines.append("  - \(p.message)\n    fix: \(p.fix)") }
-                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon)") }
+                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket)") }
                 throw OperatorError(description: lines.joined(separator: "\n"))
             }
             let enrollment = GeminusEnrollment(peer: peerAddress, intervalMilliseconds: intervalMillis, state: .enrolled)
