@@ -105,6 +105,8 @@ struct Agent: ParsableCommand {
     var domainName: String { domain ?? vm }
 
     func openLibvirt() throws -> LibvirtConnection {
+        // /run is emptied at boot; QEMU cannot start a protected domain without this directory.
+        try PrivateQMP.ensureDirectory()
         do {
             return try LibvirtConnection.open(uri: uri)
         } catch let e as GeminusError {
