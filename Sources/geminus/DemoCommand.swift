@@ -8,17 +8,22 @@ struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Replicate a VM between two agents on this machine, kill the primary, and prove the secondary carries on.",
         discussion: """
-        Starts `geminus agent --role secondary` and `geminus agent --role primary` as two processes on \
-        loopback, replicates for a few seconds with live progress, kills the primary with SIGKILL at a \
-        random moment, and checks that the resumed VM continues from the last acknowledged checkpoint \
-        and that no output was ever released that the resumed VM does not stand behind. Exits 1 if a \
-        check fails. This release replicates the simulated VM; the real libvirt/QEMU demo comes next.
+        By default a real VM: the tiny test guest as a libvirt domain (TCG), with a second definition \
+        of it as the standby's. Starts libvirtd first if it does not answer (installing it with \
+        apt-get if needed; root only), starts `geminus agent --role secondary` and `--role primary` \
+        as two processes on loopback, replicates for a few seconds with live progress, kills the \
+        primary agent and its QEMU with SIGKILL at a random moment, and checks that the standby \
+        resumed from the last acknowledged checkpoint and runs on, and that the old copy is dead. \
+        When a real VM cannot be had it says why and replicates the simulated VM instead (which \
+        also checks output commit: no packet released ahead of its checkpoint). Exits 1 if a check fails.
         """)
 
-    @Flag(help: "Use the simulated VM (the default in this release).") var simulated = false
-    @Flag(help: "Replicate a real QEMU guest (TCG) instead: each agent starts its own QEMU; needs --kernel.") var qemu = false
-    @Option(help: "With --qemu: the multiboot test guest to boot (Tools/guest-tiny/build.sh prints its path; Tools/demo --qemu builds it).") var kernel: String?
-    @Option(help: "With --qemu: the guest's command line (pages written per loop, etc.).") var append = "pages=64"
+    @Flag(help: "Replicate the simulated VM (no QEMU or libvirt needed).") var simulated = false
+    @Flag(help: "Replicate a libvirt domain (the default); fail rather than fall back when that cannot be done.") var libvirt = false
+    @Flag(help: "Replicate a QEMU guest each agent starts itself, without libvirt; needs --kernel.") var qemu = false
+    @Option(help: "The multiboot test guest to boot (Tools/guest-tiny/build.sh prints its path; Tools/demo builds it). Without it the demo looks for Tools/guest-tiny beside the binary.") var kernel: String?
+    @Option(help: "The test guest's command line (pages written per loop, etc.).") var append = "pages=64"
+    @Option(help: "libvirt connection URI.") var uri = "qemu:///system"
 
     @Option(help: "Seconds of replication before the primary is killed.") var durationSeconds = 5.0
     @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
@@ -32,8 +37,30 @@ struct Demo: ParsableCommand {
     func validate() throws {
         guard durationSeconds >= 1 && durationSeconds <= 3600 else { throw ValidationError("--duration-seconds must be 1...3600") }
         guard takeoverAfterMillis >= 2 * intervalMillis else { throw ValidationError("--takeover-after-millis must be at least twice --interval-millis") }
-        if simulated && qemu { throw ValidationError("choose one of --simulated and --qemu") }
+        if [simulated, qemu, libvirt].filter({ $0 }).count > 1 { throw ValidationError("choose one of --simulated, --libvirt and --qemu") }
         if qemu && kernel == nil { throw ValidationError("--qemu needs --kernel PATH; Tools/demo --qemu builds the test guest and passes it") }
+    }
+
+    enum Mode: String { case simulated, qemu, libvirt }
+
+    /// The mode asked for, or (by default) libvirt when it can be had, else simulated and why.
+    func chooseMode(say: (String) -> Void) throws -> (Mode, kernel: String?, fallback: String?) {
+        if simulated { return (.simulated, nil, nil) }
+        if qemu { return (.qemu, kernel, nil) }
+        var why = LibvirtSetup.ensure(uri: uri, say: say)
+        var guest = kernel
+        if why == nil && guest == nil {
+            switch TestGuestLocator.tinyGuest(say: say) {
+            case .success(let path): guest = path
+            case .failure(let reason): why = reason.description
+            }
+        }
+        if let why {
+            if libvirt { throw OperatorError(description: "cannot run the libvirt demo: \(why)") }
+            say("NOTE: replicating the SIMULATED VM instead of a real one: \(why)")
+            return (.simulated, nil, why)
+        }
+        return (.libvirt, guest, nil)
     }
 
     func run() throws {
@@ -41,12 +68,17 @@ struct Demo: ParsableCommand {
             // Unbuffered, so progress shows live even through a pipe.
             (json ? FileHandle.standardError : FileHandle.standardOutput).write(Data((line + "\n").utf8))
         }
-        if qemu {
-            say("Geminus demo: a \(ramMib) MiB QEMU guest (\(kernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
-        } else {
+        let (mode, guestKernel, fallback) = try chooseMode(say: say)
+        switch mode {
+        case .libvirt:
+            say("Geminus demo: a \(ramMib) MiB libvirt domain (test guest \(guestKernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
+        case .qemu:
+            say("Geminus demo: a \(ramMib) MiB QEMU guest (\(guestKernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
+        case .simulated:
             say("Geminus demo: a simulated \(ramMib) MiB VM writing \(dirtyRate) pages/s, checkpointed every \(intervalMillis) ms (seed \(seed))")
         }
-        let run = try DemoRun(settings: self, say: say)
+        let run = try DemoRun(settings: self, mode: mode, kernel: guestKernel, say: say)
+        if let fallback { run.fallbackReason = fallback }
         defer { run.cleanUp() }
         let summary = try run.execute()
         if json {

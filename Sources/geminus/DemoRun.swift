@@ -8,7 +8,13 @@ import GeminusTransport
 /// The demo's script: start, watch, kill, check.
 final class DemoRun {
     let s: Demo
+    let mode: Demo.Mode
+    let kernel: String?
     let say: (String) -> Void
+    /// Why the demo runs the simulated VM although a real one was the default.
+    var fallbackReason: String?
+    /// The libvirt domains of the demo (primary's, standby's definition), when mode is libvirt.
+    var domains: DemoDomains?
     let dir: URL
     let observer: OutputObserver
     var secondary: AgentProcess?
@@ -17,8 +23,10 @@ final class DemoRun {
     /// here they would stay in /dev/shm.
     var deadPrimaryFiles: [String] = []
 
-    init(settings: Demo, say: @escaping (String) -> Void) throws {
+    init(settings: Demo, mode: Demo.Mode, kernel: String?, say: @escaping (String) -> Void) throws {
         s = settings
+        self.mode = mode
+        self.kernel = kernel
         self.say = say
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-demo-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
@@ -31,6 +39,7 @@ final class DemoRun {
         primary?.process.waitUntilExit()
         secondary?.process.waitUntilExit()
         observer.close()
+        domains?.remove()
         for f in deadPrimaryFiles { unlink(f) }
         try? FileManager.default.removeItem(at: dir)
     }
@@ -42,13 +51,25 @@ final class DemoRun {
                     "--interval-millis", "\(s.intervalMillis)", "--takeover-after-millis", "\(s.takeoverAfterMillis)",
                     "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice", "--ram-mib", "\(s.ramMib)",
                     "--status-socket", dir.appendingPathComponent("\(role).sock").path]
-        if s.qemu { args += ["--guest", "qemu", "--kernel", s.kernel!, "--append", s.append] }
+        switch mode {
+        case .qemu: args += ["--guest", "qemu", "--kernel", kernel!, "--append", s.append]
+        case .libvirt: args += ["--guest", "libvirt", "--uri", s.uri, "--domain", role == "primary" ? domains!.primary : domains!.standby]
+        case .simulated: break
+        }
         return args
     }
 
     func execute() throws -> DemoSummary {
         var summary = DemoSummary()
+        summary.figures["mode"] = mode.rawValue
+        if let fallbackReason { summary.figures["fallbackReason"] = fallbackReason }
         try PairKey.generate(path: dir.appendingPathComponent("pair.key").path)
+        if mode == .libvirt {
+            let d = try DemoDomains(uri: s.uri, directory: dir, kernel: kernel!, append: s.append, ramMiB: s.ramMib, say: say)
+            domains = d
+            try d.startPrimary()
+            say("libvirt: defined \(d.primary) (started) and \(d.standby) (the standby's definition), both made CA-ready by `enroll --prepare`'s rules")
+        }
 
         let sec = try AgentProcess(name: "secondary", executable: executable,
                                    arguments: common("secondary") + ["--listen", "127.0.0.1:0"],
@@ -65,13 +86,13 @@ final class DemoRun {
                                    logFile: dir.appendingPathComponent("primary.log"))
         primary = pri
         var guestPid: Int32?
-        if s.qemu {
+        if mode != .simulated {
             guard let started = pri.wait(for: "guest-started", timeoutSeconds: 20), let pid = started["pid"] as? Int else {
                 throw failure("the primary's QEMU did not start", log: "primary.log")
             }
             guestPid = Int32(pid)
-            deadPrimaryFiles = (started["ramFile"] as? String).map { [$0, $0 + ".devstate"] } ?? []
-            say("primary agent (pid \(pri.process.processIdentifier)) started QEMU (pid \(pid)), connecting to the secondary")
+            if mode == .qemu { deadPrimaryFiles = (started["ramFile"] as? String).map { [$0, $0 + ".devstate"] } ?? [] }
+            say("primary agent (pid \(pri.process.processIdentifier)) \(mode == .qemu ? "started" : "attached to") QEMU (pid \(pid)), connecting to the secondary")
         } else {
             say("primary agent (pid \(pri.process.processIdentifier)) running the VM, connecting to the secondary")
         }
@@ -118,8 +139,14 @@ final class DemoRun {
                capturedCounter: pri.counter(atCheckpoint: took["fromEpoch"] as? UInt64 ?? 0), ackedEpoch: pri.highestAcknowledged)
         if let guestPid {
             let state = processState(guestPid)
-            summary.check("at most one running copy", state == nil || state == "Z",
-                          "the old primary's QEMU (pid \(guestPid)) is \(state == nil ? "gone" : state == "Z" ? "dead (a zombie awaiting its reaper)" : "STILL RUNNING (state \(state!))"); the resumed QEMU is pid \(took["guestPid"] ?? "?")")
+            var ok = state == nil || state == "Z"
+            var detail = "the old primary's QEMU (pid \(guestPid)) is \(state == nil ? "gone" : state == "Z" ? "dead (a zombie awaiting its reaper)" : "STILL RUNNING (state \(state!))"); the resumed QEMU is pid \(took["guestPid"] ?? "?")"
+            if let d = domains {
+                let (primaryState, standbyState) = (d.state(of: d.primary), d.state(of: d.standby))
+                ok = ok && primaryState != "running" && standbyState == "running"
+                detail += "; libvirt: \(d.primary) \(primaryState), \(d.standby) \(standbyState)"
+            }
+            summary.check("at most one running copy", ok, detail)
         }
         return summary
     }
@@ -156,7 +183,7 @@ final class DemoRun {
                       fromEpoch >= ackedEpoch && ackedEpoch > 0 && capturedCounter == resumedCounter,
                       "resumed epoch \(fromEpoch) at counter \(resumedCounter); the primary captured that epoch at counter \(capturedCounter.map(String.init) ?? "unknown") and had received acknowledgements up to epoch \(ackedEpoch)")
 
-        if s.qemu {
+        if mode != .simulated {
             summary.figures["networkOutput"] = "none: the test guest has no NIC yet (output commit for a real NIC is a later issue), so the output checks do not apply"
         } else {
             verifyOutput(&summary, packets: packets, malformed: malformed, generation: generation, outputSequence: outputSequence,

@@ -33,26 +33,43 @@ enum TinyGuest {
     }
 }
 
-/// Two agent processes, each with its own QEMU running the tiny guest under TCG; the primary
-/// agent and its QEMU are SIGKILLed at a random moment inside an epoch. The resumed guest's
-/// counter must equal the counter captured at the checkpoint it resumed from, it must keep
-/// running, failover must be within the bound, and the old QEMU must not be running.
+/// Runs `geminus demo` with `mode` and checks its verdicts: two agent processes, the primary
+/// agent and its QEMU SIGKILLed at a random moment inside an epoch; the resumed guest's counter
+/// must equal the counter captured at the checkpoint it resumed from, it must keep running,
+/// failover must be within the bound, and the old QEMU (and, under libvirt, the old domain)
+/// must not be running.
+func demoFailover(mode: String, seed: UInt64) throws {
+    guard let kernel = try TinyGuest.kernel() else { return }
+    let r = try GeminusBinary.run(["demo", mode, "--kernel", kernel, "--json", "--duration-seconds", "2", "--seed", "\(seed)"],
+                                  timeoutSeconds: 180)
+    let summary = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any],
+                               "demo printed no JSON; stderr:\n\(r.stderr)")
+    #expect(summary["mode"] as? String == String(mode.dropFirst(2)))
+    let checks = summary["checks"] as? [[String: Any]] ?? []
+    for c in checks {
+        #expect(c["passed"] as? Bool == true, "\(c["name"] ?? "?"): \(c["detail"] ?? "")")
+    }
+    #expect(checks.map { $0["name"] as? String ?? "" }.contains("at most one running copy"))
+    #expect(checks.count == 4)
+    #expect(r.status == 0)
+}
+
+/// QEMU started by the agents themselves (no libvirt).
 @Suite(.serialized, .disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
 struct QEMUFailoverTests {
-    @Test(arguments: Array(UInt64(21)...UInt64(30)))
+    @Test(arguments: Array(UInt64(21)...UInt64(23)))
     func realGuestSurvivesThePrimaryHostDying(seed: UInt64) throws {
-        guard let kernel = try TinyGuest.kernel() else { return }
-        let r = try GeminusBinary.run(["demo", "--qemu", "--kernel", kernel, "--json", "--duration-seconds", "2", "--seed", "\(seed)"],
-                                      timeoutSeconds: 120)
-        let summary = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any],
-                                   "demo printed no JSON; stderr:\n\(r.stderr)")
-        let checks = summary["checks"] as? [[String: Any]] ?? []
-        for c in checks {
-            #expect(c["passed"] as? Bool == true, "\(c["name"] ?? "?"): \(c["detail"] ?? "")")
-        }
-        #expect(checks.map { $0["name"] as? String ?? "" }.contains("at most one running copy"))
-        #expect(checks.count == 4)
-        #expect(r.status == 0)
+        try demoFailover(mode: "--qemu", seed: seed)
+    }
+}
+
+/// The production path: the VM is a libvirt domain, the standby a paused domain started from
+/// the standby host's definition. Ten kills at random moments.
+@Suite(.serialized, .disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
+struct LibvirtFailoverTests {
+    @Test(arguments: Array(UInt64(31)...UInt64(40)))
+    func libvirtDomainSurvivesThePrimaryHostDying(seed: UInt64) throws {
+        try demoFailover(mode: "--libvirt", seed: seed)
     }
 }
 
