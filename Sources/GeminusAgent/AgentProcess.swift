@@ -93,5 +93,16 @@ public final class AgentProcess: @unchecked Sendable {
     public func kill(_ signal: Int32) {
         if process.isRunning { Foundation.kill(process.processIdentifier, signal) }
     }
+
+    /// SIGTERM, so the agent stops a QEMU it started itself; SIGKILL if it has not exited within
+    /// `graceSeconds`. A SIGKILLed agent leaves its QEMU running (a host crash takes both), which
+    /// in a test would keep burning one of the two cores through every later test.
+    public func stop(graceSeconds: Double = 5) {
+        kill(SIGTERM)
+        let deadline = Date().addingTimeInterval(graceSeconds)
+        while process.isRunning && Date() < deadline { Thread.sleep(forTimeInterval: 0.02) }
+        kill(SIGKILL)
+        process.waitUntilExit()
+    }
 }
 

@@ -77,7 +77,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             self.key = key
             let hello = PeerHello(role: .primary, vmName: settings.vmName, generation: settings.generation,
                                   committedEpoch: settings.resumedFrom, guestPageCount: UInt64(guest.pageCount),
-                                  agentVersion: GeminusVersion.current)
+                                  agentVersion: GeminusVersion.current, platform: guest.platform)
             dialer = Dialer(host: host, port: settings.peerPort, key: key, hello: hello, logger: logger)
         } else {
             key = nil

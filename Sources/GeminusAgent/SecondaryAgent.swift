@@ -84,7 +84,8 @@ public final class SecondaryAgent: @unchecked Sendable {
         key = try PairKey.load(path: settings.keyPath)
         listener = try TCPListener(host: settings.listenHost, port: settings.listenPort, logger: logger)
         machine = SecondaryMachine(config: settings.machine, generation: settings.generation)
-        acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, expectedPageCount: standby.expectedPageCount, logger: logger)
+        acceptor = Acceptor(listener: listener, key: key, vmName: settings.vmName, expectedPageCount: standby.expectedPageCount,
+                            platform: standby.platform, logger: logger)
     }
 
     public func stop() { stopFlag.set() }
@@ -347,14 +348,16 @@ final class Acceptor: @unchecked Sendable {
     private let key: PairKey
     private let vmName: String
     private let expectedPageCount: Int?
+    private let platform: GuestPlatform
     private let logger: Logger
     private let handoff = ConnectionHandoff()
 
-    init(listener: TCPListener, key: PairKey, vmName: String, expectedPageCount: Int?, logger: Logger) {
+    init(listener: TCPListener, key: PairKey, vmName: String, expectedPageCount: Int?, platform: GuestPlatform, logger: Logger) {
         self.listener = listener
         self.key = key
         self.vmName = vmName
         self.expectedPageCount = expectedPageCount
+        self.platform = platform
         self.logger = logger
     }
 
@@ -375,16 +378,21 @@ final class Acceptor: @unchecked Sendable {
         while !handoff.isStopped {
             let (generation, committed) = state()
             let local = PeerHello(role: .secondary, vmName: vmName, generation: generation, committedEpoch: committed,
-                                  guestPageCount: 0, agentVersion: GeminusVersion.current)
+                                  guestPageCount: 0, agentVersion: GeminusVersion.current, platform: platform)
             let vmName = self.vmName
             let expectedPages = expectedPageCount
+            let platform = self.platform
             do {
                 guard let c = try listener.accept(key: key, local: local, admit: { peer in
                     if peer.role != .primary { return "only a primary may connect to a secondary" }
                     if peer.vmName != vmName { return "this secondary protects '\(vmName)', not '\(peer.vmName)'" }
                     if let expectedPages, peer.guestPageCount != UInt64(expectedPages) {
                         let mib = { (pages: UInt64) in (pages * UInt64(GuestPage.size)) >> 20 }
-                        return "this secondary's standby is set up for \(mib(UInt64(expectedPages))) MiB of guest RAM, the primary's guest has \(mib(peer.guestPageCount)) MiB; start the secondary with --ram-mib \(mib(peer.guestPageCount))"
+                        return "this secondary's standby is set up for \(mib(UInt64(expectedPages))) MiB of guest RAM, the primary's guest has \(mib(peer.guestPageCount)) MiB; start the secondary with --ram-mib \(mib(peer.guestPageCount)) (a libvirt standby: define it with the primary's <memory>)"
+                    }
+                    let differences = platform.differences(fromPrimary: peer.platform)
+                    if !differences.isEmpty {
+                        return "this host's standby cannot resume the primary's checkpoints (\(differences.joined(separator: "; "))); define the standby from the primary's definition (`virsh dumpxml --inactive DOMAIN` there, `virsh define` here) on a host with the same QEMU"
                     }
                     if peer.generation < generation {
                         return "generation \(peer.generation) is stale: the pair is at generation \(generation) (this primary was deposed)"

@@ -19,10 +19,13 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// started is stopped (`shutdown`), a libvirt domain the operator runs is left running
     /// (unprotected) with its vCPUs resumed. Idempotent.
     func detach()
+    /// What its checkpoints are valid for (machine type, emulator, sizes); empty = not known.
+    var platform: GuestPlatform { get }
 }
 
 extension ProtectedGuest {
     public func detach() { shutdown() }
+    public var platform: GuestPlatform { GuestPlatform() }
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is
@@ -37,6 +40,8 @@ public protocol StandbyHost: Sendable {
     /// The guest size this standby is set up for, or nil if it takes any. A primary with
     /// another size is refused at the handshake, with the reason, instead of being dropped.
     var expectedPageCount: Int? { get }
+    /// What the standby can resume (machine type, emulator, sizes); empty = not known.
+    var platform: GuestPlatform { get }
     func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory
     /// Starts the guest from `memory` (already holding the committed pages) and the committed
     /// device state. The returned guest is running and is now the one to protect.
@@ -45,4 +50,6 @@ public protocol StandbyHost: Sendable {
 
 extension StandbyHost {
     public var expectedPageCount: Int? { nil }
+    public var platform: GuestPlatform { GuestPlatform() }
 }
+

@@ -168,6 +168,18 @@ public final class LibvirtConnection: @unchecked Sendable {
         }
     }
 
+    /// The hypervisor's version as libvirt reports it (virConnectGetVersion: QEMU's version
+    /// for the qemu driver), e.g. "7.2.19".
+    public func hypervisorVersion(timeout: Double? = nil) throws -> String {
+        let uri = self.uri
+        let v: UInt = try call("virConnectGetVersion", timeout: timeout) { conn in
+            var version: UInt = 0
+            if virConnectGetVersion(conn.pointer, &version) < 0 { throw LibvirtCall.lastError("cannot read the hypervisor version on \(uri)") }
+            return version
+        }
+        return "\(v / 1_000_000).\(v / 1000 % 1000).\(v % 1000)"
+    }
+
     // MARK: Domains
 
     /// The domain called `name`, or `.invalidArgument` naming the command that lists them.

@@ -29,6 +29,28 @@ public enum PrivateQMP {
     }
 }
 
+/// The platform facts of a libvirt domain definition that a checkpoint depends on. libvirt
+/// expands a machine alias at define time (`pc` becomes `pc-i440fx-7.2`), so two hosts'
+/// definitions compare by the real machine type. The emulator's path is left out (hosts may
+/// install QEMU in different places); its version is what matters.
+public enum LibvirtPlatform {
+    public static func of(xml: String, connection: LibvirtConnection) -> GuestPlatform {
+        let f = CAEnrollmentCheck(xml: xml).facts
+        var facts: [(name: String, value: String)] = []
+        func add(_ name: String, _ value: (some CustomStringConvertible)?) {
+            if let value { facts.append((name, "\(value)")) }
+        }
+        add("domain type", f.domainType)
+        add("architecture", f.arch)
+        add("machine type", f.machineType)
+        add("QEMU version", try? connection.hypervisorVersion(timeout: 5))
+        add("memory KiB", f.memoryKiB)
+        add("vCPUs", f.vcpus)
+        add("hugepages", f.hugepages ? "yes" : "no")
+        return GuestPlatform(facts)
+    }
+}
+
 /// Runs a libvirt call (untyped throws) with GeminusError as the only error.
 func libvirt<T>(_ body: () throws -> T) throws(GeminusError) -> T {
     do {
@@ -56,6 +78,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     private let deviceStateFD: DeviceStateFD
     private let ramPath: String
     private let pid: Int32?
+    public let platform: GuestPlatform
     private let lock = NSLock()
     private var released = false
 
@@ -69,6 +92,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         self.deviceStateFD = try DeviceStateFD.register(with: qmp)
         self.checkpointer = QMPCheckpointer(qmp: qmp, memory: memory, target: .descriptorSet(deviceStateFD), finder: finder)
         self.pid = connection.qemuPid(of: domain)
+        self.platform = (try? connection.xml(of: domain, .live)).map { LibvirtPlatform.of(xml: $0, connection: connection) } ?? GuestPlatform()
     }
 
     /// Attaches to a RUNNING libvirt domain whose definition has the private QMP socket and

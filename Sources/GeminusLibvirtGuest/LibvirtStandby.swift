@@ -33,19 +33,21 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     private var resumed = false
     private var _lastResume: ResumeTimings?
     private let definedPages: Int?
+    /// From this host's definition; compared with the primary's at the handshake.
+    public let platform: GuestPlatform
 
     public init(connection: LibvirtConnection, domainName: String, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress) {
         self.connection = connection
         self.domainName = domainName
         self.counterAddress = counterAddress
         self.timeout = 30
-        if let d = try? connection.lookupDomain(named: domainName),
-           let xml = try? connection.xml(of: d, .persistent),
-           let kib = CAEnrollmentCheck(xml: xml).facts.memoryKiB {
+        let xml = (try? connection.lookupDomain(named: domainName)).flatMap { try? connection.xml(of: $0, .persistent) }
+        if let xml, let kib = CAEnrollmentCheck(xml: xml).facts.memoryKiB {
             definedPages = Int(kib * 1024) / GuestPage.size
         } else {
             definedPages = nil
         }
+        platform = xml.map { LibvirtPlatform.of(xml: $0, connection: connection) } ?? GuestPlatform()
     }
 
     /// From the definition's <memory> (nil when the definition could not be read).

@@ -20,15 +20,19 @@ public struct PeerHello: Sendable, Equatable {
     public var committedEpoch: Epoch
     public var guestPageCount: UInt64
     public var agentVersion: String
+    /// The primary's guest platform, or the standby's (machine type, emulator, sizes); the
+    /// secondary refuses a primary whose checkpoints its standby could not resume.
+    public var platform: GuestPlatform
 
     public init(role: PeerRole, vmName: String, generation: Generation, committedEpoch: Epoch,
-                guestPageCount: UInt64, agentVersion: String) {
+                guestPageCount: UInt64, agentVersion: String, platform: GuestPlatform = GuestPlatform()) {
         self.role = role
         self.vmName = vmName
         self.generation = generation
         self.committedEpoch = committedEpoch
         self.guestPageCount = guestPageCount
         self.agentVersion = agentVersion
+        self.platform = platform
     }
 
     /// Layout in docs/PROTOCOL.md, "Handshake". Throws for names too long for their length byte
@@ -36,22 +40,25 @@ public struct PeerHello: Sendable, Equatable {
     public func encoded() throws(GeminusError) -> [UInt8] {
         let name = Array(vmName.utf8)
         let version = Array(agentVersion.utf8)
+        let platformBytes = platform.encoded
         guard name.count <= Self.maxVMNameBytes else {
             throw GeminusError(.invalidArgument, "VM name '\(vmName.prefix(40))...' is \(name.count) bytes of UTF-8; at most \(Self.maxVMNameBytes) are allowed")
         }
         guard version.count <= Self.maxAgentVersionBytes else {
             throw GeminusError(.invalidArgument, "agent version string is \(version.count) bytes; at most \(Self.maxAgentVersionBytes) are allowed")
         }
-        var w = ByteWriter(capacity: Self.fixedBytes + name.count + version.count)
+        var w = ByteWriter(capacity: Self.fixedBytes + name.count + version.count + platformBytes.count)
         w.u8(role.rawValue)
         w.u8(UInt8(name.count))
         w.u8(UInt8(version.count))
-        w.zeros(5)
+        w.u16(UInt16(platformBytes.count))
+        w.zeros(3)
         w.u64(generation.rawValue)
         w.u64(committedEpoch.rawValue)
         w.u64(guestPageCount)
         w.append(name)
         w.append(version)
+        w.append(platformBytes)
         return w.bytes
     }
 
@@ -60,13 +67,15 @@ public struct PeerHello: Sendable, Equatable {
     public init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
         guard let roleByte = r.u8(), let role = PeerRole(rawValue: roleByte),
-              let nameLength = r.u8(), let versionLength = r.u8(), r.skip(5),
+              let nameLength = r.u8(), let versionLength = r.u8(), let platformLength = r.u16(),
+              Int(platformLength) <= GuestPlatform.maxEncodedBytes, r.skip(3),
               let generation = r.u64(), let committed = r.u64(), let pages = r.u64(),
-              bytes.count == Self.fixedBytes + Int(nameLength) + Int(versionLength),
+              bytes.count == Self.fixedBytes + Int(nameLength) + Int(versionLength) + Int(platformLength),
               let name = r.take(Int(nameLength)), let version = r.take(Int(versionLength)),
+              let platformBytes = r.take(Int(platformLength)), let platform = GuestPlatform(decoding: Array(platformBytes)),
               let vmName = String(validating: name, as: UTF8.self),
               let agentVersion = String(validating: version, as: UTF8.self) else { return nil }
         self.init(role: role, vmName: vmName, generation: Generation(generation), committedEpoch: Epoch(committed),
-                  guestPageCount: pages, agentVersion: agentVersion)
+                  guestPageCount: pages, agentVersion: agentVersion, platform: platform)
     }
 }

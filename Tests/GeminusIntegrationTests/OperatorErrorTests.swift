@@ -79,7 +79,7 @@ import Testing
                                    arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"),
                                                "--events", "--duration-seconds", "4", "--status-socket", s.path("s.sock")],
                                    logFile: s.url.appendingPathComponent("s.log"))
-        defer { sec.kill(SIGKILL) }
+        defer { sec.stop() }
         let port = try #require(sec.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         let pri = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
                                          "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning", "--status-socket", s.path("p.sock")])

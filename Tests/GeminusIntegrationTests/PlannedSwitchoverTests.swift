@@ -51,12 +51,12 @@ import Glibc
                                  arguments: ["agent", "--role", "primary", "--listen", "127.0.0.1:\(portA)", "--peer", "127.0.0.1:\(portB)",
                                              "--status-socket", s.path("a.sock")] + common,
                                  logFile: s.url.appendingPathComponent("a.log"))
-        defer { a.kill(SIGKILL) }
+        defer { a.stop() }
         let b = try AgentProcess(name: "B", executable: GeminusBinary.url,
                                  arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
                                              "--status-socket", s.path("b.sock")] + common,
                                  logFile: s.url.appendingPathComponent("b.log"))
-        defer { b.kill(SIGKILL) }
+        defer { b.stop() }
         let logs = { "A:\n\((try? String(contentsOf: s.url.appendingPathComponent("a.log"), encoding: .utf8)) ?? "")\nB:\n\((try? String(contentsOf: s.url.appendingPathComponent("b.log"), encoding: .utf8)) ?? "")" }
         try #require(a.wait(for: "protected", timeoutSeconds: 60) != nil, "A never protected: \(logs())")
 

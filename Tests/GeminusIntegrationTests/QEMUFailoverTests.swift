@@ -88,7 +88,7 @@ struct GuestSizeMismatchTests {
                                          arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--ram-mib", "32",
                                                      "--events", "--status-socket", s.path("s.sock")] + qemu,
                                          logFile: s.url.appendingPathComponent("s.log"))
-        defer { secondary.kill(SIGTERM) }
+        defer { secondary.stop() }
         let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         let primary = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "64",
                                              "--duration-seconds", "1.5", "--status-socket", s.path("p.sock")] + qemu)

@@ -16,12 +16,12 @@ import Testing
         let first = try AgentProcess(name: "secondary-1", executable: GeminusBinary.url,
                                      arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0"] + common + socket("s1"),
                                      logFile: s.url.appendingPathComponent("s1.log"))
-        defer { first.kill(SIGKILL) }
+        defer { first.stop() }
         let port = try #require(first.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
                                        arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "16"] + common + socket("p"),
                                        logFile: s.url.appendingPathComponent("p.log"))
-        defer { primary.kill(SIGKILL) }
+        defer { primary.stop() }
         #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
 
         let mark = primary.eventCount
@@ -33,7 +33,7 @@ import Testing
         let second = try AgentProcess(name: "secondary-2", executable: GeminusBinary.url,
                                       arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)"] + common + socket("s2"),
                                       logFile: s.url.appendingPathComponent("s2.log"))
-        defer { second.kill(SIGKILL) }
+        defer { second.stop() }
         let reprotected = primary.wait(for: "protected", timeoutSeconds: 20, from: mark)
         #expect(reprotected != nil, "primary log: \((try? String(contentsOf: s.url.appendingPathComponent("p.log"), encoding: .utf8)) ?? "")")
         #expect(second.wait(for: "base-committed", timeoutSeconds: 5) != nil)

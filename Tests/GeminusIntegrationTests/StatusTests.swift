@@ -15,13 +15,13 @@ import Testing
                                          arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
                                                      "--status-socket", s.path("s.sock")] + common,
                                          logFile: s.url.appendingPathComponent("s.log"))
-        defer { secondary.kill(SIGKILL) }
+        defer { secondary.stop() }
         let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
                                        arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "8",
                                                    "--status-socket", s.path("p.sock")] + common,
                                        logFile: s.url.appendingPathComponent("p.log"))
-        defer { primary.kill(SIGKILL) }
+        defer { primary.stop() }
         #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
         // Status refreshes with each progress report (every 500 ms).
         _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)

@@ -296,4 +296,31 @@ struct LibvirtGuestTests {
         #expect(try conn.state(of: domain).state == .shutOff)
         #expect(try conn.isPersistent(domain))
     }
+
+    /// The standby compares what libvirt made of each host's definition: `pc` is expanded at
+    /// define time, so an identical definition matches and a q35 one is refused by name.
+    @Test func platformComparesTheExpandedMachineType() throws {
+        guard let conn = LibvirtEnv.connect(), let kernel = Self.kernel() else { return }
+        let (a, b, c) = (LibvirtEnv.uniqueName("pa"), LibvirtEnv.uniqueName("pb"), LibvirtEnv.uniqueName("pc"))
+        defer {
+            for n in [a, b, c] { LibvirtEnv.cleanUp(conn, n) }
+            try? conn.close()
+        }
+        for n in [a, b] {
+            _ = try conn.defineDomain(xml: LibvirtEnv.domainXML(name: n, kernel: kernel, serialPath: LibvirtEnv.workDirectory + "/\(n).serial"))
+        }
+        let q35 = LibvirtEnv.domainXML(name: c, kernel: kernel, serialPath: LibvirtEnv.workDirectory + "/\(c).serial")
+            .replacingOccurrences(of: "machine='pc'", with: "machine='q35'")
+        _ = try conn.defineDomain(xml: q35)
+        func platform(_ n: String) throws -> GuestPlatform {
+            LibvirtPlatform.of(xml: try conn.xml(of: try conn.lookupDomain(named: n), .persistent), connection: conn)
+        }
+        let primary = try platform(a)
+        let machine = try #require(primary.facts.first { $0.name == "machine type" }?.value)
+        #expect(machine.hasPrefix("pc-i440fx-"), "libvirt did not expand 'pc': \(machine)")
+        #expect(primary.facts.contains { $0.name == "QEMU version" && !$0.value.isEmpty })
+        #expect(LibvirtStandby(connection: conn, domainName: b).platform.differences(fromPrimary: primary) == [])
+        let refused = LibvirtStandby(connection: conn, domainName: c).platform.differences(fromPrimary: primary)
+        #expect(refused.count == 1 && refused.first?.hasPrefix("machine type: \(machine) on the primary, pc-q35-") == true, "\(refused)")
+    }
 }

@@ -233,6 +233,39 @@ import Testing
                              committedEpoch: .none, guestPageCount: 1, agentVersion: "")
         #expect(throws: GeminusError.self) { try long.encoded() }
     }
+
+    @Test func helloCarriesThePlatformAndRejectsAMalformedOne() throws {
+        let platform = GuestPlatform([("machine type", "pc-i440fx-7.2"), ("QEMU version", "7.2.19"), ("vCPUs", "1")])
+        let hello = PeerHello(role: .primary, vmName: "billing-1", generation: Generation(2), committedEpoch: .none,
+                              guestPageCount: 4096, agentVersion: "0.1.0", platform: platform)
+        let bytes = try hello.encoded()
+        let decoded = try #require(PeerHello(decoding: bytes))
+        #expect(decoded.platform == platform)
+        #expect(decoded == hello)
+        // A platform line without '=' is malformed, not a fact with an empty value.
+        var bad = bytes
+        let at = try #require(bad.firstIndex(of: UInt8(ascii: "=")))
+        bad[at] = UInt8(ascii: ":")
+        #expect(PeerHello(decoding: bad) == nil)
+        // A length beyond the limit is refused before anything is read.
+        var huge = bytes
+        huge[3] = 0xFF
+        huge[4] = 0xFF
+        #expect(PeerHello(decoding: huge) == nil)
+    }
+
+    @Test func platformDifferencesNameEveryFactAndIgnoreAnUnknownPlatform() {
+        let primary = GuestPlatform([("machine type", "pc-i440fx-7.2"), ("QEMU version", "7.2.19"), ("vCPUs", "2")])
+        #expect(primary.differences(fromPrimary: primary) == [])
+        #expect(GuestPlatform().differences(fromPrimary: primary) == [])
+        #expect(primary.differences(fromPrimary: GuestPlatform()) == [])
+        let standby = GuestPlatform([("machine type", "pc-q35-7.2"), ("QEMU version", "7.2.19"), ("hugepages", "no")])
+        #expect(standby.differences(fromPrimary: primary) == [
+            "machine type: pc-i440fx-7.2 on the primary, pc-q35-7.2 here",
+            "vCPUs: 2 on the primary, not known here",
+            "hugepages: not known on the primary, no here",
+        ])
+    }
 }
 
 /// A one-shot TCP server on 127.0.0.1 that runs `conversation` with the first client.
