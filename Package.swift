@@ -104,7 +104,7 @@ let package = Package(
         .testTarget(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
-            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt"]
+            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest"]
         ),
     ],
     swiftLanguageModes: [.v6]

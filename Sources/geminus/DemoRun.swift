@@ -3,6 +3,7 @@ import Foundation
 import GeminusAgent
 import GeminusCore
 import GeminusHypervisor
+import GeminusLibvirtGuest
 import GeminusTransport
 
 /// The demo's script: start, watch, kill, check.
@@ -14,7 +15,7 @@ final class DemoRun {
     /// Why the demo runs the simulated VM although a real one was the default.
     var fallbackReason: String?
     /// The libvirt domains of the demo (primary's, standby's definition), when mode is libvirt.
-    var domains: DemoDomains?
+    var domains: TestGuestDomains?
     let dir: URL
     let observer: OutputObserver
     var secondary: AgentProcess?
@@ -65,7 +66,7 @@ final class DemoRun {
         if let fallbackReason { summary.figures["fallbackReason"] = fallbackReason }
         try PairKey.generate(path: dir.appendingPathComponent("pair.key").path)
         if mode == .libvirt {
-            let d = try DemoDomains(uri: s.uri, directory: dir, kernel: kernel!, append: s.append, ramMiB: s.ramMib, say: say)
+            let d = try TestGuestDomains(uri: s.uri, prefix: "geminus-demo", directory: dir, kernel: kernel!, append: s.append, ramMiB: s.ramMib)
             domains = d
             try d.startPrimary()
             say("libvirt: defined \(d.primary) (started) and \(d.standby) (the standby's definition), both made CA-ready by `enroll --prepare`'s rules")

@@ -1,5 +1,6 @@
 import Foundation
 import GeminusAgent
+import GeminusLibvirtGuest
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -33,7 +34,7 @@ import Glibc
         return state != "Z" && state != "X"
     }
 
-    static let guests: [String] = TinyGuest.skipRequested ? ["simulated"] : ["simulated", "qemu"]
+    static let guests: [String] = TinyGuest.skipRequested ? ["simulated"] : ["simulated", "qemu", "libvirt"]
 
     @Test(arguments: guests)
     func switchoverBothWaysLosesNothing(guest: String) throws {
@@ -42,19 +43,31 @@ import Glibc
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         var common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning", "--ram-mib", "16", "--guest", guest]
-        if guest == "qemu" {
+        // Per agent: libvirt agents name their own host's domain of the VM.
+        var (extraA, extraB) = ([String](), [String]())
+        var domains: TestGuestDomains?
+        defer { domains?.remove() }
+        if guest != "simulated" {
             guard let kernel = try TinyGuest.kernel() else { return }
-            common += ["--kernel", kernel, "--append", "pages=16"]
+            if guest == "qemu" {
+                common += ["--kernel", kernel, "--append", "pages=16"]
+            } else {
+                let d = try TestGuestDomains(uri: "qemu:///system", prefix: "geminus-test-sw", directory: s.url, kernel: kernel,
+                                             append: "pages=16", ramMiB: 16)
+                domains = d
+                try d.startPrimary()
+                (extraA, extraB) = (["--domain", d.primary], ["--domain", d.standby])
+            }
         }
         let (portA, portB) = (try Self.freePort(), try Self.freePort())
         let a = try AgentProcess(name: "A", executable: GeminusBinary.url,
                                  arguments: ["agent", "--role", "primary", "--listen", "127.0.0.1:\(portA)", "--peer", "127.0.0.1:\(portB)",
-                                             "--status-socket", s.path("a.sock")] + common,
+                                             "--status-socket", s.path("a.sock")] + common + extraA,
                                  logFile: s.url.appendingPathComponent("a.log"))
         defer { a.stop() }
         let b = try AgentProcess(name: "B", executable: GeminusBinary.url,
                                  arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
-                                             "--status-socket", s.path("b.sock")] + common,
+                                             "--status-socket", s.path("b.sock")] + common + extraB,
                                  logFile: s.url.appendingPathComponent("b.log"))
         defer { b.stop() }
         let logs = { "A:\n\((try? String(contentsOf: s.url.appendingPathComponent("a.log"), encoding: .utf8)) ?? "")\nB:\n\((try? String(contentsOf: s.url.appendingPathComponent("b.log"), encoding: .utf8)) ?? "")" }
@@ -85,7 +98,7 @@ import Glibc
             #expect(took["counter"] as? Int == final["counter"] as? Int, "final checkpoint \(final), takeover \(took)")
             #expect(took["generation"] as? Int == generation)
             // S1: the old primary's copy is gone, not merely paused.
-            if guest == "qemu" {
+            if guest != "simulated" {
                 let old = try #require(guestPID, "no guest pid reported")
                 #expect(!Self.isRunning(pid: old), "the old primary's QEMU \(old) still runs after the handover")
                 guestPID = took["guestPid"] as? Int
@@ -96,6 +109,12 @@ import Glibc
             #expect(from.wait(for: "base-committed", timeoutSeconds: 10, from: markFrom) != nil)
             let later = try #require(to.wait(for: "progress", timeoutSeconds: 5, from: to.eventCount))
             #expect((later["counter"] as? Int ?? 0) > (took["counter"] as? Int ?? .max), "the guest does not run on after the switchover")
+            if let d = domains {
+                // libvirt agrees: exactly one of the two definitions runs, the new primary's.
+                let (running, stopped) = to === b ? (d.standby, d.primary) : (d.primary, d.standby)
+                #expect(d.state(of: running) == "running", "\(running): \(d.state(of: running))")
+                #expect(["shut off", "paused"].contains(d.state(of: stopped)), "\(stopped): \(d.state(of: stopped))")
+            }
         }
     }
 }

@@ -1,0 +1,71 @@
+import Foundation
+import GeminusCore
+import GeminusLibvirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Two libvirt definitions of the tiny test guest, as the two hosts of a pair would hold them:
+/// the protected VM's (started by `startPrimary`) and the standby's (on one machine they cannot
+/// share a name; on two hosts they would be one name). Both are made CA-ready by the same
+/// rules as `geminus enroll --prepare`. For the demo and the tests that run a real pair.
+public final class TestGuestDomains: @unchecked Sendable {
+    public let connection: LibvirtConnection
+    public let primary: String
+    public let standby: String
+
+    /// `prefix` names both domains (`PREFIX-a-PID`, `PREFIX-b-PID`); `directory` receives the
+    /// guest's copy and serial logs and must be readable by libvirt's QEMU user.
+    public init(uri: String, prefix: String, directory: URL, kernel: String, append: String, ramMiB: Int) throws {
+        connection = try LibvirtConnection.open(uri: uri)
+        let tag = "\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
+        primary = "\(prefix)-a-\(tag)"
+        standby = "\(prefix)-b-\(tag)"
+        try PrivateQMP.ensureDirectory()
+        // QEMU runs as libvirt's unprivileged user: the kernel and serial logs must be where it
+        // can read and write them.
+        _ = chmod(directory.path, 0o755)
+        let guest = directory.appendingPathComponent("guest.elf").path
+        try FileManager.default.copyItem(atPath: kernel, toPath: guest)
+        _ = chmod(guest, 0o644)
+        for name in [primary, standby] {
+            let serial = directory.appendingPathComponent("\(name).serial").path
+            let plain = """
+                <domain type='qemu'>
+                  <name>\(name)</name>
+                  <memory unit='MiB'>\(ramMiB)</memory>
+                  <vcpu>1</vcpu>
+                  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>\(guest)</kernel><cmdline>\(append)</cmdline></os>
+                  <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial></devices>
+                </domain>
+                """
+            let ready = try CAEnrollmentCheck.prepare(plain)
+            let check = CAEnrollmentCheck(xml: ready)
+            guard check.canProtect else {
+                throw GeminusError(.internalInvariant, "the test guest's domain is not CA-ready: \(check.problems.map(\.description).joined(separator: "; "))")
+            }
+            _ = try connection.defineDomain(xml: ready)
+        }
+    }
+
+    public func startPrimary() throws {
+        try connection.start(try connection.lookupDomain(named: primary))
+    }
+
+    /// libvirt's word for the domain's state ("running", "paused", "shut off", ...).
+    public func state(of name: String) -> String {
+        guard let d = try? connection.lookupDomain(named: name), let s = try? connection.state(of: d) else { return "unknown" }
+        return "\(s.state)"
+    }
+
+    /// Destroys and undefines both; never throws.
+    public func remove() {
+        for name in [primary, standby] {
+            guard let d = try? connection.lookupDomain(named: name) else { continue }
+            if (try? connection.isActive(d)) == true { try? connection.destroy(d) }
+            if (try? connection.isPersistent(d)) == true { try? connection.undefine(d) }
+        }
+        try? connection.close()
+    }
+}
+

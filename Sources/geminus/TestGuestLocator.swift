@@ -1,0 +1,31 @@
+import Foundation
+
+/// Finds and builds the tiny test guest from the source tree the binary was built in.
+enum TestGuestLocator {
+    static func tinyGuest(say: (String) -> Void) -> Result<String, OperatorError> {
+        var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        var script: String?
+        for _ in 0..<6 {
+            let candidate = dir.appendingPathComponent("Tools/guest-tiny/build.sh").path
+            if FileManager.default.fileExists(atPath: candidate) { script = candidate; break }
+            dir.deleteLastPathComponent()
+        }
+        guard let script else {
+            return .failure(OperatorError(description: "no test guest: pass --kernel (Tools/guest-tiny/build.sh prints one), or run the demo from its source tree"))
+        }
+        say("building the test guest (\(script))")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [script]
+        let out = Pipe()
+        p.standardOutput = out
+        do { try p.run() } catch { return .failure(OperatorError(description: "cannot run \(script): \(error)")) }
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        let path = text.split(separator: "\n").last.map(String.init) ?? ""
+        guard p.terminationStatus == 0, FileManager.default.fileExists(atPath: path) else {
+            return .failure(OperatorError(description: "\(script) failed (status \(p.terminationStatus)); it needs gcc and binutils"))
+        }
+        return .success(path)
+    }
+}
