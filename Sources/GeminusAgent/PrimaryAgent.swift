@@ -376,7 +376,7 @@ public final class PrimaryAgent: @unchecked Sendable {
         case .peerLost: state = "peer-lost"
         case .unprotected: state = "unprotected"
         }
-        let fields: [String: Any] = [
+        var fields: [String: Any] = [
             "role": "primary",
             "vm": settings.vmName,
             "generation": settings.generation.rawValue,
@@ -402,6 +402,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             "outputFullRefusals": snap.fullRefusals,
             "deferredEpochs": stats.deferredEpochs,
         ]
+        for (k, v) in guest.statusReport { fields[k] = v }
         status.update(fields)
         events.emit("progress", fields)
         w = ProgressWindow(epochs: stats.epochs, wireBytes: stats.wireBytes, nanos: now)

@@ -99,8 +99,12 @@ public final class SecondaryAgent: @unchecked Sendable {
         makeOutput = output
         let admission = self.admission
         acceptor.start { admission.value }
+        let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000))
         var nextProgress = Monotonic.nanos()
-        defer { acceptor.stop() }
+        defer {
+            acceptor.stop()
+            health.stop()
+        }
         while !stopFlag.isSet && Monotonic.nanos() < deadlineNanos && takeover == nil {
             if let fresh = acceptor.take() {
                 adopt(fresh)
@@ -329,6 +333,27 @@ public final class SecondaryAgent: @unchecked Sendable {
         status.update(fields)
         events.emit("progress", fields)
     }
+}
+
+/// Asks the standby how it is about once a second on its own thread, so a standby QEMU or
+/// libvirt that hangs delays `geminus status`, never the apply loop (and so never the acks
+/// the primary's held output waits for).
+final class StandbyHealthWatch: @unchecked Sendable {
+    private let stopFlag = StopFlag()
+
+    init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int) {
+        let t = Thread { [stopFlag] in
+            while !stopFlag.isSet {
+                status.update(standby.checkHealth())
+                let until = Monotonic.nanos() + UInt64(intervalMillis) * 1_000_000
+                while !stopFlag.isSet && Monotonic.nanos() < until { Monotonic.sleep(nanos: 20_000_000) }
+            }
+        }
+        t.name = "geminus-standby-health"
+        t.start()
+    }
+
+    func stop() { stopFlag.set() }
 }
 
 /// The generation and committed epoch, published by the apply loop for the acceptor thread.

@@ -21,11 +21,15 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     func detach()
     /// What its checkpoints are valid for (machine type, emulator, sizes); empty = not known.
     var platform: GuestPlatform { get }
+    /// What `geminus status` shows about the guest itself: its kind, domain, the dirty-page
+    /// method in use. Cheap (no I/O): read at every progress report.
+    var statusReport: [String: String] { get }
 }
 
 extension ProtectedGuest {
     public func detach() { shutdown() }
     public var platform: GuestPlatform { GuestPlatform() }
+    public var statusReport: [String: String] { [:] }
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is
@@ -42,6 +46,9 @@ public protocol StandbyHost: Sendable {
     var expectedPageCount: Int? { get }
     /// What the standby can resume (machine type, emulator, sizes); empty = not known.
     var platform: GuestPlatform { get }
+    /// The standby's health for `geminus status`, e.g. `["standby": "ready"]`. May do I/O with
+    /// short timeouts (asks QEMU and libvirt): called off the apply loop, about once a second.
+    func checkHealth() -> [String: String]
     func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory
     /// Starts the guest from `memory` (already holding the committed pages) and the committed
     /// device state. The returned guest is running and is now the one to protect.
@@ -51,5 +58,6 @@ public protocol StandbyHost: Sendable {
 extension StandbyHost {
     public var expectedPageCount: Int? { nil }
     public var platform: GuestPlatform { GuestPlatform() }
+    public func checkHealth() -> [String: String] { [:] }
 }
 

@@ -19,6 +19,7 @@ public final class SimulatedVM: ProtectedGuest, @unchecked Sendable {
 
     public var pageCount: Int { guest.memory.pageCount }
     public var progressCounter: UInt64 { guest.memory.loadU64(at: SimulatedGuest.counterAddress) }
+    public var statusReport: [String: String] { ["guest": "simulated"] }
 
     /// Boots a new simulated guest (paused until `start`).
     public convenience init(workload: SimulatedWorkload, output: any GuestOutputPort) throws(GeminusError) {
@@ -115,6 +116,8 @@ public struct SimulatedStandbyHost: StandbyHost {
     public func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory {
         try PageMemory(pageCount: pageCount)
     }
+
+    public func checkHealth() -> [String: String] { ["guest": "simulated", "standby": "ready"] }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
         let vm = try SimulatedVM(guest: SimulatedGuest(memory: memory, deviceState: deviceState), output: output)

@@ -66,6 +66,14 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         return status["running"] as? Bool == false
     }
 
+    public func checkHealth() -> [String: String] {
+        var report = ["guest": "libvirt", "domain": domainName]
+        let (waiting, resumedAlready) = lock.withLock { (started, resumed) }
+        report["standby"] = resumedAlready ? "resumed" : !waiting ? "not started (starts with the first full checkpoint)"
+            : isStandbyReady ? "ready" : "DOWN (the paused standby domain or its QMP socket does not answer)"
+        return report
+    }
+
     /// The standby's live XML: the persistent definition plus `-incoming defer`, no
     /// configuration section in the stream (the primary sends none) and the private QMP socket.
     public static func standbyXML(definition: String, domainName: String) throws -> String {

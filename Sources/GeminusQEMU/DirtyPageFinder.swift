@@ -7,6 +7,8 @@ import Glibc
 /// only while the vCPUs are stopped. Two methods (DESIGN.md): compare against a shadow copy
 /// (here), or write tracking with userfaultfd + PAGEMAP_SCAN (later).
 public protocol DirtyPageFinder: AnyObject {
+    /// The method's name as `geminus status` and the benchmark show it ("compare", ...).
+    var methodName: String { get }
     /// Appends to `buffer` every page of `memory` written since the previous call (every page
     /// when `full`, or on the first call) and starts a new written set. Does not reset `buffer`.
     /// Throws `.resourceExhausted` when the buffer is too small; the next call is then full.
@@ -20,6 +22,8 @@ public final class ShadowCompareFinder: DirtyPageFinder {
     private var needsFull = true
 
     public init() {}
+
+    public var methodName: String { "compare" }
 
     public func collect(from memory: PageMemory, full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         if shadow?.pageCount != memory.pageCount {

@@ -74,6 +74,22 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
 
     public var expectedPageCount: Int? { config.pageCount }
 
+    public func checkHealth() -> [String: String] {
+        let (process, qmp, done) = lock.withLock { (standbyProcess, standbyQMP, resumed) }
+        let state: String
+        if done {
+            state = "resumed"
+        } else if !hot {
+            state = "cold (QEMU starts at failover)"
+        } else if let process, process.isRunning, let qmp, qmp.state != .closed,
+                  let status = try? qmp.execute("query-status", timeout: 1) as? [String: Any], status["running"] as? Bool == false {
+            state = "ready"
+        } else {
+            state = process == nil ? "not started (starts with the first full checkpoint)" : "DOWN (the standby QEMU does not answer)"
+        }
+        return ["guest": "qemu", "standby": state]
+    }
+
     public func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory {
         guard pageCount == config.pageCount else {
             throw GeminusError(.invalidArgument, "the replica has \(pageCount) pages but the standby QEMU is configured for \(config.pageCount) (\(config.ramMiB) MiB)")

@@ -131,6 +131,8 @@ public final class QMPCheckpointer: @unchecked Sendable {
         self.finder = finder
     }
 
+    public var dirtyPageMethod: String { finder.methodName }
+
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { lock.lock(); defer { lock.unlock() }; return _lastTimings }
     /// Whether the last of `pause`/`resume` was a successful `pause`.

@@ -5,7 +5,7 @@ import GeminusAgent
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the protection state of the VMs whose agents run on this host.",
-        discussion: "Asks every agent's control socket (/run/geminus/VM.sock unless --socket is given). Exit status 0 when every VM shown is protected or following, 2 when one is UNPROTECTED or its agent does not answer, 1 when no agent was found.")
+        discussion: "Asks every agent's control socket (/run/geminus/VM.sock unless --socket is given). Exit status 0 when every VM shown is protected or following, 2 when one is UNPROTECTED, its standby is DOWN or its agent does not answer, 1 when no agent was found.")
 
     @Argument(help: "Only this VM.") var vm: String?
     @Option(help: "Ask this socket only.") var socket: String?
@@ -37,6 +37,8 @@ struct Status: ParsableCommand {
             all.append(entry)
             let state = s["state"] as? String ?? ""
             if state == "unprotected" || state == "peer-lost" || state == "primary-silent" { worrying = true }
+            // A secondary whose standby cannot resume the VM is no protection either.
+            if (s["standby"] as? String)?.hasPrefix("DOWN") == true { worrying = true }
         }
         if json {
             let data = try JSONSerialization.data(withJSONObject: all, options: [.prettyPrinted, .sortedKeys])
@@ -56,17 +58,22 @@ struct Status: ParsableCommand {
             guard let d = s[key] as? [String: Any], let v = d[p] as? Int else { return "-" }
             return String(format: "%.2f", Double(v) / 1000)
         }
+        // What runs the VM: "libvirt domain billing-1, dirty pages by compare".
+        var guest = (s["guest"] as? String).map { $0 == "libvirt" ? "libvirt domain \(s["domain"] ?? "?")" : "\($0) guest" } ?? ""
+        if let method = s["dirtyPages"] as? String { guest += ", dirty pages by \(method)" }
+        if !guest.isEmpty { guest = "  (\(guest))" }
         switch role {
         case "primary":
             let shown = state == "unprotected" ? "UNPROTECTED" : state == "protected" ? "PROTECTED" : state.uppercased()
             return "\(vm)  primary  \(shown)  generation \(s["generation"] ?? "?")  epoch \(s["epoch"] ?? 0), acknowledged \(s["acknowledged"] ?? 0)"
                 + String(format: "  %.1f epochs/s", s["epochsPerSecond"] as? Double ?? 0)
                 + "  pause p50 \(ms("pauseMicros", "p50")) ms p99 \(ms("pauseMicros", "p99")) ms  commit lag p50 \(ms("commitMicros", "p50")) ms"
-                + "  held output \(s["heldPackets"] ?? 0) packets  peer \(s["peer"] ?? "none") \((s["linkUp"] as? Bool ?? false) ? "up" : "DOWN")"
+                + "  held output \(s["heldPackets"] ?? 0) packets  peer \(s["peer"] ?? "none") \((s["linkUp"] as? Bool ?? false) ? "up" : "DOWN")" + guest
         case "secondary":
             let rejections = (s["rejections"] as? [String: Int] ?? [:]).map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", ")
             return "\(vm)  secondary  \(state)  generation \(s["generation"] ?? "?")  committed \(s["committed"] ?? 0)  counter \(s["counter"] ?? 0)"
                 + "  rejections \(rejections.isEmpty ? "none" : rejections)  listening \(s["listen"] ?? "?"), primary \((s["linkUp"] as? Bool ?? false) ? "connected" : "NOT connected")"
+                + "  standby \(s["standby"] ?? "unknown")" + guest
         default:
             return "\(vm)  \(role)  \(state)"
         }

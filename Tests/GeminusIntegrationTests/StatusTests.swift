@@ -1,5 +1,6 @@
 import Foundation
 import GeminusAgent
+import GeminusLibvirtGuest
 import Testing
 
 /// `geminus status` as an operator uses it: what each agent says about the VM, and an exit
@@ -48,6 +49,51 @@ import Testing
         let dead = try GeminusBinary.run(["status", "--socket", s.path("s.sock")])
         #expect(dead.stdout.contains("does not answer"))
         #expect(dead.status == 2)
+    }
+
+    /// A libvirt pair: status names the domain and the dirty-page method, the secondary
+    /// reports its standby ready; when the standby domain is destroyed behind the agent's back,
+    /// status says DOWN and exits 2 (a secondary that cannot resume is no protection).
+    @Test(.disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
+    func libvirtStatusShowsTheDomainAndTheStandbysHealth() throws {
+        guard let kernel = try TinyGuest.kernel() else { return }
+        let s = try Scratch()
+        defer { s.remove() }
+        let d = try TestGuestDomains(uri: "qemu:///system", prefix: "geminus-test-st", directory: s.url, kernel: kernel,
+                                     append: "pages=8", ramMiB: 16)
+        defer { d.remove() }
+        try d.startPrimary()
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning", "--guest", "libvirt"]
+        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
+                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--domain", d.standby,
+                                                     "--status-socket", s.path("s.sock")] + common,
+                                         logFile: s.url.appendingPathComponent("s.log"))
+        defer { secondary.stop() }
+        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
+                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--domain", d.primary,
+                                                   "--status-socket", s.path("p.sock")] + common,
+                                       logFile: s.url.appendingPathComponent("p.log"))
+        defer { primary.stop() }
+        try #require(primary.wait(for: "protected", timeoutSeconds: 60) != nil)
+        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+        Thread.sleep(forTimeInterval: 1.2)  // one standby health round
+
+        let p = try GeminusBinary.run(["status", "--socket", s.path("p.sock")])
+        #expect(p.stdout.contains("PROTECTED") && p.stdout.contains("(libvirt domain \(d.primary), dirty pages by compare)"), "\(p.stdout)")
+        #expect(p.status == 0)
+        let sj = try #require(try JSONSerialization.jsonObject(with: Data(GeminusBinary.run(["status", "--socket", s.path("s.sock"), "--json"]).stdout.utf8)) as? [[String: Any]])
+        #expect(sj.first?["standby"] as? String == "ready", "\(sj)")
+        #expect(sj.first?["domain"] as? String == d.standby)
+
+        // The standby QEMU is killed behind the agent's back.
+        try d.connection.destroy(try d.connection.lookupDomain(named: d.standby))
+        Thread.sleep(forTimeInterval: 2.2)
+        let down = try GeminusBinary.run(["status", "--socket", s.path("s.sock")])
+        #expect(down.stdout.contains("standby DOWN"), "\(down.stdout)")
+        #expect(down.status == 2)
     }
 
     @Test func noAgentIsAnErrorThatSaysWhereItLooked() throws {
