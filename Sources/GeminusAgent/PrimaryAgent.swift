@@ -319,8 +319,17 @@ public final class PrimaryAgent: @unchecked Sendable {
         guard let c = connection else { return }
         let t0 = Monotonic.nanos()
         let timeout = Duration.milliseconds(settings.sendTimeoutMillis)
+        var progress = buffer.isFull ? FullCopyProgress(epoch: epoch, totalPages: buffer.pageCount, startNanos: t0,
+                                                        intervalNanos: UInt64(settings.progressIntervalMillis) * 1_000_000) : nil
+        if let p = progress {
+            logger.notice("full checkpoint \(epoch): sending \((p.totalPages * GuestPage.size) >> 20) MiB of guest RAM to the secondary")
+        }
         do {
-            let s = try encoder.encode(buffer, epoch: epoch, generation: settings.generation, baseEpoch: base) { frame in
+            let s = try encoder.encode(buffer, epoch: epoch, generation: settings.generation, baseEpoch: base, pagesSent: { done in
+                guard let line = progress?.report(pagesDone: done, nowNanos: Monotonic.nanos()) else { return }
+                logger.notice("\(line.text)")
+                events.emit("full-sync-progress", line.fields)
+            }) { frame in
                 try c.send(frame, timeout: timeout)
             }
             stats.add(s)
@@ -406,6 +415,39 @@ public final class PrimaryAgent: @unchecked Sendable {
         status.update(fields)
         events.emit("progress", fields)
         w = ProgressWindow(epochs: stats.epochs, wireBytes: stats.wireBytes, nanos: now)
+    }
+}
+
+/// Progress of sending a full checkpoint: at most one report per interval, with the rate and
+/// the time left at that rate. Pure arithmetic: the caller supplies the clock.
+struct FullCopyProgress {
+    let epoch: Epoch
+    let totalPages: Int
+    let startNanos: UInt64
+    let intervalNanos: UInt64
+    private var nextNanos: UInt64
+
+    init(epoch: Epoch, totalPages: Int, startNanos: UInt64, intervalNanos: UInt64) {
+        self.epoch = epoch
+        self.totalPages = totalPages
+        self.startNanos = startNanos
+        self.intervalNanos = intervalNanos
+        nextNanos = startNanos + intervalNanos
+    }
+
+    mutating func report(pagesDone: Int, nowNanos: UInt64) -> (text: String, fields: [String: Any])? {
+        guard nowNanos >= nextNanos, totalPages > 0, nowNanos > startNanos else { return nil }
+        nextNanos = nowNanos + intervalNanos
+        let seconds = Double(nowNanos - startNanos) / 1e9
+        let pagesPerSecond = Double(pagesDone) / seconds
+        let etaSeconds = pagesPerSecond > 0 ? Double(totalPages - pagesDone) / pagesPerSecond : .infinity
+        let mib = { (pages: Int) in (pages * GuestPage.size) >> 20 }
+        let percent = 100 * pagesDone / totalPages
+        let eta = etaSeconds.isFinite ? String(format: "%.1f s", etaSeconds) : "unknown"
+        let text = "full checkpoint \(epoch): \(mib(pagesDone)) of \(mib(totalPages)) MiB (\(percent) %), "
+            + String(format: "%.0f MiB/s", pagesPerSecond * Double(GuestPage.size) / 1_048_576) + ", about \(eta) left"
+        return (text, ["epoch": epoch.rawValue, "pagesDone": pagesDone, "pagesTotal": totalPages, "percent": percent,
+                       "etaSeconds": etaSeconds.isFinite ? etaSeconds : -1])
     }
 }
 

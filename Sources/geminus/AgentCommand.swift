@@ -194,7 +194,7 @@ struct Agent: ParsableCommand {
             return q
         case .libvirt:
             let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
-            logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \(l.pageCount * GuestPage.size >> 20) MiB, RAM \(l.ramFilePath))")
+            logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
             events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
             return l
         }

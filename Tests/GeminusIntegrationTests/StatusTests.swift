@@ -96,6 +96,35 @@ import Testing
         #expect(down.status == 2)
     }
 
+    /// The first checkpoint copies all of guest RAM; for a large guest that takes seconds, and
+    /// the operator sees it move: percent, pages, time left, in the log and as events.
+    @Test func fullCopyShowsProgress() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "notice"]
+        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
+                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
+                                                     "--status-socket", s.path("s.sock")] + common,
+                                         logFile: s.url.appendingPathComponent("s.log"))
+        defer { secondary.stop() }
+        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        // 512 MiB: several seconds in a debug build, so more than one report.
+        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
+                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "512",
+                                                   "--status-socket", s.path("p.sock")] + common,
+                                       logFile: s.url.appendingPathComponent("p.log"))
+        defer { primary.stop() }
+        let first = try #require(primary.wait(for: "full-sync-progress", timeoutSeconds: 30))
+        #expect(first["pagesTotal"] as? Int == 512 * 256)
+        try #require(primary.wait(for: "protected", timeoutSeconds: 120) != nil)
+        let log = try String(contentsOf: s.url.appendingPathComponent("p.log"), encoding: .utf8)
+        #expect(log.contains("full checkpoint 1: sending 512 MiB of guest RAM"), "\(log.prefix(2000))")
+        let line = try #require(log.split(separator: "\n").first { $0.contains("MiB (") && $0.contains("left") })
+        #expect(line.contains("of 512 MiB"), "\(line)")
+    }
+
     @Test func noAgentIsAnErrorThatSaysWhereItLooked() throws {
         let r = try GeminusBinary.run(["status", "no-such-vm-\(UInt32.random(in: 0...UInt32.max))"])
         #expect(r.status == 1)

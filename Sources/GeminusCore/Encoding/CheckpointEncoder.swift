@@ -53,7 +53,10 @@ public final class CheckpointEncoder {
     ///
     /// - Parameter baseEpoch: the epoch the secondary must hold for this delta; ignored for a
     ///   full checkpoint.
+    /// `pagesSent` is told the number of pages encoded so far after each pages frame is
+    /// emitted: a full checkpoint of a large guest takes seconds, and the operator sees it move.
     public func encode(_ checkpoint: CheckpointBuffer, epoch: Epoch, generation: Generation, baseEpoch: Epoch,
+                       pagesSent: (Int) -> Void = { _ in },
                        emit: ([UInt8]) throws -> Void) rethrows -> EncodeStats {
         precondition(!checkpoint.isFull || checkpoint.pageCount == pageCount, "a full checkpoint must hold every page")
         var stats = EncodeStats()
@@ -78,6 +81,7 @@ public final class CheckpointEncoder {
             if payload.bytes.count + PageRecordHeader.size + GuestPage.size > maxFramePayload {
                 try payload.bytes.withUnsafeBytes { try send(.pages, $0) }
                 payload = ByteWriter(capacity: maxFramePayload)
+                pagesSent(stats.pages)
             }
             let encoding = encodePage(index: index, contents: page, into: &payload)
             stats.pagesByEncoding[encoding, default: 0] += 1
