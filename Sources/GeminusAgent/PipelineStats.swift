@@ -12,6 +12,12 @@ public struct PipelineStats: Sendable {
     /// they neither hide in nor distort the steady-state figures.
     public var fullSyncPauseMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
     public var captureMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
+    /// The parts of delta pauses: stopping the vCPUs, finding + copying dirty pages, saving
+    /// the device state (when the guest measures them), resuming.
+    public var stopMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
+    public var dirtyPagesMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
+    public var deviceStateMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
+    public var resumeMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
     public var encodeMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
     /// From the start of a checkpoint's pause to its acknowledgement.
     public var commitMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)

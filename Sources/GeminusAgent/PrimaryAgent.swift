@@ -292,6 +292,12 @@ public final class PrimaryAgent: @unchecked Sendable {
                 _ = stats.fullSyncPauseMicros.record((t3 - t0) / 1000)
             } else {
                 _ = stats.pauseMicros.record((t3 - t0) / 1000)
+                _ = stats.stopMicros.record((t1 - t0) / 1000)
+                if let parts = guest.lastCaptureParts {
+                    _ = stats.dirtyPagesMicros.record(parts.dirtyPagesNanos / 1000)
+                    _ = stats.deviceStateMicros.record(parts.deviceStateNanos / 1000)
+                }
+                if !final { _ = stats.resumeMicros.record((t3 - t2) / 1000) }
             }
             _ = stats.captureMicros.record((t2 - t1) / 1000)
             stats.epochs += 1
@@ -404,6 +410,10 @@ public final class PrimaryAgent: @unchecked Sendable {
             "compressionRatio": stats.compressionRatio,
             "pauseMicros": PipelineStats.percentiles(stats.pauseMicros),
             "fullSyncPauseMicros": PipelineStats.percentiles(stats.fullSyncPauseMicros),
+            "stopMicros": PipelineStats.percentiles(stats.stopMicros),
+            "dirtyPagesMicros": PipelineStats.percentiles(stats.dirtyPagesMicros),
+            "deviceStateMicros": PipelineStats.percentiles(stats.deviceStateMicros),
+            "resumeMicros": PipelineStats.percentiles(stats.resumeMicros),
             "commitMicros": PipelineStats.percentiles(stats.commitMicros),
             "epochsInFlight": machine.epochsInFlight,
             "heldPackets": snap.heldCount,

@@ -24,12 +24,29 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// What `geminus status` shows about the guest itself: its kind, domain, the dirty-page
     /// method in use. Cheap (no I/O): read at every progress report.
     var statusReport: [String: String] { get }
+    /// How the last capture's time divided (nil when the guest does not measure it): the
+    /// benchmark and status show the parts of the pause, not only its sum.
+    var lastCaptureParts: CaptureParts? { get }
+}
+
+/// The parts of one capture while the vCPUs were stopped.
+public struct CaptureParts: Sendable, Equatable {
+    /// Finding and copying the written pages.
+    public var dirtyPagesNanos: UInt64
+    /// Saving the device state (vCPUs and device models).
+    public var deviceStateNanos: UInt64
+
+    public init(dirtyPagesNanos: UInt64, deviceStateNanos: UInt64) {
+        self.dirtyPagesNanos = dirtyPagesNanos
+        self.deviceStateNanos = deviceStateNanos
+    }
 }
 
 extension ProtectedGuest {
     public func detach() { shutdown() }
     public var platform: GuestPlatform { GuestPlatform() }
     public var statusReport: [String: String] { [:] }
+    public var lastCaptureParts: CaptureParts? { nil }
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is

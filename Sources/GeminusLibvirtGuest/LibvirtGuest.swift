@@ -150,6 +150,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
     public var pageCount: Int { memory.pageCount }
     public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+    public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     public var statusReport: [String: String] {
         ["guest": "libvirt", "domain": domainName, "dirtyPages": checkpointer.dirtyPageMethod]
     }

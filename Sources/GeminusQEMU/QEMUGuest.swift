@@ -45,6 +45,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
 
     public var pageCount: Int { memory.pageCount }
     public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+    public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     public var statusReport: [String: String] { ["guest": "qemu", "dirtyPages": checkpointer.dirtyPageMethod] }
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }

@@ -1,5 +1,6 @@
 import Foundation
 import GeminusCore
+import GeminusHypervisor
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -132,6 +133,11 @@ public final class QMPCheckpointer: @unchecked Sendable {
     }
 
     public var dirtyPageMethod: String { finder.methodName }
+
+    /// The parts of the capture just made (valid between `capture` and the next `pause`).
+    public var lastCaptureParts: CaptureParts {
+        lock.withLock { CaptureParts(dirtyPagesNanos: current.findCopyNanos, deviceStateNanos: current.saveNanos) }
+    }
 
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { lock.lock(); defer { lock.unlock() }; return _lastTimings }

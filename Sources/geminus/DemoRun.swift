@@ -175,6 +175,10 @@ final class DemoRun {
         summary.figures["epochsPerSecond"] = beforeKill["epochsPerSecond"] ?? 0
         summary.figures["pauseMicros"] = beforeKill["pauseMicros"] ?? [:]
         summary.figures["fullSyncPauseMicros"] = beforeKill["fullSyncPauseMicros"] ?? [:]
+        for part in ["stopMicros", "dirtyPagesMicros", "deviceStateMicros", "resumeMicros"] {
+            if let p = beforeKill[part] as? [String: Any], !p.isEmpty { summary.figures[part] = p }
+        }
+        if let method = beforeKill["dirtyPages"] { summary.figures["dirtyPageMethod"] = method }
         summary.figures["commitMicros"] = beforeKill["commitMicros"] ?? [:]
         summary.figures["compressionRatio"] = beforeKill["compressionRatio"] ?? 0
         summary.figures["wireBytes"] = beforeKill["wireBytes"] ?? 0
