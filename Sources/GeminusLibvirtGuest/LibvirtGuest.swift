@@ -104,6 +104,14 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         guard try libvirt({ try connection.isActive(domain, timeout: timeout) }) else {
             throw GeminusError(.invalidArgument, "domain '\(domainName)' is not running", fix: "start it: `virsh start \(domainName)`")
         }
+        // What the domain runs with now, not what its definition will say at the next start:
+        // a balloon or a vhost-user device in the running domain makes every checkpoint inexact.
+        let live = try libvirt { try connection.xml(of: domain, .live, timeout: timeout) }
+        if let problem = CAEnrollmentCheck(xml: live).error {
+            var e = problem
+            e.fix = "`geminus enroll \(domainName) --peer HOST --prepare` changes the definition; restart the domain to apply it"
+            throw e
+        }
         let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
         do throws(GeminusError) {
             let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)

@@ -196,7 +196,21 @@ struct Agent: ParsableCommand {
             let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
             logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
             events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
+            reportEnrollment(of: l, logger: logger)
             return l
+        }
+    }
+
+    /// The enrolment recorded by `geminus enroll` is the operator's statement of intent: say
+    /// when the agent protects a domain without one, or with another interval than recorded.
+    func reportEnrollment(of guest: LibvirtGuest, logger: Logger) {
+        let element = try? guest.connection.metadata(guest.domain, namespaceURI: GeminusEnrollment.namespaceURI)
+        guard let element, let enrollment = try? GeminusEnrollment(element: element) else {
+            logger.warning("domain \(domainName) is not enrolled for CA (no <geminus:enrollment> in its metadata): protecting it anyway; record it with `geminus enroll \(domainName) --peer HOST`")
+            return
+        }
+        if enrollment.intervalMilliseconds != intervalMillis {
+            logger.notice("domain \(domainName) was enrolled with a \(enrollment.intervalMilliseconds) ms interval; this agent checkpoints every \(intervalMillis) ms (--interval-millis)")
         }
     }
 

@@ -16,7 +16,7 @@ struct Enroll: ParsableCommand {
 
     @Argument(help: "The libvirt domain.") var domain: String
     @Option(help: "The secondary host, HOST[:PORT] (default port 7400).") var peer: String
-    @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
+    @Option(name: [.customLong("interval-millis"), .customLong("interval")], help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
     @Flag(help: "Change the persistent definition so the domain can be protected.") var prepare = false
     @Flag(name: .shortAndLong, help: "With --prepare: do not ask for confirmation.") var yes = false
     @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI

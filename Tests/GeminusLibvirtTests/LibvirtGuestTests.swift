@@ -159,7 +159,7 @@ struct LibvirtGuestTests {
         #expect(CAEnrollmentCheck(xml: persistent).problems.map(\.code) == [.privateQMP])
         try conn.start(domain)
         #expect { try LibvirtGuest.attach(connection: conn, domainName: name, timeout: 0.5) } throws: {
-            ($0 as? GeminusError)?.fix?.contains("geminus enroll \(name) --prepare") == true
+            ($0 as? GeminusError)?.fix?.contains("geminus enroll \(name) --peer HOST --prepare") == true
         }
         // prepare() puts it back; libvirt accepts the result and the check passes on its XML.
         try conn.destroy(domain)
