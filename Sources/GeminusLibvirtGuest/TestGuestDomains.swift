@@ -44,7 +44,9 @@ public final class TestGuestDomains: @unchecked Sendable {
             guard check.canProtect else {
                 throw GeminusError(.internalInvariant, "the test guest's domain is not CA-ready: \(check.problems.map(\.description).joined(separator: "; "))")
             }
-            _ = try connection.defineDomain(xml: ready)
+            let domain = try connection.defineDomain(xml: ready)
+            // As `geminus enroll` records it (the peer is this machine: both "hosts" are here).
+            try connection.writeEnrollment(GeminusEnrollment(peer: "127.0.0.1:7400", intervalMilliseconds: 25, state: .enrolled), of: domain)
         }
     }
 

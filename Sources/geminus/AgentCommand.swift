@@ -204,8 +204,7 @@ struct Agent: ParsableCommand {
     /// The enrolment recorded by `geminus enroll` is the operator's statement of intent: say
     /// when the agent protects a domain without one, or with another interval than recorded.
     func reportEnrollment(of guest: LibvirtGuest, logger: Logger) {
-        let element = try? guest.connection.metadata(guest.domain, namespaceURI: GeminusEnrollment.namespaceURI)
-        guard let element, let enrollment = try? GeminusEnrollment(element: element) else {
+        guard let enrollment = (try? guest.connection.readEnrollment(of: guest.domain)) ?? nil else {
             logger.warning("domain \(domainName) is not enrolled for CA (no <geminus:enrollment> in its metadata): protecting it anyway; record it with `geminus enroll \(domainName) --peer HOST`")
             return
         }
