@@ -32,8 +32,14 @@ public struct RAMMapping: Equatable, Sendable, CustomStringConvertible {
     public var deviceMajor: UInt32
     public var deviceMinor: UInt32
     public var inode: UInt64
-    /// Number of /proc/PID/maps lines merged into this one.
+    /// Number of /proc/PID/maps lines merged into this one. Not part of equality: registering
+    /// a range merges or splits VMAs without changing what is mapped.
     public var pieces: Int
+
+    public static func == (a: RAMMapping, b: RAMMapping) -> Bool {
+        a.start == b.start && a.length == b.length && a.fileOffset == b.fileOffset
+            && a.deviceMajor == b.deviceMajor && a.deviceMinor == b.deviceMinor && a.inode == b.inode
+    }
 
     public var end: UInt64 { start + length }
     public var description: String {

@@ -1,0 +1,460 @@
+import CGeminusSupport
+import Foundation
+import Testing
+import GeminusCore
+import GeminusHypervisor
+@testable import GeminusQEMU
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Builds what the write-tracking tests need, once per test process: the preload library
+/// (Tools/uffd-preload/build.sh) and the stand-in target process (test-target.c).
+enum WTEnv {
+    static let directory = NSTemporaryDirectory() + "geminus-wt-tests-\(getpid())"
+
+    static let preload: Result<String, GeminusError> = {
+        atexit { _ = try? FileManager.default.removeItem(atPath: WTEnv.directory) }
+        return run("/bin/bash", [VMEnv.repoRoot + "/Tools/uffd-preload/build.sh", directory])
+    }()
+
+    static let target: Result<String, GeminusError> = {
+        _ = preload  // registers the cleanup
+        let out = directory + "/test-target"
+        return run("/usr/bin/env", ["gcc", "-O2", "-Wall", "-Werror", "-o", out, VMEnv.repoRoot + "/Tools/uffd-preload/test-target.c"]).map { _ in out }
+    }()
+
+    private static func run(_ exe: String, _ args: [String]) -> Result<String, GeminusError> {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = args
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        do { try p.run() } catch { return .failure(GeminusError(.io, "cannot run \(exe): \(error)")) }
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            return .failure(GeminusError(.io, "\(args.joined(separator: " ")) failed: \(String(decoding: e, as: UTF8.self))",
+                                         fix: "apt-get install -y gcc"))
+        }
+        return .success(String(decoding: o, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    static func require(_ r: Result<String, GeminusError>, sourceLocation: SourceLocation = #_sourceLocation) -> String? {
+        switch r {
+        case .success(let p): return p
+        case .failure(let e):
+            Issue.record("\(e)", sourceLocation: sourceLocation)
+            return nil
+        }
+    }
+
+    nonisolated(unsafe) private static var serial = 0
+    private static let lock = NSLock()
+
+    /// A fresh RAM file in /dev/shm (the test-file prefix the leftover check knows).
+    static func ramFile(pages: Int) throws -> (path: String, memory: PageMemory) {
+        lock.lock()
+        serial += 1
+        let n = serial
+        lock.unlock()
+        let path = "/dev/shm/gq-\(getpid())-wt\(n).ram"
+        unlink(path)
+        return (path, try PageMemory(fileAt: path, pageCount: pages, create: true))
+    }
+}
+
+/// A process standing in for QEMU (Tools/uffd-preload/test-target.c): maps the RAM file once
+/// and writes pages or changes its mapping on command.
+final class TargetProcess {
+    let process = Process()
+    private let input = Pipe(), output = Pipe()
+    var pid: Int32 { process.processIdentifier }
+
+    init(executable: String, ramFile: String, pages: Int, preload: String?) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = [ramFile, String(pages)]
+        if let preload {
+            process.environment = ProcessInfo.processInfo.environment.merging(["LD_PRELOAD": preload]) { _, n in n }
+        }
+        process.standardInput = input
+        process.standardOutput = output
+        try process.run()
+        let first = readLine()
+        guard first == "ready" else { throw GeminusError(.io, "test-target did not start: '\(first)'") }
+    }
+
+    private func readLine() -> String {
+        var bytes: [UInt8] = []
+        var c: UInt8 = 0
+        while read(output.fileHandleForReading.fileDescriptor, &c, 1) == 1 {
+            if c == 0x0A { break }
+            bytes.append(c)
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Sends one command; returns its reply ("ok" or "err N").
+    @discardableResult
+    func send(_ command: String) -> String {
+        input.fileHandleForWriting.write(Data((command + "\n").utf8))
+        return readLine()
+    }
+
+    func stop() {
+        if process.isRunning {
+            _ = send("q")
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// A random set of page runs, as (start, end) pairs, and their union.
+private func randomRuns(pages: Int, runs: Int, maxLength: Int, using rng: inout some RandomNumberGenerator) -> ([(Int, Int)], Set<Int>) {
+    var out: [(Int, Int)] = []
+    var all = Set<Int>()
+    for _ in 0..<runs {
+        let len = Int.random(in: 1...maxLength, using: &rng)
+        let a = Int.random(in: 0...(pages - len), using: &rng)
+        out.append((a, a + len))
+        for p in a..<(a + len) { all.insert(p) }
+    }
+    return (out, all)
+}
+
+struct SeededRNG: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// Write tracking on processes this test controls: the kernel mechanism, exactness, the scan's
+/// resume loop, mapping changes QEMU cannot be made to do, and agent restart.
+@Suite(.serialized)
+struct WriteTrackingLocalTests {
+    @Test func kernelSupportsWriteTracking() {
+        // Linux 6.18 here. On a kernel before 6.7 this fails with the reason and the fix.
+        let e = WriteTrackingFinder.probe()
+        #expect(e == nil, "\(e.map(String.init(describing:)) ?? "")")
+    }
+
+    /// The C scan helper with a result buffer far smaller than the result: it must stop when
+    /// the buffer fills, say where, and resume there until the whole range is done.
+    @Test func scanHelperResumesWhenItsBufferFills() throws {
+        let pages = 257
+        let bytes = pages * 4096
+        let m = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)!
+        #expect(m != MAP_FAILED)
+        defer { munmap(m, bytes) }
+        let uffd = geminus_uffd_create()
+        #expect(uffd >= 0)
+        defer { close(uffd) }
+        let pm = open("/proc/self/pagemap", O_RDONLY)
+        defer { close(pm) }
+        let s = UInt64(UInt(bitPattern: m))
+        #expect(geminus_uffd_api_wp_async(uffd, nil) == 0)
+        #expect(geminus_uffd_api_wp_async(uffd, nil) == -EINVAL, "a second UFFDIO_API is refused (the agent-restart case)")
+        #expect(geminus_uffd_register_wp(uffd, s, UInt64(bytes)) == 0)
+        #expect(geminus_uffd_writeprotect(uffd, s, UInt64(bytes), 1) == 0)
+        let written = Set(stride(from: 0, to: pages, by: 2))  // 129 separate ranges
+        for p in written { (m + p * 4096).storeBytes(of: 1, as: UInt8.self) }
+        var vec = [geminus_page_region](repeating: geminus_page_region(), count: 7)
+        var at = s, calls = 0
+        var seen = Set<Int>()
+        while at < s + UInt64(bytes) {
+            var next: UInt64 = 0
+            let n = geminus_pagemap_scan_written(pm, at, s + UInt64(bytes), 1, &vec, 7, &next)
+            #expect(n >= 0 && n <= 7)
+            guard n >= 0 else { break }
+            #expect(next > at || n > 0)
+            for k in 0..<n {
+                for a in stride(from: vec[k].start, to: vec[k].end, by: 4096) { seen.insert(Int((a - s) / 4096)) }
+            }
+            at = next
+            calls += 1
+        }
+        #expect(seen == written)
+        #expect(calls >= 129 / 7)
+        // Re-protected by the scan: nothing is written now.
+        var next: UInt64 = 0
+        #expect(geminus_pagemap_scan_written(pm, s, s + UInt64(bytes), 1, &vec, 7, &next) == 0)
+        #expect(next == s + UInt64(bytes))
+        // An unregistered range fails the scan (CHECK_WPASYNC), it is not "nothing written".
+        #expect(geminus_uffd_unregister(uffd, s, 4096) == 0)
+        #expect(geminus_pagemap_scan_written(pm, s, s + UInt64(bytes), 1, &vec, 7, &next) == -EPERM)
+    }
+
+    @Test(arguments: WriteTrackingReprotect.allCases)
+    func trackedSetIsExactlyThePagesWritten(reprotect: WriteTrackingReprotect) throws {
+        guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
+        let pages = 2048
+        let (path, memory) = try WTEnv.ramFile(pages: pages)
+        defer { unlink(path) }
+        let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
+        defer { target.stop() }
+        let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path, reprotect: reprotect)
+        #expect(finder.mapping.length == UInt64(pages * 4096) && finder.mapping.fileOffset == 0)
+        let buffer = CheckpointBuffer(limitPages: pages)
+        try finder.collect(from: memory, full: false, into: buffer)
+        #expect(buffer.pageCount == pages && finder.stats.lastWasFull, "the first collect is a full copy")
+        var rng = SeededRNG(state: 42)
+        var total = 0
+        for round in 0..<200 {
+            let (runs, expected) = round % 10 == 9 ? ([], Set<Int>()) : randomRuns(pages: pages, runs: Int.random(in: 1...6, using: &rng), maxLength: 40, using: &rng)
+            for (a, b) in runs { #expect(target.send("w \(a) \(b)") == "ok") }
+            buffer.reset()
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(!finder.stats.lastWasFull)
+            #expect(buffer.pageIndices == expected.sorted(), "round \(round)")
+            for i in 0..<buffer.pageCount {
+                #expect(memcmp(buffer.contents(at: i), memory.page(buffer.pageIndices[i]), 4096) == 0)
+            }
+            total += expected.count
+        }
+        #expect(total > 1000)
+        #expect(finder.stats.resyncs == 0)
+        // Asked-for full copies work in the middle too, and tracking goes on after them.
+        buffer.reset()
+        try finder.collect(from: memory, full: true, into: buffer)
+        #expect(buffer.pageCount == pages)
+        #expect(target.send("w 100 103") == "ok")
+        buffer.reset()
+        try finder.collect(from: memory, full: false, into: buffer)
+        #expect(buffer.pageIndices == [100, 101, 102])
+    }
+
+    /// More written ranges than the finder's scan vector holds (4096): the finder loops.
+    @Test func moreRangesThanTheScanVectorHolds() throws {
+        guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
+        let pages = 12_000
+        let (path, memory) = try WTEnv.ramFile(pages: pages)
+        defer { unlink(path) }
+        let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
+        defer { target.stop() }
+        let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path)
+        let buffer = CheckpointBuffer(limitPages: pages)
+        try finder.collect(from: memory, full: true, into: buffer)
+        #expect(target.send("ws 1 \(pages) 2") == "ok")
+        buffer.reset()
+        try finder.collect(from: memory, full: false, into: buffer)
+        #expect(buffer.pageIndices == Array(stride(from: 1, to: pages, by: 2)))
+        #expect(finder.stats.lastRanges == 6000)
+        // A buffer too small: a clear error, and the next collect is full (nothing lost).
+        #expect(target.send("ws 0 \(pages) 3") == "ok")
+        let small = CheckpointBuffer(limitPages: 100)
+        do { try finder.collect(from: memory, full: false, into: small); Issue.record("overflow not reported") } catch {
+            #expect(error.code == .resourceExhausted)
+        }
+        buffer.reset()
+        try finder.collect(from: memory, full: false, into: buffer)
+        #expect(finder.stats.lastWasFull && buffer.pageCount == pages)
+    }
+
+    @Test func targetWithoutThePreloadGivesAClearError() throws {
+        guard let exe = WTEnv.require(WTEnv.target) else { return }
+        let (path, _) = try WTEnv.ramFile(pages: 16)
+        defer { unlink(path) }
+        let target = try TargetProcess(executable: exe, ramFile: path, pages: 16, preload: nil)
+        defer { target.stop() }
+        do { _ = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path); Issue.record("tracking set up without a userfaultfd") } catch {
+            #expect(error.code == .hypervisor)
+            #expect(error.message.contains("not started with the preload library"))
+            #expect(error.fix?.contains("LD_PRELOAD") == true)
+        }
+    }
+
+    /// Mapping changes: each must end in an error or a full copy, never in an epoch that
+    /// silently covers less.
+    @Test func partialUnmapIsAnErrorNotAnEmptyEpoch() throws {
+        try withTarget(pages: 256) { target, finder, memory, buffer in
+            #expect(target.send("w 10 20") == "ok")
+            #expect(target.send("unmap 100 110") == "ok")
+            for _ in 0..<2 {  // and it stays an error
+                buffer.reset()
+                do throws(GeminusError) { try finder.collect(from: memory, full: false, into: buffer); Issue.record("a hole in the mapping was not detected") } catch {
+                    #expect(error.code == .hypervisor)
+                    #expect(error.message.contains("2 separate regions"), "\(error)")
+                }
+            }
+        }
+    }
+
+    @Test func anonymousMappingOverPartIsAnError() throws {
+        try withTarget(pages: 256) { target, finder, memory, buffer in
+            #expect(target.send("fixanon 0 1") == "ok")
+            do throws(GeminusError) { try finder.collect(from: memory, full: false, into: buffer); Issue.record("a foreign mapping over guest RAM was not detected") } catch {
+                #expect(error.code == .hypervisor)
+            }
+        }
+    }
+
+    @Test func sameFileMappedAgainOverPartGivesAFullCopy() throws {
+        try withTarget(pages: 256) { target, finder, memory, buffer in
+            // Same file, same offsets: /proc/PID/maps looks the same, but the new VMA is not
+            // registered; the scan's CHECK_WPASYNC fails it, the finder re-registers and copies all.
+            #expect(target.send("fixfile 50 60") == "ok")
+            #expect(target.send("w 55 57") == "ok")
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageCount == 256 && finder.stats.lastWasFull)
+            #expect(finder.stats.resyncs == 1)
+            #expect(finder.stats.lastResyncReason?.contains("PAGEMAP_SCAN") == true, "\(finder.stats.lastResyncReason ?? "")")
+            // Tracked again, the re-mapped part included.
+            #expect(target.send("w 52 58") == "ok")
+            buffer.reset()
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageIndices == Array(52..<58))
+        }
+    }
+
+    @Test func movedMappingGivesAFullCopyAndIsTrackedThere() throws {
+        try withTarget(pages: 256) { target, finder, memory, buffer in
+            let before = finder.mapping
+            #expect(target.send("move") == "ok")
+            #expect(target.send("w 3 4") == "ok")
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageCount == 256 && finder.stats.lastWasFull && finder.stats.resyncs == 1)
+            #expect(finder.mapping != before && finder.mapping.length == before.length)
+            #expect(target.send("w 7 9") == "ok")
+            buffer.reset()
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageIndices == [7, 8])
+        }
+    }
+
+    @Test func fullUnmapIsAnError() throws {
+        try withTarget(pages: 64) { target, finder, memory, buffer in
+            #expect(target.send("unmap 0 64") == "ok")
+            do throws(GeminusError) { try finder.collect(from: memory, full: false, into: buffer); Issue.record("a vanished mapping was not detected") } catch {
+                #expect(error.message.contains("has no mapping of the RAM file"))
+            }
+        }
+    }
+
+    /// Agent restart: a new finder takes the descriptor again, while the first one's
+    /// registration is still in place (it crashed: nothing was undone), and resyncs.
+    @Test func aSecondAgentTakesTheDescriptorAgain() throws {
+        try withTarget(pages: 128) { target, finder, memory, buffer in
+            #expect(target.send("w 1 2") == "ok")
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageIndices == [1])
+            let second = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: finder.ramFilePath)
+            buffer.reset()
+            try second.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageCount == 128 && second.stats.lastWasFull)
+            #expect(target.send("w 5 7") == "ok")
+            buffer.reset()
+            try second.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageIndices == [5, 6])
+        }
+    }
+
+    /// A write the tracked mapping does not see (here through this process's own mapping of
+    /// the file, as a vhost-user backend would write): the verifier reports it as a miss.
+    @Test func verifierReportsAWriteTrackingCannotSee() throws {
+        try withTarget(pages: 128) { target, finder, memory, buffer in
+            let verifier = VerifyingFinder(tracking: finder)
+            buffer.reset()
+            try verifier.collect(from: memory, full: true, into: buffer)
+            #expect(target.send("w 3 5") == "ok")
+            buffer.reset()
+            try verifier.collect(from: memory, full: false, into: buffer)
+            #expect(verifier.verification.epochs == 1 && verifier.verification.missedPages == 0)
+            #expect(target.send("w 10 11") == "ok")
+            memory.storeU64(0xDEAD, at: 77 * 4096)
+            buffer.reset()
+            do throws(GeminusError) { try verifier.collect(from: memory, full: false, into: buffer); Issue.record("a missed write was not reported") } catch {
+                #expect(error.code == .internalInvariant)
+                #expect(error.message.contains("missed 1 of 2 changed pages"), "\(error)")
+            }
+            #expect(verifier.verification.missedPages == 1 && verifier.verification.lastMissed == [77])
+            #expect(buffer.pageIndices == [10, 77], "the missed page is still delivered")
+            buffer.reset()
+            try verifier.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageCount == 128, "after a miss the next epoch is full")
+        }
+    }
+
+    private func withTarget(pages: Int, _ body: (TargetProcess, WriteTrackingFinder, PageMemory, CheckpointBuffer) throws -> Void) throws {
+        guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
+        let (path, memory) = try WTEnv.ramFile(pages: pages)
+        defer { unlink(path) }
+        let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
+        defer { target.stop() }
+        let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path)
+        let buffer = CheckpointBuffer(limitPages: pages)
+        try finder.collect(from: memory, full: true, into: buffer)
+        buffer.reset()
+        try body(target, finder, memory, buffer)
+    }
+}
+
+/// Write tracking on the real tiny guest under QEMU, checked against a full comparison.
+@Suite(.serialized, .enabled(if: VMEnv.enabled, VMEnv.skipReason))
+struct WriteTrackingQEMUTests {
+    @Test(arguments: WriteTrackingReprotect.allCases)
+    func hundredCheckpointsWithoutAMiss(reprotect: WriteTrackingReprotect) throws {
+        guard let kernel = VMEnv.requireGuest(), let preload = WTEnv.require(WTEnv.preload) else { return }
+        // The window moves a page every 16 iterations: hundreds of distinct pages per epoch.
+        let config = VMEnv.config(kernel: kernel, role: "wt", append: "pages=128 walk=16")
+        var fallbacks: [GeminusError] = []
+        let (guest, finder) = try QEMUGuest.launchTracked(config, preloadLibrary: preload, reprotect: reprotect, verify: true) { fallbacks.append($0) }
+        defer { guest.shutdown() }
+        #expect(fallbacks.isEmpty, "\(fallbacks)")
+        let verifier = try #require(finder as? VerifyingFinder)
+        let tracker = try #require(verifier.tracking as? WriteTrackingFinder)
+        try VMEnv.waitBooted(guest.memory)
+        let buffer = CheckpointBuffer(limitPages: guest.pageCount)
+        var pauses: [UInt64] = [], finds: [UInt64] = [], scans: [UInt64] = [], checks: [UInt64] = []
+        let c0 = guest.progressCounter
+        for epoch in 0..<110 {
+            VMEnv.sleep(ms: 5 + epoch % 4 * 5)
+            try guest.pause()
+            try guest.capture(full: epoch == 0, into: buffer)
+            try guest.resume()
+            if epoch > 0 {
+                #expect(!tracker.stats.lastWasFull, "epoch \(epoch): \(tracker.stats.lastResyncReason ?? "")")
+                #expect(buffer.pageIndices.contains(0x200000 / GuestPage.size), "epoch \(epoch): the status page is written every loop")
+                if let t = guest.lastTimings { pauses.append(t.pauseNanos); finds.append(t.findCopyNanos) }
+                scans.append(tracker.stats.lastScanNanos)
+                checks.append(tracker.stats.lastMappingCheckNanos)
+            }
+        }
+        let v = verifier.verification
+        #expect(v.epochs >= 100)
+        #expect(v.missedPages == 0)
+        #expect(v.reportedPages >= 100 * v.epochs, "the guest wrote a non-trivial set: \(v.reportedPages) pages in \(v.epochs) epochs")
+        #expect(v.changedPages > 0 && v.changedPages <= v.reportedPages)
+        #expect(tracker.stats.resyncs == 0)
+        #expect(guest.progressCounter > c0)
+        print("write tracking (\(reprotect.rawValue)) on the tiny guest, \(config.ramMiB) MiB, \(v.epochs) verified epochs: \(v.reportedPages / v.epochs) pages/epoch, 0 missed; median pause \(VMEnv.median(pauses)) ms, find+copy (with the verifying compare) \(VMEnv.median(finds)) ms, scan \(VMEnv.median(scans)) ms, maps check \(VMEnv.median(checks)) ms")
+    }
+
+    @Test func qemuWithoutThePreloadGivesAClearErrorAndFallsBack() throws {
+        guard let kernel = VMEnv.requireGuest() else { return }
+        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wt-nopre"))
+        defer { guest.shutdown() }
+        do { _ = try WriteTrackingFinder(qemuPID: guest.process.pid, ramFilePath: guest.process.config.ramFilePath); Issue.record("tracking without the preload") } catch {
+            #expect(error.code == .hypervisor)
+            #expect(error.message.contains("QEMU (pid \(guest.process.pid)) has no userfaultfd: QEMU was not started with the preload library"))
+        }
+        // launchTracked with a library that cannot load: QEMU runs, capture uses the compare method.
+        var fallbacks: [GeminusError] = []
+        let (g2, finder) = try QEMUGuest.launchTracked(VMEnv.config(kernel: kernel, role: "wt-bad"), preloadLibrary: "/nonexistent/\(WriteTrackingPreload.fileName)") { fallbacks.append($0) }
+        defer { g2.shutdown() }
+        #expect(finder is ShadowCompareFinder)
+        #expect(fallbacks.count == 1 && fallbacks.first?.message.contains("not started with the preload library") == true)
+        try VMEnv.waitBooted(g2.memory)
+        let buffer = CheckpointBuffer(limitPages: g2.pageCount)
+        try g2.pause()
+        try g2.capture(full: true, into: buffer)
+        try g2.resume()
+        #expect(buffer.pageCount == g2.pageCount)
+    }
+}
