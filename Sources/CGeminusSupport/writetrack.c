@@ -184,3 +184,48 @@ done:
     close(uffd);
     return result;
 }
+
+// PROCMAP_QUERY (Linux 6.11), defined by hand for the same reason as above.
+struct gm_procmap_query {
+    uint64_t size, query_flags, query_addr;
+    uint64_t vma_start, vma_end, vma_flags, vma_page_size, vma_offset, inode;
+    uint32_t dev_major, dev_minor, vma_name_size, build_id_size;
+    uint64_t vma_name_addr, build_id_addr;
+};
+_Static_assert(sizeof(struct gm_procmap_query) == 104, "procmap_query");
+#define GM_PROCMAP_QUERY 0xc0686611UL /* _IOWR('f', 17, struct procmap_query) */
+#define GM_PROCMAP_QUERY_VMA_READABLE 0x01
+#define GM_PROCMAP_QUERY_VMA_WRITABLE 0x02
+#define GM_PROCMAP_QUERY_VMA_SHARED 0x08
+#define GM_PROCMAP_QUERY_COVERING_OR_NEXT_VMA 0x10
+#define GM_PROCMAP_QUERY_FILE_BACKED_VMA 0x20
+
+long geminus_file_vmas(int maps_fd, uint32_t dev_major, uint32_t dev_minor, uint64_t inode,
+                       geminus_file_vma *out, size_t capacity) {
+    size_t n = 0;
+    uint64_t addr = 0;
+    // Bounded: a process has at most vm.max_map_count VMAs (65530 by default); stop far past it.
+    for (unsigned guard = 0; guard < (1u << 22); guard++) {
+        struct gm_procmap_query q;
+        memset(&q, 0, sizeof q);
+        q.size = sizeof q;
+        q.query_flags = GM_PROCMAP_QUERY_COVERING_OR_NEXT_VMA | GM_PROCMAP_QUERY_FILE_BACKED_VMA;
+        q.query_addr = addr;
+        if (ioctl(maps_fd, GM_PROCMAP_QUERY, &q) < 0) {
+            if (errno == ENOENT) return (long)n;  // no VMA at or after addr: done
+            return -errno;
+        }
+        if (q.vma_end <= addr) return -EIO;  // no progress: never loop
+        if (q.inode == inode && q.dev_major == dev_major && q.dev_minor == dev_minor) {
+            if (n == capacity) return -ENOSPC;
+            uint64_t want = GM_PROCMAP_QUERY_VMA_READABLE | GM_PROCMAP_QUERY_VMA_WRITABLE | GM_PROCMAP_QUERY_VMA_SHARED;
+            out[n].start = q.vma_start;
+            out[n].end = q.vma_end;
+            out[n].file_offset = q.vma_offset;
+            out[n].shared_writable = (q.vma_flags & want) == want;
+            n++;
+        }
+        addr = q.vma_end;
+    }
+    return -EIO;
+}

@@ -157,6 +157,13 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     /// Ranges of the current epoch, collected before anything is copied so a failed scan leaves
     /// the buffer untouched. Bounded by the buffer's free pages (every range holds >= 1 page).
     private var ranges: [(start: UInt64, end: UInt64)] = []
+    /// /proc/PID/maps, kept open for PROCMAP_QUERY.
+    private let mapsFD: Int32
+    /// Internal so tests can force the text parser (the path of kernels before 6.11).
+    var useProcmapQuery = true
+    /// PROCMAP_QUERY results: the RAM file's VMAs (one, normally; more means split or mapped twice).
+    private let vmas: UnsafeMutablePointer<geminus_file_vma>
+    static let vmaCapacity = 256
     /// /proc/PID/maps read buffer; grows (to `mapsLimit`) only if QEMU has a large map.
     private var mapsBuffer = [UInt8](repeating: 0, count: 256 << 10)
     static let mapsLimit = 16 << 20
@@ -207,6 +214,12 @@ public final class WriteTrackingFinder: DirtyPageFinder {
                                     fix: "run the agent as root or as QEMU's user, and check that QEMU (pid \(pid)) still runs"))
         }
         fds.append(pagemap)
+        let maps = open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC)
+        guard maps >= 0 else {
+            throw fail(GeminusError(.hypervisor, "cannot open /proc/\(pid)/maps: \(WriteTrackingFinder.errnoText(errno))",
+                                    fix: "run the agent as root or as QEMU's user, and check that QEMU (pid \(pid)) still runs"))
+        }
+        self.mapsFD = maps
         self.pid = pid
         self.ramFilePath = ramFilePath
         self.reprotect = reprotect
@@ -220,6 +233,7 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         inode = UInt64(st.st_ino)
         mapping = RAMMapping(start: 0, length: 0, fileOffset: 0, deviceMajor: 0, deviceMinor: 0, inode: 0, pieces: 0)
         vec = .allocate(capacity: WriteTrackingFinder.vecCapacity)
+        vmas = .allocate(capacity: WriteTrackingFinder.vmaCapacity)
 
         // UFFDIO_API once per descriptor: EINVAL after the kernel probe passed means an earlier
         // agent configured it already (agent restart); the verify scan below checks that it is
@@ -244,7 +258,9 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         close(uffd)
         close(pagemapFD)
         close(ramFD)
+        close(mapsFD)
         vec.deallocate()
+        vmas.deallocate()
     }
 
     // MARK: kernel support
@@ -337,9 +353,41 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         return m
     }
 
-    /// Parses /proc/PID/maps for the lines of the RAM file (device and inode), merging adjacent
-    /// lines with contiguous file offsets. Read with plain syscalls: it runs in every pause.
+    /// The RAM file's shared writable mappings in the process, adjacent VMAs with contiguous
+    /// file offsets merged. It runs in every pause: PROCMAP_QUERY (Linux 6.11+, one ioctl per
+    /// file-backed VMA) when the kernel has it, else the text of /proc/PID/maps.
     private func readMappings() throws(GeminusError) -> [RAMMapping] {
+        if useProcmapQuery {
+            let n = geminus_file_vmas(mapsFD, deviceMajor, deviceMinor, inode, vmas, WriteTrackingFinder.vmaCapacity)
+            if n >= 0 {
+                var out: [RAMMapping] = []
+                for k in 0..<n where vmas[k].shared_writable != 0 {
+                    let v = vmas[k]
+                    if var last = out.last, last.end == v.start, last.fileOffset + last.length == v.file_offset {
+                        last.length += v.end - v.start
+                        last.pieces += 1
+                        out[out.count - 1] = last
+                    } else {
+                        out.append(RAMMapping(start: v.start, length: v.end - v.start, fileOffset: v.file_offset, deviceMajor: deviceMajor,
+                                              deviceMinor: deviceMinor, inode: inode, pieces: 1))
+                    }
+                }
+                return out
+            }
+            guard n == -Int(ENOTTY) || n == -Int(EINVAL) else {
+                throw GeminusError(n == -Int(ENOSPC) ? .resourceExhausted : .hypervisor,
+                                   "cannot list the mappings of process \(pid) (PROCMAP_QUERY): \(WriteTrackingFinder.errnoText(Int32(-n)))",
+                                   fix: n == -Int(ENOSPC) ? "the RAM file is mapped in more than \(WriteTrackingFinder.vmaCapacity) pieces: use the compare method"
+                                                          : "check that QEMU (pid \(pid)) still runs")
+            }
+            useProcmapQuery = false  // an older kernel: parse the text from now on
+        }
+        return try parseMapsText()
+    }
+
+    /// Parses /proc/PID/maps for the lines of the RAM file (device and inode), merging adjacent
+    /// lines with contiguous file offsets. Plain syscalls and byte parsing: it runs in a pause.
+    private func parseMapsText() throws(GeminusError) -> [RAMMapping] {
         let path = "/proc/\(pid)/maps"
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {

@@ -230,6 +230,27 @@ struct WriteTrackingLocalTests {
         #expect(buffer.pageIndices == [100, 101, 102])
     }
 
+    /// PROCMAP_QUERY (6.11+) and the /proc/PID/maps text (older kernels) see the same mapping,
+    /// and both see a change.
+    @Test func bothMappingReadersAgree() throws {
+        try withTarget(pages: 256) { target, finder, memory, buffer in
+            let viaQuery = try finder.currentMapping()
+            finder.useProcmapQuery = false
+            let viaText = try finder.currentMapping()
+            #expect(viaQuery == viaText && viaQuery == finder.mapping)
+            #expect(target.send("w 9 10") == "ok")
+            try finder.collect(from: memory, full: false, into: buffer)
+            #expect(buffer.pageIndices == [9])
+            #expect(target.send("unmap 0 1") == "ok")
+            finder.useProcmapQuery = false
+            let textAfter = try finder.currentMapping()
+            finder.useProcmapQuery = true
+            let queryAfter = try finder.currentMapping()
+            #expect(textAfter == queryAfter && textAfter != viaText)
+            #expect(queryAfter.start == viaQuery.start + 4096 && queryAfter.length == 255 * 4096 && queryAfter.fileOffset == 4096)
+        }
+    }
+
     /// More written ranges than the finder's scan vector holds (4096): the finder loops.
     @Test func moreRangesThanTheScanVectorHolds() throws {
         guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }

@@ -72,4 +72,21 @@ long geminus_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, 
 /// a scratch mapping of this process; else -errno of the step that failed.
 int geminus_write_tracking_probe(void);
 
+/// One VMA mapping a given file, from PROCMAP_QUERY.
+typedef struct geminus_file_vma {
+    uint64_t start;
+    uint64_t end;
+    uint64_t file_offset;
+    /// 1 when readable, writable and shared (what QEMU's guest RAM mapping must be).
+    int shared_writable;
+} geminus_file_vma;
+
+/// The VMAs of the process behind `maps_fd` (an open /proc/PID/maps) that map the file with
+/// device major:minor and `inode`, in address order, through the PROCMAP_QUERY ioctl (Linux
+/// 6.11+): one ioctl per file-backed VMA instead of generating and parsing the text file.
+/// Returns the count (at most `capacity`; -ENOSPC if there are more) or -errno; -ENOTTY or
+/// -EINVAL mean the kernel has no PROCMAP_QUERY (parse the text instead).
+long geminus_file_vmas(int maps_fd, uint32_t dev_major, uint32_t dev_minor, uint64_t inode,
+                       geminus_file_vma *out, size_t capacity);
+
 #endif
