@@ -550,16 +550,16 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         }
         let base = mapping.start
         for r in ranges {
-            var a = r.start
-            while a < r.end {
-                let page = Int((a - base) >> GuestPage.shift)
-                guard let dst = buffer.appendPage(index: page) else {
-                    needsFull = true
-                    throw GeminusError(.internalInvariant, "capture buffer refused page \(page) after room was checked")
-                }
-                dst.copyMemory(from: memory.page(page), byteCount: GuestPage.size)
-                a += UInt64(GuestPage.size)
+            // A range is contiguous in guest RAM and, appended back to back, in the buffer:
+            // one copy per range.
+            let firstPage = Int((r.start - base) >> GuestPage.shift)
+            let count = Int((r.end - r.start) >> GuestPage.shift)
+            let firstSlot = buffer.pageCount
+            for k in 0..<count where buffer.appendPage(index: firstPage + k) == nil {
+                needsFull = true
+                throw GeminusError(.internalInvariant, "capture buffer refused page \(firstPage + k) after room was checked")
             }
+            buffer.contents(at: firstSlot).copyMemory(from: memory.page(firstPage), byteCount: count * GuestPage.size)
         }
         let t3 = Monotonic.nanos()
         stats.lastRanges = ranges.count

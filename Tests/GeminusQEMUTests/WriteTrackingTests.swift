@@ -479,3 +479,148 @@ struct WriteTrackingQEMUTests {
         #expect(buffer.pageCount == g2.pageCount)
     }
 }
+
+/// Measurements for docs/BENCHMARKS.md, "Write tracking vs compare". Off unless
+/// GEMINUS_WT_BENCH=1 (minutes, and up to 3x the largest size in memory); prints table rows.
+///   GEMINUS_WT_BENCH=1 swift test --skip-build --filter WriteTrackingBenchmarks
+/// GEMINUS_WT_BENCH_MIB (default 256,1024,4096) sets the plain-process sizes,
+/// GEMINUS_WT_BENCH_QEMU_MIB (default 64,256) the QEMU guest sizes.
+@Suite(.serialized, .enabled(if: ProcessInfo.processInfo.environment["GEMINUS_WT_BENCH"] == "1", "set GEMINUS_WT_BENCH=1 to measure"))
+struct WriteTrackingBenchmarks {
+    static func sizes(_ name: String, _ fallback: [Int]) -> [Int] {
+        ProcessInfo.processInfo.environment[name].map { $0.split(separator: ",").compactMap { Int($0) } } ?? fallback
+    }
+
+    static func memAvailableMiB() -> Int {
+        guard let s = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = s.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
+              let kib = Int(line.split(separator: " ")[1]) else { return 0 }
+        return kib >> 10
+    }
+
+    static func ms(_ xs: [UInt64]) -> String { String(format: "%.3f", VMEnv.median(xs)) }
+
+    /// A process with the same kind of mapping as QEMU (shared tmpfs RAM file, every page
+    /// populated), sizes a TCG guest cannot reach here: scan and copy per epoch against RAM size
+    /// and pages written, the compare method on the same memory, and the write-fault cost.
+    @Test func plainProcessTrackingVersusCompare() throws {
+        guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
+        print("| RAM | written pages | tracking: scan | maps check | copy | collect total | compare: collect | write after re-protect (per page) | rewrite, no fault (per page) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for mib in Self.sizes("GEMINUS_WT_BENCH_MIB", [256, 1024, 4096]) {
+            let pages = mib * 256
+            let (path, memory) = try WTEnv.ramFile(pages: pages)
+            defer { unlink(path) }
+            let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
+            defer { target.stop() }
+            #expect(target.send("w 0 \(pages)") == "ok")  // populate: a guest that has touched all its RAM
+            let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path)
+            do {
+                let big = CheckpointBuffer(limitPages: pages, initialCapacityPages: pages)
+                try finder.collect(from: memory, full: true, into: big)
+            }
+            print("| \(mib) MiB | full copy | protect all: \(String(format: "%.1f", Double(finder.stats.lastProtectAllNanos) / 1e6)) ms | | pread all: \(String(format: "%.0f", Double(finder.stats.lastFullCopyNanos) / 1e6)) ms | | | | |")
+            let written = [0, 100, 1000, 10_000]
+            let small = CheckpointBuffer(limitPages: 20_000, initialCapacityPages: 20_000)
+            var trackRows: [(Int, [UInt64], [UInt64], [UInt64], [UInt64], [UInt64], [UInt64])] = []
+            for w in written {
+                var scan: [UInt64] = [], check: [UInt64] = [], copy: [UInt64] = [], total: [UInt64] = [], fault: [UInt64] = [], plain: [UInt64] = []
+                let stride = w == 0 ? 0 : pages / w
+                var count = 0
+                for _ in 0..<9 {
+                    if w > 0 {
+                        #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
+                        fault.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
+                        #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
+                        plain.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
+                    }
+                    small.reset()
+                    let t0 = Monotonic.nanos()
+                    try finder.collect(from: memory, full: false, into: small)
+                    total.append(Monotonic.nanos() - t0)
+                    scan.append(finder.stats.lastScanNanos)
+                    check.append(finder.stats.lastMappingCheckNanos)
+                    copy.append(finder.stats.lastCopyNanos)
+                    count = small.pageCount
+                    #expect(!finder.stats.lastWasFull)
+                }
+                trackRows.append((count, scan, check, copy, total, fault, plain))
+            }
+            // The compare method on the same memory: shadow + full first copy = 2x RAM more.
+            var compare: [[UInt64]] = Array(repeating: [], count: written.count)
+            if Self.memAvailableMiB() > 2 * mib + 2048 {
+                let cmp = ShadowCompareFinder()
+                do {
+                    let big = CheckpointBuffer(limitPages: pages, initialCapacityPages: pages)
+                    try cmp.collect(from: memory, full: true, into: big)
+                }
+                for (i, w) in written.enumerated() {
+                    let stride = w == 0 ? 0 : pages / w
+                    for _ in 0..<5 {
+                        if w > 0 { #expect(target.send("ws 0 \(pages) \(stride)") == "ok") }
+                        small.reset()
+                        let t0 = Monotonic.nanos()
+                        try cmp.collect(from: memory, full: false, into: small)
+                        compare[i].append(Monotonic.nanos() - t0)
+                    }
+                }
+            }
+            for (i, r) in trackRows.enumerated() {
+                let perFault = r.0 == 0 ? "" : String(format: "%.2f µs", VMEnv.median(r.5) * 1e3 / Double(r.0))
+                let perPlain = r.0 == 0 ? "" : String(format: "%.3f µs", VMEnv.median(r.6) * 1e3 / Double(r.0))
+                print("| \(mib) MiB | \(r.0) | \(Self.ms(r.1)) ms | \(Self.ms(r.2)) ms | \(Self.ms(r.3)) ms | \(Self.ms(r.4)) ms | \(compare[i].isEmpty ? "not run (memory)" : Self.ms(compare[i]) + " ms") | \(perFault) | \(perPlain) |")
+            }
+        }
+    }
+
+    /// The tiny guest under QEMU TCG, same workload, each method in its own QEMU: pause per
+    /// checkpoint and the guest's speed while running (the write-protect faults' cost).
+    @Test func qemuGuestTrackingVersusCompare() throws {
+        guard let kernel = VMEnv.requireGuest(), let preload = WTEnv.require(WTEnv.preload) else { return }
+        print("| guest RAM | workload | method | pages/epoch | pause | find + copy | guest iterations/s while running |")
+        print("|---|---|---|---|---|---|---|")
+        for mib in Self.sizes("GEMINUS_WT_BENCH_QEMU_MIB", [64, 256]) {
+            for append in ["pages=64", "pages=1000 walk=4"] {
+                var rates: [String: Double] = [:]
+                for method in ["compare", "tracking"] {
+                    let config = VMEnv.config(kernel: kernel, role: "wtb", ramMiB: mib, append: append)
+                    let guest: QEMUGuest
+                    if method == "tracking" {
+                        var fallbacks: [GeminusError] = []
+                        guest = try QEMUGuest.launchTracked(config, preloadLibrary: preload) { fallbacks.append($0) }.guest
+                        #expect(fallbacks.isEmpty, "\(fallbacks)")
+                    } else {
+                        guest = try QEMUGuest.launch(config)
+                    }
+                    defer { guest.shutdown() }
+                    try VMEnv.waitBooted(guest.memory)
+                    let buffer = CheckpointBuffer(limitPages: guest.pageCount)
+                    var pause: [UInt64] = [], find: [UInt64] = [], pages: [UInt64] = []
+                    var iterRates: [Double] = []
+                    var lastResume = (Monotonic.nanos(), guest.memory.loadU64(at: 0x200018))
+                    for epoch in 0..<61 {
+                        VMEnv.sleep(ms: 25)
+                        try guest.pause()
+                        let now = (Monotonic.nanos(), guest.memory.loadU64(at: 0x200018))
+                        if epoch > 0 { iterRates.append(Double(now.1 - lastResume.1) / (Double(now.0 - lastResume.0) / 1e9)) }
+                        try guest.capture(full: epoch == 0, into: buffer)
+                        try guest.resume()
+                        lastResume = (Monotonic.nanos(), guest.memory.loadU64(at: 0x200018))
+                        if epoch > 0, let t = guest.lastTimings {
+                            pause.append(t.pauseNanos)
+                            find.append(t.findCopyNanos)
+                            pages.append(UInt64(t.pages))
+                        }
+                    }
+                    iterRates.sort()
+                    let rate = iterRates[iterRates.count / 2]
+                    rates[method] = rate
+                    print("| \(mib) MiB | `\(append)` | \(method) | \(pages.sorted()[pages.count / 2]) | \(Self.ms(pause)) ms | \(Self.ms(find)) ms | \(String(format: "%.0f", rate)) |")
+                }
+                if let c = rates["compare"], let t = rates["tracking"] {
+                    print("|  |  | tracking / compare speed | | | | \(String(format: "%.0f%%", 100 * t / c)) |")
+                }
+            }
+        }
+    }
+}

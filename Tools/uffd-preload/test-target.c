@@ -10,6 +10,7 @@
 //   fixfile A B  mmap MAP_FIXED the same file at the same offsets over pages [A,B)
 //   fixanon A B  mmap MAP_FIXED anonymous memory over pages [A,B)
 //   move         munmap everything and map the file again (at a new address)
+//   t            reply "ok NS": how long the last w/ws took (CLOCK_MONOTONIC), for the benchmark
 //   q            exit
 // Replies "ok" or "err <errno>".
 #define _GNU_SOURCE
@@ -20,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
@@ -35,6 +37,7 @@ int main(int argc, char **argv) {
     printf("ready\n");
     char line[256];
     uint64_t value = 0;
+    uint64_t last_ns = 0;
     while (fgets(line, sizeof line, stdin)) {
         char cmd[32];
         unsigned long a = 0, b = 0, stride = 1;
@@ -42,7 +45,12 @@ int main(int argc, char **argv) {
         if (n < 1) continue;
         if (n >= 3 && (a > b || b > pages || stride == 0)) { printf("err %d\n", EINVAL); continue; }
         int err = 0;
-        if (!strcmp(cmd, "w") && n == 3) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        if (!strcmp(cmd, "t")) {
+            printf("ok %llu\n", (unsigned long long)last_ns);
+            continue;
+        } else if (!strcmp(cmd, "w") && n == 3) {
             for (unsigned long p = a; p < b; p++) {
                 value++;
                 memcpy(m + p * PAGE, &value, sizeof value);
@@ -69,6 +77,8 @@ int main(int argc, char **argv) {
         } else {
             err = EINVAL;
         }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        last_ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000ull + (uint64_t)(t1.tv_nsec - t0.tv_nsec);
         if (err) printf("err %d\n", err); else printf("ok\n");
     }
     return 0;
