@@ -505,8 +505,8 @@ struct WriteTrackingBenchmarks {
     /// and pages written, the compare method on the same memory, and the write-fault cost.
     @Test func plainProcessTrackingVersusCompare() throws {
         guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
-        print("| RAM | written pages | tracking: scan | maps check | copy | collect total | compare: collect | write after re-protect (per page) | rewrite, no fault (per page) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| RAM | written pages | mode | scan | maps check | re-protect + copy | collect total | compare: collect | write after re-protect (per page) | rewrite, no fault (per page) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for mib in Self.sizes("GEMINUS_WT_BENCH_MIB", [256, 1024, 4096]) {
             let pages = mib * 256
             let (path, memory) = try WTEnv.ramFile(pages: pages)
@@ -514,40 +514,46 @@ struct WriteTrackingBenchmarks {
             let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
             defer { target.stop() }
             #expect(target.send("w 0 \(pages)") == "ok")  // populate: a guest that has touched all its RAM
-            let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path)
-            do {
-                let big = CheckpointBuffer(limitPages: pages, initialCapacityPages: pages)
-                try finder.collect(from: memory, full: true, into: big)
-            }
-            print("| \(mib) MiB | full copy | protect all: \(String(format: "%.1f", Double(finder.stats.lastProtectAllNanos) / 1e6)) ms | | pread all: \(String(format: "%.0f", Double(finder.stats.lastFullCopyNanos) / 1e6)) ms | | | | |")
             let written = [0, 100, 1000, 10_000]
             let small = CheckpointBuffer(limitPages: 20_000, initialCapacityPages: 20_000)
-            var trackRows: [(Int, [UInt64], [UInt64], [UInt64], [UInt64], [UInt64], [UInt64])] = []
-            for w in written {
-                var scan: [UInt64] = [], check: [UInt64] = [], copy: [UInt64] = [], total: [UInt64] = [], fault: [UInt64] = [], plain: [UInt64] = []
-                let stride = w == 0 ? 0 : pages / w
-                var count = 0
-                for _ in 0..<9 {
-                    if w > 0 {
-                        #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
-                        fault.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
-                        #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
-                        plain.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
+            var rows: [String] = []
+            var compare: [[UInt64]] = Array(repeating: [], count: written.count)
+            do {
+                let big = CheckpointBuffer(limitPages: pages, initialCapacityPages: pages)
+                for mode in WriteTrackingReprotect.allCases {
+                    // One finder at a time: the previous one's deinit unprotects and unregisters.
+                    let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path, reprotect: mode)
+                    big.reset()
+                    try finder.collect(from: memory, full: true, into: big)
+                    rows.append("| \(mib) MiB | full copy | \(mode.rawValue) | protect all: \(String(format: "%.1f", Double(finder.stats.lastProtectAllNanos) / 1e6)) ms | | pread all: \(String(format: "%.0f", Double(finder.stats.lastFullCopyNanos) / 1e6)) ms\(mode == .inScan ? " (fresh buffer)" : " (buffer reused)") | | | | |")
+                    for w in written {
+                        var scan: [UInt64] = [], check: [UInt64] = [], copy: [UInt64] = [], total: [UInt64] = [], fault: [UInt64] = [], plain: [UInt64] = []
+                        let stride = w == 0 ? 0 : pages / w
+                        var count = 0
+                        for _ in 0..<9 {
+                            if w > 0 {
+                                #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
+                                fault.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
+                                #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
+                                plain.append(UInt64(target.send("t").dropFirst(3)) ?? 0)
+                            }
+                            small.reset()
+                            let t0 = Monotonic.nanos()
+                            try finder.collect(from: memory, full: false, into: small)
+                            total.append(Monotonic.nanos() - t0)
+                            scan.append(finder.stats.lastScanNanos)
+                            check.append(finder.stats.lastMappingCheckNanos)
+                            copy.append(finder.stats.lastCopyNanos)
+                            count = small.pageCount
+                            #expect(!finder.stats.lastWasFull)
+                        }
+                        let perFault = count == 0 ? "" : String(format: "%.2f µs", VMEnv.median(fault) * 1e3 / Double(count))
+                        let perPlain = count == 0 ? "" : String(format: "%.3f µs", VMEnv.median(plain) * 1e3 / Double(count))
+                        rows.append("| \(mib) MiB | \(count) | \(mode.rawValue) | \(Self.ms(scan)) ms | \(Self.ms(check)) ms | \(Self.ms(copy)) ms | \(Self.ms(total)) ms | COMPARE\(written.firstIndex(of: w)!) | \(perFault) | \(perPlain) |")
                     }
-                    small.reset()
-                    let t0 = Monotonic.nanos()
-                    try finder.collect(from: memory, full: false, into: small)
-                    total.append(Monotonic.nanos() - t0)
-                    scan.append(finder.stats.lastScanNanos)
-                    check.append(finder.stats.lastMappingCheckNanos)
-                    copy.append(finder.stats.lastCopyNanos)
-                    count = small.pageCount
-                    #expect(!finder.stats.lastWasFull)
                 }
-                trackRows.append((count, scan, check, copy, total, fault, plain))
             }
             // The compare method on the same memory: shadow + full first copy = 2x RAM more.
-            var compare: [[UInt64]] = Array(repeating: [], count: written.count)
             if Self.memAvailableMiB() > 2 * mib + 2048 {
                 let cmp = ShadowCompareFinder()
                 do {
@@ -565,10 +571,11 @@ struct WriteTrackingBenchmarks {
                     }
                 }
             }
-            for (i, r) in trackRows.enumerated() {
-                let perFault = r.0 == 0 ? "" : String(format: "%.2f µs", VMEnv.median(r.5) * 1e3 / Double(r.0))
-                let perPlain = r.0 == 0 ? "" : String(format: "%.3f µs", VMEnv.median(r.6) * 1e3 / Double(r.0))
-                print("| \(mib) MiB | \(r.0) | \(Self.ms(r.1)) ms | \(Self.ms(r.2)) ms | \(Self.ms(r.3)) ms | \(Self.ms(r.4)) ms | \(compare[i].isEmpty ? "not run (memory)" : Self.ms(compare[i]) + " ms") | \(perFault) | \(perPlain) |")
+            for var r in rows {
+                for i in written.indices {
+                    r = r.replacingOccurrences(of: "COMPARE\(i)", with: compare[i].isEmpty ? "not run (memory)" : Self.ms(compare[i]) + " ms")
+                }
+                print(r)
             }
         }
     }
