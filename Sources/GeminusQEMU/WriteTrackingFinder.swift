@@ -59,6 +59,8 @@ public struct WriteTrackingStats: Sendable, Equatable {
     public var lastResyncReason: String?
     /// Whether the last `collect` copied every page.
     public var lastWasFull = false
+    /// Scans whose result was out of order or repeated pages (merged: see `collect`).
+    public var reorderedScans = 0
     /// Last delta epoch: ranges and pages the scan returned, and where the time went.
     public var lastRanges = 0
     public var lastPages = 0
@@ -496,6 +498,7 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         let room = buffer.limitPages - buffer.pageCount
         ranges.removeAll(keepingCapacity: true)
         var pages = 0
+        var lastEnd: UInt64 = 0
         let t0 = Monotonic.nanos()
         var at = mapping.start
         let end = mapping.end
@@ -508,17 +511,27 @@ public final class WriteTrackingFinder: DirtyPageFinder {
                 try resync(memory, into: buffer, reason: "PAGEMAP_SCAN of \(mapping) failed: \(WriteTrackingFinder.errnoText(Int32(-n)))")
                 return
             }
+            var ordered = true
             for k in 0..<Int(n) {
                 let r = vec[k]
+                if r.start < lastEnd { ordered = false }
+                lastEnd = max(lastEnd, r.end)
                 pages += Int((r.end - r.start) >> GuestPage.shift)
-                guard pages <= room else {
-                    // Scanned pages are protected again but not copied: only a full copy can recover.
-                    needsFull = true
-                    throw GeminusError(.resourceExhausted,
-                                       "capture buffer holds \(buffer.limitPages) pages and the guest wrote more",
-                                       fix: "raise the checkpoint buffer limit or shorten the epoch")
-                }
                 ranges.append((r.start, r.end))
+            }
+            if !ordered {
+                // Seen on Linux 6.18 without PM_SCAN_WP_MATCHING: one ioctl restarts its walk
+                // part way and reports the same pages again (1,506 entries for 1,009 written
+                // pages). Take the union: sort, merge, count again. Never drop a page.
+                stats.reorderedScans += 1
+                pages = normalizeRanges()
+            }
+            guard pages <= room else {
+                // Scanned pages are protected again but not copied: only a full copy can recover.
+                needsFull = true
+                throw GeminusError(.resourceExhausted,
+                                   "capture buffer holds \(buffer.limitPages) pages and the guest wrote more",
+                                   fix: "raise the checkpoint buffer limit or shorten the epoch")
             }
             at = next
         }
@@ -567,6 +580,25 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         stats.lastScanNanos = t1 - t0
         stats.lastMappingCheckNanos = t2 - t1
         stats.lastCopyNanos = t3 - t2
+    }
+
+    /// Sorts `ranges` and merges overlapping or adjacent ones, so every page appears once and
+    /// in ascending order; returns the number of pages.
+    private func normalizeRanges() -> Int {
+        ranges.sort { $0.start < $1.start }
+        var out = 0
+        var pages = 0
+        for r in ranges {
+            if out > 0, r.start <= ranges[out - 1].end {
+                ranges[out - 1].end = max(ranges[out - 1].end, r.end)
+            } else {
+                ranges[out] = r
+                out += 1
+            }
+        }
+        ranges.removeLast(ranges.count - out)
+        for r in ranges { pages += Int((r.end - r.start) >> GuestPage.shift) }
+        return pages
     }
 
     /// Answers a problem with a full copy after registering the mapping again, recording why.

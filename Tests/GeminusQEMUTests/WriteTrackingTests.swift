@@ -251,6 +251,32 @@ struct WriteTrackingLocalTests {
         }
     }
 
+    /// Scattered writes over 256 MiB: without re-protecting in the scan, Linux 6.18 restarts the
+    /// walk part way and reports pages twice; the finder must still deliver each page once.
+    @Test(arguments: WriteTrackingReprotect.allCases)
+    func scatteredWritesAreReportedOnceEach(reprotect: WriteTrackingReprotect) throws {
+        guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }
+        let pages = 65_536
+        let (path, memory) = try WTEnv.ramFile(pages: pages)
+        defer { unlink(path) }
+        let target = try TargetProcess(executable: exe, ramFile: path, pages: pages, preload: preload)
+        defer { target.stop() }
+        #expect(target.send("w 0 \(pages)") == "ok")
+        let finder = try WriteTrackingFinder(qemuPID: target.pid, ramFilePath: path, reprotect: reprotect)
+        let buffer = CheckpointBuffer(limitPages: pages)
+        try finder.collect(from: memory, full: true, into: buffer)
+        for stride in [65, 6, 655] {
+            for _ in 0..<3 {
+                #expect(target.send("ws 0 \(pages) \(stride)") == "ok")
+                buffer.reset()
+                try finder.collect(from: memory, full: false, into: buffer)
+                #expect(buffer.pageIndices == Array(Swift.stride(from: 0, to: pages, by: stride)), "stride \(stride): \(buffer.pageCount) pages")
+            }
+        }
+        #expect(finder.stats.resyncs == 0)
+        print("scattered writes, \(reprotect.rawValue): \(finder.stats.reorderedScans) scans returned repeated pages (merged)")
+    }
+
     /// More written ranges than the finder's scan vector holds (4096): the finder loops.
     @Test func moreRangesThanTheScanVectorHolds() throws {
         guard let preload = WTEnv.require(WTEnv.preload), let exe = WTEnv.require(WTEnv.target) else { return }

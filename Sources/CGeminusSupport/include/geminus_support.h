@@ -64,7 +64,9 @@ int geminus_uffd_writeprotect(int uffd, uint64_t start, uint64_t length, int pro
 /// report). Fills `out` (capacity `capacity` >= 1), calling the ioctl as often as needed; the
 /// kernel may stop a call early with fewer entries than room. Returns the number of entries
 /// and sets `*next` to where the walk stopped: `end` when the range is done, less when `out`
-/// filled first (call again from `*next`). Ranges are page aligned and ascending.
+/// filled first (call again from `*next`). Ranges are page aligned and normally ascending, but
+/// without `reprotect` Linux 6.18 was seen to restart a walk part way and report pages again:
+/// callers must take the union, not assume order or uniqueness.
 long geminus_pagemap_scan_written(int pagemap_fd, uint64_t start, uint64_t end, int reprotect,
                                   geminus_page_region *out, size_t capacity, uint64_t *next);
 
