@@ -20,6 +20,8 @@ public struct TrackingVerification: Sendable, Equatable {
     public var epochsWithMisses = 0
     /// Reported pages whose contents had not changed (a write of the same bytes): harmless.
     public var unchangedReported = 0
+    /// Pages the tracked finder put into one epoch more than once (wasteful, not wrong).
+    public var duplicatePages = 0
     /// Up to 16 missed page numbers of the last epoch with misses.
     public var lastMissed: [Int] = []
 
@@ -73,7 +75,11 @@ public final class VerifyingFinder: DirtyPageFinder {
         }
         var set = reported!
         set.removeAll()
-        for i in first..<buffer.pageCount { set.insert(buffer.pageIndices[i]) }
+        for i in first..<buffer.pageCount {
+            let page = buffer.pageIndices[i]
+            if set.contains(page) { verification.duplicatePages += 1 }
+            set.insert(page)
+        }
         var changed = 0, changedReported = 0
         var missed: [Int] = []
         let size = GuestPage.size
@@ -89,7 +95,7 @@ public final class VerifyingFinder: DirtyPageFinder {
         verification.epochs += 1
         verification.reportedPages += count
         verification.changedPages += changed
-        verification.unchangedReported += count - changedReported
+        verification.unchangedReported += set.count - changedReported
         guard missed.isEmpty else {
             verification.missedPages += missed.count
             verification.epochsWithMisses += 1

@@ -476,6 +476,7 @@ struct WriteTrackingQEMUTests {
         let v = verifier.verification
         #expect(v.epochs >= 100)
         #expect(v.missedPages == 0)
+        #expect(v.duplicatePages == 0)
         #expect(v.reportedPages >= 100 * v.epochs, "the guest wrote a non-trivial set: \(v.reportedPages) pages in \(v.epochs) epochs")
         #expect(v.changedPages > 0 && v.changedPages <= v.reportedPages)
         #expect(tracker.stats.resyncs == 0)
