@@ -178,8 +178,22 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     /// (before Linux 6.7), QEMU was not started with the preload library, the agent may not
     /// take QEMU's descriptors, or QEMU's RAM mapping is not one plain shared mapping of the
     /// file. A caller then uses `ShadowCompareFinder` and logs the error once.
-    public convenience init(qemuPID: Int32, ramFilePath: String, reprotect: WriteTrackingReprotect = .inScan) throws(GeminusError) {
+    ///
+    /// It also refuses a QEMU whose command line has a device that changes guest RAM without
+    /// the tracked mapping seeing it (`untrackableDevices`): a balloon or virtio-mem (discards),
+    /// vhost-user or VFIO (writes by another process or by DMA). `allowUntrackableDevices`
+    /// skips that check (then run `VerifyingFinder` to see what is missed).
+    public convenience init(qemuPID: Int32, ramFilePath: String, reprotect: WriteTrackingReprotect = .inScan,
+                            allowUntrackableDevices: Bool = false) throws(GeminusError) {
         try WriteTrackingFinder.checkKernelSupport()
+        if !allowUntrackableDevices {
+            let found = WriteTrackingFinder.untrackableDevices(inArguments: try WriteTrackingFinder.commandLine(of: qemuPID))
+            guard found.isEmpty else {
+                throw GeminusError(.hypervisor,
+                                   "QEMU (pid \(qemuPID)) has devices write tracking cannot see: \(found.map { "\($0.argument) (\($0.why))" }.joined(separator: "; "))",
+                                   fix: "remove them (libvirt: <memballoon model='none'/>, no virtio-mem, vhost-user or hostdev), or use the compare method for this VM")
+            }
+        }
         let uffd = try WriteTrackingFinder.takeUserfaultfd(of: qemuPID)
         try self.init(pid: qemuPID, ramFilePath: ramFilePath, userfaultfd: uffd, reprotect: reprotect)
     }
@@ -291,6 +305,34 @@ public final class WriteTrackingFinder: DirtyPageFinder {
 
     public static func checkKernelSupport() throws(GeminusError) {
         if let e = probe() { throw e }
+    }
+
+    // MARK: devices that defeat tracking
+
+    /// Device models that change guest RAM in ways the tracked mapping never sees, matched in the
+    /// arguments of -device, -netdev, -object and -chardev (plain or JSON syntax).
+    public static let untrackableDeviceMarkers: [(marker: String, why: String)] = [
+        ("virtio-balloon", "balloon inflation and free-page reporting discard guest pages by hole punching, which is not reported"),
+        ("virtio-mem", "virtio-mem unplugs guest memory by discarding it"),
+        ("vhost-user", "a vhost-user backend writes guest RAM through its own mapping"),
+        ("vfio", "a VFIO device writes guest RAM by DMA"),
+    ]
+
+    /// The arguments of `argv` (QEMU's command line) naming a device in `untrackableDeviceMarkers`.
+    public static func untrackableDevices(inArguments argv: [String]) -> [(argument: String, why: String)] {
+        var out: [(String, String)] = []
+        for (i, a) in argv.enumerated() where i > 0 && ["-device", "-netdev", "-object", "-chardev"].contains(argv[i - 1]) {
+            if let m = WriteTrackingFinder.untrackableDeviceMarkers.first(where: { a.contains($0.marker) }) { out.append((a, m.why)) }
+        }
+        return out
+    }
+
+    /// QEMU's argv, from /proc/PID/cmdline.
+    static func commandLine(of pid: Int32) throws(GeminusError) -> [String] {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !data.isEmpty else {
+            throw GeminusError(.hypervisor, "cannot read /proc/\(pid)/cmdline", fix: "check that QEMU (pid \(pid)) still runs and the agent runs as root")
+        }
+        return data.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }
     }
 
     // MARK: taking QEMU's descriptor
@@ -698,6 +740,7 @@ extension QEMUGuest {
     /// once with the reason, so the caller logs one line. `finderInUse` tells which.
     public static func launchTracked(_ config: QEMUGuestConfig, preloadLibrary: String? = WriteTrackingPreload.locate(),
                                      reprotect: WriteTrackingReprotect = .inScan, verify: Bool = false,
+                                     allowUntrackableDevices: Bool = false,
                                      counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
                                      fallback: (GeminusError) -> Void) throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
         precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
@@ -718,7 +761,8 @@ extension QEMUGuest {
             var finder: any DirtyPageFinder = ShadowCompareFinder()
             if setupError == nil {
                 do throws(GeminusError) {
-                    let tracker = try WriteTrackingFinder(qemuPID: process.pid, ramFilePath: config.ramFilePath, reprotect: reprotect)
+                    let tracker = try WriteTrackingFinder(qemuPID: process.pid, ramFilePath: config.ramFilePath, reprotect: reprotect,
+                                                          allowUntrackableDevices: allowUntrackableDevices)
                     finder = verify ? VerifyingFinder(tracking: tracker) : tracker
                 } catch {
                     setupError = error

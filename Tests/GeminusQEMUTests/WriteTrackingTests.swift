@@ -304,6 +304,16 @@ struct WriteTrackingLocalTests {
         #expect(finder.stats.lastWasFull && buffer.pageCount == pages)
     }
 
+    @Test func devicesThatDefeatTrackingAreFound() {
+        let argv = ["qemu-system-x86_64", "-append", "vfio virtio-balloon", "-device", #"{"driver":"virtio-balloon-pci","id":"balloon0"}"#,
+                    "-device", "virtio-mem-pci,memdev=m0", "-netdev", "vhost-user,id=n0,chardev=c0", "-device", "vfio-pci,host=0000:01:00.0",
+                    "-device", "virtio-net-pci,netdev=n1", "-netdev", "tap,id=n1,vhost=on"]
+        let found = WriteTrackingFinder.untrackableDevices(inArguments: argv)
+        #expect(found.map(\.argument) == [argv[4], argv[6], argv[8], argv[10]], "the -append text and kernel vhost are not devices to refuse")
+        #expect(WriteTrackingFinder.untrackableDevices(inArguments: QEMULauncher.arguments(for: QEMUGuestConfig(ramMiB: 64, kernelPath: "/k", append: "",
+                ramFilePath: "/dev/shm/x", qmpSocketPath: "/tmp/q", serialLogPath: "/tmp/s"))).isEmpty)
+    }
+
     @Test func targetWithoutThePreloadGivesAClearError() throws {
         guard let exe = WTEnv.require(WTEnv.target) else { return }
         let (path, _) = try WTEnv.ramFile(pages: 16)
