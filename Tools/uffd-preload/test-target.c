@@ -10,12 +10,14 @@
 //   fixfile A B  mmap MAP_FIXED the same file at the same offsets over pages [A,B)
 //   fixanon A B  mmap MAP_FIXED anonymous memory over pages [A,B)
 //   move         munmap everything and map the file again (at a new address)
+//   punch A B    discard pages [A,B) the way QEMU does (fallocate PUNCH_HOLE + MADV_DONTNEED)
 //   t            reply "ok NS": how long the last w/ws took (CLOCK_MONOTONIC), for the benchmark
 //   q            exit
 // Replies "ok" or "err <errno>".
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +68,9 @@ int main(int argc, char **argv) {
             if (mmap(m + a * PAGE, (b - a) * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)(a * PAGE)) == MAP_FAILED) err = errno;
         } else if (!strcmp(cmd, "fixanon") && n == 3) {
             if (mmap(m + a * PAGE, (b - a) * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED) err = errno;
+        } else if (!strcmp(cmd, "punch") && n == 3) {
+            if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(a * PAGE), (off_t)((b - a) * PAGE)) != 0) err = errno;
+            else if (madvise(m + a * PAGE, (b - a) * PAGE, MADV_DONTNEED) != 0) err = errno;
         } else if (!strcmp(cmd, "move")) {
             // Map the new one first so the kernel cannot hand back the same address.
             unsigned char *m2 = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
