@@ -304,6 +304,28 @@ struct WriteTrackingLocalTests {
         #expect(finder.stats.lastWasFull && buffer.pageCount == pages)
     }
 
+    /// Tools/uffd-preload/build.sh's default output is where the agent looks from a build tree,
+    /// and the library needs nothing but libc (QEMU must not load the Swift runtime).
+    @Test func preloadLibraryIsFoundInTheBuildTree() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/bash")
+        p.arguments = [VMEnv.repoRoot + "/Tools/uffd-preload/build.sh"]
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let path = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 0)
+        #expect(path == VMEnv.repoRoot + "/.build/geminus-uffd-preload/\(WriteTrackingPreload.fileName)")
+        #expect(WriteTrackingPreload.searchDirectories().contains(VMEnv.repoRoot + "/.build/geminus-uffd-preload"))
+        if ProcessInfo.processInfo.environment[WriteTrackingPreload.environmentVariable] == nil {
+            #expect(WriteTrackingPreload.locate() == path)
+        }
+        let bytes = try #require(FileManager.default.contents(atPath: path))
+        #expect(bytes.range(of: Data("libswiftCore".utf8)) == nil)
+        #expect(bytes.range(of: Data("libc.so.6".utf8)) != nil)
+    }
+
     @Test func devicesThatDefeatTrackingAreFound() {
         let argv = ["qemu-system-x86_64", "-append", "vfio virtio-balloon", "-device", #"{"driver":"virtio-balloon-pci","id":"balloon0"}"#,
                     "-device", "virtio-mem-pci,memdev=m0", "-netdev", "vhost-user,id=n0,chardev=c0", "-device", "vfio-pci,host=0000:01:00.0",
