@@ -34,7 +34,8 @@ public struct TrackingVerification: Sendable, Equatable {
 /// the buffer (so this checkpoint is still right) and `collect` throws `.internalInvariant`
 /// with the counts, so the caller sees it. The next epoch is then a full copy.
 ///
-/// Costs the comparison's O(guest RAM) per epoch plus a second copy of guest RAM: a test and
+/// Costs the comparison's O(guest RAM) per epoch plus a second copy of guest RAM, and reading
+/// every page through the agent's mapping allocates the RAM file's holes (tmpfs): a test and
 /// operator diagnostic, not the production path.
 public final class VerifyingFinder: DirtyPageFinder {
     public let tracking: any DirtyPageFinder
