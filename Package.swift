@@ -34,7 +34,7 @@ let package = Package(
         .target(
             // QEMU driven directly over QMP: the real guest behind the hypervisor seam.
             name: "GeminusQEMU",
-            dependencies: ["GeminusCore", "GeminusHypervisor"]
+            dependencies: ["GeminusCore", "GeminusHypervisor", "CGeminusSupport"]
         ),
         .target(
             // libvirt's C API: connections, domains, their XML, and the checks for enrolment.
@@ -91,7 +91,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusQEMUTests",
-            dependencies: ["GeminusQEMU", "GeminusCore", "GeminusHypervisor"]
+            dependencies: ["GeminusQEMU", "GeminusCore", "GeminusHypervisor", "CGeminusSupport"]
         ),
         .testTarget(
             name: "GeminusLibvirtTests",

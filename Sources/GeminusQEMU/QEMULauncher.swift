@@ -18,10 +18,13 @@ public struct QEMUGuestConfig: Sendable {
     public var qemuBinary: String
     /// QEMU's own stderr; nil discards it.
     public var stderrLogPath: String?
+    /// Variables added to (or replacing those of) this process's environment for QEMU, e.g.
+    /// `LD_PRELOAD` of the write-tracking library (`WriteTrackingPreload`).
+    public var environment: [String: String]
 
     public init(ramMiB: Int, kernelPath: String, append: String, ramFilePath: String, qmpSocketPath: String,
                 serialLogPath: String, incomingDefer: Bool = false, qemuBinary: String = "qemu-system-x86_64",
-                stderrLogPath: String? = nil) {
+                stderrLogPath: String? = nil, environment: [String: String] = [:]) {
         self.ramMiB = ramMiB
         self.kernelPath = kernelPath
         self.append = append
@@ -31,6 +34,7 @@ public struct QEMUGuestConfig: Sendable {
         self.incomingDefer = incomingDefer
         self.qemuBinary = qemuBinary
         self.stderrLogPath = stderrLogPath
+        self.environment = environment
     }
 
     public var pageCount: Int { ramMiB * (1 << 20) / GuestPage.size }
@@ -94,6 +98,9 @@ public enum QEMULauncher {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = arguments(for: config)
+        if !config.environment.isEmpty {
+            p.environment = ProcessInfo.processInfo.environment.merging(config.environment) { _, new in new }
+        }
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
         if let log = config.stderrLogPath, FileManager.default.createFile(atPath: log, contents: nil),
