@@ -348,7 +348,8 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
         return root.xmlString(options: [.nodeCompactEmptyElement]) + "\n"
     }
 
-    static func addQEMUArguments(_ root: XMLElement, _ groups: [[String]]) {
+    /// The <qemu:commandline> element (the last one), created with the namespace if missing.
+    static func qemuCommandLine(_ root: XMLElement) -> (prefix: String, element: XMLElement) {
         let prefix: String
         if let p = qemuPrefix(root) {
             prefix = p
@@ -356,13 +357,32 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
             prefix = "qemu"
             root.addNamespace(XMLNode.namespace(withName: prefix, stringValue: qemuNamespace) as! XMLNode)
         }
-        let commandLine: XMLElement
-        if let c = root.children("\(prefix):commandline").last {
-            commandLine = c
-        } else {
-            commandLine = XMLElement(name: "\(prefix):commandline")
-            root.appendChild(commandLine)
+        if let c = root.children("\(prefix):commandline").last { return (prefix, c) }
+        let commandLine = XMLElement(name: "\(prefix):commandline")
+        root.appendChild(commandLine)
+        return (prefix, commandLine)
+    }
+
+    /// The value of `<qemu:env name=NAME>` in the domain XML, if set.
+    public static func qemuEnvironment(_ name: String, inDomainXML xml: String) -> String? {
+        guard let root = try? parseDomain(xml), let prefix = qemuPrefix(root) else { return nil }
+        return root.children("\(prefix):commandline").flatMap { $0.children("\(prefix):env") }
+            .last { $0.attr("name") == name }?.attr("value")
+    }
+
+    /// Sets `<qemu:env name=NAME value=VALUE/>` (replacing one of that name): QEMU starts with
+    /// it in its environment. libvirt marks such a domain "tainted: custom-argv", as it does
+    /// for the private QMP socket already.
+    static func setQEMUEnvironment(_ root: XMLElement, name: String, value: String) {
+        let (prefix, commandLine) = qemuCommandLine(root)
+        for env in commandLine.children("\(prefix):env").reversed() where env.attr("name") == name {
+            commandLine.removeChild(at: env.index)
         }
+        commandLine.appendChild(XMLElement.empty("\(prefix):env", ["name": name, "value": value]))
+    }
+
+    static func addQEMUArguments(_ root: XMLElement, _ groups: [[String]]) {
+        let (prefix, commandLine) = qemuCommandLine(root)
         for group in groups where !containsSequence(qemuCommandLineArguments(root), group) {
             for value in group {
                 commandLine.appendChild(XMLElement.empty("\(prefix):arg", ["value": value]))
@@ -388,8 +408,13 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
     /// The domain XML with the memory backing (shared file; hugepages kept), the balloon
     /// (model none) and the agent's private QMP socket (<qemu:commandline>) fixed, everything else left as it was. Other problems remain for the
     /// operator: `CAEnrollmentCheck(xml:)` on the result lists them.
-    public static func prepare(_ xml: String) throws -> String {
+    ///
+    /// With `writeTrackingLibrary` (the agent's preload library, at a path QEMU's user can
+    /// read), QEMU is also started with it in LD_PRELOAD, so the agent can track guest writes
+    /// instead of comparing all of RAM at each checkpoint.
+    public static func prepare(_ xml: String, writeTrackingLibrary: String? = nil) throws -> String {
         let root = try parseDomain(xml)
+        if let library = writeTrackingLibrary { setQEMUEnvironment(root, name: "LD_PRELOAD", value: library) }
 
         // <memoryBacking>: <source type='file'/> (unless hugepages and no source) and <access mode='shared'/>.
         let backing: XMLElement

@@ -99,7 +99,8 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     /// shared file memory.
     public static func attach(connection: LibvirtConnection, domainName: String,
                               counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                              finder: any DirtyPageFinder = ShadowCompareFinder(), timeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
+                              dirtyPages: DirtyPagePolicy = .compare, fallback: (GeminusError) -> Void = { _ in },
+                              timeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
         let domain = try libvirt { try connection.lookupDomain(named: domainName, timeout: timeout) }
         guard try libvirt({ try connection.isActive(domain, timeout: timeout) }) else {
             throw GeminusError(.invalidArgument, "domain '\(domainName)' is not running", fix: "start it: `virsh start \(domainName)`")
@@ -115,6 +116,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
         do throws(GeminusError) {
             let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)
+            let finder = try dirtyPages.makeFinder(qemuPID: connection.qemuPid(of: domain), ramFilePath: path, fallback: fallback)
             return try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory, ramFilePath: path,
                                     counterAddress: counterAddress, finder: finder)
         } catch {

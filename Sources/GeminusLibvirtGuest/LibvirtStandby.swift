@@ -36,8 +36,16 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     /// From this host's definition; compared with the primary's at the handshake.
     public let platform: GuestPlatform
 
-    public init(connection: LibvirtConnection, domainName: String, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress) {
+    /// How the guest resumed here finds its dirty pages when it becomes the protected one.
+    public let dirtyPages: DirtyPagePolicy
+    /// Told why write tracking could not be had for the resumed guest (`.auto` only).
+    public let trackingFallback: @Sendable (GeminusError) -> Void
+
+    public init(connection: LibvirtConnection, domainName: String, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+                dirtyPages: DirtyPagePolicy = .compare, trackingFallback: @escaping @Sendable (GeminusError) -> Void = { _ in }) {
         self.connection = connection
+        self.dirtyPages = dirtyPages
+        self.trackingFallback = trackingFallback
         self.domainName = domainName
         self.counterAddress = counterAddress
         self.timeout = 30
@@ -165,9 +173,12 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
             if (try? connection.isActive(domain, timeout: 2)) == false { e.message += " (the standby QEMU has exited)" }
             throw e
         }
+        // The finder after `cont`: taking QEMU's userfaultfd and registering its RAM costs
+        // milliseconds that need not delay the resume; the first capture is full anyway.
+        let finder = try dirtyPages.makeFinder(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
-                                     counterAddress: counterAddress, finder: ShadowCompareFinder())
+                                     counterAddress: counterAddress, finder: finder)
         resumed = true
         _lastResume = t
         self.qmp = nil

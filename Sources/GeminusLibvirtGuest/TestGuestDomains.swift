@@ -1,6 +1,7 @@
 import Foundation
 import GeminusCore
 import GeminusLibvirt
+import GeminusQEMU
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -39,7 +40,8 @@ public final class TestGuestDomains: @unchecked Sendable {
                   <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial></devices>
                 </domain>
                 """
-            let ready = try CAEnrollmentCheck.prepare(plain)
+            // With the write-tracking library when it is built, as `enroll --prepare` does.
+            let ready = try CAEnrollmentCheck.prepare(plain, writeTrackingLibrary: WriteTrackingPreload.locate())
             let check = CAEnrollmentCheck(xml: ready)
             guard check.canProtect else {
                 throw GeminusError(.internalInvariant, "the test guest's domain is not CA-ready: \(check.problems.map(\.description).joined(separator: "; "))")

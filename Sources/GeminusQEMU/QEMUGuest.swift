@@ -46,6 +46,9 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public var pageCount: Int { memory.pageCount }
     public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
     public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
+    /// Chooses the dirty-page method once QEMU runs (write tracking needs its pid); before the
+    /// first capture, which is full.
+    public func useFinder(_ finder: any DirtyPageFinder) { checkpointer.useFinder(finder) }
     public var statusReport: [String: String] { ["guest": "qemu", "dirtyPages": checkpointer.dirtyPageMethod] }
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }

@@ -43,6 +43,10 @@ public enum IncomingTransport: String, Sendable {
 public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     /// The primary's configuration with this host's paths (RAM file = the replica file).
     public let config: QEMUGuestConfig
+    /// How the resumed guest finds its dirty pages; with write tracking, `config` must carry
+    /// the preload library (`preloadWriteTracking`) so the standby QEMU has a userfaultfd.
+    public var dirtyPages = DirtyPagePolicy.compare
+    public var trackingFallback: @Sendable (GeminusError) -> Void = { _ in }
     public let hot: Bool
     public let counterAddress: Int
     public let deviceStatePath: String
@@ -206,7 +210,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         _lastResume = t
         standbyProcess = nil
         standbyQMP = nil
-        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress)
+        let finder = try dirtyPages.makeFinder(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
+        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
     }
 
     /// Stops a waiting standby QEMU and removes the replica file and other files (not a

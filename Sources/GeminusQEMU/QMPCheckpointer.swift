@@ -119,7 +119,7 @@ public final class QMPCheckpointer: @unchecked Sendable {
     public let qmp: QMPClient
     public let memory: PageMemory
     public let target: DeviceStateTarget
-    private let finder: any DirtyPageFinder
+    private var finder: any DirtyPageFinder
     private let lock = NSLock()
     private var current = CaptureTimings()
     private var _lastTimings: CaptureTimings?
@@ -132,7 +132,13 @@ public final class QMPCheckpointer: @unchecked Sendable {
         self.finder = finder
     }
 
-    public var dirtyPageMethod: String { finder.methodName }
+    public var dirtyPageMethod: String { lock.withLock { finder.methodName } }
+
+    /// Replaces the dirty-page method; the next capture must then be full (a new finder knows
+    /// nothing of what was written before it came).
+    public func useFinder(_ newFinder: any DirtyPageFinder) {
+        lock.withLock { finder = newFinder }
+    }
 
     /// The parts of the capture just made (valid between `capture` and the next `pause`).
     public var lastCaptureParts: CaptureParts {

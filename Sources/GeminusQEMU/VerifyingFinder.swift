@@ -45,9 +45,17 @@ public final class VerifyingFinder: DirtyPageFinder {
     private var forceFull = false
     private var reported: DirtyPageSet?
 
-    public init(tracking: any DirtyPageFinder) {
+    /// When set, a miss is reported here instead of thrown: the agent keeps protecting the VM
+    /// (the missed pages are in this checkpoint, the next one is full) and says so loudly,
+    /// where a thrown error would end the checkpoint before the device state is saved.
+    public let onMiss: (@Sendable (TrackingVerification, String) -> Void)?
+
+    public init(tracking: any DirtyPageFinder, onMiss: (@Sendable (TrackingVerification, String) -> Void)? = nil) {
         self.tracking = tracking
+        self.onMiss = onMiss
     }
+
+    public var methodName: String { "\(tracking.methodName), verified by compare" }
 
     public func collect(from memory: PageMemory, full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         if shadow?.pageCount != memory.pageCount {
@@ -104,6 +112,11 @@ public final class VerifyingFinder: DirtyPageFinder {
             forceFull = true
             for page in missed {
                 guard buffer.appendPage(index: page, copying: memory.page(page)) else { break }
+            }
+            let message = "write tracking missed \(missed.count) of \(changed) changed pages in this epoch (pages \(verification.lastMissed.map(String.init).joined(separator: ", "))\(missed.count > 16 ? ", …" : "")); \(verification.missedPages) missed in \(verification.epochsWithMisses) of \(verification.epochs) verified epochs"
+            if let onMiss {
+                onMiss(verification, message)
+                return
             }
             throw GeminusError(.internalInvariant,
                                "write tracking missed \(missed.count) of \(changed) changed pages in this epoch (pages \(verification.lastMissed.map(String.init).joined(separator: ", "))\(missed.count > 16 ? ", …" : "")); \(verification.missedPages) missed in \(verification.epochsWithMisses) of \(verification.epochs) verified epochs",

@@ -145,6 +145,7 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     /// The mapping registered for tracking.
     public private(set) var mapping: RAMMapping
     public private(set) var stats = WriteTrackingStats()
+    public var methodName: String { "write-tracking" }
 
     private let uffd: Int32
     private let pagemapFD: Int32

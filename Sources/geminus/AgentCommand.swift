@@ -20,6 +20,7 @@ enum GuestKind: String, ExpressibleByArgument, CaseIterable {
 }
 
 extension PageContent: ExpressibleByArgument {}
+extension DirtyPagePolicy.Method: ExpressibleByArgument {}
 
 struct Agent: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -55,6 +56,8 @@ struct Agent: ParsableCommand {
     @Option(help: "QEMU guest: the multiboot kernel to boot (e.g. the one Tools/guest-tiny/build.sh prints).") var kernel: String?
     @Option(help: "QEMU guest: the kernel command line.") var append = "pages=64"
     @Option(help: "Guest-physical address of the guest's progress counter (default: where the test guests keep it).") var counterAddress: Int?
+    @Option(help: "How dirty pages are found: auto (write tracking when the kernel and QEMU allow it, else compare, said once in the log), tracking (refuse a guest that cannot be tracked), compare (every page against a shadow copy).") var dirtyPages = DirtyPagePolicy.Method.auto
+    @Flag(help: "Check every write-tracked checkpoint against a full comparison and report any page tracking missed (a diagnostic: costs a compare per checkpoint).") var verifyTracking = false
     @Option(help: "Guest RAM in MiB.") var ramMib = 64
     @Option(help: "Simulated VM: pages written per second.") var dirtyRate = 20_000
     @Option(help: "Simulated VM: page content written (\(PageContent.allCases.map(\.rawValue).joined(separator: ", "))).") var content = PageContent.mixed
@@ -79,6 +82,9 @@ struct Agent: ParsableCommand {
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         if guest != .libvirt && domain != nil { throw ValidationError("--domain is for --guest libvirt") }
+        if verifyTracking && (guest == .simulated || dirtyPages == .compare) {
+            throw ValidationError("--verify-tracking checks write tracking: it needs --guest qemu or libvirt and --dirty-pages auto or tracking")
+        }
         if guest == .qemu {
             guard let kernel else {
                 throw ValidationError("--guest qemu needs --kernel PATH (build the test guest with Tools/guest-tiny/build.sh)")
@@ -116,8 +122,27 @@ struct Agent: ParsableCommand {
         }
     }
 
+    /// A QEMU the agent starts carries the write-tracking preload library when tracking may be
+    /// used and the library is found (`auto` without it falls back to compare, said once).
     func qemuConfig(_ role: String) -> QEMUGuestConfig {
-        QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
+        var c = QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
+        if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
+        return c
+    }
+
+    /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
+    /// critical and counted in the events, the VM stays protected (the missed pages are sent).
+    func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
+        DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, onMiss: { verification, message in
+            logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
+            events.emit("tracking-miss", ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
+                                          "epochsWithMisses": verification.epochsWithMisses])
+        })
+    }
+
+    /// One log line when write tracking was asked for (`auto`) but cannot be had.
+    func trackingFallback(logger: Logger) -> @Sendable (GeminusError) -> Void {
+        { error in logger.notice("dirty pages by compare (O(guest RAM) per checkpoint), not write tracking: \(error.message)\(error.fix.map { "; to track writes: \($0)" } ?? "")") }
     }
 
     func run() throws {
@@ -188,12 +213,21 @@ struct Agent: ParsableCommand {
             sim.start()
             return sim
         case .qemu:
-            let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress)
+            let config = qemuConfig("primary")
+            let q = try QEMUGuest.launch(config, counterAddress: guestCounterAddress)
+            do {
+                try q.useFinder(dirtyPagePolicy(logger: logger, events: events)
+                    .makeFinder(qemuPID: q.process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback(logger: logger)))
+            } catch {
+                q.shutdown()
+                throw error
+            }
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
         case .libvirt:
-            let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
+            let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
+                                            dirtyPages: dirtyPagePolicy(logger: logger, events: events), fallback: trackingFallback(logger: logger))
             logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
             events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
             reportEnrollment(of: l, logger: logger)
@@ -250,10 +284,13 @@ struct Agent: ParsableCommand {
             standby = SimulatedStandbyHost()
         case .qemu:
             let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress)
+            q.dirtyPages = dirtyPagePolicy(logger: logger, events: events)
+            q.trackingFallback = trackingFallback(logger: logger)
             cleanup = q.cleanup
             standby = q
         case .libvirt:
-            let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress)
+            let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
+                                   dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
             cleanup = l.cleanup
             standby = l
         }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GeminusCore
 import GeminusLibvirt
+import GeminusQEMU
 
 struct Enroll: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -37,15 +38,22 @@ struct Enroll: ParsableCommand {
             let dom = try conn.lookupDomain(named: domain)
             var xml = try conn.xml(of: dom, .persistent)
             var check = CAEnrollmentCheck(xml: xml)
-            if !check.canProtect && prepare {
-                let fixed = try CAEnrollmentCheck.prepare(xml)
+            // Write tracking needs QEMU started with the agent's preload library; without it the
+            // agent compares all of RAM at every checkpoint (correct, but O(guest RAM)).
+            let library = WriteTrackingPreload.locate()
+            let addsTracking = library != nil && CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml) != library
+            if (!check.canProtect || addsTracking) && prepare {
+                let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
                 let remaining = CAEnrollmentCheck(xml: fixed)
                 let automatic = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
-                guard !automatic.isEmpty else {
+                guard !automatic.isEmpty || addsTracking else {
                     throw operatorFailure(check.error!)
                 }
                 say("--prepare will change the persistent definition of '\(domain)':")
                 for p in automatic { say("  - \(p.message): \(p.fix)") }
+                if addsTracking, let library {
+                    say("  - write tracking: QEMU starts with LD_PRELOAD=\(library), so each checkpoint copies the pages written instead of comparing all of guest RAM")
+                }
                 say("The change takes effect at the next start of '\(domain)'.")
                 guard yes || confirm("Apply? [y/N] ") else {
                     throw OperatorError(description: "nothing changed: not confirmed (use --yes when not interactive)")
@@ -66,11 +74,16 @@ struct Enroll: ParsableCommand {
             }
             let enrollment = GeminusEnrollment(peer: peerAddress, intervalMilliseconds: intervalMillis, state: .enrolled)
             try conn.writeEnrollment(enrollment, of: dom)
+            let preload = CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml)
+            let dirtyPages = preload.map { "write tracking (QEMU starts with LD_PRELOAD=\($0))" }
+                ?? "compare (all of guest RAM at every checkpoint): for write tracking, \(WriteTrackingPreload.buildHint), then `geminus enroll \(domain) --peer \(peer) --prepare` again"
             if json {
                 printJSON(["domain": domain, "enrolled": true, "peer": enrollment.peer, "intervalMillis": intervalMillis,
-                           "machineType": check.facts.machineType ?? "", "memoryKiB": check.facts.memoryKiB ?? 0])
+                           "machineType": check.facts.machineType ?? "", "memoryKiB": check.facts.memoryKiB ?? 0,
+                           "writeTrackingPreload": preload ?? ""])
             } else {
                 say("enrolled '\(domain)' for CA: peer \(enrollment.peer), checkpoint every \(intervalMillis) ms (machine \(check.facts.machineType ?? "?"), \((check.facts.memoryKiB ?? 0) / 1024) MiB)")
+                say("dirty pages: \(dirtyPages)")
                 say("the peer must offer the same machine type and emulator; the agents compare them when they connect")
             }
         } catch {
