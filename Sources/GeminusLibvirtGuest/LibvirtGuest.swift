@@ -162,7 +162,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
     public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     public var statusReport: [String: String] {
-        ["guest": "libvirt", "domain": domainName, "dirtyPages": checkpointer.dirtyPageMethod]
+        checkpointer.dirtyPageReport.merging(["guest": "libvirt", "domain": domainName]) { _, new in new }
     }
 
     public func pause() throws(GeminusError) { try checkpointer.pause() }

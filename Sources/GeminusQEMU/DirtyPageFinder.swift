@@ -13,6 +13,12 @@ public protocol DirtyPageFinder: AnyObject {
     /// when `full`, or on the first call) and starts a new written set. Does not reset `buffer`.
     /// Throws `.resourceExhausted` when the buffer is too small; the next call is then full.
     func collect(from memory: PageMemory, full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
+    /// Counters `geminus status` shows beside the method's name (resyncs, verified epochs...).
+    var statusReport: [String: String] { get }
+}
+
+extension DirtyPageFinder {
+    public var statusReport: [String: String] { [:] }
 }
 
 /// The "compare" method: keeps a copy of every page as last captured and reports the pages that

@@ -49,7 +49,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// Chooses the dirty-page method once QEMU runs (write tracking needs its pid); before the
     /// first capture, which is full.
     public func useFinder(_ finder: any DirtyPageFinder) { checkpointer.useFinder(finder) }
-    public var statusReport: [String: String] { ["guest": "qemu", "dirtyPages": checkpointer.dirtyPageMethod] }
+    public var statusReport: [String: String] { checkpointer.dirtyPageReport.merging(["guest": "qemu"]) { _, new in new } }
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
 

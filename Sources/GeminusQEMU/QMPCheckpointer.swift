@@ -133,6 +133,10 @@ public final class QMPCheckpointer: @unchecked Sendable {
     }
 
     public var dirtyPageMethod: String { lock.withLock { finder.methodName } }
+    /// The method's name and counters, for `geminus status`.
+    public var dirtyPageReport: [String: String] {
+        lock.withLock { finder.statusReport.merging(["dirtyPages": finder.methodName]) { _, new in new } }
+    }
 
     /// Replaces the dirty-page method; the next capture must then be full (a new finder knows
     /// nothing of what was written before it came).

@@ -56,6 +56,10 @@ public final class VerifyingFinder: DirtyPageFinder {
     }
 
     public var methodName: String { "\(tracking.methodName), verified by compare" }
+    public var statusReport: [String: String] {
+        tracking.statusReport.merging(["verifiedEpochs": "\(verification.epochs)", "missedPages": "\(verification.missedPages)",
+                                       "epochsWithMisses": "\(verification.epochsWithMisses)"]) { _, new in new }
+    }
 
     public func collect(from memory: PageMemory, full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         if shadow?.pageCount != memory.pageCount {

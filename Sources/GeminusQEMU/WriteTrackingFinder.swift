@@ -146,6 +146,11 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     public private(set) var mapping: RAMMapping
     public private(set) var stats = WriteTrackingStats()
     public var methodName: String { "write-tracking" }
+    public var statusReport: [String: String] {
+        var r = ["trackingResyncs": "\(stats.resyncs)"]
+        if let why = stats.lastResyncReason { r["trackingLastResync"] = why }
+        return r
+    }
 
     private let uffd: Int32
     private let pagemapFD: Int32

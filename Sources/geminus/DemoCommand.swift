@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import GeminusQEMU
 import GeminusCore
 import GeminusHypervisor
 import GeminusTransport
@@ -32,6 +33,8 @@ struct Demo: ParsableCommand {
     @Option(help: "Pages the guest writes per second.") var dirtyRate = 20_000
     @Option(help: "Output packets the guest sends per second.") var outputsPerSecond = 500
     @Option(help: "Seed for the guest and the kill moment.") var seed: UInt64 = UInt64(UInt32.random(in: 1...UInt32.max))
+    @Option(help: "Real guests: how the agents find dirty pages (auto, tracking, compare).") var dirtyPages = DirtyPagePolicy.Method.auto
+    @Flag(help: "Real guests: check every write-tracked checkpoint against a full comparison; a missed page fails the demo.") var verifyTracking = false
     @Flag(help: "Print the summary as JSON (progress goes to standard error).") var json = false
 
     func validate() throws {

@@ -52,6 +52,9 @@ final class DemoRun {
                     "--interval-millis", "\(s.intervalMillis)", "--takeover-after-millis", "\(s.takeoverAfterMillis)",
                     "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice", "--ram-mib", "\(s.ramMib)",
                     "--status-socket", dir.appendingPathComponent("\(role).sock").path]
+        if mode != .simulated {
+            args += ["--dirty-pages", s.dirtyPages.rawValue] + (s.verifyTracking ? ["--verify-tracking"] : [])
+        }
         switch mode {
         case .qemu: args += ["--guest", "qemu", "--kernel", kernel!, "--append", s.append]
         case .libvirt: args += ["--guest", "libvirt", "--uri", s.uri, "--domain", role == "primary" ? domains!.primary : domains!.standby]
@@ -189,6 +192,15 @@ final class DemoRun {
             if let p = beforeKill[part] as? [String: Any], !p.isEmpty { summary.figures[part] = p }
         }
         if let method = beforeKill["dirtyPages"] { summary.figures["dirtyPageMethod"] = method }
+        if s.verifyTracking {
+            // The primary's own count of checkpoints it verified against a full comparison.
+            let verified = Int(beforeKill["verifiedEpochs"] as? String ?? "") ?? 0
+            let missed = Int(beforeKill["missedPages"] as? String ?? "") ?? -1
+            summary.figures["verifiedEpochs"] = verified
+            summary.figures["trackingMissedPages"] = missed
+            summary.check("write tracking missed no page", verified > 0 && missed == 0,
+                          "\(verified) checkpoints checked against a full comparison, \(missed < 0 ? "no count reported (was write tracking in use?)" : "\(missed) pages missed")")
+        }
         summary.figures["commitMicros"] = beforeKill["commitMicros"] ?? [:]
         summary.figures["compressionRatio"] = beforeKill["compressionRatio"] ?? 0
         summary.figures["wireBytes"] = beforeKill["wireBytes"] ?? 0

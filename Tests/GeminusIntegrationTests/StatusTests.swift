@@ -82,7 +82,7 @@ import Testing
         Thread.sleep(forTimeInterval: 1.2)  // one standby health round
 
         let p = try GeminusBinary.run(["status", "--socket", s.path("p.sock")])
-        #expect(p.stdout.contains("PROTECTED") && p.stdout.contains("(libvirt domain \(d.primary), dirty pages by compare)"), "\(p.stdout)")
+        #expect(p.stdout.contains("PROTECTED") && p.stdout.contains("(libvirt domain \(d.primary), dirty pages by write-tracking)"), "\(p.stdout)")
         #expect(p.status == 0)
         let sj = try #require(try JSONSerialization.jsonObject(with: Data(GeminusBinary.run(["status", "--socket", s.path("s.sock"), "--json"]).stdout.utf8)) as? [[String: Any]])
         #expect(sj.first?["standby"] as? String == "ready", "\(sj)")
