@@ -52,6 +52,11 @@ struct EnrollTests {
         let recorded = try #require(try conn.readEnrollment(of: dom))
         #expect(recorded.peer == "10.0.0.2:7401")
         #expect(recorded.intervalMilliseconds == 40)
+        // Tools/test builds the write-tracking library beside the binary: --prepare puts it in
+        // QEMU's environment, and the JSON says so.
+        let library = TinyGuest.repoRoot.appendingPathComponent(".build/geminus-uffd-preload/libgeminus-uffd-preload.so").path
+        #expect(CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: try conn.xml(of: dom, .persistent)) == library)
+        #expect(j["writeTrackingPreload"] as? String == library, "\(j)")
 
         #expect(try GeminusBinary.run(["unenroll", name]).status == 0)
         #expect(try conn.readEnrollment(of: dom) == nil)
