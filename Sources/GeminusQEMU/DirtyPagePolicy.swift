@@ -15,12 +15,15 @@ public struct DirtyPagePolicy: Sendable {
     public var method: Method
     /// Check every tracked epoch against a full comparison (`--verify-tracking`).
     public var verify: Bool
+    /// How written pages are protected again after each scan (`--tracking-reprotect`).
+    public var reprotect: WriteTrackingReprotect
     public var onMiss: (@Sendable (TrackingVerification, String) -> Void)?
 
-    public init(method: Method = .compare, verify: Bool = false,
+    public init(method: Method = .compare, verify: Bool = false, reprotect: WriteTrackingReprotect = .inScan,
                 onMiss: (@Sendable (TrackingVerification, String) -> Void)? = nil) {
         self.method = method
         self.verify = verify
+        self.reprotect = reprotect
         self.onMiss = onMiss
     }
 
@@ -38,7 +41,7 @@ public struct DirtyPagePolicy: Sendable {
                                    fix: "run the agent as root on the guest's host (it reads libvirt's pid file)")
             }
             if let e = WriteTrackingFinder.probe() { throw e }
-            let tracker = try WriteTrackingFinder(qemuPID: qemuPID, ramFilePath: ramFilePath)
+            let tracker = try WriteTrackingFinder(qemuPID: qemuPID, ramFilePath: ramFilePath, reprotect: reprotect)
             return verify ? VerifyingFinder(tracking: tracker, onMiss: onMiss) : tracker
         } catch {
             if method == .tracking { throw error }

@@ -21,6 +21,7 @@ enum GuestKind: String, ExpressibleByArgument, CaseIterable {
 
 extension PageContent: ExpressibleByArgument {}
 extension DirtyPagePolicy.Method: ExpressibleByArgument {}
+extension WriteTrackingReprotect: ExpressibleByArgument {}
 
 struct Agent: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -57,6 +58,7 @@ struct Agent: ParsableCommand {
     @Option(help: "QEMU guest: the kernel command line.") var append = "pages=64"
     @Option(help: "Guest-physical address of the guest's progress counter (default: where the test guests keep it).") var counterAddress: Int?
     @Option(help: "How dirty pages are found: auto (write tracking when the kernel and QEMU allow it, else compare, said once in the log), tracking (refuse a guest that cannot be tracked), compare (every page against a shadow copy).") var dirtyPages = DirtyPagePolicy.Method.auto
+    @Option(help: "Write tracking: re-protect written pages in the scan itself (in-scan: one atomic ioctl, the default, cheapest under TCG) or only the returned ranges (returned-ranges: under KVM, keeps KVM's mappings of unwritten RAM; not measurable here).") var trackingReprotect = WriteTrackingReprotect.inScan
     @Flag(help: "Check every write-tracked checkpoint against a full comparison and report any page tracking missed (a diagnostic: costs a compare per checkpoint).") var verifyTracking = false
     @Option(help: "Guest RAM in MiB.") var ramMib = 64
     @Option(help: "Simulated VM: pages written per second.") var dirtyRate = 20_000
@@ -133,7 +135,7 @@ struct Agent: ParsableCommand {
     /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
     /// critical and counted in the events, the VM stays protected (the missed pages are sent).
     func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
-        DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, onMiss: { verification, message in
+        DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
             logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
             events.emit("tracking-miss", ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
                                           "epochsWithMisses": verification.epochsWithMisses])
