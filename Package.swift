@@ -48,6 +48,12 @@ let package = Package(
             dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt"]
         ),
         .target(
+            // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
+            // downtime beside them, and the scaling of the dirty-page part with guest RAM.
+            name: "GeminusBench",
+            dependencies: ["GeminusCore", "GeminusQEMU", .product(name: "Histogram", package: "hdrhistogram-swift")]
+        ),
+        .target(
             name: "GeminusTransport",
             dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
         ),
@@ -67,7 +73,7 @@ let package = Package(
             name: "geminus",
             dependencies: [
                 "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
-                "GeminusLibvirtGuest",
+                "GeminusLibvirtGuest", "GeminusBench",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

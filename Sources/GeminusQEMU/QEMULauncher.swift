@@ -21,6 +21,9 @@ public struct QEMUGuestConfig: Sendable {
     /// Variables added to (or replacing those of) this process's environment for QEMU, e.g.
     /// `LD_PRELOAD` of the write-tracking library (`WriteTrackingPreload`).
     public var environment: [String: String]
+    /// Appended to the command line as they are (e.g. `-incoming defer` for a plain migration
+    /// target in the benchmark).
+    public var extraArguments: [String] = []
 
     public init(ramMiB: Int, kernelPath: String, append: String, ramFilePath: String, qmpSocketPath: String,
                 serialLogPath: String, incomingDefer: Bool = false, qemuBinary: String = "qemu-system-x86_64",
@@ -72,7 +75,7 @@ public enum QEMULauncher {
         if c.incomingDefer {
             a += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         }
-        return a
+        return a + c.extraArguments
     }
 
     /// Finds `name` in PATH (or checks it when it holds a slash).

@@ -1,0 +1,167 @@
+import Foundation
+import GeminusCore
+import GeminusQEMU
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Checkpoints of the tiny test guest under QEMU/TCG, as the primary agent takes them, one
+/// method at a time, in this process: pause (QMP stop, dirty pages, device state, cont),
+/// encode, then decode and apply on a replica in memory (the secondary's work without the
+/// network: "commit" here is pause start to applied).
+public struct GuestCheckpointBench: Sendable {
+    public enum Method: String, Sendable, CaseIterable {
+        case compare
+        case writeTracking = "write-tracking"
+    }
+
+    public struct Result: Sendable {
+        public var method: Method
+        public var pagesPerLoop: Int
+        public var epochs = 0
+        public var pause = LatencyMicros()
+        public var stop = LatencyMicros()
+        public var dirtyPages = LatencyMicros()
+        public var deviceState = LatencyMicros()
+        public var cont = LatencyMicros()
+        public var encode = LatencyMicros()
+        public var commit = LatencyMicros()
+        public var pagesCaptured = 0
+        public var inputBytes = 0
+        public var wireBytes = 0
+        public var deviceStateBytes = 0
+        public var epochsPerSecond = 0.0
+        /// This process's CPU time over the run, as a share of one core.
+        public var agentCPUPercent = 0.0
+        /// The guest's own loop counter per second while checkpointed (its speed).
+        public var guestLoopsPerSecond = 0.0
+
+        public var pagesPerEpoch: Double { epochs == 0 ? 0 : Double(pagesCaptured) / Double(epochs) }
+        public var compressionRatio: Double { wireBytes == 0 ? 0 : Double(inputBytes) / Double(wireBytes) }
+    }
+
+    public var kernelPath: String
+    public var ramMiB: Int
+    public var intervalMillis: Int
+    public var epochs: Int
+
+    public init(kernelPath: String, ramMiB: Int, intervalMillis: Int, epochs: Int) {
+        self.kernelPath = kernelPath
+        self.ramMiB = ramMiB
+        self.intervalMillis = intervalMillis
+        self.epochs = epochs
+    }
+
+    /// One run: a fresh QEMU whose guest writes `pagesPerLoop` pages over and over (so about
+    /// that many pages per epoch), checkpointed `epochs` times at the interval.
+    public func run(_ method: Method, pagesPerLoop: Int) throws(GeminusError) -> Result {
+        var config = QEMUGuestConfig.standard(tag: "geminus-bench-\(getpid())-\(method.rawValue)-\(pagesPerLoop)", ramMiB: ramMiB,
+                                              kernelPath: kernelPath, append: "pages=\(pagesPerLoop)")
+        if method == .writeTracking { config.preloadWriteTracking(library: try WriteTrackingPreload.require()) }
+        let guest = try QEMUGuest.launch(config)
+        defer { guest.shutdown() }
+        if method == .writeTracking {
+            guest.useFinder(try WriteTrackingFinder(qemuPID: guest.process.pid, ramFilePath: config.ramFilePath))
+        }
+        try Self.waitForBoot(guest)
+        let encoder = try CheckpointEncoder(pageCount: guest.pageCount)
+        let replica = Replica(memory: try PageMemory(pageCount: guest.pageCount))
+        let buffer = CheckpointBuffer(limitPages: guest.pageCount, initialCapacityPages: 4096)
+
+        // The first, full checkpoint is the initial sync, not the steady state: untimed.
+        try guest.pause()
+        try guest.capture(full: true, into: buffer)
+        try guest.resume()
+        var epoch = Epoch(1)
+        try Self.deliver(Self.encode(encoder, buffer, epoch, base: .none).frames, to: replica)
+
+        var r = Result(method: method, pagesPerLoop: pagesPerLoop)
+        let interval = UInt64(intervalMillis) * 1_000_000
+        let cpu0 = Self.cpuNanos()
+        let start = Monotonic.nanos()
+        let counter0 = guest.progressCounter
+        var next = start + interval
+        for _ in 0..<epochs {
+            let now = Monotonic.nanos()
+            if next > now { Monotonic.sleep(nanos: next - now) }
+            next += interval
+            let t0 = Monotonic.nanos()
+            try guest.pause()
+            do throws(GeminusError) {
+                try guest.capture(full: false, into: buffer)
+            } catch {
+                try? guest.resume()
+                throw error
+            }
+            try guest.resume()
+            let t1 = Monotonic.nanos()
+            let base = epoch
+            epoch = epoch.next
+            let (frames, stats) = Self.encode(encoder, buffer, epoch, base: base)
+            let t2 = Monotonic.nanos()
+            try Self.deliver(frames, to: replica)
+            let t3 = Monotonic.nanos()
+            guard replica.committedEpoch == epoch else {
+                throw GeminusError(.internalInvariant, "the replica did not commit benchmark epoch \(epoch)")
+            }
+            let parts = guest.lastTimings ?? CaptureTimings()
+            r.pause.record(nanos: t1 - t0)
+            r.stop.record(nanos: parts.stopNanos)
+            r.dirtyPages.record(nanos: parts.findCopyNanos)
+            r.deviceState.record(nanos: parts.saveNanos)
+            r.cont.record(nanos: parts.contNanos)
+            r.encode.record(nanos: t2 - t1)
+            r.commit.record(nanos: t3 - t0)
+            r.epochs += 1
+            r.pagesCaptured += stats.pages
+            r.inputBytes += stats.inputBytes
+            r.wireBytes += stats.wireBytes
+            r.deviceStateBytes = parts.deviceStateBytes
+        }
+        let wall = Double(Monotonic.nanos() - start) / 1e9
+        r.epochsPerSecond = Double(r.epochs) / wall
+        r.agentCPUPercent = 100 * Double(Self.cpuNanos() - cpu0) / 1e9 / wall
+        r.guestLoopsPerSecond = Double(guest.progressCounter &- counter0) / wall
+        return r
+    }
+
+    static func waitForBoot(_ guest: QEMUGuest, timeoutSeconds: Double = 30) throws(GeminusError) {
+        let deadline = Monotonic.nanos() + UInt64(timeoutSeconds * 1e9)
+        while guest.progressCounter == 0 {
+            guard Monotonic.nanos() < deadline else {
+                throw GeminusError(.timeout, "the test guest did not start counting within \(Int(timeoutSeconds)) s",
+                                   fix: "check the kernel (Tools/guest-tiny/build.sh) and QEMU's log")
+            }
+            Monotonic.sleep(nanos: 5_000_000)
+        }
+    }
+
+    static func encode(_ e: CheckpointEncoder, _ b: CheckpointBuffer, _ epoch: Epoch, base: Epoch) -> (frames: [[UInt8]], stats: EncodeStats) {
+        var frames: [[UInt8]] = []
+        let s = e.encode(b, epoch: epoch, generation: Generation(1), baseEpoch: base) { frames.append($0) }
+        return (frames, s)
+    }
+
+    static func deliver(_ frames: [[UInt8]], to replica: Replica) throws(GeminusError) {
+        var d = FrameDecoder()
+        for f in frames {
+            d.feed(f)
+            while true {
+                let next: Frame?
+                do { next = try d.next() } catch { throw GeminusError(.internalInvariant, "benchmark frames do not decode: \(error)") }
+                guard let frame = next else { break }
+                if case .rejected(_, let reason, let detail) = replica.accept(frame) {
+                    throw GeminusError(.internalInvariant, "the replica rejected a benchmark epoch: \(reason) \(detail)")
+                }
+            }
+        }
+    }
+
+    /// User + system CPU time of this process.
+    static func cpuNanos() -> UInt64 {
+        var u = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &u)
+        func n(_ t: timeval) -> UInt64 { UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_usec) * 1000 }
+        return n(u.ru_utime) + n(u.ru_stime)
+    }
+}
