@@ -10,6 +10,8 @@ public struct BenchReport: Sendable {
     public var guest: [GuestCheckpointBench.Result] = []
     public var migration: [MigrationDowntimeBench.Result] = []
     public var scaling: [CaptureScalingBench.Point] = []
+    /// QEMU COLO per dirty window: the primary's pauses, or what went wrong.
+    public var colo: [(pagesPerLoop: Int, outcome: ColoAttempt.Outcome)] = []
     /// Why a part did not run (COLO, a method, a size), said in every rendering.
     public var notRun: [String] = []
 
@@ -21,6 +23,13 @@ public struct BenchReport: Sendable {
     }
 
     static func ms(_ micros: UInt64) -> String { String(format: "%.2f", Double(micros) / 1000) }
+
+    func coloMedianMillis(_ pagesPerLoop: Int) -> Double? {
+        for entry in colo where entry.pagesPerLoop == pagesPerLoop {
+            if case .measured(let pauses) = entry.outcome, !pauses.isEmpty { return Double(median(pauses)) / 1000 }
+        }
+        return nil
+    }
 
     func migrationMedianMillis(_ pagesPerLoop: Int) -> UInt64? {
         migration.first { $0.pagesPerLoop == pagesPerLoop && !$0.downtimeMillis.isEmpty }.map { median($0.downtimeMillis) }
@@ -46,7 +55,7 @@ public struct BenchReport: Sendable {
         }
         out.append("")
         out.append("Side by side, same guest and dirty window (pause p50 / p99 in ms; ratio = Geminus / QEMU migration downtime)")
-        out.append(Self.row(["pages/loop", "QEMU migration downtime", "compare", "write-tracking", "compare/QEMU", "tracking/QEMU", "tracking/compare"]))
+        out.append(Self.row(["pages/loop", "QEMU migration downtime", "QEMU COLO", "compare", "write-tracking", "compare/QEMU", "tracking/QEMU", "tracking/COLO", "tracking/compare"]))
         for pages in Array(Set(guest.map(\.pagesPerLoop))).sorted() {
             let c = guest.first { $0.pagesPerLoop == pages && $0.method == .compare }
             let t = guest.first { $0.pagesPerLoop == pages && $0.method == .writeTracking }
@@ -55,10 +64,13 @@ public struct BenchReport: Sendable {
                 guard let a, let b, b > 0 else { return "-" }
                 return String(format: "%.2f", Double(a) / 1000 / b)
             }
+            let coloPause = coloMedianMillis(pages)
             out.append(Self.row(["\(pages)", q.map { "\($0) ms" } ?? "not run",
+                                 coloPause.map { String(format: "%.2f", $0) } ?? "failed",
                                  c.map { "\(Self.ms($0.pause.p50)) / \(Self.ms($0.pause.p99))" } ?? "-",
                                  t.map { "\(Self.ms($0.pause.p50)) / \(Self.ms($0.pause.p99))" } ?? "-",
                                  ratio(c?.pause.p50, q.map { Double($0) }), ratio(t?.pause.p50, q.map { Double($0) }),
+                                 ratio(t?.pause.p50, coloPause),
                                  ratio(t?.pause.p50, c.map { Double($0.pause.p50) / 1000 })]))
         }
         if !scaling.isEmpty {
@@ -104,6 +116,12 @@ public struct BenchReport: Sendable {
                                               "totalMillis": $0.totalMillis, "failures": $0.failures] },
             "scaling": scaling.map { ["method": $0.method.rawValue, "ramMiB": $0.ramMiB, "pagesWritten": $0.pagesWritten,
                                       "collectMicros": $0.collectMicros] },
+            "qemuColo": colo.map { entry -> [String: Any] in
+                switch entry.outcome {
+                case .measured(let pauses): return ["pagesPerLoop": entry.pagesPerLoop, "pausesMicros": pauses]
+                case .failed(let why): return ["pagesPerLoop": entry.pagesPerLoop, "failed": why]
+                }
+            },
             "notRun": notRun,
         ]
     }
