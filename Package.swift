@@ -51,7 +51,8 @@ let package = Package(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
             // downtime beside them, and the scaling of the dirty-page part with guest RAM.
             name: "GeminusBench",
-            dependencies: ["GeminusCore", "GeminusQEMU", .product(name: "Histogram", package: "hdrhistogram-swift")]
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport",
+                           .product(name: "Histogram", package: "hdrhistogram-swift")]
         ),
         .target(
             name: "GeminusTransport",
@@ -81,7 +82,7 @@ let package = Package(
         .executableTarget(
             name: "geminus-bench",
             dependencies: [
-                "GeminusCore", "GeminusHypervisor",
+                "GeminusCore", "GeminusHypervisor", "GeminusBench",
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],

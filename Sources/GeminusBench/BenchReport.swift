@@ -10,6 +10,9 @@ public struct BenchReport: Sendable {
     public var guest: [GuestCheckpointBench.Result] = []
     public var migration: [MigrationDowntimeBench.Result] = []
     public var scaling: [CaptureScalingBench.Point] = []
+    /// The pipeline on the simulated guest (lightly changed pages: the encode goal's case).
+    public var pipeline: (workload: String, ramMiB: Int, pagesPerEpoch: Int, result: PipelineBench.Result)?
+    public var link: LinkThroughputBench.Result?
     /// QEMU COLO per dirty window: the primary's pauses, or what went wrong.
     public var colo: [(pagesPerLoop: Int, outcome: ColoAttempt.Outcome)] = []
     /// Why a part did not run (COLO, a method, a size), said in every rendering.
@@ -66,7 +69,7 @@ public struct BenchReport: Sendable {
             }
             let coloPause = coloMedianMillis(pages)
             out.append(Self.row(["\(pages)", q.map { "\($0) ms" } ?? "not run",
-                                 coloPause.map { String(format: "%.2f", $0) } ?? "failed",
+                                 coloPause.map { String(format: "%.2f", $0) } ?? (colo.contains { $0.pagesPerLoop == pages } ? "failed" : "not run"),
                                  c.map { "\(Self.ms($0.pause.p50)) / \(Self.ms($0.pause.p99))" } ?? "-",
                                  t.map { "\(Self.ms($0.pause.p50)) / \(Self.ms($0.pause.p99))" } ?? "-",
                                  ratio(c?.pause.p50, q.map { Double($0) }), ratio(t?.pause.p50, q.map { Double($0) }),
@@ -87,6 +90,34 @@ public struct BenchReport: Sendable {
                 }
                 out.append(Self.row(cells))
             }
+        }
+        if let p = pipeline {
+            let r = p.result
+            out.append("")
+            out.append("Pipeline on the simulated guest (\(p.ramMiB) MiB, \(p.pagesPerEpoch) pages/epoch, \(p.workload) pages), one core")
+            out.append(String(format: "  memcpy %.2f GB/s (the limit)  capture %.2f GB/s  encode %.2f GB/s (%.2f of memcpy)  decode+apply %.2f GB/s  compression %.1f:1",
+                              r.memcpyGBps, r.captureGBps, r.encodeGBps, r.encodeGBps / max(r.memcpyGBps, 1e-9), r.decodeGBps, r.ratio))
+        }
+        if let l = link {
+            out.append("")
+            out.append(String(format: "Pair link on loopback (authenticated frames of 256 KiB): %.2f GB/s", l.geminusBytesPerSecond / 1e9)
+                       + (l.iperf3BytesPerSecond.map { String(format: "; iperf3 %.2f GB/s; Geminus/iperf3 %.2f", $0 / 1e9, l.geminusBytesPerSecond / $0) }
+                          ?? "; iperf3 not run: \(l.iperf3Problem ?? "unknown")"))
+        }
+        out.append("")
+        out.append("Goals (docs/BENCHMARKS.md says where the project stands)")
+        let tracked = guest.filter { $0.method == .writeTracking }
+        let rate = guest.map(\.epochsPerSecond).min()
+        out.append("  40 checkpoints/s sustained: " + (rate.map { String(format: "lowest run %.1f/s at a %d ms interval", $0, intervalMillis) } ?? "not run"))
+        out.append("  pause at most half of COLO's at p50 and p99: "
+                   + (colo.contains { if case .measured = $0.outcome { return true } else { return false } }
+                      ? "see the tracking/COLO column" : "COLO did not run here (see Not run)")
+                   + (tracked.isEmpty ? "" : "; tracking p50 " + tracked.map { "\(Self.ms($0.pause.p50)) ms @\(Int($0.pagesPerEpoch))" }.joined(separator: ", ")))
+        if let p = pipeline {
+            out.append(String(format: "  encode >= 3 GB/s per core, >= 20:1 on lightly changed pages: %.2f GB/s, %.1f:1", p.result.encodeGBps, p.result.ratio))
+        }
+        if let l = link, let i = l.iperf3BytesPerSecond {
+            out.append(String(format: "  pair link >= 90 %% of iperf3 on loopback: %.0f %%", 100 * l.geminusBytesPerSecond / i))
         }
         if !notRun.isEmpty {
             out.append("")
@@ -122,6 +153,17 @@ public struct BenchReport: Sendable {
                 case .failed(let why): return ["pagesPerLoop": entry.pagesPerLoop, "failed": why]
                 }
             },
+            "pipeline": pipeline.map { p -> [String: Any] in
+                var j = p.result.json
+                j["workload"] = p.workload
+                j["ramMiB"] = p.ramMiB
+                j["pagesPerEpoch"] = p.pagesPerEpoch
+                return j
+            } ?? [:],
+            "link": link.map { l -> [String: Any] in
+                ["geminusBytesPerSecond": l.geminusBytesPerSecond, "iperf3BytesPerSecond": l.iperf3BytesPerSecond ?? 0,
+                 "iperf3Problem": l.iperf3Problem ?? ""]
+            } ?? [:],
             "notRun": notRun,
         ]
     }

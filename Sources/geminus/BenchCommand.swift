@@ -33,6 +33,8 @@ struct Bench: ParsableCommand {
     @Flag(inversion: .prefixedNo, help: "Try QEMU COLO (x-colo, 100 ms checkpoints) on the same guest; about 8 s per dirty window.") var colo = true
     @Option(help: "Guest RAM sizes in MiB for the scaling curves, comma-separated (sizes that do not fit in free memory are skipped and said so; empty: none).") var scalingSizes = "128,256,1024,4096"
     @Option(help: "Pages written per epoch for the scaling curves, comma-separated.") var scalingPages = "100,1000,10000"
+    @Flag(inversion: .prefixedNo, help: "Measure the pipeline (capture, encode, decode) on the simulated guest against memcpy.") var pipeline = true
+    @Option(help: "Seconds of the pair-link throughput run against iperf3 on loopback (0: none).") var linkSeconds = 3.0
     @Option(help: "Write the picture here.") var svg = "geminus-bench.svg"
     @Flag(help: "Print JSON instead of the table (progress stays on standard error).") var json = false
 
@@ -49,6 +51,7 @@ struct Bench: ParsableCommand {
         guard (1...1000).contains(intervalMillis) else { throw ValidationError("--interval-millis must be 1...1000") }
         guard (16...4096).contains(ramMib) else { throw ValidationError("--ram-mib must be 16...4096") }
         guard (0...20).contains(migrationRuns) else { throw ValidationError("--migration-runs must be 0...20") }
+        guard (0...60).contains(linkSeconds) else { throw ValidationError("--link-seconds must be 0...60") }
         let windows = try numbers(pages, "pages")
         guard !windows.isEmpty, windows.allSatisfy({ $0 * 4096 < ramMib << 19 }) else {
             throw ValidationError("--pages: each dirty window must be under half the guest's pages (\(ramMib * 128))")
@@ -96,7 +99,7 @@ struct Bench: ParsableCommand {
         // Bounded in time, and said up front.
         let guestSeconds = Double(windows.count * chosen.count) * (1.5 + Double(epochs * intervalMillis) / 1000)
         let migrationSeconds = Double(windows.count * migrationRuns) * 2.5 + (colo ? 9 * Double(windows.count) : 0)
-        let scalingSeconds = sizes.reduce(0.0) { $0 + 3 * Double($1) / 700 + 1 }
+        let scalingSeconds = sizes.reduce(0.0) { $0 + 3 * Double($1) / 700 + 1 } + (pipeline ? 4 : 0) + 2 * linkSeconds + 1
         say(String(format: "geminus bench: about %.0f s (checkpoints %.0f s, QEMU migration %.0f s, scaling %.0f s)",
                    guestSeconds + migrationSeconds + scalingSeconds, guestSeconds, migrationSeconds, scalingSeconds))
         let start = Date()
@@ -132,6 +135,23 @@ struct Bench: ParsableCommand {
                     }
                     report.colo.append((w, outcome))
                 }
+            }
+        }
+        if pipeline {
+            say("\(elapsed())  pipeline: simulated guest, 256 MiB, 2000 pages/epoch, small edits")
+            do {
+                let r = try PipelineBench(ramMiB: 256, pagesPerEpoch: 2000, epochs: 200).measure(.smallEdits)
+                report.pipeline = ("small edits", 256, 2000, r)
+            } catch {
+                report.notRun.append("the pipeline: \(error.message)")
+            }
+        }
+        if linkSeconds > 0 {
+            say("\(elapsed())  pair link on loopback, \(linkSeconds) s, then iperf3")
+            do {
+                report.link = try LinkThroughputBench(seconds: linkSeconds).run()
+            } catch {
+                report.notRun.append("the pair link: \(error.message)")
             }
         }
         let scaling = CaptureScalingBench(sizesMiB: sizes, pagesWritten: try numbers(scalingPages, "scaling-pages"), repetitions: 7)

@@ -12,7 +12,7 @@ struct BenchTests {
         let svg = s.path("bench.svg")
         let r = try GeminusBinary.run(["bench", "--kernel", kernel, "--ram-mib", "32", "--epochs", "15", "--pages", "16,128",
                                        "--migration-runs", "1", "--scaling-sizes", "64", "--scaling-pages", "10,100",
-                                       "--svg", svg, "--json"], timeoutSeconds: 180)
+                                       "--no-pipeline", "--link-seconds", "1", "--svg", svg, "--json"], timeoutSeconds: 180)
         #expect(r.status == 0, "\(r.stderr)")
         let j = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], "\(r.stderr)")
         let runs = j["checkpoints"] as? [[String: Any]] ?? []
@@ -28,6 +28,9 @@ struct BenchTests {
         #expect(migrations.count == 2)
         for m in migrations { #expect((m["downtimeMillis"] as? [Int] ?? []).count == 1, "\(m)") }
         #expect((j["scaling"] as? [[String: Any]] ?? []).count == 4)
+        let link = j["link"] as? [String: Any] ?? [:]
+        #expect((link["geminusBytesPerSecond"] as? Double ?? 0) > 0)
+        #expect((link["iperf3BytesPerSecond"] as? Double ?? 0) > 0, "\(link)")
         // COLO is named as not run, with the reason.
         #expect((j["notRun"] as? [String] ?? []).contains { $0.hasPrefix("QEMU COLO") })
         let picture = try String(contentsOfFile: svg, encoding: .utf8)
