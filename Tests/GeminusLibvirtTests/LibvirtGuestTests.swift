@@ -203,7 +203,8 @@ struct LibvirtGuestTests {
         #expect(try conn.xml(of: domainB, .live).contains("migration.send-configuration=off"))
         try Self.waitBooted(primary.memory)
 
-        // Kill A at a random moment from another thread while checkpoints run.
+        // Kill A at a random moment from another thread while delta checkpoints run (the clock
+        // starts after the full one, which on a busy machine can take longer than the window).
         let killAfterMs = Int.random(in: 150...600)
         let killer = Thread { Self.sleep(ms: killAfterMs); primary.crash() }
         let buffer = CheckpointBuffer(limitPages: primary.pageCount)
@@ -212,7 +213,6 @@ struct LibvirtGuestTests {
         var timings: [CaptureTimings] = []
         var epoch = 0
         var bootMarker: UInt64 = 0
-        killer.start()
         while true {
             Self.sleep(ms: 20)
             do {
@@ -230,6 +230,7 @@ struct LibvirtGuestTests {
                 bootMarker = replica.loadU64(at: Self.bootMarkerAddress)
                 if epoch > 0, let t = primary.lastTimings { timings.append(t) }
                 epoch += 1
+                if epoch == 1 { killer.start() }
             } catch {
                 break  // the primary is gone
             }
