@@ -48,6 +48,7 @@ public final class PairSimulator {
     var staleFramesRefused = 0
     var staleDialsRefused = 0
     var takeoverAtNanos: UInt64?
+    var deferredEpochs = 0
     /// The highest output sequence any checkpoint the secondary committed contains.
     var committedOutputHighWater: UInt64 = 0
     var incarnationAtLoss = 0
@@ -94,6 +95,12 @@ public final class PairSimulator {
     public var secondaryIsAlive: Bool { secondary != nil }
     public var primaryProtection: PrimaryMachine.Protection? { primary?.machine.protection }
     public var secondaryState: SecondaryMachine.State? { secondary?.machine.state }
+
+    /// What backpressure did: epochs deferred, guest steps stalled on a full output queue, and
+    /// the largest the primary's send queue and the primary→secondary link ever were.
+    public var backpressure: (deferredEpochs: Int, guestStalls: Int, peakSendQueueBytes: Int, peakLinkBytes: Int) {
+        (deferredEpochs, primary?.guestStalls ?? 0, primary?.peakSendQueueBytes ?? 0, toSecondary.peakQueuedBytes)
+    }
 
     // MARK: - Running
 

@@ -65,7 +65,11 @@ final class PrimaryNode {
 
 extension PairSimulator {
     func stepPrimary() {
-        guard let p = primary else { return }
+        guard let p = primary else {
+            // A dead host takes nothing off the wire: what reaches it is gone.
+            while toPrimary.receive(now: now) != nil {}
+            return
+        }
         if let until = p.frozenUntilNanos {
             guard now >= until else { return }
             p.frozenUntilNanos = nil
@@ -200,7 +204,8 @@ extension PairSimulator {
                 var frames: [[UInt8]] = []
                 _ = p.encoder.encode(p.buffer, epoch: e, generation: p.machine.generation, baseEpoch: base) { frames.append($0) }
                 if p.armedCrash == .duringSend {
-                    let keep = Int(worldRandom.next() % UInt64(frames.count))
+                    // At least the begin frame and at most all but the end: a torn epoch.
+                    let keep = 1 + Int(worldRandom.next() % UInt64(max(1, frames.count - 1)))
                     for f in frames.prefix(keep) { p.enqueue(.frame(connection: c, bytes: f)) }
                     flushSendQueue(p)
                     crashPrimary("while sending epoch \(e) (\(keep) of \(frames.count) frames queued)")
@@ -233,7 +238,10 @@ extension PairSimulator {
         case .unprotected(let reason): note("primary", "UNPROTECTED: \(reason); releases held output", notable: true)
         case .peerLost(let reason): note("primary", "secondary lost: \(reason)", notable: true)
         case .resyncing(let e, let r): resyncs += 1; note("primary", "resync after nack of epoch \(e) (\(r))", notable: true)
-        case .epochDeferred(let n): note("primary", "epoch deferred: \(n) in flight", notable: false)
+        case .epochDeferred(let n):
+            deferredEpochs += 1
+            // The first one tells the story; the rest are counted.
+            note("primary", "epoch deferred: \(n) epochs in flight (backpressure)", notable: deferredEpochs == 1)
         case .staleAck(let e, let g): note("primary", "stale ack \(e) of generation \(g) ignored", notable: true)
         case .switchoverRefused(let r), .switchoverAborted(let r): note("primary", "switchover: \(r)")
         }

@@ -28,7 +28,10 @@ final class SecondaryNode {
 
 extension PairSimulator {
     func stepSecondary() {
-        guard let s = secondary else { return }
+        guard let s = secondary else {
+            while toSecondary.receive(now: now) != nil {}
+            return
+        }
         var budget = readBudget.map { $0 - s.readDebtBytes } ?? Int.max
         var touchedReplica = false
         while secondary != nil, budget > 0, let packet = toSecondary.receive(now: now) {
@@ -149,7 +152,7 @@ extension PairSimulator {
         guard let c = s.connection else { return }
         if sendClose { toPrimary.send(.close(connection: c), now: now, rng: &linkRandom) }
         s.connection = nil
-        if let o = s.replica.abandonStaging(reason: .torn) { note("secondary", "abandons the epoch being received: \(o)") }
+        if let o = s.replica.abandonStaging(reason: .torn) { note("secondary", "abandons the epoch being received: \(o)", notable: true) }
         note("secondary", "link lost: \(reason)", notable: true)
         secondaryPerform(s.machine.handle(.primaryDisconnected(nowNanos: now, reason: reason)), s)
     }
