@@ -130,6 +130,8 @@ public final class PairSimulator {
 
     public func result() -> RunResult {
         var faultsInjected = self.faultsInjected
+        // Latency is a setting of the whole run, not an event: count the runs it slowed.
+        if faultKinds.contains(.delay) { faultsInjected["delay", default: 0] += 1 }
         for link in [toSecondary, toPrimary] {
             for (k, n) in [("loss", link.lost), ("duplicate", link.duplicated), ("reorder", link.reordered), ("corruption", link.corrupted)] where n > 0 {
                 faultsInjected[k, default: 0] += n
