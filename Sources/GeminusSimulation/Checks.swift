@@ -9,17 +9,23 @@ struct OutputObserver {
     struct Seen { var counter: UInt64; var source: Source }
     private(set) var bySequence: [UInt64: Seen] = [:]
     private(set) var released: [OutputPacket] = []
+    /// Whether each of `released` left through an acknowledged epoch (true) or passed through
+    /// a primary that had declared the VM unprotected (false).
+    private(set) var releasedHeld: [Bool] = []
     /// Identical packets seen again (the resumed guest re-sends the one pending at its checkpoint).
     private(set) var resent = 0
 
     /// Records a packet; returns the earlier, different packet of the same sequence, if any.
-    mutating func record(_ p: OutputPacket, from source: Source) -> Seen? {
+    mutating func record(_ p: OutputPacket, from source: Source, held: Bool = false) -> Seen? {
         if let earlier = bySequence[p.sequence] {
             if earlier.counter == p.counter { resent += 1; return nil }
             return earlier
         }
         bySequence[p.sequence] = Seen(counter: p.counter, source: source)
-        released.append(p)
+        if source == .primary {
+            released.append(p)
+            releasedHeld.append(held)
+        }
         return nil
     }
 }
@@ -27,7 +33,7 @@ struct OutputObserver {
 extension PairSimulator {
     /// S2 at the moment output leaves the primary.
     func checkRelease(_ packet: OutputPacket, byPrimary p: PrimaryNode, held: Bool) {
-        if let earlier = observer.record(packet, from: .primary) {
+        if let earlier = observer.record(packet, from: .primary, held: held) {
             let message = "the primary released output #\(packet.sequence) (counter \(packet.counter)), but the \(earlier.source.rawValue) copy already sent #\(packet.sequence) with counter \(earlier.counter)"
             if splitBrainIsKnownGap { knownGap(.s2, message, onceAs: "s2-conflict") } else { violate(.s2, message, onceAs: "s2-conflict") }
         }
@@ -87,19 +93,33 @@ extension PairSimulator {
         if let cap = captured[from], guest.counter != cap.counter {
             violate(.s3, "resumed counter \(guest.counter) differs from \(cap.counter) captured at epoch \(from)", onceAs: "s3-counter")
         }
-        let lastReleased = observer.released.map(\.counter).max() ?? 0
-        if guest.counter < lastReleased {
-            violate(.resumedCounter, "the resumed guest's counter \(guest.counter) is below \(lastReleased), that of the last released output", onceAs: "counter")
-        }
+        // Output that left through an acknowledged epoch must all be in the resumed history:
+        // strictly, always. Output a primary released after declaring the VM unprotected is
+        // excused only when an isolation fault let the secondary take over behind its back
+        // (no arbitration yet: the primary cannot know the secondary still might).
         let history = Dictionary(guest.recentOutputs().map { ($0.sequence, $0.counter) }, uniquingKeysWith: { a, _ in a })
-        for p in observer.released {
-            if p.sequence > guest.outputSequence {
-                violate(.s2, "output #\(p.sequence) was released, but the resumed guest has only produced up to #\(guest.outputSequence)", onceAs: "s2-beyond")
-                break
+        for held in [true, false] {
+            let packets = zip(observer.released, observer.releasedHeld).filter { $0.1 == held }.map(\.0)
+            func report(_ promise: Promise, _ message: String, key: String) {
+                if !held && splitBrainIsKnownGap {
+                    knownGap(promise, message + " (released while the primary called the VM unprotected)", onceAs: key)
+                } else {
+                    violate(promise, message, onceAs: key)
+                }
             }
-            if let c = history[p.sequence], c != p.counter {
-                violate(.s2, "output #\(p.sequence) was released with counter \(p.counter); the resumed guest's history says \(c)", onceAs: "s2-history")
-                break
+            let lastReleased = packets.map(\.counter).max() ?? 0
+            if guest.counter < lastReleased {
+                report(.resumedCounter, "the resumed guest's counter \(guest.counter) is below \(lastReleased), that of the last released output", key: "counter-\(held)")
+            }
+            for p in packets {
+                if p.sequence > guest.outputSequence {
+                    report(.s2, "output #\(p.sequence) was released, but the resumed guest has only produced up to #\(guest.outputSequence)", key: "s2-beyond-\(held)")
+                    break
+                }
+                if let c = history[p.sequence], c != p.counter {
+                    report(.s2, "output #\(p.sequence) was released with counter \(p.counter); the resumed guest's history says \(c)", key: "s2-history-\(held)")
+                    break
+                }
             }
         }
     }
