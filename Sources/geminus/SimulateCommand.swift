@@ -47,7 +47,11 @@ struct Simulate: ParsableCommand {
                 throw operatorFailure(error)
             }
             summary.add(result)
-            if !result.passed { failures.append(result) }
+            if !result.passed {
+                failures.append(result)
+                // Said at once: a long sweep's failures are worth looking at before it ends.
+                FileHandle.standardError.write(Data("simulate: seed \(s) FAILED: \(result.violations.map(\.description).joined(separator: "; "))\n  replay: \(replayCommand(s, kinds))\n".utf8))
+            }
             if count > 1 && (Date().timeIntervalSince(lastProgress) >= 1 || i == count - 1) {
                 lastProgress = Date()
                 let rate = Double(i + 1) / max(0.001, Date().timeIntervalSince(start))
