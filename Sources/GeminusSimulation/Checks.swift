@@ -139,7 +139,8 @@ extension PairSimulator {
             if splitBrainIsKnownGap { knownGap(.s1, message, onceAs: "s1") } else { violate(.s1, message, onceAs: "s1") }
         }
         // L1: failover within its bound once the primary is lost.
-        if let lost = primaryLostAtNanos, secondaryCouldResumeAtLoss, !isTakenOver, let s = secondary, s.incarnation == incarnationAtLoss {
+        if let lost = primaryLostAtNanos, secondaryCouldResumeAtLoss, !isTakenOver, !cannotTakeOverReported,
+           let s = secondary, s.incarnation == incarnationAtLoss {
             if primary?.frozenUntilNanos == nil && primary != nil {
                 // It thawed before the secondary gave up on it: it was never lost for good.
                 primaryLostAtNanos = nil

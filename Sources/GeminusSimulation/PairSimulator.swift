@@ -49,6 +49,7 @@ public final class PairSimulator {
     var staleDialsRefused = 0
     var takeoverAtNanos: UInt64?
     var deferredEpochs = 0
+    var cannotTakeOverReported = false
     /// The highest output sequence any checkpoint the secondary committed contains.
     var committedOutputHighWater: UInt64 = 0
     var incarnationAtLoss = 0
@@ -236,6 +237,7 @@ public final class PairSimulator {
     func lostPrimary() {
         guard primaryLostAtNanos == nil else { return }
         primaryLostAtNanos = now
+        cannotTakeOverReported = false
         secondaryCouldResumeAtLoss = secondary.map { $0.replica.hasBaseImage && $0.resumed == nil } ?? false
         incarnationAtLoss = secondary?.incarnation ?? 0
     }

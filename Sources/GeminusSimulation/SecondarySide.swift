@@ -179,7 +179,10 @@ extension PairSimulator {
                 switch n {
                 case .primaryLost(let reason): note("secondary", "primary lost: \(reason)", notable: true)
                 case .primaryBack: note("secondary", "primary back", notable: true)
-                case .cannotTakeOver(let reason): note("secondary", "CANNOT TAKE OVER: \(reason)", notable: true)
+                case .cannotTakeOver(let reason):
+                    // Reported: the VM is down and says so (L1 allows that, never silence).
+                    cannotTakeOverReported = true
+                    note("secondary", "CANNOT TAKE OVER: \(reason)", notable: true)
                 }
             }
         }
