@@ -64,6 +64,15 @@ import GeminusSimulation
         #expect(!r.tookOver)
     }
 
+    /// Regression: after a one-way partition the primary ran unprotected and released output,
+    /// reconnected and died during the resync; the secondary resumed its older checkpoint and
+    /// un-sent that output (fixed: SecondaryMachine waits for the new connection's commit).
+    @Test func regressionStaleCheckpointSeed1337() throws {
+        let r = try PairSimulator(config: SimulationConfig(seed: 1337), faults: Set(FaultKind.allCases)).run()
+        #expect(r.passed, "\(r.violations)")
+        #expect(r.trace.contains { $0.text.hasPrefix("CANNOT TAKE OVER") })
+    }
+
     @Test func sameSeedGivesTheSameRunByteForByte() throws {
         for seed: UInt64 in [7, 42, 1234] {
             let a = try PairSimulator(config: SimulationConfig(seed: seed), faults: Set(FaultKind.allCases)).run()
