@@ -50,6 +50,8 @@ public final class PairSimulator {
     var takeoverAtNanos: UInt64?
     var deferredEpochs = 0
     var cannotTakeOverReported = false
+    /// The last output sequence the resumed guest's history holds, from the takeover on.
+    var resumedOutputSequence: UInt64?
     /// The highest output sequence any checkpoint the secondary committed contains.
     var committedOutputHighWater: UInt64 = 0
     var incarnationAtLoss = 0
@@ -191,11 +193,8 @@ public final class PairSimulator {
             note("world", "heal", notable: true)
         case .freezePrimary(let forNanos):
             guard let p = primary, p.frozenUntilNanos == nil else { return }
-            count("stale-primary")
-            p.frozenUntilNanos = now + forNanos
-            lostPrimary()
-            lastIsolationNanos = now
-            note("primary", "FROZEN for \(forNanos / 1_000_000) ms", notable: true)
+            p.armedFreezeNanos = forNanos
+            note("world", "primary will freeze for \(forNanos / 1_000_000) ms at its next send", notable: true)
         case .slowSecondary(let bytes):
             count("slow-secondary")
             readBudget = bytes

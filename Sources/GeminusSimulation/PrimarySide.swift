@@ -26,6 +26,10 @@ final class PrimaryNode {
     var peakSendQueueBytes = 0
     var lastSentNanos: UInt64 = 0
     var frozenUntilNanos: UInt64?
+    /// A freeze waits for the next send, so the host hangs with an epoch in its socket buffer.
+    var armedFreezeNanos: UInt64?
+    /// Actions the machine asked for when the host hung: carried out when it thaws.
+    var actionsAfterThaw: [PrimaryMachine.Action] = []
     var armedCrash: CrashPoint?
     /// With `.afterSend` armed: crash once this epoch's last frame has left.
     var crashWhenSent: Epoch?
@@ -74,15 +78,25 @@ extension PairSimulator {
             guard now >= until else { return }
             p.frozenUntilNanos = nil
             note("primary", "thawed: carries on as generation \(p.machine.generation)", notable: true)
+            // The kernel drains the socket buffer before the agent looks at anything: the
+            // epoch queued when the host hung goes out, still as the old generation.
+            flushSendQueue(p)
+            guard primary != nil else { return }
+            let rest = p.actionsAfterThaw
+            p.actionsAfterThaw = []
+            primaryPerform(rest, p)
+            guard primary != nil else { return }
         }
         runGuest(p)
-        while primary != nil, let packet = toPrimary.receive(now: now) { primaryReceive(packet, p) }
-        guard primary != nil else { return }
+        // A host that hung (or died) in the middle of this step does nothing more in it.
+        var running: Bool { primary != nil && p.frozenUntilNanos == nil }
+        while running, let packet = toPrimary.receive(now: now) { primaryReceive(packet, p) }
+        guard running else { return }
         primaryPerform(p.machine.handle(.tick(nowNanos: now)), p)
-        guard primary != nil else { return }
+        guard running else { return }
         dial(p)
         flushSendQueue(p)
-        guard primary != nil else { return }
+        guard running else { return }
         if let c = p.connectionID, p.sendHead == p.sendQueue.count, now - p.lastSentNanos >= config.heartbeatNanos {
             sendFrame(p, FrameCodec.encode(FrameHeader(kind: .heartbeat, generation: p.machine.generation, epoch: p.machine.lastCaptured)), connection: c)
         }
@@ -143,7 +157,7 @@ extension PairSimulator {
         case .frame(let c, let bytes):
             guard p.connectionID == c else { return }
             p.decoder.feed(bytes)
-            while primary != nil, p.connectionID == c {
+            while primary != nil, p.frozenUntilNanos == nil, p.connectionID == c {
                 let frame: Frame
                 do {
                     guard let f = try p.decoder.next() else { break }
@@ -186,6 +200,7 @@ extension PairSimulator {
         var pending = actions[...]
         while let action = pending.popFirst() {
             guard primary != nil else { return }
+            guard p.frozenUntilNanos == nil else { p.actionsAfterThaw.append(action); continue }
             switch action {
             case .capture(let e, let full):
                 if p.armedCrash == .beforeCapture { crashPrimary("before capturing epoch \(e)"); return }
@@ -214,6 +229,16 @@ extension PairSimulator {
                 for (i, f) in frames.enumerated() { p.enqueue(.frame(connection: c, bytes: f), lastOfEpoch: i == frames.count - 1 ? e : nil) }
                 if p.armedCrash == .afterSend { p.crashWhenSent = e }
                 note("primary", "send \(e) on \(base) (\(frames.count) frames)")
+                if let d = p.armedFreezeNanos {
+                    p.armedFreezeNanos = nil
+                    p.frozenUntilNanos = now + d
+                    p.actionsAfterThaw = Array(pending)
+                    count("stale-primary")
+                    lostPrimary()
+                    lastIsolationNanos = now
+                    note("primary", "FROZEN for \(d / 1_000_000) ms with epoch \(e) in its socket buffer", notable: true)
+                    return
+                }
             case .releaseOutput(let e):
                 if p.armedCrash == .afterAck { crashPrimary("after the ack of epoch \(e), before releasing its output"); return }
                 releaseFromPrimary(p.queue.release(through: e), p, held: true)

@@ -79,6 +79,15 @@ extension PairSimulator {
             return true
         case .frame(let c, let bytes):
             guard s.connection == c else {
+                if s.resumed != nil {
+                    // After the takeover the agent has closed the old primary's socket; here
+                    // its late frames are handed to the replica anyway, so that the generation
+                    // check alone is shown to refuse them.
+                    var d = FrameDecoder()
+                    d.feed(bytes)
+                    if let frame = try? d.next() { refuseStale(frame, s) }
+                    return true
+                }
                 // Bytes for a connection this host does not have (it restarted): TCP resets it.
                 toPrimary.send(.reset(connection: c), now: now, rng: &linkRandom)
                 return false
@@ -101,17 +110,7 @@ extension PairSimulator {
                     return true
                 }
                 if s.resumed != nil {
-                    // The old primary's frames after the takeover: the generation must refuse them.
-                    guard [.epochBegin, .pages, .deviceState, .epochEnd].contains(frame.kind) else { continue }
-                    let outcome = s.replica.accept(frame)
-                    if outcome == .ignored(.staleGeneration) {
-                        staleFramesRefused += 1
-                        if staleFramesRefused == 1 {
-                            note("secondary", "refuses a frame of the deposed generation \(frame.generation) (epoch \(frame.epoch))", notable: true)
-                        }
-                    } else {
-                        violate(.s1, "a frame of the deposed primary (generation \(frame.generation), epoch \(frame.epoch)) was not refused: \(outcome)", onceAs: "stale-accepted")
-                    }
+                    refuseStale(frame, s)
                     touched = true
                     continue
                 }
@@ -129,6 +128,20 @@ extension PairSimulator {
             return touched
         case .accepted, .refused:
             return false
+        }
+    }
+
+    /// A frame of the old primary after the takeover: the generation must refuse it.
+    func refuseStale(_ frame: Frame, _ s: SecondaryNode) {
+        guard [.epochBegin, .pages, .deviceState, .epochEnd].contains(frame.kind) else { return }
+        let outcome = s.replica.accept(frame)
+        if outcome == .ignored(.staleGeneration) {
+            staleFramesRefused += 1
+            if staleFramesRefused == 1 {
+                note("secondary", "refuses a frame of the deposed generation \(frame.generation) (epoch \(frame.epoch)): the pair is at generation \(s.replica.generation)", notable: true)
+            }
+        } else {
+            violate(.s1, "a frame of the deposed primary (generation \(frame.generation), epoch \(frame.epoch)) was not refused: \(outcome)", onceAs: "stale-accepted")
         }
     }
 
@@ -215,6 +228,7 @@ extension PairSimulator {
         s.resumedFrom = from
         s.replica.adopt(generation: generation)
         takeoverAtNanos = now
+        resumedOutputSequence = guest.outputSequence
         note("secondary", "TOOK OVER from epoch \(from) as generation \(generation) (counter \(guest.counter), output #\(guest.outputSequence))", notable: true)
         checkTakeover(s, guest, from: from)
     }
