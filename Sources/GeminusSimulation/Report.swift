@@ -48,6 +48,9 @@ public struct RunResult: Sendable {
     public var outputsReleased: Int
     public var staleFramesRefused: Int
     public var staleDialsRefused: Int
+    /// The primary was lost and the secondary said it could not take over (nothing whole to
+    /// resume, or a resync was under way): the VM is down and reported, not rolled back.
+    public var cannotTakeOver: Bool
     public var trace: [TraceEvent]
 
     public var passed: Bool { violations.isEmpty }
@@ -78,6 +81,7 @@ public struct SweepSummary: Sendable {
     public var knownGapsByPromise: [Promise: Int] = [:]
     public var seedsWithKnownGaps = 0
     public var takeovers = 0
+    public var cannotTakeOver = 0
     public var epochsCommitted = 0
     public var resyncs = 0
     public var staleFramesRefused = 0
@@ -92,6 +96,7 @@ public struct SweepSummary: Sendable {
         for v in r.knownGaps { knownGapsByPromise[v.promise, default: 0] += 1 }
         if !r.knownGaps.isEmpty { seedsWithKnownGaps += 1 }
         if r.tookOver { takeovers += 1 }
+        if r.cannotTakeOver { cannotTakeOver += 1 }
         epochsCommitted += r.epochsCommitted
         resyncs += r.resyncs
         staleFramesRefused += r.staleFramesRefused + r.staleDialsRefused

@@ -79,7 +79,7 @@ struct Simulate: ParsableCommand {
         print("faults enabled: \(kinds.isEmpty ? "none" : kinds.sorted().map(\.rawValue).joined(separator: ","))")
         print("faults injected:")
         for (k, n) in s.faultsInjected.sorted(by: { $0.key < $1.key }) { print("  \(k): \(n)") }
-        print("takeovers: \(s.takeovers); epochs committed: \(s.epochsCommitted); resyncs: \(s.resyncs); stale frames and dials refused: \(s.staleFramesRefused)")
+        print("takeovers: \(s.takeovers); primary lost but the secondary reported it could not take over: \(s.cannotTakeOver); epochs committed: \(s.epochsCommitted); resyncs: \(s.resyncs); stale frames and dials refused: \(s.staleFramesRefused)")
         print("violations by promise:")
         for p in Promise.allCases { print("  \(p.rawValue): \(s.violationsByPromise[p, default: 0])") }
         print("known gaps (\(knownGapLabel)), in \(s.seedsWithKnownGaps) seeds:")
@@ -106,6 +106,7 @@ struct Simulate: ParsableCommand {
             "faultsEnabled": kinds.sorted().map(\.rawValue),
             "faultsInjected": s.faultsInjected,
             "takeovers": s.takeovers,
+            "cannotTakeOver": s.cannotTakeOver,
             "epochsCommitted": s.epochsCommitted,
             "resyncs": s.resyncs,
             "staleRefused": s.staleFramesRefused,
