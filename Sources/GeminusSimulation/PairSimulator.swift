@@ -144,7 +144,7 @@ public final class PairSimulator {
                   violations: violations, knownGaps: knownGaps, tookOver: isTakenOver, takeoverAtNanos: takeoverAtNanos,
                   epochsCommitted: epochsCommitted, fullCheckpoints: fullCheckpoints, resyncs: resyncs,
                   outputsReleased: observer.released.count, staleFramesRefused: staleFramesRefused,
-                  staleDialsRefused: staleDialsRefused, cannotTakeOver: cannotTakeOverReported && !isTakenOver, trace: trace)
+                  staleDialsRefused: staleDialsRefused, cannotTakeOver: cannotTakeOverReported && !isTakenOver && primaryLostAtNanos != nil, trace: trace)
     }
 
     // MARK: - Faults
