@@ -76,6 +76,8 @@ extension PairSimulator {
             violate(.s3, "after committing epoch \(e) the replica differs from the guest as captured at epoch \(e)", onceAs: "s3-commit")
         }
         committedOutputHighWater = max(committedOutputHighWater, s.replica.memory.loadU64(at: SimulatedGuest.outputSequenceAddress))
+        // Commits only move forward, so older captures can never be needed again.
+        captured = captured.filter { $0.key >= e }
     }
 
     /// S3 after any frame reached the replica: it still equals the last committed capture.

@@ -52,6 +52,7 @@ public final class PairSimulator {
     var cannotTakeOverReported = false
     /// The last output sequence the resumed guest's history holds, from the takeover on.
     var resumedOutputSequence: UInt64?
+    var traceDropped = 0
     /// The highest output sequence any checkpoint the secondary committed contains.
     var committedOutputHighWater: UInt64 = 0
     var incarnationAtLoss = 0
@@ -139,6 +140,10 @@ public final class PairSimulator {
             for (k, n) in [("loss", link.lost), ("duplicate", link.duplicated), ("reorder", link.reordered), ("corruption", link.corrupted)] where n > 0 {
                 faultsInjected[k, default: 0] += n
             }
+        }
+        var trace = self.trace
+        if traceDropped > 0 {
+            trace.append(TraceEvent(atNanos: now, node: "world", text: "trace truncated: \(traceDropped) events beyond the limit of \(Self.traceLimit) were dropped", notable: true))
         }
         return RunResult(seed: config.seed, faultKinds: faultKinds.sorted(), faultsInjected: faultsInjected,
                   violations: violations, knownGaps: knownGaps, tookOver: isTakenOver, takeoverAtNanos: takeoverAtNanos,
@@ -243,7 +248,15 @@ public final class PairSimulator {
 
     // MARK: - Trace
 
+    /// The trace is bounded: past `traceLimit` events only notable ones are kept, past twice
+    /// that none, and the last line says how many were dropped.
+    static let traceLimit = 200_000
+
     func note(_ node: String, _ text: String, notable: Bool = false) {
+        if trace.count >= Self.traceLimit && (!notable || trace.count >= 2 * Self.traceLimit) {
+            traceDropped += 1
+            return
+        }
         trace.append(TraceEvent(atNanos: now, node: node, text: text, notable: notable))
     }
 

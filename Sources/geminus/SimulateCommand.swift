@@ -24,7 +24,8 @@ struct Simulate: ParsableCommand {
 
     func validate() throws {
         if let seeds, seeds < 1 || seeds > 10_000_000 { throw ValidationError("--seeds must be 1...10000000") }
-        guard steps >= 100 && steps <= 3_600_000 else { throw ValidationError("--steps must be 100...3600000 (simulated milliseconds)") }
+        // The observer keeps every released packet to judge later ones: 10 simulated minutes at most.
+        guard steps >= 100 && steps <= 600_000 else { throw ValidationError("--steps must be 100...600000 (simulated milliseconds)") }
         do { _ = try FaultKind.parseList(faults) } catch { throw ValidationError(error.description) }
     }
 
