@@ -82,6 +82,8 @@ public struct SecondaryMachine: Sendable {
         case .primaryConnected(let gen, let now):
             precondition(gen >= generation, "the handshake admits no older generation")
             if everConnected { committedIsCurrent = false }
+            // A new episode: if this primary is lost too, that is said again (seed 114).
+            reportedCannotTakeOver = false
             generation = gen
             connected = true
             everConnected = true

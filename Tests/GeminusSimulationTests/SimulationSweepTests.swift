@@ -73,6 +73,13 @@ import GeminusSimulation
         #expect(r.trace.contains { $0.text.hasPrefix("CANNOT TAKE OVER") })
     }
 
+    /// Regression: a second loss of the primary during a resync went unreported (the
+    /// "cannot take over" notice was said once per life of the machine).
+    @Test func regressionEveryLossIsReportedSeed114() throws {
+        let r = try PairSimulator(config: SimulationConfig(seed: 114), faults: Set(FaultKind.allCases)).run()
+        #expect(r.passed, "\(r.violations)")
+    }
+
     @Test func sameSeedGivesTheSameRunByteForByte() throws {
         for seed: UInt64 in [7, 42, 1234] {
             let a = try PairSimulator(config: SimulationConfig(seed: seed), faults: Set(FaultKind.allCases)).run()
