@@ -109,8 +109,11 @@ public final class PairSimulator {
     // MARK: - Running
 
     /// Runs to `config.durationNanos` and returns what happened.
+    /// Runs to `config.durationNanos` and returns what happened. A run whose primary is dead
+    /// and whose secondary has taken over ends early: only the resumed guest runs on, and
+    /// nothing it does alone can break a promise.
     public func run() -> RunResult {
-        while now < config.durationNanos { step() }
+        while now < config.durationNanos && !(primary == nil && isTakenOver) { step() }
         return result()
     }
 

@@ -35,11 +35,11 @@ import GeminusSimulation
 
     @Test(arguments: FaultKind.allCases)
     func eachFaultAlone(kind: FaultKind) throws {
-        let s = try Self.run(1...10, [kind])
+        let s = try Self.run(1...6, [kind])
         // The fault really happened in these runs, or the test saw nothing.
         if kind != .delay {
             let injected = s.faultsInjected.filter { $0.key.hasPrefix(kind.rawValue) }.values.reduce(0, +)
-            #expect(injected > 0, "\(kind.rawValue) was never injected in 10 seeds")
+            #expect(injected > 0, "\(kind.rawValue) was never injected in 6 seeds")
         }
     }
 
