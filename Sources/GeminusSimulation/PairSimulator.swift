@@ -224,8 +224,9 @@ public final class PairSimulator {
     }
 
     /// One-shot frame faults on the primary→secondary direction (scenarios).
-    public func faultNextFrames(corrupt: Int = 0, duplicate: Int = 0, reorder: Int = 0, lose: Int = 0) {
+    public func faultNextFrames(corrupt: Int = 0, atByte: Int? = nil, duplicate: Int = 0, reorder: Int = 0, lose: Int = 0) {
         toSecondary.corruptNext += corrupt
+        if let atByte { toSecondary.corruptNextAtByte = atByte }
         toSecondary.duplicateNext += duplicate
         toSecondary.reorderNext += reorder
         toSecondary.loseNext += lose

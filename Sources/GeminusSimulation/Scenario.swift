@@ -14,7 +14,7 @@
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
 /// `partition primary secondary` (both ways), `partition primary -> secondary` (one way),
 /// `heal`, `freeze primary 400ms`, `slow secondary 16KiB/ms`, `wall-clock jump -3600s`,
-/// `corrupt|duplicate|reorder|lose next N frames`, `link delay 5ms..20ms`, and
+/// `corrupt|duplicate|reorder|lose next N frames`, `corrupt next frame at byte 10`, `link delay 5ms..20ms`, and
 /// `expect took-over|no-takeover|protected|unprotected|no-violations|known-gap S1|stale-refused|resynced|backpressure|secondary following`.
 public struct Scenario: Sendable {
     public var name: String
@@ -140,6 +140,10 @@ public struct Scenario: Sendable {
             if negative || w.hasPrefix("+") { w.removeFirst() }
             guard let d = duration(w) else { return "write a jump such as -3600s or +86400s" }
             sim.inject(.jumpWallClock(byNanos: negative ? -Int64(d) : Int64(d)))
+        case ("corrupt", 6) where words[1] == "next" && words[2] == "frame" && words[3] == "at" && words[4] == "byte":
+            // "corrupt next frame at byte 10": a bit of that byte (8-11 are the length field).
+            guard let b = Int(words[5]), b >= 0 else { return "the byte offset must be a non-negative integer" }
+            sim.faultNextFrames(corrupt: 1, atByte: b)
         case ("corrupt", _), ("duplicate", _), ("reorder", _), ("lose", _):
             // "corrupt next frame" or "duplicate next 3 frames"
             guard words.count >= 3, words[1] == "next" else { return "write `\(words[0]) next frame` or `\(words[0]) next 3 frames`" }

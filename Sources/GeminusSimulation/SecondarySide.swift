@@ -102,8 +102,9 @@ extension PairSimulator {
                 } catch {
                     // The stream is unusable after a bad frame; the epoch counts as corrupt and
                     // the primary resends everything on its next connection.
-                    if case .checksumMismatch(_, let e, _) = error {
-                        noteOutcome(s.replica.noteCorruptFrame(epoch: Epoch(e)), s)
+                    if case .checksumMismatch(_, let e, _) = error, case .rejected(let epoch, let reason, _) = s.replica.noteCorruptFrame(epoch: Epoch(e)) {
+                        // Counted, not nacked: the connection ends here (as in SecondaryAgent).
+                        note("secondary", "rejects epoch \(epoch) (\(reason))", notable: true)
                     }
                     note("secondary", "bad frame (\(error)); drops the connection", notable: true)
                     loseLink(s, reason: "\(error)", sendClose: true)

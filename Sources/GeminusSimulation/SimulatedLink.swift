@@ -62,6 +62,9 @@ public struct SimulatedLink: Sendable {
     public var duplicateNext = 0
     public var reorderNext = 0
     public var loseNext = 0
+    /// With `corruptNext`: flip a bit of this byte (8-11 are the header's length field) rather
+    /// than of a random one.
+    public var corruptNextAtByte: Int?
 
     private struct InFlight: Sendable {
         var at: UInt64
@@ -106,8 +109,10 @@ public struct SimulatedLink: Sendable {
                 return true
             }
             if corruptNext > 0 || rng.chance(perMillion: faults.corruptPerMillion) {
+                let targeted = corruptNext > 0 ? corruptNextAtByte.map { min($0, bytes.count - 1) } : nil
                 corruptNext = max(0, corruptNext - 1)
-                bytes[Int(rng.next() % UInt64(bytes.count))] ^= UInt8(1 << (rng.next() % 8))
+                if corruptNext == 0 { corruptNextAtByte = nil }
+                bytes[targeted ?? Int(rng.next() % UInt64(bytes.count))] ^= UInt8(1 << (rng.next() % 8))
                 corrupted += 1
                 p = .frame(connection: c, bytes: bytes)
             }
