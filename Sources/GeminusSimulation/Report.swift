@@ -84,6 +84,7 @@ public struct SweepSummary: Sendable {
     public var cannotTakeOver = 0
     public var epochsCommitted = 0
     public var resyncs = 0
+    public var fullCheckpoints = 0
     public var staleFramesRefused = 0
 
     public init() {}
@@ -99,6 +100,7 @@ public struct SweepSummary: Sendable {
         if r.cannotTakeOver { cannotTakeOver += 1 }
         epochsCommitted += r.epochsCommitted
         resyncs += r.resyncs
+        fullCheckpoints += r.fullCheckpoints
         staleFramesRefused += r.staleFramesRefused + r.staleDialsRefused
     }
 }
