@@ -63,6 +63,13 @@ let package = Package(
             dependencies: ["GeminusCore"]
         ),
         .target(
+            // The whole pair in one process under one seeded generator: the real state
+            // machines, encoder, decoder, replica and output queue over a simulated clock, link
+            // and guest, with faults injected and the promises checked after every step.
+            name: "GeminusSimulation",
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusReplication"]
+        ),
+        .target(
             name: "GeminusAgent",
             dependencies: [
                 "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication",
@@ -74,7 +81,7 @@ let package = Package(
             name: "geminus",
             dependencies: [
                 "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
-                "GeminusLibvirtGuest", "GeminusBench",
+                "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -95,6 +102,12 @@ let package = Package(
         .testTarget(
             name: "GeminusReplicationTests",
             dependencies: ["GeminusReplication", "GeminusCore", "GeminusHypervisor"]
+        ),
+        .testTarget(
+            name: "GeminusSimulationTests",
+            dependencies: ["GeminusSimulation", "GeminusReplication", "GeminusCore", "GeminusHypervisor"],
+            // The scenario files are read from the source tree (#filePath), not bundled.
+            exclude: ["scenarios"]
         ),
         .testTarget(
             name: "GeminusQEMUTests",

@@ -64,6 +64,12 @@ public struct SecondaryMachine: Sendable {
     private var lastHeardNanos: UInt64 = 0
     private var everConnected = false
     private var reportedCannotTakeOver = false
+    /// Whether `committed` is still a state the primary stands behind. A reconnecting primary
+    /// may have declared the VM unprotected meanwhile and released output beyond it (it cannot
+    /// say so in the handshake yet), so from a reconnection until the new connection's first
+    /// commit, resuming `committed` could un-send released output (found by the simulator,
+    /// seed 1337; scenario stale-checkpoint-after-unprotected-is-not-resumed).
+    private var committedIsCurrent = false
 
     public init(config: Config, generation: Generation) {
         self.config = config
@@ -75,6 +81,9 @@ public struct SecondaryMachine: Sendable {
         switch event {
         case .primaryConnected(let gen, let now):
             precondition(gen >= generation, "the handshake admits no older generation")
+            if everConnected { committedIsCurrent = false }
+            // A new episode: if this primary is lost too, that is said again (seed 114).
+            reportedCannotTakeOver = false
             generation = gen
             connected = true
             everConnected = true
@@ -100,6 +109,8 @@ public struct SecondaryMachine: Sendable {
         case .committed(let epoch, let now):
             precondition(epoch > committed, "commits only move forward")
             committed = epoch
+            committedIsCurrent = true
+            reportedCannotTakeOver = false
             lastHeardNanos = max(lastHeardNanos, now)
             if state == .waitingForFirstCheckpoint { state = connected ? .following : .primarySilent(sinceNanos: lastHeardNanos) }
             return [.acknowledge(epoch)]
@@ -138,6 +149,11 @@ public struct SecondaryMachine: Sendable {
 
     private mutating func checkTakeover(_ now: UInt64) -> [Action] {
         guard case .primarySilent(let since) = state, now >= since, now - since >= config.takeoverAfterNanos else { return [] }
+        guard committedIsCurrent else {
+            guard !reportedCannotTakeOver else { return [] }
+            reportedCannotTakeOver = true
+            return [.notice(.cannotTakeOver(reason: "the primary was lost while resynchronising after a reconnection; checkpoint \(committed) predates output it may have released unprotected, so resuming it could roll back what clients saw. The VM is down: start it from the primary's host, or resume checkpoint \(committed) by hand if you know the primary never ran unprotected"))]
+        }
         let newGeneration = generation.next
         state = .tookOver(from: committed, generation: newGeneration)
         generation = newGeneration

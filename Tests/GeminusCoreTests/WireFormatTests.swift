@@ -64,9 +64,26 @@ import Testing
 
         var big = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(1)))
         big.replaceSubrange(8..<12, with: [0xFF, 0xFF, 0xFF, 0x7F])
+        // A length mangled in transit fails the header's own CRC at once, before any payload
+        // is waited for (the simulator found a stream wedged by one).
+        var mangled = FrameDecoder()
+        mangled.feed(big)
+        #expect(throws: FrameError.checksumMismatch(kind: FrameKind.pages.rawValue, epoch: 1, sequence: 0)) { try mangled.next() }
+        // A peer that really announces that much (header CRC right) is told the limit.
+        let headerCRC = CRC32C.checksum(Array(big[0..<32]))
+        withUnsafeBytes(of: headerCRC.littleEndian) { big.replaceSubrange(36..<40, with: $0) }
         var b = FrameDecoder()
         b.feed(big)
         #expect(throws: FrameError.payloadTooLarge(0x7FFF_FFFF)) { try b.next() }
+    }
+
+    @Test func aCorruptedLengthIsCaughtBeforeThePayloadIsAwaited() {
+        var frame = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(7), sequence: 2),
+                                      payload: [UInt8](repeating: 3, count: 100))
+        frame[9] ^= 0x04 // the length now claims 1024 more bytes than follow
+        var d = FrameDecoder()
+        d.feed(Array(frame[0..<FrameHeader.size]))
+        #expect(throws: FrameError.checksumMismatch(kind: FrameKind.pages.rawValue, epoch: 7, sequence: 2)) { try d.next() }
     }
 
     @Test func crc32cMatchesTheStandardCheckValue() {

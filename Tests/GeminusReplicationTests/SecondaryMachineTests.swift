@@ -59,6 +59,30 @@ private let ms: UInt64 = 1_000_000
         #expect(m.state == .following)
     }
 
+    /// A reconnected primary may have run unprotected and released output past the old
+    /// checkpoint: until the new connection commits, the old one is not resumed (simulator
+    /// seed 1337).
+    @Test func aCheckpointFromBeforeAReconnectionIsNotResumed() {
+        var m = machine()
+        _ = m.handle(.primaryConnected(Generation(1), nowNanos: 0))
+        _ = m.handle(.committed(Epoch(5), nowNanos: 0))
+        _ = m.handle(.primaryDisconnected(nowNanos: 10 * ms, reason: "reset"))
+        _ = m.handle(.primaryConnected(Generation(1), nowNanos: 500 * ms))
+        _ = m.handle(.primaryDisconnected(nowNanos: 510 * ms, reason: "EOF"))
+        let a = m.handle(.tick(nowNanos: 700 * ms))
+        guard case .notice(.cannotTakeOver) = a.first, a.count == 1 else { Issue.record("expected cannotTakeOver, got \(a)"); return }
+        #expect(m.handle(.tick(nowNanos: 800 * ms)).isEmpty)
+        // Each loss is reported, not only the first (simulator seed 114).
+        _ = m.handle(.primaryConnected(Generation(1), nowNanos: 810 * ms))
+        _ = m.handle(.primaryDisconnected(nowNanos: 820 * ms, reason: "EOF"))
+        guard case .notice(.cannotTakeOver)? = m.handle(.tick(nowNanos: 1000 * ms)).first else { Issue.record("the second loss was not reported"); return }
+        // Once the new connection commits, that checkpoint is resumed as usual.
+        _ = m.handle(.primaryConnected(Generation(1), nowNanos: 1100 * ms))
+        _ = m.handle(.committed(Epoch(9), nowNanos: 1110 * ms))
+        _ = m.handle(.primaryDisconnected(nowNanos: 1120 * ms, reason: "EOF"))
+        #expect(m.handle(.tick(nowNanos: 1300 * ms)) == [.takeOver(from: Epoch(9), generation: Generation(2))])
+    }
+
     @Test func nothingToResumeBeforeTheFirstCommit() {
         var m = machine()
         _ = m.handle(.primaryConnected(Generation(1), nowNanos: 0))

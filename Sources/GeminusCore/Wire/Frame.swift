@@ -104,6 +104,12 @@ public enum FrameCodec {
         var out = [UInt8]()
         out.reserveCapacity(FrameHeader.size + payload.count)
         writeHeader(h, crc: 0, into: &out)
+        // The header's own check, so a receiver can trust the length before it waits for the
+        // payload (see parseHeader).
+        let headerCRC = out.withUnsafeBytes { CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<32])) }
+        withUnsafeBytes(of: headerCRC.littleEndian) { c in
+            for i in 0..<4 { out[36 + i] = c[i] }
+        }
         out.append(contentsOf: payload)
         let crc = CRC32C.checksum(out)
         withUnsafeBytes(of: crc.littleEndian) { c in
@@ -151,6 +157,14 @@ public enum FrameCodec {
         guard magic == FrameHeader.magic else { throw .badMagic(magic) }
         let version = bytes[4]
         guard version == FrameHeader.currentVersion else { throw .unsupportedVersion(version) }
+        // Checked before the length is believed: with only the frame CRC, a corrupted length
+        // made the reader wait for a payload that never comes, swallowing every later frame
+        // and heartbeat, until the peer's silence timeout fired (a false takeover, found by the
+        // simulator: GeminusSimulationTests, scenario corrupt-length-is-caught-at-once).
+        let headerCRC = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: bytes[0..<32]))
+        guard headerCRC == u32(36) else {
+            throw .checksumMismatch(kind: bytes[5], epoch: u64(24), sequence: u32(12))
+        }
         guard let kind = FrameKind(rawValue: bytes[5]) else { throw .unknownKind(bytes[5]) }
         let length = u32(8)
         guard length <= FrameHeader.maxPayloadBytes else { throw .payloadTooLarge(length) }

@@ -1,0 +1,43 @@
+import GeminusReplication
+
+/// Everything that shapes a run besides its faults. The defaults keep one run of 3 s of
+/// simulated time at a fraction of a second of real time in a debug build, with epochs,
+/// resyncs and takeovers all well exercised.
+public struct SimulationConfig: Sendable, Equatable {
+    public var seed: UInt64
+    /// Simulated time a run lasts.
+    public var durationNanos: UInt64
+    /// One simulation step: each node reads, ticks and sends once per step.
+    public var stepNanos: UInt64 = 1_000_000
+    public var primary: PrimaryMachine.Config
+    public var secondary: SecondaryMachine.Config
+    public var guestRamMiB = 1
+    public var dirtyPagesPerSecond = 10_000
+    public var outputsPerSecond = 1_000
+    /// Each side sends a heartbeat after this long without sending (docs/PROTOCOL.md).
+    public var heartbeatNanos: UInt64 = 10_000_000
+    /// The primary dials again this long after a connection ends or a dial fails.
+    public var redialNanos: UInt64 = 20_000_000
+    /// A dial with no answer (a partition swallowed it) is given up after this long.
+    public var dialTimeoutNanos: UInt64 = 100_000_000
+    /// What may be in flight or unread on each link direction (a socket's buffers).
+    public var linkCapacityBytes = 2 << 20
+    /// The primary's output-commit buffer (`OutputQueue` limit): when full the guest stalls.
+    public var outputLimitBytes = 16 << 10
+    public var maxFramePayload = 32 << 10
+    /// A slow secondary reads at most this many bytes per step; nil reads everything due.
+    public var secondaryReadBytesPerStep: Int? = nil
+
+    public init(seed: UInt64, durationNanos: UInt64 = 3_000_000_000,
+                primary: PrimaryMachine.Config = .init(epochIntervalNanos: 25_000_000, maxEpochsInFlight: 4,
+                                                       peerSilenceNanos: 150_000_000, unprotectAfterNanos: 300_000_000),
+                secondary: SecondaryMachine.Config = .init(takeoverAfterNanos: 150_000_000)) {
+        self.seed = seed
+        self.durationNanos = durationNanos
+        self.primary = primary
+        self.secondary = secondary
+    }
+
+    /// Guest steps (one page written each) per simulation step.
+    var guestStepsPerStep: Int { max(1, Int(UInt64(dirtyPagesPerSecond) * stepNanos / 1_000_000_000)) }
+}
