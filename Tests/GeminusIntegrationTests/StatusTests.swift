@@ -3,6 +3,30 @@ import GeminusAgent
 import GeminusLibvirtGuest
 import Testing
 
+/// A secondary listening on a free loopback port and a primary connected to it, each with its
+/// own control socket (`s.sock`, `p.sock`) and log in `scratch`. Both are stopped by the caller.
+func startAgentPair(_ scratch: Scratch, common: [String], secondaryExtra: [String] = [], primaryExtra: [String] = [])
+    throws -> (secondary: AgentProcess, primary: AgentProcess) {
+    let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
+                                     arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
+                                                 "--status-socket", scratch.path("s.sock")] + common + secondaryExtra,
+                                     logFile: scratch.url.appendingPathComponent("s.log"))
+    guard let port = secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int else {
+        secondary.stop()
+        throw GeminusTestError("the secondary never listened: \((try? String(contentsOf: scratch.url.appendingPathComponent("s.log"), encoding: .utf8)) ?? "")")
+    }
+    let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
+                                   arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)",
+                                               "--status-socket", scratch.path("p.sock")] + common + primaryExtra,
+                                   logFile: scratch.url.appendingPathComponent("p.log"))
+    return (secondary, primary)
+}
+
+struct GeminusTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
+
 /// `geminus status` as an operator uses it: what each agent says about the VM, and an exit
 /// status a monitoring script can act on.
 @Suite(.serialized) struct StatusTests {
@@ -12,17 +36,8 @@ import Testing
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning"]
-        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
-                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
-                                                     "--status-socket", s.path("s.sock")] + common,
-                                         logFile: s.url.appendingPathComponent("s.log"))
-        defer { secondary.stop() }
-        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
-        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
-                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "8",
-                                                   "--status-socket", s.path("p.sock")] + common,
-                                       logFile: s.url.appendingPathComponent("p.log"))
-        defer { primary.stop() }
+        let (secondary, primary) = try startAgentPair(s, common: common, primaryExtra: ["--ram-mib", "8"])
+        defer { secondary.stop(); primary.stop() }
         #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
         // Status refreshes with each progress report (every 500 ms).
         _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
@@ -66,17 +81,9 @@ import Testing
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning", "--guest", "libvirt"]
-        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
-                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--domain", d.standby,
-                                                     "--status-socket", s.path("s.sock")] + common,
-                                         logFile: s.url.appendingPathComponent("s.log"))
-        defer { secondary.stop() }
-        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
-        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
-                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--domain", d.primary,
-                                                   "--status-socket", s.path("p.sock")] + common,
-                                       logFile: s.url.appendingPathComponent("p.log"))
-        defer { primary.stop() }
+        let (secondary, primary) = try startAgentPair(s, common: common, secondaryExtra: ["--domain", d.standby],
+                                                      primaryExtra: ["--domain", d.primary])
+        defer { secondary.stop(); primary.stop() }
         try #require(primary.wait(for: "protected", timeoutSeconds: 60) != nil)
         _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
         Thread.sleep(forTimeInterval: 1.2)  // one standby health round
@@ -104,18 +111,9 @@ import Testing
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "notice"]
-        let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
-                                         arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
-                                                     "--status-socket", s.path("s.sock")] + common,
-                                         logFile: s.url.appendingPathComponent("s.log"))
-        defer { secondary.stop() }
-        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         // 512 MiB: several seconds in a debug build, so more than one report.
-        let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
-                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "512",
-                                                   "--status-socket", s.path("p.sock")] + common,
-                                       logFile: s.url.appendingPathComponent("p.log"))
-        defer { primary.stop() }
+        let (secondary, primary) = try startAgentPair(s, common: common, primaryExtra: ["--ram-mib", "512"])
+        defer { secondary.stop(); primary.stop() }
         let first = try #require(primary.wait(for: "full-sync-progress", timeoutSeconds: 30))
         #expect(first["pagesTotal"] as? Int == 512 * 256)
         try #require(primary.wait(for: "protected", timeoutSeconds: 120) != nil)
