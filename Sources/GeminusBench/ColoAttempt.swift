@@ -20,9 +20,11 @@ public struct ColoAttempt: Sendable {
     public var ramMiB: Int
     public var checkpointDelayMillis: Int
     public var watchSeconds: Double
+    public var guestOptions: String
 
-    public init(kernelPath: String, ramMiB: Int, checkpointDelayMillis: Int = 100, watchSeconds: Double = 8) {
+    public init(kernelPath: String, ramMiB: Int, checkpointDelayMillis: Int = 100, watchSeconds: Double = 8, guestOptions: String = "") {
         self.kernelPath = kernelPath
+        self.guestOptions = guestOptions
         self.ramMiB = ramMiB
         self.checkpointDelayMillis = checkpointDelayMillis
         self.watchSeconds = watchSeconds
@@ -36,7 +38,7 @@ public struct ColoAttempt: Sendable {
         func argv(_ role: String) -> [String] {
             ["-accel", "tcg", "-machine", "pc-i440fx-7.2,memory-backend=pc.ram", "-m", "\(ramMiB)",
              "-object", "memory-backend-ram,id=pc.ram,size=\(ramMiB)M", "-smp", "1", "-cpu", "qemu64",
-             "-nodefaults", "-no-user-config", "-display", "none", "-kernel", kernelPath, "-append", "pages=\(pagesPerLoop)",
+             "-nodefaults", "-no-user-config", "-display", "none", "-kernel", kernelPath, "-append", "pages=\(pagesPerLoop) \(guestOptions)",
              "-msg", "timestamp=on", "-trace", "colo_vm_state_change",
              "-qmp", "unix:\(dir)/\(role).qmp,server=on,wait=off"] + (role == "secondary" ? ["-incoming", "defer"] : [])
         }

@@ -26,6 +26,11 @@ public struct GuestCheckpointBench: Sendable {
         public var cont = LatencyMicros()
         public var encode = LatencyMicros()
         public var commit = LatencyMicros()
+        /// What holding output costs a client: a packet the guest sends at a random moment of
+        /// an epoch leaves when that epoch's checkpoint is applied. Derived from the measured
+        /// checkpoint start and commit times, with output spread evenly over each epoch (the
+        /// test guest has no NIC to send real packets).
+        public var outputDelay = LatencyMicros()
         public var pagesCaptured = 0
         public var inputBytes = 0
         public var wireBytes = 0
@@ -44,9 +49,12 @@ public struct GuestCheckpointBench: Sendable {
     public var ramMiB: Int
     public var intervalMillis: Int
     public var epochs: Int
+    /// More of the test guest's options (`walk=0`: no locality, a sweep; see Tools/guest-tiny).
+    public var guestOptions: String
 
-    public init(kernelPath: String, ramMiB: Int, intervalMillis: Int, epochs: Int) {
+    public init(kernelPath: String, ramMiB: Int, intervalMillis: Int, epochs: Int, guestOptions: String = "") {
         self.kernelPath = kernelPath
+        self.guestOptions = guestOptions
         self.ramMiB = ramMiB
         self.intervalMillis = intervalMillis
         self.epochs = epochs
@@ -56,7 +64,7 @@ public struct GuestCheckpointBench: Sendable {
     /// that many pages per epoch), checkpointed `epochs` times at the interval.
     public func run(_ method: Method, pagesPerLoop: Int) throws(GeminusError) -> Result {
         var config = QEMUGuestConfig.standard(tag: "geminus-bench-\(getpid())-\(method.rawValue)-\(pagesPerLoop)", ramMiB: ramMiB,
-                                              kernelPath: kernelPath, append: "pages=\(pagesPerLoop)")
+                                              kernelPath: kernelPath, append: "pages=\(pagesPerLoop) \(guestOptions)")
         if method == .writeTracking { config.preloadWriteTracking(library: try WriteTrackingPreload.require()) }
         let guest = try QEMUGuest.launch(config)
         defer { guest.shutdown() }
@@ -81,6 +89,8 @@ public struct GuestCheckpointBench: Sendable {
         let start = Monotonic.nanos()
         let counter0 = guest.progressCounter
         var next = start + interval
+        var previousPauseStart = start
+        var rng = SystemRandomNumberGenerator()
         for _ in 0..<epochs {
             let now = Monotonic.nanos()
             if next > now { Monotonic.sleep(nanos: next - now) }
@@ -112,6 +122,12 @@ public struct GuestCheckpointBench: Sendable {
             r.cont.record(nanos: parts.contNanos)
             r.encode.record(nanos: t2 - t1)
             r.commit.record(nanos: t3 - t0)
+            // Output produced since the previous checkpoint belongs to this one.
+            for _ in 0..<8 {
+                let produced = UInt64.random(in: previousPauseStart...t0, using: &rng)
+                r.outputDelay.record(nanos: t3 - produced)
+            }
+            previousPauseStart = t0
             r.epochs += 1
             r.pagesCaptured += stats.pages
             r.inputBytes += stats.inputBytes

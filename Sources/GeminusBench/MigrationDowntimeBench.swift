@@ -20,9 +20,11 @@ public struct MigrationDowntimeBench: Sendable {
     public var kernelPath: String
     public var ramMiB: Int
     public var runs: Int
+    public var guestOptions: String
 
-    public init(kernelPath: String, ramMiB: Int, runs: Int) {
+    public init(kernelPath: String, ramMiB: Int, runs: Int, guestOptions: String = "") {
         self.kernelPath = kernelPath
+        self.guestOptions = guestOptions
         self.ramMiB = ramMiB
         self.runs = runs
     }
@@ -43,8 +45,8 @@ public struct MigrationDowntimeBench: Sendable {
 
     func migrateOnce(pagesPerLoop: Int, attempt: Int) throws(GeminusError) -> (UInt64, UInt64) {
         let tag = "geminus-bench-mig-\(getpid())-\(pagesPerLoop)-\(attempt)"
-        let source = QEMUGuestConfig.standard(tag: tag + "-src", ramMiB: ramMiB, kernelPath: kernelPath, append: "pages=\(pagesPerLoop)")
-        var target = QEMUGuestConfig.standard(tag: tag + "-dst", ramMiB: ramMiB, kernelPath: kernelPath, append: "pages=\(pagesPerLoop)")
+        let source = QEMUGuestConfig.standard(tag: tag + "-src", ramMiB: ramMiB, kernelPath: kernelPath, append: "pages=\(pagesPerLoop) \(guestOptions)")
+        var target = QEMUGuestConfig.standard(tag: tag + "-dst", ramMiB: ramMiB, kernelPath: kernelPath, append: "pages=\(pagesPerLoop) \(guestOptions)")
         // A plain migration target: the same machine, RAM copied over the stream.
         target.extraArguments = ["-incoming", "defer"]
         let socket = NSTemporaryDirectory() + "/\(tag).mig"

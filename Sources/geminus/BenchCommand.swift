@@ -28,6 +28,7 @@ struct Bench: ParsableCommand {
     @Option(help: "Checkpoint interval in milliseconds.") var intervalMillis = 25
     @Option(help: "Checkpoints measured per run (after the untimed full one).") var epochs = 200
     @Option(help: "Dirty windows: pages the guest rewrites in its loop, comma-separated (about that many pages per epoch).") var pages = "16,256,2048"
+    @Option(help: "More options for the test guest, e.g. 'walk=0' (no locality: each loop writes the next pages) or 'walk=64' (the window moves faster); see Tools/guest-tiny/README.md.") var guestOptions = ""
     @Option(help: "Dirty-page methods, comma-separated: compare, write-tracking.") var methods = "compare,write-tracking"
     @Option(help: "QEMU live migrations per dirty window (0: none).") var migrationRuns = 3
     @Flag(inversion: .prefixedNo, help: "Try QEMU COLO (x-colo, 100 ms checkpoints) on the same guest; about 8 s per dirty window.") var colo = true
@@ -51,6 +52,9 @@ struct Bench: ParsableCommand {
         guard (1...1000).contains(intervalMillis) else { throw ValidationError("--interval-millis must be 1...1000") }
         guard (16...4096).contains(ramMib) else { throw ValidationError("--ram-mib must be 16...4096") }
         guard (0...20).contains(migrationRuns) else { throw ValidationError("--migration-runs must be 0...20") }
+        guard !guestOptions.contains("pages="), guestOptions.allSatisfy({ $0.isLetter || $0.isNumber || " =_x".contains($0) }) else {
+            throw ValidationError("--guest-options: key=value words of the test guest (not pages=, which --pages sets)")
+        }
         guard (0...60).contains(linkSeconds) else { throw ValidationError("--link-seconds must be 0...60") }
         let windows = try numbers(pages, "pages")
         guard !windows.isEmpty, windows.allSatisfy({ $0 * 4096 < ramMib << 19 }) else {
@@ -105,7 +109,8 @@ struct Bench: ParsableCommand {
         let start = Date()
         func elapsed() -> String { String(format: "%5.0fs", Date().timeIntervalSince(start)) }
 
-        let guestBench = GuestCheckpointBench(kernelPath: guestKernel, ramMiB: ramMib, intervalMillis: intervalMillis, epochs: epochs)
+        let guestBench = GuestCheckpointBench(kernelPath: guestKernel, ramMiB: ramMib, intervalMillis: intervalMillis, epochs: epochs,
+                                              guestOptions: guestOptions)
         for w in windows {
             for m in chosen {
                 say("\(elapsed())  checkpoints: \(m.rawValue), \(w) pages/loop, \(epochs) epochs")
@@ -119,7 +124,7 @@ struct Bench: ParsableCommand {
             }
             if migrationRuns > 0 {
                 say("\(elapsed())  QEMU live migration: \(w) pages/loop, \(migrationRuns) runs")
-                let r = MigrationDowntimeBench(kernelPath: guestKernel, ramMiB: ramMib, runs: migrationRuns).run(pagesPerLoop: w)
+                let r = MigrationDowntimeBench(kernelPath: guestKernel, ramMiB: ramMib, runs: migrationRuns, guestOptions: guestOptions).run(pagesPerLoop: w)
                 for f in r.failures { report.notRun.append("a QEMU migration at \(w) pages/loop: \(f)") }
                 report.migration.append(r)
             }
@@ -129,7 +134,7 @@ struct Bench: ParsableCommand {
                     report.colo.append((w, .failed(why)))
                 } else {
                     say("\(elapsed())  QEMU COLO: \(w) pages/loop")
-                    let outcome = ColoAttempt(kernelPath: guestKernel, ramMiB: ramMib).run(pagesPerLoop: w)
+                    let outcome = ColoAttempt(kernelPath: guestKernel, ramMiB: ramMib, guestOptions: guestOptions).run(pagesPerLoop: w)
                     if case .failed(let why) = outcome {
                         report.notRun.append("QEMU COLO: \(why). For orientation only (not this run, notes/colo.md with the shim): primary pause median 3.7 ms at 55 dirty pages, 6.1 at 530, 11.9 at 4,200, 19.9 at 8,194 per 100 ms checkpoint")
                     }
