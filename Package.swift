@@ -20,6 +20,8 @@ let package = Package(
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt-qemu", providers: [.apt(["libvirt-dev"])]),
+        // Corosync's client libraries for the HA path (membership, quorum, node names).
+        .systemLibrary(name: "CCorosync", pkgConfig: "libcpg", providers: [.apt(["libcpg-dev", "libquorum-dev", "libcmap-dev"])]),
         // Small C helpers where Swift cannot reach the CPU instruction (CRC32C) cheaply.
         .target(name: "CGeminusSupport"),
 
@@ -46,6 +48,16 @@ let package = Package(
             // private QMP socket, and a hot standby started through libvirt.
             name: "GeminusLibvirtGuest",
             dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt"]
+        ),
+        .target(
+            // The cluster seam (membership, quorum, per-node published state): Corosync and simulated.
+            name: "GeminusCluster",
+            dependencies: ["CCorosync", "GeminusCore"]
+        ),
+        .target(
+            // The HA path as a state machine without I/O: fencing, placement, restart decisions.
+            name: "GeminusHA",
+            dependencies: ["GeminusCluster", "GeminusCore"]
         ),
         .target(
             name: "GeminusTransport",
@@ -96,6 +108,10 @@ let package = Package(
         .testTarget(
             name: "GeminusLibvirtTests",
             dependencies: ["GeminusLibvirt", "GeminusLibvirtGuest", "GeminusQEMU", "GeminusHypervisor", "GeminusCore"]
+        ),
+        .testTarget(
+            name: "GeminusHATests",
+            dependencies: ["GeminusHA", "GeminusCluster", "GeminusCore"]
         ),
         .testTarget(
             name: "GeminusTransportTests",
