@@ -55,13 +55,20 @@ public struct ClusterDeparture: Sendable, Equatable {
 
 /// Whether this node's partition holds quorum, and since when (monotonic milliseconds from
 /// the cluster's clock: `Monotonic` for Corosync, the simulated clock in simulation).
+///
+/// `memberIDs` is the quorum service's view: the nodes whose Corosync is in this partition (a
+/// node whose Geminus process died but whose Corosync runs stays in it). Corosync reports it
+/// separately from the CPG membership and in no fixed order with it, so a consumer that acts on
+/// a node's departure should wait until the node is gone from this view too.
 public struct QuorumState: Sendable, Equatable, CustomStringConvertible {
     public var quorate: Bool
     public var changedAtMillis: UInt64
+    public var memberIDs: [ClusterNodeID]
 
-    public init(quorate: Bool, changedAtMillis: UInt64) {
+    public init(quorate: Bool, changedAtMillis: UInt64, memberIDs: [ClusterNodeID] = []) {
         self.quorate = quorate
         self.changedAtMillis = changedAtMillis
+        self.memberIDs = memberIDs.sorted()
     }
 
     public var description: String { quorate ? "quorate" : "not quorate" }

@@ -208,11 +208,15 @@ public final class CorosyncCluster: Cluster, @unchecked Sendable {
         queue.push(.published(from: ClusterNode(id: nodeID, name: name), state: bytes))
     }
 
-    fileprivate func onQuorum(quorate: Bool) {
+    fileprivate func onQuorum(quorate: Bool, view: [ClusterNodeID]) {
         let state: QuorumState? = lock.withLock {
-            if _quorum.quorate == quorate && quorateSeen { return nil }
+            let sortedView = view.sorted()
+            if _quorum.quorate == quorate && _quorum.memberIDs == sortedView && quorateSeen { return nil }
+            // The time says when quorate/not changed; a new view alone keeps it.
+            let changed = !quorateSeen || _quorum.quorate != quorate
             quorateSeen = true
-            _quorum = QuorumState(quorate: quorate, changedAtMillis: Monotonic.nanos() / 1_000_000)
+            _quorum = QuorumState(quorate: quorate, changedAtMillis: changed ? Monotonic.nanos() / 1_000_000 : _quorum.changedAtMillis,
+                                  memberIDs: sortedView)
             return _quorum
         }
         if let state { queue.push(.quorum(state)) }
@@ -316,7 +320,8 @@ private func corosyncQuorum(_ handle: quorum_handle_t, _ quorate: UInt32, _ ring
     var ctx: UnsafeRawPointer?
     guard quorum_context_get(handle, &ctx) == CS_OK, let ctx else { return }
     let cluster = Unmanaged<CorosyncCluster>.fromOpaque(UnsafeMutableRawPointer(mutating: ctx)).takeUnretainedValue()
-    cluster.onQuorum(quorate: quorate != 0)
+    let ids = view.map { Array(UnsafeBufferPointer(start: $0, count: min(Int(count), ClusterLimits.membersMax))) } ?? []
+    cluster.onQuorum(quorate: quorate != 0, view: ids)
 }
 
 /// Runs a call that may block (Corosync IPC, a process) on its own thread, bounded in time.

@@ -86,9 +86,11 @@ public final class SimulatedCluster: @unchecked Sendable {
             let targets = (only ?? ids).compactMap { up[$0] }
             return (targets, members, members.count * 2 > nodes.count, _nowMillis)
         }
+        // Membership first, then quorum: the order that needs care from consumers (Corosync
+        // gives either).
         for t in targets {
             t.queue.push(.membership(ClusterMembership(members: members, joined: joined, left: left.filter { $0.node.id != t.localNode.id })))
-            t.setQuorum(quorate, now: now)
+            t.setQuorum(quorate, view: members.map(\.id), now: now)
         }
     }
 
@@ -122,14 +124,15 @@ public final class SimulatedClusterMember: Cluster, @unchecked Sendable {
     public var quorum: QuorumState { lock.withLock { _quorum } }
     public var stats: ClusterStats { queue.stats }
 
-    fileprivate func setQuorum(_ quorate: Bool, now: UInt64) {
-        let changed: Bool = lock.withLock {
-            guard _quorum.quorate != quorate || !quorumSeen else { return false }
+    fileprivate func setQuorum(_ quorate: Bool, view: [ClusterNodeID], now: UInt64) {
+        let state: QuorumState? = lock.withLock {
+            guard _quorum.quorate != quorate || _quorum.memberIDs != view.sorted() || !quorumSeen else { return nil }
+            let changed = !quorumSeen || _quorum.quorate != quorate
             quorumSeen = true
-            _quorum = QuorumState(quorate: quorate, changedAtMillis: now)
-            return true
+            _quorum = QuorumState(quorate: quorate, changedAtMillis: changed ? now : _quorum.changedAtMillis, memberIDs: view)
+            return _quorum
         }
-        if changed { queue.push(.quorum(QuorumState(quorate: quorate, changedAtMillis: now))) }
+        if let state { queue.push(.quorum(state)) }
     }
 
     public func nextEvent(timeoutMillis: Int) throws -> ClusterEvent? {
