@@ -175,6 +175,8 @@ public struct HAManager: Sendable {
                 running.state = .running
                 localVMs.removeAll { $0.name == vm }
                 localVMs.append(running)
+                // Until the next scan says so, its RAM is in use here.
+                ramFreeMiB -= running.ramMiB
                 out.append(.log(.info, "started \(vm)"))
             } else {
                 starting[vm] = nil
@@ -428,7 +430,9 @@ public struct HAManager: Sendable {
         var vms = localVMs.filter { starting[$0.name] == nil }
         vms += starting.values.sorted { $0.name < $1.name }
         vms.sort { $0.name < $1.name }
-        return NodeReport(ramTotalMiB: ramTotalMiB, ramFreeMiB: ramFreeMiB, vms: vms, failedStarts: failedStarts,
+        // A VM being started takes its RAM from now on: the coordinator must not give it twice.
+        let startingMiB = starting.values.reduce(0) { $0 + $1.ramMiB }
+        return NodeReport(ramTotalMiB: ramTotalMiB, ramFreeMiB: ramFreeMiB - startingMiB, vms: vms, failedStarts: failedStarts,
                           settings: settings, recovery: isCoordinator ? table : nil)
     }
 
