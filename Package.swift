@@ -80,6 +80,7 @@ let package = Package(
             dependencies: [
                 "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest",
+                "GeminusCluster", "GeminusHA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
