@@ -13,10 +13,17 @@ public struct HAConfig: Sendable, Equatable {
     /// Most recoveries tracked at once; more VMs than this on failed nodes means a configuration
     /// far outside what one cluster is meant to hold.
     public var recoveryEntriesMax: Int = 4096
+    /// How long a node outside a quorate partition keeps its HA VMs before it stops them. The
+    /// majority restarts them only after their node's fence agent confirms (S4), so this is not
+    /// what keeps two copies apart; it is the Proxmox watchdog rule, with a grace so that a
+    /// membership blip (an overloaded host missing tokens) does not stop healthy VMs.
+    public var selfFenceAfterMillis: UInt64 = 5_000
 
-    public init(overcommitPercent: Int = 0, fenceRetryMillis: UInt64 = 5_000, placementRetryMillis: UInt64 = 10_000) {
+    public init(overcommitPercent: Int = 0, fenceRetryMillis: UInt64 = 5_000, placementRetryMillis: UInt64 = 10_000,
+                selfFenceAfterMillis: UInt64 = 5_000) {
         precondition(overcommitPercent >= 0 && overcommitPercent <= 1000)
         self.overcommitPercent = overcommitPercent
+        self.selfFenceAfterMillis = selfFenceAfterMillis
         self.fenceRetryMillis = fenceRetryMillis
         self.placementRetryMillis = placementRetryMillis
     }
@@ -83,6 +90,8 @@ public struct HAManager: Sendable {
     /// Self-fencing applies only after this node was part of a quorate partition: a daemon that
     /// starts before its cluster has formed must not stop the VMs the host already runs.
     private var everQuorate = false
+    private var quorumLostAtMillis: UInt64 = 0
+    private var selfFenceAnnounced = false
     /// The quorum service's view, and nodes that left CPG as down but are still in it: until
     /// both say the same, the coordinator does not act (CPG and quorum report a change
     /// separately; acting on CPG alone, a node cut off would take itself for a quorate majority).
@@ -97,6 +106,8 @@ public struct HAManager: Sendable {
     private var fenceRetryAtMillis: [String: UInt64] = [:]
     private var nextPlacementAtMillis: UInt64 = 0
     private var actingCoordinator = false
+    private var awaitingReportsFrom: Set<String> = []
+    private var syncBest: RecoveryTable?
     private var lastPublished: NodeReport?
     private var mustPublish = false
 
@@ -127,14 +138,21 @@ public struct HAManager: Sendable {
             for d in m.left where before.contains(d.node.name) {
                 out.append(.log(.warning, "node \(d.node.name) left the cluster (\(d.node.name == node.name ? "self" : d.reason.rawValue))"))
             }
-            // A joiner needs everyone's state; CPG does not replay old messages.
-            if !m.joined.isEmpty { mustPublish = true }
+            // A joiner needs everyone's state; CPG does not replay old messages. Until every
+            // member's fresh state is in, the coordinator (perhaps the joiner, with a stale
+            // table) does not act: then it continues from the newest table among them.
+            if !m.joined.isEmpty {
+                mustPublish = true
+                awaitingReportsFrom = Set(members.map(\.name)).subtracting([node.name])
+            } else {
+                awaitingReportsFrom.formIntersection(members.map(\.name))
+            }
         case .quorum(let q):
             quorumView = Set(q.memberIDs)
             downPending.formIntersection(quorumView)
             if q.quorate != quorate {
                 quorate = q.quorate
-                if quorate { everQuorate = true }
+                if quorate { everQuorate = true } else { quorumLostAtMillis = nowMillis }
                 out.append(.log(q.quorate ? .info : .error, q.quorate ? "quorum gained" : "quorum lost"))
                 if quorate { mustPublish = true }
             }
@@ -143,7 +161,15 @@ public struct HAManager: Sendable {
             let previous = reports[from.name]
             reports[from.name] = r
             if r.settings.newer(than: settings) { settings = r.settings }
-            if from == coordinator && from != node, let t = r.recovery {
+            if !awaitingReportsFrom.isEmpty, let t = r.recovery, t.generation > (syncBest?.generation ?? 0) { syncBest = t }
+            if awaitingReportsFrom.remove(from.name) != nil, awaitingReportsFrom.isEmpty {
+                // The newest table of the members wins (a rejoined node's is older).
+                if isCoordinator, let best = syncBest, best.generation > table.generation { adopt(best) }
+                syncBest = nil
+            }
+            // Only a table at least as new as ours: a coordinator that just rejoined publishes
+            // its old one until it has caught up, and its old assignments must not be acted on.
+            if from == coordinator && from != node, let t = r.recovery, t.generation >= table.generation {
                 adopt(t)
             }
             // Room may have changed: place at once. Not for a table change alone, which a
@@ -240,16 +266,19 @@ public struct HAManager: Sendable {
             out.append(.log(.warning, "\(table.entries[i].vm.name) was being started on \(t), which left: it waits for \(t) to be fenced"))
             changed = true
         }
-        if changed { table.generation += 1 }
+        // Only the coordinator numbers tables: the others' copies then never look newer than
+        // the coordinator's.
+        if changed && isCoordinator { table.generation += 1 }
     }
 
     private mutating func reconcile(nowMillis now: UInt64, _ out: inout [HAAction]) {
         guard quorate, members.contains(node) else {
             actingCoordinator = false
-            selfFence(&out)
+            selfFence(nowMillis: now, &out)
             publishIfChanged(&out)
             return
         }
+        selfFenceAnnounced = false
         guard viewsAgree else {
             publishIfChanged(&out)
             return
@@ -262,10 +291,11 @@ public struct HAManager: Sendable {
             actingCoordinator = isCoordinator
         }
         detectFailures(&out)
-        if isCoordinator {
+        if isCoordinator && awaitingReportsFrom.isEmpty {
+            finish(&out)
+            release(&out)
             fence(nowMillis: now, &out)
             release(&out)
-            finish(&out)
             place(nowMillis: now, &out)
         }
         startAssigned(&out)
@@ -274,10 +304,19 @@ public struct HAManager: Sendable {
 
     /// Outside a quorate partition this node may already have been fenced for and its VMs be
     /// restarted elsewhere: stop them (as Proxmox's watchdog does, but without waiting).
-    private mutating func selfFence(_ out: inout [HAAction]) {
+    private mutating func selfFence(nowMillis now: UInt64, _ out: inout [HAAction]) {
         guard everQuorate else { return }
         let ha = (localVMs.filter { $0.kind == .ha }.map(\.name) + starting.keys.sorted()).filter { !stopRequested.contains($0) }
         guard !ha.isEmpty else { return }
+        let deadline = quorumLostAtMillis + config.selfFenceAfterMillis
+        guard now >= deadline else {
+            if !selfFenceAnnounced {
+                selfFenceAnnounced = true
+                out.append(.log(.error, "no quorum: \(list(ha)) will be stopped in \(config.selfFenceAfterMillis) ms unless quorum returns"))
+            }
+            return
+        }
+        selfFenceAnnounced = false
         stopRequested.formUnion(ha)
         starting = [:]
         out.append(.log(.error, "no quorum: self-fencing, stopping \(list(ha))"))
@@ -287,11 +326,9 @@ public struct HAManager: Sendable {
 
     private mutating func fence(nowMillis now: UInt64, _ out: inout [HAAction]) {
         let needed = Set(table.entries.filter { $0.phase == .awaitingFence }.flatMap(\.mustFence)).subtracting(table.fenced)
-        for n in needed.sorted() where !fenceInFlight.contains(n) && now >= fenceRetryAtMillis[n, default: 0] {
-            if members.contains(where: { $0.name == n }) {
-                // Rejoined before its fence: still fenced, because it may run the VM.
-                out.append(.log(.warning, "\(n) rejoined before it was fenced; fencing it anyway"))
-            }
+        // Members are never fenced: a member's own report says what it runs (see release).
+        let memberNames = Set(members.map(\.name))
+        for n in needed.sorted() where !memberNames.contains(n) && !fenceInFlight.contains(n) && now >= fenceRetryAtMillis[n, default: 0] {
             fenceInFlight.insert(n)
             let waiting = table.entries.filter { $0.phase == .awaitingFence && $0.mustFence.contains(n) }.map(\.vm.name)
             out.append(.log(.info, "fencing \(n) (\(list(waiting)) wait\(waiting.count == 1 ? "s" : ""))"))
@@ -301,7 +338,21 @@ public struct HAManager: Sendable {
 
     /// Fenced everywhere it could run: the VM may start elsewhere.
     private mutating func release(_ out: inout [HAAction]) {
+        let memberNames = Set(members.map(\.name))
         for i in table.entries.indices where table.entries[i].phase == .awaitingFence {
+            // A node that is back in the cluster, whose fresh report does not list the VM, does
+            // not run it (a VM it runs would have cancelled the recovery): no fence needed.
+            let back = table.entries[i].mustFence.filter { memberNames.contains($0) && reports[$0] != nil && !awaitingReportsFrom.contains($0) }
+            for n in back {
+                table.entries[i].mustFence.removeAll { $0 == n }
+                out.append(.log(.info, "\(n) is back and does not run \(table.entries[i].vm.name): no fence needed for it"))
+            }
+            if !back.isEmpty && table.entries[i].mustFence.isEmpty {
+                table.entries[i].phase = .recovery
+                table.generation += 1
+                nextPlacementAtMillis = 0
+                continue
+            }
             if Set(table.entries[i].mustFence).isSubset(of: table.fenced) {
                 table.entries[i].phase = .recovery
                 table.generation += 1
@@ -433,7 +484,7 @@ public struct HAManager: Sendable {
         // A VM being started takes its RAM from now on: the coordinator must not give it twice.
         let startingMiB = starting.values.reduce(0) { $0 + $1.ramMiB }
         return NodeReport(ramTotalMiB: ramTotalMiB, ramFreeMiB: ramFreeMiB - startingMiB, vms: vms, failedStarts: failedStarts,
-                          settings: settings, recovery: isCoordinator ? table : nil)
+                          settings: settings, recovery: table)
     }
 
     private mutating func publishIfChanged(_ out: inout [HAAction]) {

@@ -93,7 +93,8 @@ public struct NodeReport: Codable, Equatable, Sendable {
     /// Recoveries assigned to this node that it could not start, with the reason.
     public var failedStarts: [String: String] = [:]
     public var settings: HASettings
-    /// Present in the coordinator's report.
+    /// This node's copy of the recovery table: the coordinator's is the one the others adopt;
+    /// a new coordinator after a join starts from the newest (highest generation) of them.
     public var recovery: RecoveryTable?
 
     public init(ramTotalMiB: Int, ramFreeMiB: Int, vms: [VMReport], settings: HASettings = HASettings(), recovery: RecoveryTable? = nil) {

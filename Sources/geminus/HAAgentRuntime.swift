@@ -304,17 +304,25 @@ final class HAAgentRuntime: @unchecked Sendable {
             throw GeminusError(.invalidArgument, "no definition of \(vm.name) was published", fix: "is it an HA VM with a persistent definition?")
         }
         let name = options.domainPrefix + vm.name
-        if let d = try? libvirt.lookupDomain(named: name, timeout: 10), (try? libvirt.isActive(d, timeout: 10)) == true { return }
-        let dom = try libvirt.defineDomain(xml: try Self.retarget(xml, name: name, keepUUID: options.domainPrefix.isEmpty), timeout: 30)
+        let existing = try? libvirt.lookupDomain(named: name, timeout: 10)
+        if let d = existing, (try? libvirt.isActive(d, timeout: 10)) == true { return }
+        // A definition of that name may be here already (an earlier run of the VM on this node):
+        // redefine it under its own UUID, which libvirt requires.
+        let uuid = existing?.uuid ?? (options.domainPrefix.isEmpty ? nil : "")
+        let dom = try libvirt.defineDomain(xml: try Self.retarget(xml, name: name, uuid: uuid), timeout: 30)
         try libvirt.start(dom, timeout: 30)
     }
 
-    static func retarget(_ xml: String, name: String, keepUUID: Bool) throws -> String {
+    /// The definition under `name`; `uuid` nil keeps the published UUID (real hosts: the same
+    /// VM), "" drops it (one libvirtd: the old node's definition still holds it), else sets it.
+    static func retarget(_ xml: String, name: String, uuid: String?) throws -> String {
         let doc = try XMLDocument(xmlString: xml, options: [.nodePreserveAll])
         guard let root = doc.rootElement() else { throw GeminusError(.invalidArgument, "empty domain XML") }
         root.elements(forName: "name").first?.stringValue = name
-        // On one libvirtd the old node's definition still holds the UUID.
-        if !keepUUID { for u in root.elements(forName: "uuid") { u.detach() } }
+        if let uuid {
+            for u in root.elements(forName: "uuid") { u.detach() }
+            if !uuid.isEmpty { root.insertChild(XMLElement(name: "uuid", stringValue: uuid), at: 1) }
+        }
         return root.xmlString
     }
 

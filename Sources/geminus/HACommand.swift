@@ -181,6 +181,7 @@ struct HAAgent: ParsableCommand {
     @Option(help: "A fence agent running longer than this fails.") var fenceTimeoutMillis = 30_000
     @Option(help: "Wait after a failed fence before the next attempt.") var fenceRetryMillis = 5_000
     @Option(help: "Wait after a placement found no node before the next attempt.") var placementRetryMillis = 10_000
+    @Option(help: "Without quorum for this long, this node stops its HA VMs (self-fence).") var selfFenceAfterMillis = 5_000
     @Option(help: "How often libvirt is scanned for this node's VMs.") var scanIntervalMillis = 500
     @Option(help: "The CPG group the agents meet in.") var group = "geminus-ha"
     @Option(help: "Stop after this many seconds (tests).") var durationSeconds: Double?
@@ -190,13 +191,13 @@ struct HAAgent: ParsableCommand {
         guard (0...1000).contains(overcommitPercent) else { throw ValidationError("--overcommit-percent must be 0...1000") }
         guard fenceTimeoutMillis >= 100 else { throw ValidationError("--fence-timeout-millis must be at least 100") }
         guard scanIntervalMillis >= 50 && scanIntervalMillis <= 60_000 else { throw ValidationError("--scan-interval-millis must be 50...60000") }
-        guard fenceRetryMillis >= 100, placementRetryMillis >= 100 else { throw ValidationError("retry intervals must be at least 100 ms") }
+        guard fenceRetryMillis >= 100, placementRetryMillis >= 100, selfFenceAfterMillis >= 0 else { throw ValidationError("retry intervals must be at least 100 ms") }
     }
 
     func run() throws {
         do {
             var config = HAConfig(overcommitPercent: overcommitPercent, fenceRetryMillis: UInt64(fenceRetryMillis),
-                                  placementRetryMillis: UInt64(placementRetryMillis))
+                                  placementRetryMillis: UInt64(placementRetryMillis), selfFenceAfterMillis: UInt64(selfFenceAfterMillis))
             config.recoveryEntriesMax = 4096
             let runtime = try HAAgentRuntime(options: .init(
                 uri: uri, domainPrefix: domainPrefix, ramMiB: ramMib, fenceConfig: fenceConfig, fenceTimeoutMillis: fenceTimeoutMillis,
