@@ -179,7 +179,6 @@ public struct HAManager: Sendable {
             ramTotalMiB = total
             ramFreeMiB = free
             localVMs = vms
-            for v in vms where starting[v.name] != nil && v.state == .running { starting[v.name] = nil }
             stopRequested = stopRequested.intersection(vms.map(\.name))
         case .fenceDone(let n, let confirmed, let detail):
             fenceInFlight.remove(n)

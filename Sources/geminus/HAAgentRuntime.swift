@@ -89,6 +89,8 @@ final class HAAgentRuntime: @unchecked Sendable {
     let fenceCommands: [String: [String]]
     let started = Monotonic.nanos()
     private var lastStatus: Data?
+    /// Scanner thread only.
+    private var scanCache: [String: (readAtNanos: UInt64, vm: VMReport?)] = [:]
 
     init(options: Options) throws {
         self.options = options
@@ -191,16 +193,28 @@ final class HAAgentRuntime: @unchecked Sendable {
         let all = try libvirt.listDomains(timeout: 10)
         let mine = all.filter { $0.active && $0.name.hasPrefix(options.domainPrefix) }
         var vms: [VMReport] = []
+        let now = Monotonic.nanos()
         for d in mine {
             let vmName = String(d.name.dropFirst(options.domainPrefix.count))
+            // Metadata and definitions change rarely: read them when a domain appears and then
+            // every few seconds, not at every scan (each is an RPC to libvirtd, which the
+            // restarts themselves need).
+            if let c = scanCache[d.name], now - c.readAtNanos < 3_000_000_000 {
+                if let v = c.vm { vms.append(v) }
+                continue
+            }
             guard let dom = try? libvirt.lookupDomain(named: d.name, timeout: 10) else { continue }
+            var vm: VMReport?
             if let ha = try? libvirt.readHA(of: dom, timeout: 10) {
                 let xml = try? libvirt.xml(of: dom, .persistent, timeout: 10)
-                vms.append(VMReport(name: vmName, ramMiB: d.memoryMiB, kind: .ha, priority: ha.priority, definition: xml))
+                vm = VMReport(name: vmName, ramMiB: d.memoryMiB, kind: .ha, priority: ha.priority, definition: xml)
             } else if (try? libvirt.readEnrollment(of: dom, timeout: 10)) != nil {
-                vms.append(VMReport(name: vmName, ramMiB: d.memoryMiB, kind: .ca))
+                vm = VMReport(name: vmName, ramMiB: d.memoryMiB, kind: .ca)
             }
+            scanCache[d.name] = (now, vm)
+            if let vm { vms.append(vm) }
         }
+        scanCache = scanCache.filter { k, _ in mine.contains { $0.name == k } }
         // Free RAM as committed, not as the kernel's MemAvailable: a guest touches its RAM
         // lazily, so MemAvailable would promise room that its VMs already own.
         let total = options.ramMiB ?? Self.memTotalMiB()
