@@ -108,10 +108,11 @@ final class HAAgentRuntime: @unchecked Sendable {
 
     var nowMillis: UInt64 { (Monotonic.nanos() - started) / 1_000_000 }
 
+    /// Any thread (the reader and the scanner log too): reads nothing the main loop mutates.
     func log(_ level: HALogLevel, _ text: String) {
         let t = Double(WallClock.micros()) / 1_000_000
         let stamp = String(format: "%.3f", t)
-        FileHandle.standardError.write(Data("\(stamp) \(manager.node.name) \(level == .info ? "" : "\(level): ")\(text)\n".utf8))
+        FileHandle.standardError.write(Data("\(stamp) \(cluster.localNode.name) \(level == .info ? "" : "\(level): ")\(text)\n".utf8))
     }
 
     func run() throws {
