@@ -18,6 +18,9 @@ public struct HAConfig: Sendable, Equatable {
     /// what keeps two copies apart; it is the Proxmox watchdog rule, with a grace so that a
     /// membership blip (an overloaded host missing tokens) does not stop healthy VMs.
     public var selfFenceAfterMillis: UInt64 = 5_000
+    /// After a join, how long the coordinator waits for every member's fresh state before it
+    /// acts without the missing ones.
+    public var joinSyncMillis: UInt64 = 3_000
 
     public init(overcommitPercent: Int = 0, fenceRetryMillis: UInt64 = 5_000, placementRetryMillis: UInt64 = 10_000,
                 selfFenceAfterMillis: UInt64 = 5_000) {
@@ -108,6 +111,7 @@ public struct HAManager: Sendable {
     private var actingCoordinator = false
     private var awaitingReportsFrom: Set<String> = []
     private var syncBest: RecoveryTable?
+    private var awaitingSinceMillis: UInt64 = 0
     private var lastPublished: NodeReport?
     private var mustPublish = false
 
@@ -144,6 +148,7 @@ public struct HAManager: Sendable {
             if !m.joined.isEmpty {
                 mustPublish = true
                 awaitingReportsFrom = Set(members.map(\.name)).subtracting([node.name])
+                awaitingSinceMillis = nowMillis
             } else {
                 awaitingReportsFrom.formIntersection(members.map(\.name))
             }
@@ -288,6 +293,13 @@ public struct HAManager: Sendable {
             fenceInFlight = []
             fenceRetryAtMillis = [:]
             actingCoordinator = isCoordinator
+        }
+        if !awaitingReportsFrom.isEmpty && now >= awaitingSinceMillis + config.joinSyncMillis {
+            // A member whose agent does not answer must not stall every recovery.
+            out.append(.log(.warning, "no fresh state from \(awaitingReportsFrom.sorted().joined(separator: ", ")) within \(config.joinSyncMillis) ms of the join; continuing without it"))
+            if isCoordinator, let best = syncBest, best.generation > table.generation { adopt(best) }
+            awaitingReportsFrom = []
+            syncBest = nil
         }
         detectFailures(&out)
         if isCoordinator && awaitingReportsFrom.isEmpty {

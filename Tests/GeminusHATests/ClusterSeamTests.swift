@@ -82,4 +82,14 @@ struct ClusterSeamTests {
         let later = m.handle(.tick, nowMillis: 60_000)
         #expect(!(a + later).contains { if case .stop = $0 { return true }; return false })
     }
+
+    /// After a join the coordinator waits for every member's fresh state, but not forever.
+    @Test func aSilentMemberDoesNotStallTheCoordinator() {
+        var m = HAManager(node: nodes[0])
+        _ = m.handle(.membership(ClusterMembership(members: [nodes[0], nodes[1]], joined: [nodes[0], nodes[1]])), nowMillis: 0)
+        _ = m.handle(.quorum(QuorumState(quorate: true, changedAtMillis: 0, memberIDs: [1, 2])), nowMillis: 0)
+        let warning = HAAction.log(.warning, "no fresh state from n2 within 3000 ms of the join; continuing without it")
+        #expect(!m.handle(.tick, nowMillis: 2_999).contains(warning))
+        #expect(m.handle(.tick, nowMillis: 3_000).contains(warning))
+    }
 }
