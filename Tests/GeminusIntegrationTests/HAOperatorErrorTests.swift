@@ -75,6 +75,19 @@ struct HAOperatorErrorTests {
         #expect((obj["recovery"] as? [[String: Any]])?.first?["phase"] as? String == "awaiting-fence")
     }
 
+    @Test func aBadFenceConfigurationNamesTheLineAndTheForm() throws {
+        let dir = try Scratch()
+        defer { dir.remove() }
+        try "# fence agents\nn1 /usr/sbin/fence_ipmilan --ip=10.0.0.11 --action=off\nn2 fence_ipmilan --ip=10.0.0.12\n"
+            .write(toFile: dir.path("fence.conf"), atomically: true, encoding: .utf8)
+        let r = try GeminusBinary.run(["ha", "agent", "--fence-config", dir.path("fence.conf"), "--state-dir", dir.path("ha")])
+        #expect(r.status == 1)
+        #expect(r.stderr.contains("fence.conf line 3: expected `NODE /absolute/path/to/fence_agent ARGS…`"), "\(r.stderr)")
+        let missing = try GeminusBinary.run(["ha", "agent", "--fence-config", dir.path("none.conf"), "--state-dir", dir.path("ha")])
+        #expect(missing.stderr.contains("cannot read the fence configuration"), "\(missing.stderr)")
+        #expect(missing.stderr.contains("fence_ipmilan"))
+    }
+
     @Test(.disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
     func anUnknownDomainIsNamed() throws {
         let dir = try Scratch()
