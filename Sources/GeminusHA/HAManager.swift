@@ -90,6 +90,8 @@ public struct HAManager: Sendable {
     private var starting: [String: VMReport] = [:]
     private var failedStarts: [String: String] = [:]
     private var stopRequested: Set<String> = []
+    /// HA VMs this node stopped on quorum loss, reported until the cluster has taken them over.
+    private var selfFencedVMs: [VMReport] = []
     /// Self-fencing applies only after this node was part of a quorate partition: a daemon that
     /// starts before its cluster has formed must not stop the VMs the host already runs.
     private var everQuorate = false
@@ -261,6 +263,17 @@ public struct HAManager: Sendable {
                 out.append(.log(.warning, "\(list(lost)) on \(name) need\(lost.count == 1 ? "s" : "") a restart once \(name) is confirmed fenced"))
             }
         }
+        // VMs a member stopped itself when it lost quorum: it is alive and says they do not
+        // run, so they go straight to placement.
+        for n in members {
+            for v in reports[n.name]?.selfFenced ?? [] where !runningOnMembers.contains(v.name) && !table.entries.contains(where: { $0.vm.name == v.name }) {
+                guard table.entries.count < config.recoveryEntriesMax else { break }
+                table.entries.append(RecoveryEntry(vm: v, from: n.name, mustFence: [], phase: .recovery))
+                out.append(.log(.warning, "\(v.name) was stopped by \(n.name) when it lost quorum: placing it again"))
+                changed = true
+                nextPlacementAtMillis = 0
+            }
+        }
         // A VM being started on a node that left may be running there: fence that node too.
         for i in table.entries.indices where table.entries[i].phase == .assigned {
             guard let t = table.entries[i].assignedTo, !memberNames.contains(t) else { continue }
@@ -302,6 +315,11 @@ public struct HAManager: Sendable {
             syncBest = nil
         }
         detectFailures(&out)
+        if !selfFencedVMs.isEmpty {
+            // Handed over once the table tracks them or they run somewhere.
+            let running = Set(members.flatMap { reports[$0.name]?.vms.map(\.name) ?? [] })
+            selfFencedVMs.removeAll { v in running.contains(v.name) || table.entries.contains { $0.vm.name == v.name } }
+        }
         if isCoordinator && awaitingReportsFrom.isEmpty {
             finish(&out)
             release(&out)
@@ -329,6 +347,14 @@ public struct HAManager: Sendable {
         }
         selfFenceAnnounced = false
         stopRequested.formUnion(ha)
+        for v in localVMs where ha.contains(v.name) && v.kind == .ha && !selfFencedVMs.contains(where: { $0.name == v.name }) {
+            selfFencedVMs.append(v)
+        }
+        for v in starting.values where !selfFencedVMs.contains(where: { $0.name == v.name }) {
+            var r = v
+            r.state = .running
+            selfFencedVMs.append(r)
+        }
         starting = [:]
         out.append(.log(.error, "no quorum: self-fencing, stopping \(list(ha))"))
         out.append(.stop(vms: ha))
@@ -494,8 +520,10 @@ public struct HAManager: Sendable {
         vms.sort { $0.name < $1.name }
         // A VM being started takes its RAM from now on: the coordinator must not give it twice.
         let startingMiB = starting.values.reduce(0) { $0 + $1.ramMiB }
-        return NodeReport(ramTotalMiB: ramTotalMiB, ramFreeMiB: ramFreeMiB - startingMiB, vms: vms, failedStarts: failedStarts,
-                          settings: settings, recovery: table)
+        var r = NodeReport(ramTotalMiB: ramTotalMiB, ramFreeMiB: ramFreeMiB - startingMiB, vms: vms, failedStarts: failedStarts,
+                           settings: settings, recovery: table)
+        r.selfFenced = selfFencedVMs.isEmpty ? nil : selfFencedVMs
+        return r
     }
 
     private mutating func publishIfChanged(_ out: inout [HAAction]) {

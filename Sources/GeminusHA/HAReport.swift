@@ -92,6 +92,9 @@ public struct NodeReport: Codable, Equatable, Sendable {
     public var vms: [VMReport]
     /// Recoveries assigned to this node that it could not start, with the reason.
     public var failedStarts: [String: String] = [:]
+    /// HA VMs this node stopped itself when it lost quorum: the coordinator places them again
+    /// (the node is alive and says they do not run, so no fence is needed for them).
+    public var selfFenced: [VMReport]?
     public var settings: HASettings
     /// This node's copy of the recovery table: the coordinator's is the one the others adopt;
     /// a new coordinator after a join starts from the newest (highest generation) of them.
