@@ -113,6 +113,9 @@ public struct HAManager: Sendable {
     private var actingCoordinator = false
     private var awaitingReportsFrom: Set<String> = []
     private var syncBest: RecoveryTable?
+    /// Whether `table` is the current coordinator's (adopted since the last change of
+    /// coordinator, join or quorum), so that its assignments may be acted on.
+    private var tableCurrent = false
     private var awaitingSinceMillis: UInt64 = 0
     private var lastPublished: NodeReport?
     private var mustPublish = false
@@ -131,6 +134,7 @@ public struct HAManager: Sendable {
         switch event {
         case .membership(let m):
             let before = Set(members.map(\.name))
+            let previousCoordinator = coordinator
             members = m.members
             for j in m.joined where j != node {
                 // A node that comes back is alive again: it is no longer "fenced", and its next
@@ -147,6 +151,11 @@ public struct HAManager: Sendable {
             // A joiner needs everyone's state; CPG does not replay old messages. Until every
             // member's fresh state is in, the coordinator (perhaps the joiner, with a stale
             // table) does not act: then it continues from the newest table among them.
+            if !m.joined.isEmpty || coordinator != previousCoordinator {
+                // Until the (perhaps new) coordinator's table arrives, ours may be stale: a node
+                // back from a partition must not act on assignments made before it left.
+                tableCurrent = false
+            }
             if !m.joined.isEmpty {
                 mustPublish = true
                 awaitingReportsFrom = Set(members.map(\.name)).subtracting([node.name])
@@ -160,6 +169,7 @@ public struct HAManager: Sendable {
             if q.quorate != quorate {
                 quorate = q.quorate
                 if quorate { everQuorate = true } else { quorumLostAtMillis = nowMillis }
+                tableCurrent = false
                 out.append(.log(q.quorate ? .info : .error, q.quorate ? "quorum gained" : "quorum lost"))
                 if quorate { mustPublish = true }
             }
@@ -178,6 +188,7 @@ public struct HAManager: Sendable {
             // its old one until it has caught up, and its old assignments must not be acted on.
             if from == coordinator && from != node, let t = r.recovery, t.generation >= table.generation {
                 adopt(t)
+                tableCurrent = true
             }
             // Room may have changed: place at once. Not for a table change alone, which a
             // placement itself causes (that would retry a VM that fits nowhere in a loop).
@@ -500,6 +511,8 @@ public struct HAManager: Sendable {
 
     /// Starts what the coordinator's table assigns to this node, once.
     private mutating func startAssigned(_ out: inout [HAAction]) {
+        if isCoordinator && awaitingReportsFrom.isEmpty { tableCurrent = true }
+        guard tableCurrent else { return }
         for e in table.entries where e.phase == .assigned && e.assignedTo == node.name {
             let name = e.vm.name
             if starting[name] != nil || failedStarts[name] != nil || localVMs.contains(where: { $0.name == name }) { continue }
