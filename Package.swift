@@ -112,7 +112,9 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusHATests",
-            dependencies: ["GeminusHA", "GeminusCluster", "GeminusCore"]
+            dependencies: ["GeminusHA", "GeminusCluster", "GeminusCore"],
+            // Read from the source tree by ScenarioTests (and rewritten there on request).
+            exclude: ["scenarios"]
         ),
         .testTarget(
             name: "GeminusTransportTests",
