@@ -20,6 +20,8 @@ let package = Package(
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt-qemu", providers: [.apt(["libvirt-dev"])]),
+        // Corosync's client libraries for the HA path (membership, quorum, node names).
+        .systemLibrary(name: "CCorosync", pkgConfig: "libcpg", providers: [.apt(["libcpg-dev", "libquorum-dev", "libcmap-dev"])]),
         // Small C helpers where Swift cannot reach the CPU instruction (CRC32C) cheaply.
         .target(name: "CGeminusSupport"),
 
@@ -55,6 +57,16 @@ let package = Package(
                            .product(name: "Histogram", package: "hdrhistogram-swift")]
         ),
         .target(
+            // The cluster seam (membership, quorum, per-node published state): Corosync and simulated.
+            name: "GeminusCluster",
+            dependencies: ["CCorosync", "GeminusCore"]
+        ),
+        .target(
+            // The HA path as a state machine without I/O: fencing, placement, restart decisions.
+            name: "GeminusHA",
+            dependencies: ["GeminusCluster", "GeminusCore"]
+        ),
+        .target(
             name: "GeminusTransport",
             dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
         ),
@@ -82,6 +94,7 @@ let package = Package(
             dependencies: [
                 "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
+                "GeminusCluster", "GeminusHA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -116,6 +129,12 @@ let package = Package(
         .testTarget(
             name: "GeminusLibvirtTests",
             dependencies: ["GeminusLibvirt", "GeminusLibvirtGuest", "GeminusQEMU", "GeminusHypervisor", "GeminusCore"]
+        ),
+        .testTarget(
+            name: "GeminusHATests",
+            dependencies: ["GeminusHA", "GeminusCluster", "GeminusCore"],
+            // Read from the source tree by ScenarioTests (and rewritten there on request).
+            exclude: ["scenarios"]
         ),
         .testTarget(
             name: "GeminusTransportTests",

@@ -1,0 +1,211 @@
+import ArgumentParser
+import Foundation
+import GeminusCluster
+import GeminusCore
+import GeminusHA
+import GeminusLibvirt
+
+/// `geminus ha …`: the HA path (restart on a surviving node after fencing) for VMs without CA.
+struct HA: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ha",
+        abstract: "High availability: restart VMs on a surviving node after their host is fenced.",
+        discussion: """
+        Every node runs `geminus ha agent` beside Corosync. A domain is HA-protected by metadata in \
+        its libvirt definition (`geminus ha add`), so the definition a surviving node starts it from \
+        carries the protection with it. Disks must be on storage every node reaches. See docs/HA.md.
+        """,
+        subcommands: [HAAdd.self, HARemove.self, HAStatus.self, HAAgent.self])
+}
+
+struct HAStateDirOption: ParsableArguments {
+    @Option(help: "The HA agent's state directory (status and requests).") var stateDir = "/run/geminus/ha"
+}
+
+struct HAAdd: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "add", abstract: "HA-protect a domain of this node.")
+
+    @Argument(help: "The VM (the libvirt domain, without the agent's --domain-prefix).") var domain: String
+    @Option(help: "Restart order after a failure: higher first; equal priorities go biggest first.") var priority = 0
+    @OptionGroup var state: HAStateDirOption
+
+    func run() throws {
+        do {
+            let s = try HAStatusFile.read(stateDir: state.stateDir)
+            guard s.quorate else {
+                throw GeminusError(.peerRefused, "no quorum: node \(s.node) is not in a quorate partition, so HA changes are refused",
+                                   fix: "check `corosync-quorumtool -s`; run the command on a node of the quorate partition")
+            }
+            let conn = try LibvirtConnection.open(uri: s.uri)
+            defer { try? conn.close() }
+            let dom = try conn.lookupDomain(named: s.domainPrefix + domain)
+            if try conn.readEnrollment(of: dom) != nil {
+                throw GeminusError(.invalidArgument, "domain '\(domain)' is CA-protected (enrolled); the HA path is for VMs without CA",
+                                   fix: "`geminus unenroll \(domain)` first if it should be restarted instead of resumed")
+            }
+            guard try conn.isPersistent(dom) else {
+                throw GeminusError(.invalidArgument, "domain '\(domain)' is transient: another node needs a persistent definition to start it from",
+                                   fix: "`virsh define` it (e.g. `virsh dumpxml \(s.domainPrefix)\(domain) > d.xml; virsh define d.xml`)")
+            }
+            try conn.writeHA(GeminusHAMetadata(priority: priority), of: dom)
+            print("\(domain) is HA-protected (priority \(priority)); the agent reports it within a scan interval")
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
+
+struct HARemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "remove", abstract: "Stop HA-protecting a domain of this node.")
+
+    @Argument(help: "The VM (the libvirt domain, without the agent's --domain-prefix).") var domain: String
+    @OptionGroup var state: HAStateDirOption
+
+    func run() throws {
+        do {
+            let s = try HAStatusFile.read(stateDir: state.stateDir)
+            let conn = try LibvirtConnection.open(uri: s.uri)
+            defer { try? conn.close() }
+            let dom = try conn.lookupDomain(named: s.domainPrefix + domain)
+            guard try conn.readHA(of: dom) != nil else {
+                throw GeminusError(.invalidArgument, "domain '\(domain)' is not HA-protected", fix: "`geminus ha status` lists the HA VMs")
+            }
+            try conn.removeHA(of: dom)
+            print("\(domain) is no longer HA-protected")
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
+
+struct HAStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "The cluster as this node's HA agent sees it.")
+
+    @Flag(help: "Print JSON.") var json = false
+    @OptionGroup var state: HAStateDirOption
+
+    func run() throws {
+        let s: HAStatusFile
+        do { s = try HAStatusFile.read(stateDir: state.stateDir) } catch { throw operatorFailure(error) }
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys, .prettyPrinted]
+            print(String(decoding: try e.encode(s), as: UTF8.self))
+            return
+        }
+        print("node \(s.node) (id \(s.nodeID)): \(s.quorate ? "quorate" : "NOT QUORATE") for \(s.quorumChangedAgoMillis / 1000) s; coordinator \(s.coordinator ?? "none")")
+        for m in s.members {
+            let ram = m.ramTotalMiB.map { "\(m.ramFreeMiB ?? 0)/\($0) MiB free" } ?? "no report yet"
+            let vms = m.vms.map { "\($0.name)(\($0.kind.rawValue), \($0.ramMiB) MiB\($0.state == .starting ? ", starting" : ""))" }
+            print("  \(m.name)\(m.spare ? " [spare]" : ""): \(ram); \(vms.isEmpty ? "no VMs" : vms.joined(separator: " "))")
+        }
+        for e in s.recovery {
+            let what: String
+            switch e.phase {
+            case .awaitingFence: what = "DOWN, waiting for a confirmed fence of \(e.mustFence.joined(separator: ", "))"
+            case .recovery: what = "in recovery: no node fits yet (\(e.noFitAttempts) attempts)"
+            case .assigned: what = "starting on \(e.assignedTo ?? "?")"
+            }
+            print("  recovering \(e.vm.name) (\(e.vm.ramMiB) MiB, from \(e.from)): \(what)")
+        }
+    }
+}
+
+struct NodeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "node", abstract: "Cluster nodes for the HA path.",
+                                                    subcommands: [NodeSpare.self])
+}
+
+enum OnOff: String, ExpressibleByArgument, CaseIterable { case on, off }
+
+struct NodeSpare: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "spare", abstract: "Mark a node a reserved spare (N+1): it takes VMs only when no ordinary node can.")
+
+    @Argument(help: "The node's name in corosync.conf.") var node: String
+    @Argument(help: "on or off.") var state: OnOff
+    @OptionGroup var dir: HAStateDirOption
+    @Option(help: "How long to wait for the cluster to apply it.") var timeoutMillis = 5000
+
+    func run() throws {
+        do {
+            let s = try HAStatusFile.read(stateDir: dir.stateDir)
+            guard s.members.contains(where: { $0.name == node }) else {
+                throw GeminusError(.invalidArgument, "node '\(node)' is not in the cluster (members: \(s.members.map(\.name).joined(separator: ", ")))",
+                                   fix: "use a name from corosync.conf's nodelist, of a node whose HA agent runs")
+            }
+            guard s.quorate else {
+                throw GeminusError(.peerRefused, "no quorum: node \(s.node) is not in a quorate partition, so HA changes are refused",
+                                   fix: "check `corosync-quorumtool -s`; run the command on a node of the quorate partition")
+            }
+            let want = state == .on
+            let req = try JSONEncoder().encode(HARequest(spareNode: node, on: want))
+            let path = HAStatusFile.requestsDir(stateDir: dir.stateDir) + "/spare-\(UUID().uuidString).json"
+            try req.write(to: URL(fileURLWithPath: path), options: .atomic)
+            let deadline = Date().addingTimeInterval(Double(timeoutMillis) / 1000)
+            while Date() < deadline {
+                if let now = try? HAStatusFile.read(stateDir: dir.stateDir), now.members.first(where: { $0.name == node })?.spare == want {
+                    print("node \(node) is \(want ? "a spare" : "an ordinary node") now")
+                    return
+                }
+                Thread.sleep(forTimeInterval: 0.1)
+            }
+            throw GeminusError(.timeout, "the HA agent did not apply `spare \(node) \(state.rawValue)` within \(timeoutMillis) ms",
+                               fix: "see the agent's log; is it quorate?")
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
+
+struct HAAgent: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent",
+        abstract: "Run the HA daemon of this node (beside Corosync, in the same network namespace).",
+        discussion: """
+        Joins Corosync's CPG group, publishes this node's HA and CA VMs and RAM, and when a node \
+        fails: the coordinator (lowest-id member of the quorate partition) runs that node's fence \
+        agent, and only after it confirms places the node's HA VMs on the survivors; the chosen \
+        node defines and starts each through libvirt. A node that loses quorum stops its HA VMs.
+
+        Fence configuration, one line per node (no shell quoting; exit 0 = confirmed off):
+          n3 /usr/sbin/fence_ipmilan --ip=10.0.0.13 --username=admin --password-script=/etc/geminus/ipmi-pw --action=off
+        """)
+
+    @Option(help: "This node's name in corosync.conf (checked against Corosync's).") var node: String?
+    @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI
+    @Option(help: "Only domains whose names start with this belong to this node (several test 'nodes' on one libvirtd); the VM's name is the rest.") var domainPrefix = ""
+    @Option(help: "RAM this node offers to VMs, in MiB (default: MemTotal).") var ramMib: Int?
+    @Option(help: "Percent of a node's RAM that VMs may use beyond its free RAM.") var overcommitPercent = 0
+    @Option(help: "The fence configuration file (see above).") var fenceConfig: String?
+    @Option(help: "A fence agent running longer than this fails.") var fenceTimeoutMillis = 30_000
+    @Option(help: "Wait after a failed fence before the next attempt.") var fenceRetryMillis = 5_000
+    @Option(help: "Wait after a placement found no node before the next attempt.") var placementRetryMillis = 10_000
+    @Option(help: "Without quorum for this long, this node stops its HA VMs (self-fence).") var selfFenceAfterMillis = 5_000
+    @Option(help: "How often libvirt is scanned for this node's VMs.") var scanIntervalMillis = 500
+    @Option(help: "The CPG group the agents meet in.") var group = "geminus-ha"
+    @Option(help: "Stop after this many seconds (tests).") var durationSeconds: Double?
+    @OptionGroup var state: HAStateDirOption
+
+    func validate() throws {
+        guard (0...1000).contains(overcommitPercent) else { throw ValidationError("--overcommit-percent must be 0...1000") }
+        guard fenceTimeoutMillis >= 100 else { throw ValidationError("--fence-timeout-millis must be at least 100") }
+        guard scanIntervalMillis >= 50 && scanIntervalMillis <= 60_000 else { throw ValidationError("--scan-interval-millis must be 50...60000") }
+        guard fenceRetryMillis >= 100, placementRetryMillis >= 100, selfFenceAfterMillis >= 0 else { throw ValidationError("retry intervals must be at least 100 ms") }
+    }
+
+    func run() throws {
+        do {
+            var config = HAConfig(overcommitPercent: overcommitPercent, fenceRetryMillis: UInt64(fenceRetryMillis),
+                                  placementRetryMillis: UInt64(placementRetryMillis), selfFenceAfterMillis: UInt64(selfFenceAfterMillis))
+            config.recoveryEntriesMax = 4096
+            let runtime = try HAAgentRuntime(options: .init(
+                uri: uri, domainPrefix: domainPrefix, ramMiB: ramMib, fenceConfig: fenceConfig, fenceTimeoutMillis: fenceTimeoutMillis,
+                stateDir: state.stateDir, scanIntervalMillis: scanIntervalMillis, group: group, config: config,
+                expectedNode: node, durationSeconds: durationSeconds))
+            try runtime.run()
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
