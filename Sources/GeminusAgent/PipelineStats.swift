@@ -21,6 +21,8 @@ public struct PipelineStats: Sendable {
     public var encodeMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
     /// From the start of a checkpoint's pause to its acknowledgement.
     public var commitMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
+    /// Commits of full checkpoints (initial sync, resync), kept apart like their pauses.
+    public var fullSyncCommitMicros = Histogram<UInt64>(highestTrackableValue: 100_000_000, numberOfSignificantValueDigits: .three)
     public var pagesCaptured = 0
     public var inputBytes = 0
     public var wireBytes = 0

@@ -55,6 +55,9 @@ public final class PrimaryAgent: @unchecked Sendable {
     private var connection: FramedConnection?
     private let dialer: Dialer?
     private var pauseStartNanos: [Epoch: UInt64] = [:]
+    /// Epochs captured as full copies: their commit (seconds for a large guest) is kept out of
+    /// the steady-state commit figures, as their pause is.
+    private var fullEpochsInFlight: Set<Epoch> = []
     private var counterAtCapture: [Epoch: UInt64] = [:]
     public private(set) var stats = PipelineStats()
     private let stopFlag = StopFlag()
@@ -205,10 +208,16 @@ public final class PrimaryAgent: @unchecked Sendable {
             case .releaseOutput(let epoch):
                 _ = port.release(through: epoch)
                 if let start = pauseStartNanos.removeValue(forKey: epoch) {
-                    _ = stats.commitMicros.record((Monotonic.nanos() - start) / 1000)
+                    let micros = (Monotonic.nanos() - start) / 1000
+                    if fullEpochsInFlight.remove(epoch) != nil {
+                        _ = stats.fullSyncCommitMicros.record(micros)
+                    } else {
+                        _ = stats.commitMicros.record(micros)
+                    }
                 }
                 // Older epochs were acknowledged together with this one.
                 for old in pauseStartNanos.keys where old < epoch { pauseStartNanos.removeValue(forKey: old) }
+                for old in fullEpochsInFlight where old < epoch { fullEpochsInFlight.remove(old) }
                 for old in counterAtCapture.keys where old < epoch { counterAtCapture.removeValue(forKey: old) }
                 lastAcknowledgedCounter = counterAtCapture[epoch] ?? lastAcknowledgedCounter
                 if settings.traceEpochs { events.emit("acknowledged", ["epoch": epoch.rawValue]) }
@@ -304,6 +313,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             stats.pagesCaptured += buffer.pageCount
             if full { stats.fullEpochs += 1 }
             pauseStartNanos[epoch] = t0
+            if full { fullEpochsInFlight.insert(epoch) }
             if settings.traceEpochs {
                 events.emit("checkpoint", ["epoch": epoch.rawValue, "counter": counterAtCapture[epoch] ?? 0, "full": full])
             }
@@ -415,6 +425,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             "deviceStateMicros": PipelineStats.percentiles(stats.deviceStateMicros),
             "resumeMicros": PipelineStats.percentiles(stats.resumeMicros),
             "commitMicros": PipelineStats.percentiles(stats.commitMicros),
+            "fullSyncCommitMicros": PipelineStats.percentiles(stats.fullSyncCommitMicros),
             "epochsInFlight": machine.epochsInFlight,
             "heldPackets": snap.heldCount,
             "heldBytes": snap.heldBytes,

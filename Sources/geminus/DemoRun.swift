@@ -202,6 +202,7 @@ final class DemoRun {
                           "\(verified) checkpoints checked against a full comparison, \(missed < 0 ? "no count reported (was write tracking in use?)" : "\(missed) pages missed")")
         }
         summary.figures["commitMicros"] = beforeKill["commitMicros"] ?? [:]
+        summary.figures["fullSyncCommitMicros"] = beforeKill["fullSyncCommitMicros"] ?? [:]
         summary.figures["compressionRatio"] = beforeKill["compressionRatio"] ?? 0
         summary.figures["wireBytes"] = beforeKill["wireBytes"] ?? 0
         summary.figures["packetsObserved"] = packets.count
