@@ -42,7 +42,7 @@ public struct BenchReport: Sendable {
         var out: [String] = []
         out.append("Geminus benchmark: \(machine)")
         out.append("command: \(command)")
-        out.append("guest: the tiny test guest, \(ramMiB) MiB, QEMU TCG; a checkpoint every \(intervalMillis) ms; commit = pause start to applied on an in-memory replica (no network);")
+        out.append("guest: the tiny test guest, \(ramMiB) MiB, QEMU TCG; a checkpoint every \(intervalMillis) ms; commit = pause start to the ack of a secondary thread over authenticated loopback TCP;")
         out.append("output delay = from a moment spread evenly over the epoch to its commit (derived from the measured times: the test guest has no NIC)")
         out.append("")
         out.append("Checkpoints (microseconds unless said; p50 / p99)")

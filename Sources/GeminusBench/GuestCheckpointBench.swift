@@ -6,9 +6,9 @@ import Glibc
 #endif
 
 /// Checkpoints of the tiny test guest under QEMU/TCG, as the primary agent takes them, one
-/// method at a time, in this process: pause (QMP stop, dirty pages, device state, cont),
-/// encode, then decode and apply on a replica in memory (the secondary's work without the
-/// network: "commit" here is pause start to applied).
+/// method at a time: pause (QMP stop, dirty pages, device state, cont), encode, send over an
+/// authenticated loopback connection to a secondary thread that decodes, verifies and applies
+/// the epoch to a replica and acknowledges it ("commit" is pause start to that ack).
 public struct GuestCheckpointBench: Sendable {
     public enum Method: String, Sendable, CaseIterable {
         case compare
@@ -73,7 +73,8 @@ public struct GuestCheckpointBench: Sendable {
         }
         try Self.waitForBoot(guest)
         let encoder = try CheckpointEncoder(pageCount: guest.pageCount)
-        let replica = Replica(memory: try PageMemory(pageCount: guest.pageCount))
+        let secondary = try LoopbackSecondary(pageCount: guest.pageCount)
+        defer { secondary.stop() }
         let buffer = CheckpointBuffer(limitPages: guest.pageCount, initialCapacityPages: 4096)
 
         // The first, full checkpoint is the initial sync, not the steady state: untimed.
@@ -81,7 +82,7 @@ public struct GuestCheckpointBench: Sendable {
         try guest.capture(full: true, into: buffer)
         try guest.resume()
         var epoch = Epoch(1)
-        try Self.deliver(Self.encode(encoder, buffer, epoch, base: .none).frames, to: replica)
+        try secondary.commit(Self.encode(encoder, buffer, epoch, base: .none).frames, epoch: epoch, timeoutSeconds: 60)
 
         var r = Result(method: method, pagesPerLoop: pagesPerLoop)
         let interval = UInt64(intervalMillis) * 1_000_000
@@ -109,11 +110,8 @@ public struct GuestCheckpointBench: Sendable {
             epoch = epoch.next
             let (frames, stats) = Self.encode(encoder, buffer, epoch, base: base)
             let t2 = Monotonic.nanos()
-            try Self.deliver(frames, to: replica)
+            try secondary.commit(frames, epoch: epoch, timeoutSeconds: 10)
             let t3 = Monotonic.nanos()
-            guard replica.committedEpoch == epoch else {
-                throw GeminusError(.internalInvariant, "the replica did not commit benchmark epoch \(epoch)")
-            }
             let parts = guest.lastTimings ?? CaptureTimings()
             r.pause.record(nanos: t1 - t0)
             r.stop.record(nanos: parts.stopNanos)
@@ -173,11 +171,73 @@ public struct GuestCheckpointBench: Sendable {
         }
     }
 
-    /// User + system CPU time of this process.
+    /// User + system CPU time of this process (the secondary thread's work included).
     static func cpuNanos() -> UInt64 {
         var u = rusage()
         getrusage(RUSAGE_SELF.rawValue, &u)
         func n(_ t: timeval) -> UInt64 { UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_usec) * 1000 }
         return n(u.ru_utime) + n(u.ru_stime)
+    }
+}
+
+/// The secondary's side of the benchmark on a thread of this process: receives frames over the
+/// loopback link, lets the replica stage, verify and apply them, and acknowledges each commit
+/// on the same link, as the secondary agent does.
+final class LoopbackSecondary: @unchecked Sendable {
+    private let pair: LoopbackPair
+    private let replica: Replica
+    private let lock = NSLock()
+    private var failure: String?
+    private var stopped = false
+    private let finished = NSCondition()
+    private var running = true
+
+    init(pageCount: Int) throws(GeminusError) {
+        pair = try LoopbackPair()
+        replica = Replica(memory: try PageMemory(pageCount: pageCount))
+        let t = Thread { [self] in serve() }
+        t.name = "geminus-bench-secondary"
+        t.start()
+    }
+
+    private func serve() {
+        defer { finished.lock(); running = false; finished.broadcast(); finished.unlock() }
+        while !lock.withLock({ stopped }) {
+            let frame: Frame?
+            do { frame = try pair.server.receive(timeout: .milliseconds(200)) } catch { return }
+            guard let frame else { continue }
+            switch replica.accept(frame) {
+            case .committed(let e, _):
+                let ack = FrameCodec.encode(FrameHeader(kind: .ack, generation: Generation(1), epoch: e))
+                do { try pair.server.send(ack, timeout: .seconds(5)) } catch { return }
+            case .rejected(let e, let reason, let detail):
+                lock.withLock { failure = "the replica rejected benchmark epoch \(e): \(reason) \(detail)" }
+            case .staged, .ignored:
+                break
+            }
+        }
+    }
+
+    /// Sends one epoch's frames and waits for its acknowledgement.
+    func commit(_ frames: [[UInt8]], epoch: Epoch, timeoutSeconds: Double) throws(GeminusError) {
+        for f in frames { try pair.client.send(f, timeout: .seconds(5)) }
+        let deadline = Monotonic.nanos() + UInt64(timeoutSeconds * 1e9)
+        while true {
+            if let why = lock.withLock({ failure }) { throw GeminusError(.internalInvariant, why) }
+            guard Monotonic.nanos() < deadline else {
+                throw GeminusError(.timeout, "no acknowledgement of benchmark epoch \(epoch) within \(Int(timeoutSeconds)) s")
+            }
+            guard let frame = try pair.client.receive(timeout: .milliseconds(100)) else { continue }
+            if frame.kind == .ack && frame.epoch == epoch { return }
+        }
+    }
+
+    func stop() {
+        lock.withLock { stopped = true }
+        // The thread notices within one receive timeout (200 ms); wait a little longer, once.
+        finished.lock()
+        if running { _ = finished.wait(until: Date().addingTimeInterval(1)) }
+        finished.unlock()
+        pair.close()
     }
 }

@@ -35,36 +35,23 @@ public struct LinkThroughputBench: Sendable {
     }
 
     func framedThroughput() throws(GeminusError) -> Double {
-        let dir = NSTemporaryDirectory() + "/geminus-bench-link-\(getpid())"
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try PairKey.generate(path: dir + "/pair.key")
-        let key = try PairKey.load(path: dir + "/pair.key")
-        let listener = try TCPListener(host: "127.0.0.1", port: 0)
-        defer { listener.close() }
-        @Sendable func hello(_ role: PeerRole) -> PeerHello {
-            PeerHello(role: role, vmName: "bench", generation: Generation(1), committedEpoch: .none,
-                      guestPageCount: role == .primary ? 1 : 0, agentVersion: "bench")
-        }
+        let pair = try LoopbackPair()
+        defer { pair.close() }
         let received = ReceiveCount()
+        let server = pair.server
         let receiver = Thread {
-            guard let c = try? listener.accept(key: key, local: hello(.secondary), admit: { _ in nil }, timeout: .seconds(10)) else {
-                received.finish(bytes: 0, nanos: 0)
-                return
-            }
             var bytes = 0
             var first: UInt64?
             var last: UInt64 = 0
-            while let frame = try? c.receive(timeout: .seconds(2)) {
+            while let frame = try? server.receive(timeout: .seconds(2)) {
                 if first == nil { first = Monotonic.nanos() }
                 bytes += frame.payload.count
                 last = Monotonic.nanos()
             }
-            c.close()
             received.finish(bytes: bytes, nanos: first.map { last - $0 } ?? 0)
         }
         receiver.start()
-        let c = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: hello(.primary), timeout: .seconds(10))
+        let c = pair.client
         let payload = [UInt8](repeating: 0xA5, count: frameBytes)
         let frame = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(1)), payload: payload)
         let end = Monotonic.nanos() + UInt64(seconds * 1e9)
@@ -106,6 +93,65 @@ public struct LinkThroughputBench: Sendable {
             throw GeminusError(.io, "iperf3 gave no result (exit \(client.terminationStatus))")
         }
         return bits / 8
+    }
+}
+
+/// Two authenticated agent connections on loopback (a throwaway pair key), as the agents hold
+/// them: `client` is the primary's end, `server` the secondary's.
+final class LoopbackPair: @unchecked Sendable {
+    let client: FramedConnection
+    let server: FramedConnection
+
+    init() throws(GeminusError) {
+        let dir = NSTemporaryDirectory() + "/geminus-bench-link-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try PairKey.generate(path: dir + "/pair.key")
+        let key = try PairKey.load(path: dir + "/pair.key")
+        let listener = try TCPListener(host: "127.0.0.1", port: 0)
+        defer { listener.close() }
+        @Sendable func hello(_ role: PeerRole) -> PeerHello {
+            PeerHello(role: role, vmName: "bench", generation: Generation(1), committedEpoch: .none,
+                      guestPageCount: role == .primary ? 1 : 0, agentVersion: "bench")
+        }
+        let accepted = AcceptedConnection()
+        let acceptor = Thread {
+            accepted.set(try? listener.accept(key: key, local: hello(.secondary), admit: { _ in nil }, timeout: .seconds(10)))
+        }
+        acceptor.start()
+        client = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: hello(.primary), timeout: .seconds(10))
+        guard let s = accepted.wait() else {
+            client.close()
+            throw GeminusError(.io, "the benchmark's loopback secondary did not accept the connection")
+        }
+        server = s
+    }
+
+    func close() {
+        client.close()
+        server.close()
+    }
+}
+
+/// The acceptor thread's connection, handed back once.
+final class AcceptedConnection: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var done = false
+    private var connection: FramedConnection?
+
+    func set(_ c: FramedConnection?) {
+        condition.lock()
+        connection = c
+        done = true
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func wait() -> FramedConnection? {
+        condition.lock()
+        defer { condition.unlock() }
+        while !done { condition.wait() }
+        return connection
     }
 }
 

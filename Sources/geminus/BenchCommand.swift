@@ -13,8 +13,8 @@ struct Bench: ParsableCommand {
         discussion: """
         On the tiny test guest under QEMU (TCG), for each dirty window and each dirty-page method \
         (compare, write-tracking): the pause per checkpoint and its parts (stop, dirty pages, device \
-        state, cont), encode time, bytes and compression, commit latency (pause start to applied on \
-        an in-memory replica: the secondary's work without the network), epochs per second, this \
+        state, cont), encode time, bytes and compression, commit latency (pause start to the \
+        acknowledgement of a secondary thread over authenticated loopback TCP), epochs per second, this \
         process's CPU and the guest's speed. Beside it, QEMU's live migration of the same guest to a \
         local QEMU over a unix socket, with the downtime QEMU reports, and the ratios. Then the \
         dirty-page part against guest RAM (128 MiB to 4 GiB, memory of that size in this process: \
