@@ -61,8 +61,8 @@ public struct ColoAttempt: Sendable {
         do {
             _ = try start("secondary")
             _ = try start("primary")
-            let secondary = try MigrationDowntimeBench.connect("\(dir)/secondary.qmp")
-            let primary = try MigrationDowntimeBench.connect("\(dir)/primary.qmp")
+            let secondary = try QMPClient(socketPath: "\(dir)/secondary.qmp", connectTimeout: 10)
+            let primary = try QMPClient(socketPath: "\(dir)/primary.qmp", connectTimeout: 10)
             defer { secondary.close(); primary.close() }
             let colo: [String: Any] = ["capabilities": [["capability": "x-colo", "state": true]]]
             try secondary.execute("migrate-set-capabilities", arguments: colo)

@@ -37,7 +37,7 @@ public struct LinkThroughputBench: Sendable {
     func framedThroughput() throws(GeminusError) -> Double {
         let pair = try LoopbackPair()
         defer { pair.close() }
-        let received = ReceiveCount()
+        let received = OneShot<(bytes: Int, nanos: UInt64)>()
         let server = pair.server
         let receiver = Thread {
             var bytes = 0
@@ -48,7 +48,7 @@ public struct LinkThroughputBench: Sendable {
                 bytes += frame.payload.count
                 last = Monotonic.nanos()
             }
-            received.finish(bytes: bytes, nanos: first.map { last - $0 } ?? 0)
+            received.set((bytes, first.map { last - $0 } ?? 0))
         }
         receiver.start()
         let c = pair.client
@@ -114,7 +114,7 @@ final class LoopbackPair: @unchecked Sendable {
             PeerHello(role: role, vmName: "bench", generation: Generation(1), committedEpoch: .none,
                       guestPageCount: role == .primary ? 1 : 0, agentVersion: "bench")
         }
-        let accepted = AcceptedConnection()
+        let accepted = OneShot<FramedConnection?>()
         let acceptor = Thread {
             accepted.set(try? listener.accept(key: key, local: hello(.secondary), admit: { _ in nil }, timeout: .seconds(10)))
         }
@@ -133,44 +133,22 @@ final class LoopbackPair: @unchecked Sendable {
     }
 }
 
-/// The acceptor thread's connection, handed back once.
-final class AcceptedConnection: @unchecked Sendable {
+/// A value another thread produces once (a received count, an accepted connection), waited for.
+final class OneShot<Value>: @unchecked Sendable {
     private let condition = NSCondition()
-    private var done = false
-    private var connection: FramedConnection?
+    private var value: Value?
 
-    func set(_ c: FramedConnection?) {
+    func set(_ v: Value) {
         condition.lock()
-        connection = c
-        done = true
+        value = v
         condition.broadcast()
         condition.unlock()
     }
 
-    func wait() -> FramedConnection? {
+    func wait() -> Value {
         condition.lock()
         defer { condition.unlock() }
-        while !done { condition.wait() }
-        return connection
-    }
-}
-
-/// What the receiving thread counted, handed back once.
-final class ReceiveCount: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var result: (Int, UInt64)?
-
-    func finish(bytes: Int, nanos: UInt64) {
-        condition.lock()
-        result = (bytes, nanos)
-        condition.broadcast()
-        condition.unlock()
-    }
-
-    func wait() -> (Int, UInt64) {
-        condition.lock()
-        defer { condition.unlock() }
-        while result == nil { condition.wait() }
-        return result!
+        while value == nil { condition.wait() }
+        return value!
     }
 }

@@ -57,7 +57,7 @@ public struct MigrationDowntimeBench: Sendable {
         unlink(target.ramFilePath)
         let destination = try QEMULauncher.start(target)
         defer { destination.cleanup(removeRAMFile: true) }
-        let dq = try Self.connect(target.qmpSocketPath)
+        let dq = try QMPClient(socketPath: target.qmpSocketPath, connectTimeout: 10)
         defer { dq.close() }
         try GuestCheckpointBench.waitForBoot(guest)
         try dq.execute("migrate-incoming", arguments: ["uri": "unix:\(socket)"])
@@ -77,18 +77,6 @@ public struct MigrationDowntimeBench: Sendable {
             default:
                 guard Monotonic.nanos() < deadline else { throw GeminusError(.timeout, "migration did not complete within 60 s") }
                 Monotonic.sleep(nanos: 2_000_000)
-            }
-        }
-    }
-
-    static func connect(_ path: String) throws(GeminusError) -> QMPClient {
-        let deadline = Monotonic.nanos() + 10_000_000_000
-        while true {
-            do throws(GeminusError) {
-                return try QMPClient(socketPath: path, connectTimeout: 1)
-            } catch {
-                guard Monotonic.nanos() < deadline else { throw error }
-                Monotonic.sleep(nanos: 5_000_000)
             }
         }
     }

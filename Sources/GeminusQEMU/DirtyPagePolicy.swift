@@ -17,6 +17,9 @@ public struct DirtyPagePolicy: Sendable {
     public var verify: Bool
     /// How written pages are protected again after each scan (`--tracking-reprotect`).
     public var reprotect: WriteTrackingReprotect
+    /// Track even with a device on QEMU's command line whose writes tracking cannot see
+    /// (tests of the mechanism only).
+    public var allowUntrackableDevices = false
     public var onMiss: (@Sendable (TrackingVerification, String) -> Void)?
 
     public init(method: Method = .compare, verify: Bool = false, reprotect: WriteTrackingReprotect = .inScan,
@@ -41,7 +44,8 @@ public struct DirtyPagePolicy: Sendable {
                                    fix: "run the agent as root on the guest's host (it reads libvirt's pid file)")
             }
             if let e = WriteTrackingFinder.probe() { throw e }
-            let tracker = try WriteTrackingFinder(qemuPID: qemuPID, ramFilePath: ramFilePath, reprotect: reprotect)
+            let tracker = try WriteTrackingFinder(qemuPID: qemuPID, ramFilePath: ramFilePath, reprotect: reprotect,
+                                                  allowUntrackableDevices: allowUntrackableDevices)
             return verify ? VerifyingFinder(tracking: tracker, onMiss: onMiss) : tracker
         } catch {
             if method == .tracking { throw error }

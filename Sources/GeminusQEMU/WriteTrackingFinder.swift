@@ -740,46 +740,47 @@ extension QEMUGuestConfig {
 }
 
 extension QEMUGuest {
+    /// Starts a fresh guest like `launch` and chooses its dirty-page finder by `dirtyPages`
+    /// once QEMU runs (write tracking needs its pid). `config` must already carry the preload
+    /// library for tracking (`preloadWriteTracking`). With `.auto`, a guest that cannot be
+    /// tracked gets the compare method and `fallback` hears why; with `.tracking` that is an
+    /// error and QEMU is stopped again.
+    public static func launch(_ config: QEMUGuestConfig, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+                              dirtyPages: DirtyPagePolicy, fallback: (GeminusError) -> Void)
+        throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
+        let guest = try launch(config, counterAddress: counterAddress)
+        do throws(GeminusError) {
+            let finder = try dirtyPages.makeFinder(qemuPID: guest.process.pid, ramFilePath: config.ramFilePath, fallback: fallback)
+            guest.useFinder(finder)
+            return (guest, finder)
+        } catch {
+            guest.shutdown()
+            throw error
+        }
+    }
+
     /// Starts a fresh guest like `launch`, with the preload library, and captures with write
     /// tracking (wrapped in `VerifyingFinder` when `verify`). When tracking cannot be set up
     /// (old kernel, library missing, ...) it uses `ShadowCompareFinder` and calls `fallback`
-    /// once with the reason, so the caller logs one line. `finderInUse` tells which.
+    /// once with the reason, so the caller logs one line. `finder` tells which.
     public static func launchTracked(_ config: QEMUGuestConfig, preloadLibrary: String? = WriteTrackingPreload.locate(),
                                      reprotect: WriteTrackingReprotect = .inScan, verify: Bool = false,
                                      allowUntrackableDevices: Bool = false,
                                      counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
                                      fallback: (GeminusError) -> Void) throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
-        precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
         var config = config
-        var setupError: GeminusError? = WriteTrackingFinder.probe()
-        if setupError == nil {
-            if let lib = preloadLibrary {
-                config.preloadWriteTracking(library: lib)
-            } else {
-                do throws(GeminusError) { _ = try WriteTrackingPreload.require() } catch { setupError = error }
+        var policy = DirtyPagePolicy(method: .auto, verify: verify, reprotect: reprotect)
+        policy.allowUntrackableDevices = allowUntrackableDevices
+        if let lib = preloadLibrary {
+            config.preloadWriteTracking(library: lib)
+        } else {
+            // No library: say why once (the kernel first, as the finder would), and do not look
+            // for a descriptor QEMU cannot have.
+            do throws(GeminusError) { _ = try WriteTrackingPreload.require() } catch {
+                fallback(WriteTrackingFinder.probe() ?? error)
+                policy.method = .compare
             }
         }
-        unlink(config.ramFilePath)
-        let process = try QEMULauncher.start(config)
-        do throws(GeminusError) {
-            let qmp = try connectQMP(process)
-            let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
-            var finder: any DirtyPageFinder = ShadowCompareFinder()
-            if setupError == nil {
-                do throws(GeminusError) {
-                    let tracker = try WriteTrackingFinder(qemuPID: process.pid, ramFilePath: config.ramFilePath, reprotect: reprotect,
-                                                          allowUntrackableDevices: allowUntrackableDevices)
-                    finder = verify ? VerifyingFinder(tracking: tracker) : tracker
-                } catch {
-                    setupError = error
-                }
-            }
-            if let e = setupError { fallback(e) }
-            let guest = QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
-            return (guest, finder)
-        } catch {
-            process.cleanup(removeRAMFile: true)
-            throw error
-        }
+        return try launch(config, counterAddress: counterAddress, dirtyPages: policy, fallback: fallback)
     }
 }

@@ -215,15 +215,9 @@ struct Agent: ParsableCommand {
             sim.start()
             return sim
         case .qemu:
-            let config = qemuConfig("primary")
-            let q = try QEMUGuest.launch(config, counterAddress: guestCounterAddress)
-            do {
-                try q.useFinder(dirtyPagePolicy(logger: logger, events: events)
-                    .makeFinder(qemuPID: q.process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback(logger: logger)))
-            } catch {
-                q.shutdown()
-                throw error
-            }
+            let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress,
+                                         dirtyPages: dirtyPagePolicy(logger: logger, events: events),
+                                         fallback: trackingFallback(logger: logger)).guest
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q

@@ -124,17 +124,6 @@ private func randomRuns(pages: Int, runs: Int, maxLength: Int, using rng: inout 
     return (out, all)
 }
 
-struct SeededRNG: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// Write tracking on processes this test controls: the kernel mechanism, exactness, the scan's
 /// resume loop, mapping changes QEMU cannot be made to do, and agent restart.
 @Suite(.serialized)
@@ -204,7 +193,7 @@ struct WriteTrackingLocalTests {
         let buffer = CheckpointBuffer(limitPages: pages)
         try finder.collect(from: memory, full: false, into: buffer)
         #expect(buffer.pageCount == pages && finder.stats.lastWasFull, "the first collect is a full copy")
-        var rng = SeededRNG(state: 42)
+        var rng = Xoshiro256(seed: 42)
         var total = 0
         for round in 0..<200 {
             let (runs, expected) = round % 10 == 9 ? ([], Set<Int>()) : randomRuns(pages: pages, runs: Int.random(in: 1...6, using: &rng), maxLength: 40, using: &rng)
