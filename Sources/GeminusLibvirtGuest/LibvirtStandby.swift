@@ -175,7 +175,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         }
         // The finder after `cont`: taking QEMU's userfaultfd and registering its RAM costs
         // milliseconds that need not delay the resume; the first capture is full anyway.
-        let finder = try dirtyPages.makeFinder(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
+        let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
                                      counterAddress: counterAddress, finder: finder)

@@ -53,4 +53,17 @@ public struct DirtyPagePolicy: Sendable {
             return ShadowCompareFinder()
         }
     }
+
+    /// The finder for a guest a standby has just resumed. The guest already runs here, so a
+    /// guest that cannot be tracked is never refused now (that would leave it running without
+    /// its agent): it gets the compare method and `fallback` hears why, whatever `method` says.
+    public func makeFinderForResumedGuest(qemuPID: Int32?, ramFilePath: String,
+                                          fallback: (GeminusError) -> Void) -> any DirtyPageFinder {
+        do throws(GeminusError) {
+            return try makeFinder(qemuPID: qemuPID, ramFilePath: ramFilePath, fallback: fallback)
+        } catch {
+            fallback(error)
+            return ShadowCompareFinder()
+        }
+    }
 }

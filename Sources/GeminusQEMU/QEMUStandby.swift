@@ -45,8 +45,9 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     public let config: QEMUGuestConfig
     /// How the resumed guest finds its dirty pages; with write tracking, `config` must carry
     /// the preload library (`preloadWriteTracking`) so the standby QEMU has a userfaultfd.
-    public var dirtyPages = DirtyPagePolicy.compare
-    public var trackingFallback: @Sendable (GeminusError) -> Void = { _ in }
+    public let dirtyPages: DirtyPagePolicy
+    /// Told why write tracking could not be had for the resumed guest.
+    public let trackingFallback: @Sendable (GeminusError) -> Void
     public let hot: Bool
     public let counterAddress: Int
     public let deviceStatePath: String
@@ -62,7 +63,10 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     /// `config` names this host's files; its `incomingDefer` is forced on. With `hot`, QEMU
     /// is started by `makeReplicaMemory` and waits for the device state.
     public init(config: QEMUGuestConfig, hot: Bool = true, transport: IncomingTransport = .fdPipe,
-                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress) {
+                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress, dirtyPages: DirtyPagePolicy = .compare,
+                trackingFallback: @escaping @Sendable (GeminusError) -> Void = { _ in }) {
+        self.dirtyPages = dirtyPages
+        self.trackingFallback = trackingFallback
         self.transport = transport
         var c = config
         c.incomingDefer = true
@@ -210,7 +214,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         _lastResume = t
         standbyProcess = nil
         standbyQMP = nil
-        let finder = try dirtyPages.makeFinder(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
+        let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
         return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
     }
 

@@ -279,9 +279,8 @@ struct Agent: ParsableCommand {
         case .simulated:
             standby = SimulatedStandbyHost()
         case .qemu:
-            let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress)
-            q.dirtyPages = dirtyPagePolicy(logger: logger, events: events)
-            q.trackingFallback = trackingFallback(logger: logger)
+            let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress,
+                                dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
             cleanup = q.cleanup
             standby = q
         case .libvirt:
