@@ -156,21 +156,6 @@ public struct GuestCheckpointBench: Sendable {
         return (frames, s)
     }
 
-    static func deliver(_ frames: [[UInt8]], to replica: Replica) throws(GeminusError) {
-        var d = FrameDecoder()
-        for f in frames {
-            d.feed(f)
-            while true {
-                let next: Frame?
-                do { next = try d.next() } catch { throw GeminusError(.internalInvariant, "benchmark frames do not decode: \(error)") }
-                guard let frame = next else { break }
-                if case .rejected(_, let reason, let detail) = replica.accept(frame) {
-                    throw GeminusError(.internalInvariant, "the replica rejected a benchmark epoch: \(reason) \(detail)")
-                }
-            }
-        }
-    }
-
     /// User + system CPU time of this process (the secondary thread's work included).
     static func cpuNanos() -> UInt64 {
         var u = rusage()

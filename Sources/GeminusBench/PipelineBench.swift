@@ -40,7 +40,7 @@ public struct PipelineBench: Sendable {
         // The full first checkpoint is not what the steady state costs; it is done untimed.
         try guest.capture(full: true, into: buffer)
         var epoch = Epoch(1)
-        try GuestCheckpointBench.deliver(GuestCheckpointBench.encode(encoder, buffer, epoch, base: .none).frames, to: replica)
+        try Self.deliver(GuestCheckpointBench.encode(encoder, buffer, epoch, base: .none).frames, to: replica)
         var r = Result()
         let copyTarget = UnsafeMutableRawPointer.allocate(byteCount: workload.pageCount * GuestPage.size, alignment: GuestPage.size)
         defer { copyTarget.deallocate() }
@@ -63,7 +63,7 @@ public struct PipelineBench: Sendable {
             epoch = epoch.next
             let (frames, stats) = GuestCheckpointBench.encode(encoder, buffer, epoch, base: base)
             let t2 = Monotonic.nanos()
-            try GuestCheckpointBench.deliver(frames, to: replica)
+            try Self.deliver(frames, to: replica)
             let t3 = Monotonic.nanos()
             guard replica.committedEpoch == epoch else { throw GeminusError(.internalInvariant, "benchmark epoch \(epoch) was not committed") }
             captureNanos += t1 - t0
@@ -83,5 +83,21 @@ public struct PipelineBench: Sendable {
         r.ratio = Double(inputBytes) / Double(r.wireBytes)
         r.pagesPerSecondEncode = Double(pages) / (Double(encodeNanos) / 1e9)
         return r
+    }
+
+    /// Decodes the frames and hands them to the replica, as the secondary does (no network).
+    static func deliver(_ frames: [[UInt8]], to replica: Replica) throws(GeminusError) {
+        var d = FrameDecoder()
+        for f in frames {
+            d.feed(f)
+            while true {
+                let next: Frame?
+                do { next = try d.next() } catch { throw GeminusError(.internalInvariant, "benchmark frames do not decode: \(error)") }
+                guard let frame = next else { break }
+                if case .rejected(_, let reason, let detail) = replica.accept(frame) {
+                    throw GeminusError(.internalInvariant, "the replica rejected a benchmark epoch: \(reason) \(detail)")
+                }
+            }
+        }
     }
 }

@@ -83,7 +83,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     private var released = false
 
     init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
-         counterAddress: Int, finder: any DirtyPageFinder) throws(GeminusError) {
+         counterAddress: Int, finder: any DirtyPageFinder, platform: GuestPlatform? = nil) throws(GeminusError) {
         self.connection = connection
         self.domain = domain
         self.domainName = domain.name
@@ -92,7 +92,10 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         self.deviceStateFD = try DeviceStateFD.register(with: qmp)
         self.checkpointer = QMPCheckpointer(qmp: qmp, memory: memory, target: .descriptorSet(deviceStateFD), finder: finder)
         self.pid = connection.qemuPid(of: domain)
-        self.platform = (try? connection.xml(of: domain, .live)).map { LibvirtPlatform.of(xml: $0, connection: connection) } ?? GuestPlatform()
+        // A standby passes the platform it already read from the same definition, which keeps
+        // two libvirt calls off the failover path.
+        self.platform = platform
+            ?? (try? connection.xml(of: domain, .live)).map { LibvirtPlatform.of(xml: $0, connection: connection) } ?? GuestPlatform()
     }
 
     /// Attaches to a RUNNING libvirt domain whose definition has the private QMP socket and

@@ -178,7 +178,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
-                                     counterAddress: counterAddress, finder: finder)
+                                     counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform)
         resumed = true
         _lastResume = t
         self.qmp = nil

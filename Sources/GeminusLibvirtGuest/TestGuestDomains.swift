@@ -62,6 +62,22 @@ public final class TestGuestDomains: @unchecked Sendable {
         return "\(s.state)"
     }
 
+    /// Polls libvirt's state of `name` until `done` holds for it or `timeoutSeconds` pass: libvirt
+    /// follows QEMU's events (a killed process, a resume on the private monitor) on its own
+    /// thread and can trail them on a busy machine. Returns each state seen once, in order (the
+    /// last is the final one), and how long the wait took.
+    public func waitForState(of name: String, timeoutSeconds: Double, until done: (String) -> Bool) -> (seen: [String], millis: Int) {
+        let start = Date()
+        var seen: [String] = []
+        while true {
+            let state = self.state(of: name)
+            if seen.last != state { seen.append(state) }
+            if done(state) || Date().timeIntervalSince(start) >= timeoutSeconds { break }
+            Thread.sleep(forTimeInterval: 0.02)
+        }
+        return (seen, Int(Date().timeIntervalSince(start) * 1000))
+    }
+
     /// Destroys and undefines both; never throws.
     public func remove() {
         for name in [primary, standby] {

@@ -149,13 +149,8 @@ final class DemoRun {
                 // libvirt learns of a killed QEMU from its monitor socket closing, on its own
                 // thread: on a busy machine its view can trail the process's death. The
                 // process check above is the proof; libvirt must agree within 10 s.
-                let start = Date()
-                var primaryState = d.state(of: d.primary)
-                while primaryState == "running" && Date().timeIntervalSince(start) < 10 {
-                    Thread.sleep(forTimeInterval: 0.05)
-                    primaryState = d.state(of: d.primary)
-                }
-                let lagMillis = Int(Date().timeIntervalSince(start) * 1000)
+                let (seen, lagMillis) = d.waitForState(of: d.primary, timeoutSeconds: 10) { $0 != "running" }
+                let primaryState = seen.last ?? "unknown"
                 let standbyState = d.state(of: d.standby)
                 ok = ok && primaryState != "running" && standbyState == "running"
                 detail += "; libvirt: \(d.primary) \(primaryState)\(lagMillis >= 50 ? " (after \(lagMillis) ms)" : ""), \(d.standby) \(standbyState)"

@@ -114,14 +114,7 @@ import Glibc
                 // libvirt follows the private monitor's RESUME event on its own thread: its
                 // view may trail the guest by a moment on a busy machine, so wait for it.
                 let (running, stopped) = to === b ? (d.standby, d.primary) : (d.primary, d.standby)
-                let deadline = Date().addingTimeInterval(5)
-                var seen: [String] = []
-                while Date() < deadline {
-                    let state = d.state(of: running)
-                    if seen.last != state { seen.append(state) }
-                    if state == "running" { break }
-                    Thread.sleep(forTimeInterval: 0.02)
-                }
+                let (seen, _) = d.waitForState(of: running, timeoutSeconds: 5) { $0 == "running" }
                 #expect(seen.last == "running", "\(running) went through \(seen) in 5 s")
                 #expect(["shut off", "paused"].contains(d.state(of: stopped)), "\(stopped): \(d.state(of: stopped))")
             }
