@@ -57,7 +57,7 @@ struct Agent: ParsableCommand {
     @Option(help: "QEMU guest: the multiboot kernel to boot (e.g. the one Tools/guest-tiny/build.sh prints).") var kernel: String?
     @Option(help: "QEMU guest: the kernel command line.") var append = "pages=64"
     @Option(help: "Guest-physical address of the guest's progress counter (default: where the test guests keep it).") var counterAddress: Int?
-    @Option(help: "How dirty pages are found: auto (write tracking when the kernel and QEMU allow it, else compare, said once in the log), tracking (refuse a guest that cannot be tracked), compare (every page against a shadow copy).") var dirtyPages = DirtyPagePolicy.Method.auto
+    @Option(help: "How dirty pages are found: auto (write tracking when the kernel and QEMU allow it, else compare, said once in the log), tracking (refuse to start protecting a guest that cannot be tracked; a guest resumed on the standby falls back to compare), compare (every page against a shadow copy).") var dirtyPages = DirtyPagePolicy.Method.auto
     @Option(help: "Write tracking: re-protect written pages in the scan itself (in-scan: one atomic ioctl, the default, cheapest under TCG) or only the returned ranges (returned-ranges: under KVM, keeps KVM's mappings of unwritten RAM; not measurable here).") var trackingReprotect = WriteTrackingReprotect.inScan
     @Flag(help: "Check every write-tracked checkpoint against a full comparison and report any page tracking missed (a diagnostic: costs a compare per checkpoint).") var verifyTracking = false
     @Option(help: "Guest RAM in MiB.") var ramMib = 64

@@ -128,6 +128,23 @@ private func randomRuns(pages: Int, runs: Int, maxLength: Int, using rng: inout 
 /// resume loop, mapping changes QEMU cannot be made to do, and agent restart.
 @Suite(.serialized)
 struct WriteTrackingLocalTests {
+    /// `--dirty-pages tracking` refuses at the start; a guest a standby has just resumed runs
+    /// already, so it falls back to compare and says why instead of failing the resume.
+    @Test func trackingIsRefusedAtTheStartButNotForAResumedGuest() throws {
+        let policy = DirtyPagePolicy(method: .tracking)
+        var heard: [GeminusError] = []
+        #expect(throws: GeminusError.self) {
+            _ = try policy.makeFinder(qemuPID: nil, ramFilePath: "/nonexistent", fallback: { heard.append($0) })
+        }
+        #expect(heard.isEmpty)
+        let resumed = policy.makeFinderForResumedGuest(qemuPID: nil, ramFilePath: "/nonexistent", fallback: { heard.append($0) })
+        #expect(resumed is ShadowCompareFinder)
+        #expect(heard.count == 1 && heard.first?.message.contains("cannot be tracked") == true, "\(heard)")
+        heard.removeAll()
+        #expect(DirtyPagePolicy.compare.makeFinderForResumedGuest(qemuPID: nil, ramFilePath: "/x", fallback: { heard.append($0) }) is ShadowCompareFinder)
+        #expect(heard.isEmpty)
+    }
+
     @Test func kernelSupportsWriteTracking() {
         // Linux 6.18 here. On a kernel before 6.7 this fails with the reason and the fix.
         let e = WriteTrackingFinder.probe()
