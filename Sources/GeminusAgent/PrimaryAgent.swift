@@ -63,9 +63,15 @@ public final class PrimaryAgent: @unchecked Sendable {
     private let stopFlag = StopFlag()
     /// What `geminus status` shows; the caller may serve it on a control socket.
     public let status: AgentStatus
+    /// The witness engine, with `settings.machine.arbitration` set to `.witness`.
+    private let witness: (any WitnessLink)?
+    private var witnessFeed = WitnessFeed()
+    private let fenced = StopFlag()
 
     public init(settings: Settings, guest: any ProtectedGuest, port: HeldOutputPort, logger: Logger, events: EventLog,
-                status: AgentStatus = AgentStatus()) throws(GeminusError) {
+                status: AgentStatus = AgentStatus(), witness: (any WitnessLink)? = nil) throws(GeminusError) {
+        precondition((settings.machine.arbitration == .none) == (witness == nil), "a witness arbitration needs a witness link, and only it")
+        self.witness = witness
         self.status = status
         self.settings = settings
         self.guest = guest
@@ -99,6 +105,9 @@ public final class PrimaryAgent: @unchecked Sendable {
         /// `confirmedGeneration` (nil: told to, but its answer was lost with the link); the
         /// guest here was stopped for good.
         case handedOver(Epoch, confirmedGeneration: Generation?)
+        /// The witness said this node may lose the VM (or the agent was frozen): the guest was
+        /// stopped for good and the output it held dropped.
+        case selfFenced(reason: String)
     }
 
     /// Asks the loop for a planned switchover and waits (at most `timeout`) for its outcome.
@@ -120,6 +129,8 @@ public final class PrimaryAgent: @unchecked Sendable {
         }
         var nextProgress = Monotonic.nanos()
         var window = ProgressWindow()
+        let watch = startFenceWatch()
+        defer { watch?.stop() }
         while !stopFlag.isSet {
             let now = Monotonic.nanos()
             if now >= deadlineNanos { break }
@@ -140,6 +151,12 @@ public final class PrimaryAgent: @unchecked Sendable {
             } else {
                 Monotonic.sleep(nanos: 1_000_000)
             }
+            if let view = witnessFeed.next(from: witness) {
+                logger.info("witness: \(view)")
+                events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+                execute(machine.handle(.witness(view, nowNanos: Monotonic.nanos())))
+            }
+            guard !fenced.isSet else { break }
             execute(machine.handle(.tick(nowNanos: Monotonic.nanos())))
             if Monotonic.nanos() >= nextProgress {
                 // After a stall, report once and move on rather than in a burst.
@@ -151,8 +168,29 @@ public final class PrimaryAgent: @unchecked Sendable {
         connection?.close()
         switchoverRequests.finish(SwitchoverResult(ok: false, message: "the agent stopped before the switchover finished"))
         if let handedOver = outcome { return handedOver }
+        if fenced.isSet, let reason = watch?.reason { return .selfFenced(reason: reason) }
         guest.detach()
         return .stopped
+    }
+
+    /// With a witness: the watch that stops the guest for good when the witness says so, from
+    /// its own thread (see `FenceWatch`).
+    private func startFenceWatch() -> FenceWatch? {
+        guard let witness, let timings = settings.machine.arbitration.timings else { return nil }
+        let port = self.port, guest = self.guest, logger = self.logger, events = self.events
+        let fenced = self.fenced, stopFlag = self.stopFlag, status = self.status, vm = settings.vmName
+        return FenceWatch(link: witness, timings: timings) { reason in
+            let t0 = Monotonic.nanos()
+            // Output first: from here on nothing leaves, whatever the epoch loop still does.
+            let dropped = port.fence()
+            fenced.set()
+            guest.shutdown()
+            let micros = (Monotonic.nanos() - t0) / 1000
+            logger.critical("SELF-FENCED \(vm): \(reason). The guest is stopped for good (in \(micros / 1000) ms) and \(dropped) held packets were dropped; the secondary may run it now")
+            events.emit("self-fenced", ["reason": reason, "droppedPackets": dropped, "stopMicros": micros])
+            status.update(["state": "self-fenced", "fenceReason": reason])
+            stopFlag.set()
+        }
     }
 
     private func receiveFrames(from c: FramedConnection, waitNanos: UInt64) {
@@ -242,6 +280,10 @@ public final class PrimaryAgent: @unchecked Sendable {
                 }
             case .finishHandover(let epoch, let generation):
                 finishHandover(epoch, confirmedGeneration: generation)
+            case .announceUnprotected(let generation, let after):
+                logger.warning("secondary still lost: asking the witness to record generation \(generation) as unprotected after epoch \(after) before releasing held output")
+                events.emit("announce-unprotected", ["generation": generation.rawValue, "after": after.rawValue])
+                witness?.announce(WitnessRecord(generation: generation, unprotectedAfter: after))
             case .notice(let notice):
                 report(notice)
             }
@@ -286,6 +328,7 @@ public final class PrimaryAgent: @unchecked Sendable {
 
     /// `final`: the switchover's last capture; the guest stays paused.
     private func capture(_ epoch: Epoch, full: Bool, final: Bool = false) {
+        guard !fenced.isSet else { return }
         let t0 = Monotonic.nanos()
         if final { finalPauseStartNanos = t0 }
         do {

@@ -74,8 +74,13 @@ public final class SecondaryAgent: @unchecked Sendable {
 
     public var boundPort: UInt16 { listener.port }
 
+    private let witness: (any WitnessLink)?
+    private var witnessFeed = WitnessFeed()
+
     public init(settings: Settings, standby: any StandbyHost, logger: Logger, events: EventLog,
-                status: AgentStatus = AgentStatus()) throws(GeminusError) {
+                status: AgentStatus = AgentStatus(), witness: (any WitnessLink)? = nil) throws(GeminusError) {
+        precondition((settings.machine.arbitration == .none) == (witness == nil), "a witness arbitration needs a witness link, and only it")
+        self.witness = witness
         self.status = status
         self.settings = settings
         self.standby = standby
@@ -116,6 +121,11 @@ public final class SecondaryAgent: @unchecked Sendable {
                 }
             } else {
                 Monotonic.sleep(nanos: 1_000_000)
+            }
+            if let view = witnessFeed.next(from: witness) {
+                logger.info("witness: \(view)")
+                events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+                for a in machine.handle(.witness(view, nowNanos: Monotonic.nanos())) { perform(a) }
             }
             for action in machine.handle(.tick(nowNanos: Monotonic.nanos())) { perform(action) }
             admission.value = (machine.generation, replica?.committedEpoch ?? .none)
@@ -243,6 +253,9 @@ public final class SecondaryAgent: @unchecked Sendable {
             case .cannotTakeOver(let reason):
                 logger.error("cannot take over \(settings.vmName): \(reason)")
                 events.emit("cannot-take-over", ["reason": reason])
+            case .awaitingArbitration(let reason):
+                logger.warning("primary silent, not taking over \(settings.vmName) yet: \(reason)")
+                events.emit("awaiting-arbitration", ["reason": reason])
             }
         case .takeOver(let from, let generation):
             guard let makeOutput else { preconditionFailure("takeover before run()") }

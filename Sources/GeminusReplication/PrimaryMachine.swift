@@ -28,10 +28,15 @@ public struct PrimaryMachine: Sendable {
         public var finalAckTimeoutNanos: UInt64
         /// Planned switchover: how long the secondary may take to report the guest running.
         public var takeoverConfirmTimeoutNanos: UInt64
+        /// With a witness, running unprotected needs quorum and the witness's record of it
+        /// (see `announceUnprotected`).
+        public var arbitration: Arbitration
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
                     peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
-                    finalAckTimeoutNanos: UInt64 = 2_000_000_000, takeoverConfirmTimeoutNanos: UInt64 = 20_000_000_000) {
+                    finalAckTimeoutNanos: UInt64 = 2_000_000_000, takeoverConfirmTimeoutNanos: UInt64 = 20_000_000_000,
+                    arbitration: Arbitration = .none) {
+            self.arbitration = arbitration
             self.epochIntervalNanos = epochIntervalNanos
             self.maxEpochsInFlight = maxEpochsInFlight
             self.peerSilenceNanos = peerSilenceNanos
@@ -66,6 +71,9 @@ public struct PrimaryMachine: Sendable {
         /// The secondary runs the guest now, as `Generation`.
         case handoverConfirmed(Generation, nowNanos: UInt64)
         case handoverDeclined(reason: String, nowNanos: UInt64)
+        /// What the witness says now (with `Arbitration.witness`). A view whose record holds the
+        /// announcement asked for by `.announceUnprotected` lets the primary run unprotected.
+        case witness(WitnessView, nowNanos: UInt64)
     }
 
     /// Where a planned switchover is. The guest is paused from the final capture on.
@@ -100,6 +108,11 @@ public struct PrimaryMachine: Sendable {
         case resumeGuest
         /// The guest runs on the secondary now (or may): stop it here for good. Nothing follows.
         case finishHandover(Epoch, confirmedGeneration: Generation?)
+        /// With a witness: ask the witness to record that this generation runs unprotected after
+        /// `after`, so a secondary that still holds checkpoint `after` or older never resumes it
+        /// (it would un-send what is released next). Output stays held until a witness view
+        /// shows the record.
+        case announceUnprotected(generation: Generation, after: Epoch)
         case notice(Notice)
     }
 
@@ -132,6 +145,9 @@ public struct PrimaryMachine: Sendable {
     private var dueEpochDeferred = false
     public private(set) var staleAcks = 0
     public private(set) var switchover: Switchover?
+    public private(set) var witness: WitnessView?
+    /// The epoch an unprotected announcement on its way names (with a witness).
+    public private(set) var announcing: Epoch?
 
     /// - Parameter resumedFrom: the epoch a taken-over VM resumed from; numbering continues there.
     public init(config: Config, generation: Generation, resumedFrom: Epoch = .none) {
@@ -149,6 +165,7 @@ public struct PrimaryMachine: Sendable {
         if case .handedOver = switchover { return [] }
         switch event {
         case .peerConnected(let now):
+            announcing = nil
             lastHeardNanos = now
             needsFull = true
             ignoreNacksBefore = lastCaptured.next
@@ -179,9 +196,13 @@ public struct PrimaryMachine: Sendable {
                 }
             case .peerLost(let since):
                 if now - since >= config.unprotectAfterNanos {
-                    protection = .unprotected
-                    actions.append(.releaseAllOutput)
-                    actions.append(.notice(.unprotected(reason: "no secondary for \((now - since) / 1_000_000) ms")))
+                    if config.arbitration == .none {
+                        actions += unprotect(reason: "no secondary for \((now - since) / 1_000_000) ms")
+                    } else if announcing == nil {
+                        announcing = lastCaptured
+                        actions.append(.announceUnprotected(generation: generation, after: lastCaptured))
+                        actions += unprotectIfRecorded(now)
+                    }
                 }
             case .unprotected:
                 break
@@ -275,12 +296,31 @@ public struct PrimaryMachine: Sendable {
             switchover = .handedOver(final, confirmedGeneration: gen)
             return [.finishHandover(final, confirmedGeneration: gen)]
 
+        case .witness(let view, let now):
+            witness = view
+            return unprotectIfRecorded(now)
+
         case .handoverDeclined(let reason, let now):
             guard case .awaitingTakeover = switchover else { return [] }
             switchover = nil
             nextEpochDueNanos = now
             return [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary declined: \(reason)"))] + captureIfDue(now)
         }
+    }
+
+    /// With a witness, unprotected only once the witness has recorded the announcement, and
+    /// only while quorate: without quorum the other side may win (the fence watch stops the guest).
+    private mutating func unprotectIfRecorded(_ now: UInt64) -> [Action] {
+        guard let after = announcing, case .peerLost(let since) = protection, let w = witness, w.quorate, w.witnessHeard,
+              let record = w.record, record.generation == generation, record.unprotectedAfter >= after else { return [] }
+        announcing = nil
+        let peer = w.peerPresent ? "its node is in the cluster but the replication link is down" : "its node left the cluster"
+        return unprotect(reason: "no secondary for \((now - min(now, since)) / 1_000_000) ms (\(peer)); the witness recorded it and this node is quorate")
+    }
+
+    private mutating func unprotect(reason: String) -> [Action] {
+        protection = .unprotected
+        return [.releaseAllOutput, .notice(.unprotected(reason: reason))]
     }
 
     /// The final capture, once no other capture is in progress.

@@ -8,9 +8,15 @@ public struct SecondaryMachine: Sendable {
         /// No frame or heartbeat from the primary for this long: the primary is lost and the
         /// standby resumes (promise L1 bounds failover by this plus the resume time).
         public var takeoverAfterNanos: UInt64
+        /// With a witness, the takeover also needs this node to have won: quorate, with the
+        /// primary's node gone from its view, for `takeoverWaitNanos` (the primary's stale quorum
+        /// and its self-fence, see `ArbitrationTimings`), and the witness's record must not
+        /// say the checkpoint held here is behind released output.
+        public var arbitration: Arbitration
 
-        public init(takeoverAfterNanos: UInt64 = 150_000_000) {
+        public init(takeoverAfterNanos: UInt64 = 150_000_000, arbitration: Arbitration = .none) {
             self.takeoverAfterNanos = takeoverAfterNanos
+            self.arbitration = arbitration
         }
     }
 
@@ -34,6 +40,8 @@ public struct SecondaryMachine: Sendable {
         case rejected(Epoch, RejectReason, nowNanos: UInt64)
         /// Planned switchover: the primary has paused its guest for good at `Epoch`.
         case handoverRequested(Epoch, nowNanos: UInt64)
+        /// What the witness says now (with `Arbitration.witness`).
+        case witness(WitnessView, nowNanos: UInt64)
     }
 
     public enum Action: Equatable, Sendable {
@@ -54,6 +62,8 @@ public struct SecondaryMachine: Sendable {
         case primaryLost(reason: String)
         case primaryBack
         case cannotTakeOver(reason: String)
+        /// The primary is silent but the witness has not given this node the VM (yet).
+        case awaitingArbitration(reason: String)
     }
 
     public let config: Config
@@ -70,6 +80,10 @@ public struct SecondaryMachine: Sendable {
     /// commit, resuming `committed` could un-send released output (found by the simulator,
     /// seed 1337; scenario stale-checkpoint-after-unprotected-is-not-resumed).
     private var committedIsCurrent = false
+    public private(set) var witness: WitnessView?
+    /// Since when this node has won (quorate, the primary's node gone), with a witness.
+    private var wonSinceNanos: UInt64?
+    private var reportedAwaiting: String?
 
     public init(config: Config, generation: Generation) {
         self.config = config
@@ -88,6 +102,7 @@ public struct SecondaryMachine: Sendable {
             connected = true
             everConnected = true
             lastHeardNanos = now
+            reportedAwaiting = nil
             if case .primarySilent = state {
                 state = .following
                 return [.notice(.primaryBack)]
@@ -132,6 +147,11 @@ public struct SecondaryMachine: Sendable {
             generation = newGeneration
             return [.acceptHandover(from: committed, generation: newGeneration)]
 
+        case .witness(let view, let now):
+            witness = view
+            wonSinceNanos = view.quorate && !view.peerPresent ? (wonSinceNanos ?? now) : nil
+            return checkTakeover(now)
+
         case .tick(let now):
             if state == .following && now >= lastHeardNanos && now - lastHeardNanos > config.takeoverAfterNanos {
                 let reason = "primary silent for \((now - lastHeardNanos) / 1_000_000) ms"
@@ -154,6 +174,40 @@ public struct SecondaryMachine: Sendable {
             reportedCannotTakeOver = true
             return [.notice(.cannotTakeOver(reason: "the primary was lost while resynchronising after a reconnection; checkpoint \(committed) predates output it may have released unprotected, so resuming it could roll back what clients saw. The VM is down: start it from the primary's host, or resume checkpoint \(committed) by hand if you know the primary never ran unprotected"))]
         }
+        if let timings = config.arbitration.timings {
+            let waiting: String
+            if let won = wonSinceNanos, let w = witness {
+                if now - won >= timings.takeoverWaitNanos {
+                    guard w.witnessHeard else {
+                        return awaiting("this node won, but the witness has not published its record in this membership yet")
+                    }
+                    if let r = w.record, !r.allowsResuming(committed, at: generation) {
+                        guard !reportedCannotTakeOver else { return [] }
+                        reportedCannotTakeOver = true
+                        return [.notice(.cannotTakeOver(reason: "the witness recorded \(r): checkpoint \(committed) held here is behind output the primary released unprotected, so resuming it would roll back what clients saw. The VM is down: start it from the primary's host"))]
+                    }
+                    return resume()
+                }
+                waiting = "this node won (quorate, the primary's node gone); waiting \(timings.takeoverWaitNanos / 1_000_000) ms for the primary's stale quorum to end and its self-fence"
+            } else if let w = witness, !w.quorate {
+                waiting = "this node is not quorate: the primary's side may hold the witness and run the VM"
+            } else if witness == nil {
+                waiting = "no word from the witness yet"
+            } else {
+                waiting = "the primary's node is still in the cluster: it may be alive with only the replication link down"
+            }
+            return awaiting(waiting)
+        }
+        return resume()
+    }
+
+    private mutating func awaiting(_ why: String) -> [Action] {
+        guard reportedAwaiting != why else { return [] }
+        reportedAwaiting = why
+        return [.notice(.awaitingArbitration(reason: why))]
+    }
+
+    private mutating func resume() -> [Action] {
         let newGeneration = generation.next
         state = .tookOver(from: committed, generation: newGeneration)
         generation = newGeneration

@@ -25,11 +25,15 @@ public enum FaultKind: String, CaseIterable, Sendable, Comparable, Codable {
     case slowSecondary = "slow-secondary"
     /// The wall clock jumps by up to a day either way.
     case wallClockJump = "wall-clock-jump"
+    /// One host of the pair loses the witness for a while (with a partition of the pair in the
+    /// same run: "witness lost, then the pair partitioned", or a primary cut off from everything).
+    /// Kept last: the planner splits one random stream per kind in this order.
+    case witnessLoss = "witness-loss"
 
     public static func < (a: FaultKind, b: FaultKind) -> Bool { a.rawValue < b.rawValue }
 
-    /// Faults that isolate a primary that is still alive. Without arbitration (issue 6) the
-    /// secondary takes over anyway after the silence bound, so two copies run: a known gap.
+    /// Faults that isolate a primary that is still alive. Without arbitration the secondary
+    /// takes over anyway after the silence bound, so two copies run: a known gap of such runs.
     public var isolatesLivePrimary: Bool {
         self == .partition || self == .oneWayPartition || self == .stalePrimary
     }
@@ -97,6 +101,9 @@ public struct ScheduledFault: Sendable, Equatable {
         case partition(primaryToSecondaryOnly: Bool?)
         case heal
         case freezePrimary(forNanos: UInt64)
+        /// Cut the witness off from the primary's host (true) or the secondary's.
+        case cutWitness(fromPrimary: Bool)
+        case healWitness
         case slowSecondary(bytesPerMilli: Int)
         case jumpWallClock(byNanos: Int64)
     }
@@ -165,6 +172,11 @@ public enum FaultPlanner {
         with(.stalePrimary) { r in
             let at = r.uniform(100...max(101, end / ms / 2)) * ms
             schedule.append(.init(atNanos: at, what: .freezePrimary(forNanos: config.secondary.takeoverAfterNanos + r.uniform(50...400) * ms)))
+        }
+        with(.witnessLoss) { r in
+            let at = r.uniform(50...max(51, end / ms * 6 / 10)) * ms
+            schedule.append(.init(atNanos: at, what: .cutWitness(fromPrimary: r.uniform(0...1) == 0)))
+            schedule.append(.init(atNanos: at + r.uniform(50...1_500) * ms, what: .healWitness))
         }
         with(.slowSecondary) { r in
             schedule.append(.init(atNanos: r.uniform(0...max(1, end / ms / 2)) * ms, what: .slowSecondary(bytesPerMilli: Int(r.uniform(8...64)) << 10)))

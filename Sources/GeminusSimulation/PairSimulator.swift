@@ -9,8 +9,12 @@ import GeminusReplication
 /// events) is done here the way `PrimaryAgent` and `SecondaryAgent` do it, with no threads and
 /// no real time, so the same seed gives the same run byte for byte.
 ///
-/// The promises are checked after every step (`Checks`); a broken one is a `Violation`, except
-/// the ones the missing arbitration (issue 6) makes unavoidable, which are `knownGaps`.
+/// The pair's witness (`SimulatedWitness`, a model of the three-node Corosync cluster) feeds the
+/// real arbitration: `PrimaryLease` on the primary, the takeover gate of `SecondaryMachine`.
+///
+/// The promises are checked after every step (`Checks`); a broken one is a `Violation`. A run
+/// without arbitration (`SimulationConfig.arbitration == .none`, to show why it exists) counts
+/// the split brains its partitions cause as `knownGaps` instead.
 public final class PairSimulator {
     public let config: SimulationConfig
     public internal(set) var clock = SimulatedClock()
@@ -21,6 +25,12 @@ public final class PairSimulator {
 
     var linkRandom: SimulationRandom
     var worldRandom: SimulationRandom
+    var witnessRandom: SimulationRandom
+    var witness: SimulatedWitness?
+    var selfFences = 0
+    /// Since when the secondary and the witness have been able to talk (L1 with arbitration
+    /// counts from then: before it, no takeover is allowed).
+    var secondaryWithWitnessSinceNanos: UInt64? = 0
     var nextFault = 0
     var primary: PrimaryNode?
     var secondary: SecondaryNode?
@@ -64,19 +74,26 @@ public final class PairSimulator {
         let worldRandom = master.split()
         let (s, p, schedule, chosen) = FaultPlanner.plan(enabled: faults, config: config, rng: master.split())
         try self.init(config: config, toSecondaryFaults: s, toPrimaryFaults: p, schedule: schedule, kinds: chosen,
-                      linkRandom: linkRandom, worldRandom: worldRandom)
+                      linkRandom: linkRandom, worldRandom: worldRandom, witnessRandom: master.split())
     }
 
     /// A run with an explicit schedule (scenarios, and the tests that change one thing of a plan).
     public init(config: SimulationConfig, toSecondaryFaults: LinkFaults = LinkFaults(), toPrimaryFaults: LinkFaults = LinkFaults(),
                 schedule: [ScheduledFault] = [], kinds: Set<FaultKind> = [],
-                linkRandom: SimulationRandom? = nil, worldRandom: SimulationRandom? = nil) throws(GeminusError) {
+                linkRandom: SimulationRandom? = nil, worldRandom: SimulationRandom? = nil,
+                witnessRandom: SimulationRandom? = nil) throws(GeminusError) {
         self.config = config
         var master = SimulationRandom(seed: config.seed)
         let l = master.split()
         let w = master.split()
+        _ = master.split()
+        let wr = master.split()
         self.linkRandom = linkRandom ?? l
         self.worldRandom = worldRandom ?? w
+        self.witnessRandom = witnessRandom ?? wr
+        if config.arbitration != .none {
+            witness = SimulatedWitness(timings: .init(detectNanos: config.witnessDetectNanos, deliveryNanos: config.witnessDeliveryNanos))
+        }
         self.schedule = schedule.sorted { $0.atNanos < $1.atNanos }
         faultKinds = kinds
         toSecondary = SimulatedLink(name: "primary>secondary", capacityBytes: config.linkCapacityBytes)
@@ -89,6 +106,11 @@ public final class PairSimulator {
         secondary = try SecondaryNode(config: config, pageCount: workload.pageCount, generation: Generation(1), incarnation: 1)
         readBudget = config.secondaryReadBytesPerStep
         note("world", "seed \(config.seed), guest \(config.guestRamMiB) MiB, epoch every \(config.primary.epochIntervalNanos / 1_000_000) ms, takeover after \(config.secondary.takeoverAfterNanos / 1_000_000) ms of silence", notable: true)
+        if let t = config.arbitration.timings {
+            note("world", "witness: a third Corosync node; takeover waits \(t.takeoverWaitNanos / 1_000_000) ms after winning", notable: true)
+        } else {
+            note("world", "no arbitration: partitions can run the VM twice", notable: true)
+        }
         if !kinds.isEmpty { note("world", "faults: \(kinds.sorted().map(\.rawValue).joined(separator: ","))", notable: true) }
     }
 
@@ -130,6 +152,7 @@ public final class PairSimulator {
             nextFault += 1
         }
         if isolationActive || (primary?.frozenUntilNanos != nil) { lastIsolationNanos = now }
+        stepWitness()
         stepPrimary()
         stepSecondary()
         checkAfterStep()
@@ -152,7 +175,8 @@ public final class PairSimulator {
                   violations: violations, knownGaps: knownGaps, tookOver: isTakenOver, takeoverAtNanos: takeoverAtNanos,
                   epochsCommitted: epochsCommitted, fullCheckpoints: fullCheckpoints, resyncs: resyncs,
                   outputsReleased: observer.released.count, staleFramesRefused: staleFramesRefused,
-                  staleDialsRefused: staleDialsRefused, cannotTakeOver: cannotTakeOverReported && !isTakenOver && primaryLostAtNanos != nil, trace: trace)
+                  staleDialsRefused: staleDialsRefused, cannotTakeOver: cannotTakeOverReported && !isTakenOver && primaryLostAtNanos != nil,
+                  selfFences: selfFences, trace: trace)
     }
 
     // MARK: - Faults
@@ -169,6 +193,7 @@ public final class PairSimulator {
             count("secondary-crash")
             note("secondary", "CRASHED (incarnation \(s.incarnation))", notable: true)
             secondary = nil
+            witness?.setRunning(.secondary, false)
             crashedSecondaryIncarnation = s.incarnation
         case .restartSecondary:
             guard secondary == nil, !isTakenOver else { return }
@@ -176,19 +201,24 @@ public final class PairSimulator {
             // pair's generation (its configuration), so the primary must resync with a full epoch.
             crashedSecondaryIncarnation += 1
             secondary = try! SecondaryNode(config: config, pageCount: primaryPageCount, generation: Generation(1), incarnation: crashedSecondaryIncarnation)
+            witness?.setRunning(.secondary, true, fresh: true)
             note("secondary", "restarted empty (incarnation \(crashedSecondaryIncarnation))", notable: true)
         case .partition(let oneWay):
             switch oneWay {
             case nil:
                 toSecondary.cut(); toPrimary.cut()
+                witness?.setCut(.primary, .secondary, true)
                 count("partition")
                 note("world", "partition primary secondary", notable: true)
             case true?:
+                // Corosync's ring breaks on one-way loss as on any other.
                 toSecondary.cut()
+                witness?.setCut(.primary, .secondary, true)
                 count("one-way-partition")
                 note("world", "partition primary -> secondary (one way)", notable: true)
             case false?:
                 toPrimary.cut()
+                witness?.setCut(.primary, .secondary, true)
                 count("one-way-partition")
                 note("world", "partition secondary -> primary (one way)", notable: true)
             }
@@ -197,8 +227,20 @@ public final class PairSimulator {
         case .heal:
             guard toSecondary.isCut || toPrimary.isCut else { return }
             toSecondary.heal(); toPrimary.heal()
+            witness?.setCut(.primary, .secondary, false)
             isolationActive = false
             note("world", "heal", notable: true)
+        case .cutWitness(let fromPrimary):
+            guard witness != nil else { return }
+            let node: SimulatedWitness.Node = fromPrimary ? .primary : .secondary
+            count("witness-loss")
+            witness?.setCut(node, .witness, true)
+            note("world", "partition \(node) witness", notable: true)
+        case .healWitness:
+            guard let w = witness, w.isCut(.primary, .witness) || w.isCut(.secondary, .witness) else { return }
+            witness?.setCut(.primary, .witness, false)
+            witness?.setCut(.secondary, .witness, false)
+            note("world", "heal witness", notable: true)
         case .freezePrimary(let forNanos):
             guard let p = primary, p.frozenUntilNanos == nil else { return }
             p.armedFreezeNanos = forNanos
@@ -239,6 +281,7 @@ public final class PairSimulator {
         count("primary-crash:\(p.armedCrash?.rawValue ?? "now")")
         note("primary", "CRASHED \(why)", notable: true)
         primary = nil
+        witness?.setRunning(.primary, false)
         lostPrimary()
     }
 

@@ -12,6 +12,8 @@ final class PrimaryNode {
     }
 
     var machine: PrimaryMachine
+    /// The fence watch (with a witness): ticks every step the host runs.
+    var lease: PrimaryLease?
     let guest: SimulatedGuest
     let encoder: CheckpointEncoder
     let buffer: CheckpointBuffer
@@ -39,6 +41,7 @@ final class PrimaryNode {
 
     init(config: SimulationConfig, workload: SimulatedWorkload) throws(GeminusError) {
         machine = PrimaryMachine(config: config.primary, generation: Generation(1))
+        lease = config.arbitration.timings.map { PrimaryLease(timings: $0) }
         guest = try SimulatedGuest(workload: workload, memory: PageMemory(pageCount: workload.pageCount))
         encoder = try CheckpointEncoder(pageCount: workload.pageCount, maxFramePayload: config.maxFramePayload)
         buffer = CheckpointBuffer(limitPages: workload.pageCount)
@@ -77,6 +80,7 @@ extension PairSimulator {
         if let until = p.frozenUntilNanos {
             guard now >= until else { return }
             p.frozenUntilNanos = nil
+            witness?.setRunning(.primary, true)
             note("primary", "thawed: carries on as generation \(p.machine.generation)", notable: true)
             // The kernel drains the socket buffer before the agent looks at anything: the
             // epoch queued when the host hung goes out, still as the old generation.
@@ -84,9 +88,12 @@ extension PairSimulator {
             guard primary != nil else { return }
             let rest = p.actionsAfterThaw
             p.actionsAfterThaw = []
+            // The worst order for the promises: the epoch loop finishes what it was doing before
+            // the fence watch (its own thread in the agent) gets to look at the clock.
             primaryPerform(rest, p)
             guard primary != nil else { return }
         }
+        if tickLease(p) { return }
         runGuest(p)
         // A host that hung (or died) in the middle of this step does nothing more in it.
         var running: Bool { primary != nil && p.frozenUntilNanos == nil }
@@ -232,6 +239,7 @@ extension PairSimulator {
                 if let d = p.armedFreezeNanos {
                     p.armedFreezeNanos = nil
                     p.frozenUntilNanos = now + d
+                    witness?.setRunning(.primary, false)
                     p.actionsAfterThaw = Array(pending)
                     count("stale-primary")
                     lostPrimary()
@@ -249,6 +257,9 @@ extension PairSimulator {
                 p.connection = .idle(redialAtNanos: now + config.redialNanos)
                 p.clearSendQueue()
                 note("primary", "drops the link: \(reason)", notable: true)
+            case .announceUnprotected(let generation, let after):
+                note("primary", "asks the witness to record generation \(generation) unprotected after epoch \(after)", notable: true)
+                witness?.announce(from: .primary, WitnessRecord(generation: generation, unprotectedAfter: after), now: now)
             case .notice(let n):
                 primaryNotice(n)
             case .captureFinal, .handOver, .resumeGuest, .finishHandover:

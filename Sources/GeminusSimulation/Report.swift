@@ -26,7 +26,7 @@ public struct Violation: Sendable, Equatable, Codable, CustomStringConvertible {
 }
 
 /// The label every known-gap finding carries, so that no report can present one as a pass.
-public let knownGapLabel = "no arbitration yet (issue 6)"
+public let knownGapLabel = "run without arbitration"
 
 /// What one seed's run did and found.
 public struct RunResult: Sendable {
@@ -37,8 +37,9 @@ public struct RunResult: Sendable {
     public var faultsInjected: [String: Int]
     /// Broken promises: each one is a bug (in the code or in the simulator) to fix.
     public var violations: [Violation]
-    /// Promises broken only because the pair has no arbitration yet (issue 6): a partition or
-    /// a frozen primary lets both copies run. Counted apart, never dropped.
+    /// Promises broken only because the run had no arbitration (`--arbitration none`): a
+    /// partition or a frozen primary lets both copies run. Counted apart, never dropped.
+    /// With the witness (the default) there are none: such a break is a violation.
     public var knownGaps: [Violation]
     public var tookOver: Bool
     public var takeoverAtNanos: UInt64?
@@ -51,6 +52,8 @@ public struct RunResult: Sendable {
     /// The primary was lost and the secondary said it could not take over (nothing whole to
     /// resume, or a resync was under way): the VM is down and reported, not rolled back.
     public var cannotTakeOver: Bool
+    /// Times a primary stopped its guest for good because its witness said it might lose the VM.
+    public var selfFences: Int = 0
     public var trace: [TraceEvent]
 
     public var passed: Bool { violations.isEmpty }
@@ -86,6 +89,7 @@ public struct SweepSummary: Sendable {
     public var resyncs = 0
     public var fullCheckpoints = 0
     public var staleFramesRefused = 0
+    public var selfFences = 0
 
     public init() {}
 
@@ -102,5 +106,6 @@ public struct SweepSummary: Sendable {
         resyncs += r.resyncs
         fullCheckpoints += r.fullCheckpoints
         staleFramesRefused += r.staleFramesRefused + r.staleDialsRefused
+        selfFences += r.selfFences
     }
 }

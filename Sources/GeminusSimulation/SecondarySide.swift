@@ -193,6 +193,7 @@ extension PairSimulator {
                 switch n {
                 case .primaryLost(let reason): note("secondary", "primary lost: \(reason)", notable: true)
                 case .primaryBack: note("secondary", "primary back", notable: true)
+                case .awaitingArbitration(let reason): note("secondary", "not taking over yet: \(reason)", notable: true)
                 case .cannotTakeOver(let reason):
                     // Reported: the VM is down and says so (L1 allows that, never silence).
                     cannotTakeOverReported = true

@@ -27,15 +27,39 @@ public struct SimulationConfig: Sendable, Equatable {
     public var maxFramePayload = 32 << 10
     /// A slow secondary reads at most this many bytes per step; nil reads everything due.
     public var secondaryReadBytesPerStep: Int? = nil
+    /// How the pair decides who runs the VM: the witness (a third Corosync node, modelled by
+    /// `SimulatedWitness`) unless a run asks for none, to show what happens without it.
+    public var arbitration: Arbitration
+    /// The modelled Corosync: memberships follow connectivity changes after 50-110 ms (a token
+    /// of 50 ms and consensus of 60 ms, scaled down from the real cluster's so runs stay short).
+    public var witnessDetectNanos: ClosedRange<UInt64> = 50_000_000...110_000_000
+    public var witnessDeliveryNanos: UInt64 = 2_000_000
+
+    /// The arbitration bounds that go with the modelled Corosync (see `ArbitrationTimings`):
+    /// a stale membership outlives the other side's by at most the spread of `witnessDetectNanos`;
+    /// twice its upper end is the margin the real derivation uses. A fence here is immediate,
+    /// so the watch's bound only has to cover a freeze.
+    public static let witnessTimings = ArbitrationTimings(staleQuorumNanos: 220_000_000, selfFenceNanos: 20_000_000)
 
     public init(seed: UInt64, durationNanos: UInt64 = 3_000_000_000,
                 primary: PrimaryMachine.Config = .init(epochIntervalNanos: 25_000_000, maxEpochsInFlight: 4,
                                                        peerSilenceNanos: 150_000_000, unprotectAfterNanos: 300_000_000),
-                secondary: SecondaryMachine.Config = .init(takeoverAfterNanos: 150_000_000)) {
+                secondary: SecondaryMachine.Config = .init(takeoverAfterNanos: 150_000_000),
+                arbitration: Arbitration = .witness(SimulationConfig.witnessTimings)) {
         self.seed = seed
         self.durationNanos = durationNanos
         self.primary = primary
         self.secondary = secondary
+        self.arbitration = arbitration
+        self.primary.arbitration = arbitration
+        self.secondary.arbitration = arbitration
+    }
+
+    /// Switches arbitration for both machines.
+    public mutating func setArbitration(_ a: Arbitration) {
+        arbitration = a
+        primary.arbitration = a
+        secondary.arbitration = a
     }
 
     /// Guest steps (one page written each) per simulation step.

@@ -98,6 +98,17 @@ public struct OutputQueue<Item: Sendable>: Sendable {
         return out
     }
 
+    /// Drops everything held without releasing it (a self-fenced primary: what it held must
+    /// never reach a client, the secondary runs the VM from an older state). Returns the count.
+    @discardableResult
+    public mutating func discardAll() -> Int {
+        let n = heldCount
+        entries.removeAll(keepingCapacity: false)
+        head = 0
+        heldBytes = 0
+        return n
+    }
+
     private mutating func compact() {
         if head > 1024 && head * 2 > entries.count {
             entries.removeFirst(head)

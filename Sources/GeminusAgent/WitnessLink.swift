@@ -1,0 +1,63 @@
+import Foundation
+import GeminusCore
+import GeminusReplication
+
+/// The agents' seam to the pair's witness engine: the current view, and a way to ask the witness
+/// to record an announcement. `CorosyncWitnessLink` (geminus CLI) implements it on Corosync;
+/// tests implement it by hand. Called from several threads.
+public protocol WitnessLink: AnyObject, Sendable {
+    /// The latest view and a number that grows with every change (nil before the first one).
+    var current: (view: WitnessView, version: UInt64)? { get }
+    /// Asks the witness to record `record` (it answers in a later view's `record`).
+    func announce(_ record: WitnessRecord)
+}
+
+/// Feeds a machine only the views it has not seen.
+struct WitnessFeed {
+    private var version: UInt64?
+
+    mutating func next(from link: (any WitnessLink)?) -> WitnessView? {
+        guard let (view, v) = link?.current, v != version else { return nil }
+        version = v
+        return view
+    }
+}
+
+/// The primary's fence watch: its own thread runs `PrimaryLease` against the witness view every
+/// `tickNanos`, so a long capture or a stuck send in the epoch loop cannot delay a self-fence.
+/// On `.selfFence` it calls `fence` once (which must stop the guest for good and discard held
+/// output) and ends.
+final class FenceWatch: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false
+    private var thread: Thread?
+    private(set) var fenceReason: String?
+
+    init(link: any WitnessLink, timings: ArbitrationTimings, tickNanos: UInt64 = 10_000_000,
+         fence: @escaping @Sendable (String) -> Void) {
+        let t = Thread { [weak self] in
+            var lease = PrimaryLease(timings: timings)
+            var feed = WitnessFeed()
+            while let self, !self.isStopped {
+                let now = Monotonic.nanos()
+                var actions = lease.handle(.tick(nowNanos: now))
+                if let view = feed.next(from: link) { actions += lease.handle(.view(view, nowNanos: now)) }
+                for case .selfFence(let reason) in actions {
+                    self.lock.withLock { self.fenceReason = reason }
+                    fence(reason)
+                    return
+                }
+                Monotonic.sleep(nanos: tickNanos)
+            }
+        }
+        t.name = "geminus-fence-watch"
+        thread = t
+        t.start()
+    }
+
+    private var isStopped: Bool { lock.withLock { stopped } }
+
+    var reason: String? { lock.withLock { fenceReason } }
+
+    func stop() { lock.withLock { stopped = true } }
+}

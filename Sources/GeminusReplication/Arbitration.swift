@@ -1,0 +1,171 @@
+import GeminusCore
+
+/// What the pair's witness engine says on one node. The engine is a three-node Corosync cluster
+/// (the two hosts and a witness host) with votequorum, and `geminus witness` on the witness host
+/// keeping the record below; the simulator models the same.
+///
+/// Why not two nodes and a corosync-qnetd witness: qnetd holds no state of ours. A primary
+/// whose secondary is gone runs unprotected and releases output; if it is later cut off too,
+/// the secondary wins the witness's vote and would resume a checkpoint behind that output,
+/// un-sending it. Only a witness that recorded "generation G ran unprotected after epoch E"
+/// can stop that. A third Corosync node also bounds a cut-off node's stale quorum by
+/// Corosync's own token timeout, not by qdevice's (about 4 s; ../shared/notes/corosync.md).
+public struct WitnessView: Equatable, Sendable, CustomStringConvertible {
+    /// This node's partition holds quorum (two of the three votes).
+    public var quorate: Bool
+    /// The pair's other node is in this node's partition (its agent in the CPG group and its
+    /// node in the quorum view: Corosync reports the two separately, both must agree).
+    public var peerPresent: Bool
+    /// The witness published its record in the current membership (since the last change):
+    /// only then is `record` known to be what the witness holds now.
+    public var witnessHeard: Bool
+    /// The witness's record of this VM, if it has one.
+    public var record: WitnessRecord?
+
+    public init(quorate: Bool, peerPresent: Bool, witnessHeard: Bool = false, record: WitnessRecord? = nil) {
+        self.quorate = quorate
+        self.peerPresent = peerPresent
+        self.witnessHeard = witnessHeard
+        self.record = record
+    }
+
+    public var description: String {
+        var s = "\(quorate ? "quorate" : "not quorate"), peer \(peerPresent ? "present" : "absent")"
+        s += witnessHeard ? ", witness heard" : ", witness not heard"
+        if let r = record { s += ", witness record \(r)" }
+        return s
+    }
+}
+
+/// What the witness keeps per VM: the newest generation that announced running unprotected,
+/// and the last epoch it had captured then (every checkpoint up to it is behind released output).
+public struct WitnessRecord: Equatable, Sendable, CustomStringConvertible {
+    public var generation: Generation
+    public var unprotectedAfter: Epoch
+
+    public init(generation: Generation, unprotectedAfter: Epoch) {
+        self.generation = generation
+        self.unprotectedAfter = unprotectedAfter
+    }
+
+    /// Whether a replica at `generation` holding `committed` may still be resumed.
+    public func allowsResuming(_ committed: Epoch, at generation: Generation) -> Bool {
+        if self.generation > generation { return false }
+        if self.generation == generation { return committed > unprotectedAfter }
+        return true
+    }
+
+    /// Keeps the later of two records (the witness merges announcements this way).
+    public func merged(with other: WitnessRecord) -> WitnessRecord {
+        if other.generation != generation { return other.generation > generation ? other : self }
+        return other.unprotectedAfter > unprotectedAfter ? other : self
+    }
+
+    public var description: String { "generation \(generation) unprotected after epoch \(unprotectedAfter)" }
+}
+
+/// The two bounds arbitration rests on, and what follows from them.
+///
+/// A node cut off from the others goes on reporting itself quorate until Corosync forms its new
+/// membership; the other side may have formed its own a little earlier. So the winning
+/// secondary may not resume at the moment it wins: it waits out the loser's stale quorum and
+/// then the loser's self-fence.
+///
+/// - the primary stops its guest within `selfFenceNanos` of its witness view saying "not quorate";
+/// - a cut-off node's view says "not quorate" within `staleQuorumNanos` of the other side winning;
+/// - so the secondary, once it has won (quorate, the primary gone from its view), waits
+///   `takeoverWaitNanos` = `staleQuorumNanos + selfFenceNanos` before resuming: by then the
+///   primary has stopped.
+public struct ArbitrationTimings: Equatable, Sendable {
+    public var staleQuorumNanos: UInt64
+    public var selfFenceNanos: UInt64
+
+    public init(staleQuorumNanos: UInt64, selfFenceNanos: UInt64) {
+        self.staleQuorumNanos = staleQuorumNanos
+        self.selfFenceNanos = selfFenceNanos
+    }
+
+    public var takeoverWaitNanos: UInt64 { staleQuorumNanos + selfFenceNanos }
+
+    /// From Corosync's effective token and consensus timeouts (`runtime.config.totem.token` and
+    /// `.consensus`). Every member of a broken ring gives up on the token within `token` of its
+    /// last one and installs its new membership `consensus` later; twice that covers the skew
+    /// between the two sides. The primary's fence watch ticks every `fenceTickNanos`; a stop
+    /// takes at most one tick plus `killNanos` (SIGKILL of QEMU, or a libvirt destroy).
+    public static func corosync(tokenMillis: UInt64, consensusMillis: UInt64, fenceTickNanos: UInt64 = 10_000_000,
+                                killNanos: UInt64 = 190_000_000) -> ArbitrationTimings {
+        ArbitrationTimings(staleQuorumNanos: 2 * (tokenMillis + consensusMillis) * 1_000_000, selfFenceNanos: fenceTickNanos + killNanos)
+    }
+}
+
+/// How the pair decides who may run the VM.
+public enum Arbitration: Equatable, Sendable {
+    /// Nothing decides: the secondary takes over on silence alone and a primary that lost its
+    /// secondary runs unprotected. A partition between two live hosts then runs the VM twice.
+    /// For a single host (the demo) and tests of the pipeline only.
+    case none
+    /// A witness decides (see `ArbitrationTimings`).
+    case witness(ArbitrationTimings)
+
+    public var timings: ArbitrationTimings? {
+        if case .witness(let t) = self { return t }
+        return nil
+    }
+}
+
+/// The primary's right to keep its guest running, as a state machine (no I/O, no clock): the
+/// fence watch of the agent drives it from a thread of its own, so a busy or stuck epoch loop
+/// cannot delay a self-fence.
+///
+/// The primary runs while its witness says quorate; "not quorate" means the other side may win,
+/// so the guest is stopped for good and held output is never released. A watch that did not
+/// tick for longer than `selfFenceNanos` (the host or the agent was frozen, SIGSTOP) cannot
+/// trust the view it holds, which may predate a lost quorum: it fences too.
+public struct PrimaryLease: Sendable {
+    public enum Event: Equatable, Sendable {
+        case view(WitnessView, nowNanos: UInt64)
+        case tick(nowNanos: UInt64)
+    }
+
+    public enum Action: Equatable, Sendable {
+        /// Stop the guest now and for good; discard held output. Nothing follows.
+        case selfFence(reason: String)
+    }
+
+    public let timings: ArbitrationTimings
+    public private(set) var view: WitnessView?
+    public private(set) var fenced = false
+    private var lastTickNanos: UInt64?
+
+    public init(timings: ArbitrationTimings) {
+        self.timings = timings
+    }
+
+    public mutating func handle(_ event: Event) -> [Action] {
+        guard !fenced else { return [] }
+        switch event {
+        case .view(let v, let now):
+            view = v
+            if let gap = gap(now) { return fence(gap) }
+            lastTickNanos = now
+            if !v.quorate {
+                return fence("the witness says this node is not quorate (\(v)): the secondary may take over")
+            }
+            return []
+        case .tick(let now):
+            if let gap = gap(now) { return fence(gap) }
+            lastTickNanos = now
+            return []
+        }
+    }
+
+    private func gap(_ now: UInt64) -> String? {
+        guard let last = lastTickNanos, now > last, now - last > timings.selfFenceNanos else { return nil }
+        return "the fence watch did not run for \((now - last) / 1_000_000) ms (over \(timings.selfFenceNanos / 1_000_000) ms: this host or agent was frozen), so its view of the witness may be stale"
+    }
+
+    private mutating func fence(_ reason: String) -> [Action] {
+        fenced = true
+        return [.selfFence(reason: reason)]
+    }
+}

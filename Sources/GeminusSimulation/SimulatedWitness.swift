@@ -1,0 +1,214 @@
+import GeminusCore
+import GeminusReplication
+
+/// The pair's witness engine as the simulator models it: a three-node Corosync cluster (the
+/// primary's host, the secondary's host, the witness host) with votequorum, and the witness
+/// keeping its `WitnessRecord` of the VM. The arbitration logic it feeds is the real one
+/// (`PrimaryLease`, `PrimaryMachine`, `SecondaryMachine`); this is only the world around it.
+///
+/// What it models, from Corosync's behaviour (../shared/notes/corosync.md):
+/// - a node's membership follows the true connectivity late: each new partition installs its
+///   membership at one moment drawn in `detectNanos` after the change, independently of the
+///   other partition, so for a while a cut-off node still believes in the old one (stale quorum);
+/// - quorate means two of the three nodes in the installed membership;
+/// - messages travel only between nodes that are truly connected and have each other in their
+///   installed membership (a broken ring delivers nothing), after `deliveryNanos`;
+/// - the witness publishes its record after each membership it installs and after each change
+///   to the record; a node has "heard" the witness only from such a publication in its current
+///   membership;
+/// - a frozen host's Corosync is frozen too: the others lose it, and it notices nothing until it thaws.
+struct SimulatedWitness {
+    enum Node: Int, CaseIterable, Comparable, CustomStringConvertible {
+        case primary, secondary, witness
+        static func < (a: Node, b: Node) -> Bool { a.rawValue < b.rawValue }
+        var description: String { ["primary", "secondary", "witness"][rawValue] }
+    }
+
+    struct Timings: Equatable, Sendable {
+        /// From a connectivity change to the new membership being installed (token + consensus).
+        var detectNanos: ClosedRange<UInt64>
+        var deliveryNanos: UInt64
+    }
+
+    let timings: Timings
+    /// Which host pairs can talk (both directions: Corosync's ring breaks on one-way loss too).
+    private var cut: Set<[Node]> = []
+    /// Hosts whose Corosync runs (not crashed, not frozen).
+    private var running: Set<Node> = Set(Node.allCases)
+    private(set) var installed: [Node: Set<Node>] = [:]
+    private var pendingInstall: [Node: (members: Set<Node>, atNanos: UInt64)] = [:]
+    private var heard: [Node: Bool] = [:]
+    private var heardRecord: [Node: WitnessRecord] = [:]
+    /// What the witness holds.
+    private(set) var record: WitnessRecord?
+    private var deliveries: [(atNanos: UInt64, to: Node, what: Delivery)] = []
+
+    private enum Delivery {
+        case announcement(WitnessRecord)
+        case witnessRecord(WitnessRecord?)
+    }
+
+    init(timings: Timings) {
+        self.timings = timings
+        for n in Node.allCases {
+            installed[n] = Set(Node.allCases)
+            heard[n] = true
+        }
+    }
+
+    func view(of n: Node) -> WitnessView {
+        let members = installed[n] ?? [n]
+        let peer: Node = n == .primary ? .secondary : .primary
+        return WitnessView(quorate: members.count >= 2, peerPresent: members.contains(peer),
+                           witnessHeard: heard[n] ?? false, record: heardRecord[n])
+    }
+
+    mutating func setCut(_ a: Node, _ b: Node, _ isCut: Bool) {
+        let key = [a, b].sorted()
+        if isCut { cut.insert(key) } else { cut.remove(key) }
+    }
+
+    func isCut(_ a: Node, _ b: Node) -> Bool { cut.contains([a, b].sorted()) }
+
+    /// A host stopped (crash, freeze) or runs again. A host that comes back after a crash starts
+    /// with only itself in its membership.
+    mutating func setRunning(_ n: Node, _ isRunning: Bool, fresh: Bool = false) {
+        if isRunning { running.insert(n) } else { running.remove(n) }
+        if isRunning && fresh {
+            installed[n] = [n]
+            heard[n] = false
+            heardRecord[n] = nil
+            pendingInstall[n] = nil
+        }
+    }
+
+    private func connected(_ a: Node, _ b: Node) -> Bool {
+        a == b || (running.contains(a) && running.contains(b) && !isCut(a, b))
+    }
+
+    /// The partition `n` truly belongs to now.
+    private func trueComponent(_ n: Node) -> Set<Node> {
+        var members: Set<Node> = [n]
+        var grew = true
+        while grew {
+            grew = false
+            for m in Node.allCases where !members.contains(m) && members.contains(where: { connected($0, m) }) {
+                members.insert(m)
+                grew = true
+            }
+        }
+        return members
+    }
+
+    /// Announcement from `from`: reaches the witness only over a working ring.
+    mutating func announce(from: Node, _ r: WitnessRecord, now: UInt64) {
+        guard canTalk(from, .witness) else { return }
+        deliveries.append((now + timings.deliveryNanos, .witness, .announcement(r)))
+    }
+
+    private func canTalk(_ a: Node, _ b: Node) -> Bool {
+        connected(a, b) && (installed[a]?.contains(b) ?? false) && (installed[b]?.contains(a) ?? false)
+    }
+
+    private mutating func publishRecord(now: UInt64) {
+        for n in [Node.primary, .secondary] where canTalk(.witness, n) {
+            deliveries.append((now + timings.deliveryNanos, n, .witnessRecord(record)))
+        }
+    }
+
+    /// Advances to `now`; returns the nodes whose view changed.
+    mutating func advance(now: UInt64, rng: inout SimulationRandom) -> Set<Node> {
+        var changed = Set<Node>()
+        // New memberships to install: one moment per true partition.
+        var scheduled = Set<Node>()
+        for n in Node.allCases where running.contains(n) && !scheduled.contains(n) {
+            let component = trueComponent(n)
+            scheduled.formUnion(component)
+            let target = pendingInstall[n]?.members ?? installed[n]
+            guard target != component else { continue }
+            let at = now + rng.uniform(timings.detectNanos)
+            for m in component { pendingInstall[m] = (component, at) }
+        }
+        for n in Node.allCases where running.contains(n) {
+            guard let p = pendingInstall[n], p.atNanos <= now else { continue }
+            pendingInstall[n] = nil
+            installed[n] = p.members
+            heard[n] = false
+            heardRecord[n] = nil
+            changed.insert(n)
+            if n == .witness { publishRecord(now: now) }
+        }
+        // Deliveries due, to hosts that run and still share a working ring with the sender.
+        // Publications made while handling these are queued afresh (they arrive later).
+        let queued = deliveries
+        deliveries = []
+        for d in queued {
+            guard d.atNanos <= now else { deliveries.append(d); continue }
+            switch d.what {
+            case .announcement(let r):
+                guard running.contains(.witness) else { continue }
+                let merged = record.map { $0.merged(with: r) } ?? r
+                if merged != record {
+                    record = merged
+                    publishRecord(now: now)
+                }
+            case .witnessRecord(let r):
+                guard canTalk(.witness, d.to) else { continue }
+                heard[d.to] = true
+                heardRecord[d.to] = r
+                changed.insert(d.to)
+            }
+        }
+        return changed
+    }
+}
+
+extension PairSimulator {
+    /// Moves the modelled cluster on and hands each changed view to the node that sees it, as
+    /// the agents' cluster glue does.
+    func stepWitness() {
+        guard var w = witness else { return }
+        let changed = w.advance(now: now, rng: &witnessRandom)
+        witness = w
+        let sw = !w.isCut(.secondary, .witness) && secondary != nil
+        if !sw { secondaryWithWitnessSinceNanos = nil } else if secondaryWithWitnessSinceNanos == nil { secondaryWithWitnessSinceNanos = now }
+        if changed.contains(.primary), let p = primary, p.frozenUntilNanos == nil {
+            let view = w.view(of: .primary)
+            note("primary", "witness view: \(view)", notable: true)
+            if let lease = p.lease {
+                var l = lease
+                let actions = l.handle(.view(view, nowNanos: now))
+                p.lease = l
+                if leaseActions(actions, p) { return }
+            }
+            primaryPerform(p.machine.handle(.witness(view, nowNanos: now)), p)
+        }
+        if changed.contains(.secondary), let s = secondary, s.resumed == nil {
+            let view = w.view(of: .secondary)
+            note("secondary", "witness view: \(view)", notable: true)
+            secondaryPerform(s.machine.handle(.witness(view, nowNanos: now)), s)
+        }
+    }
+
+    /// The fence watch's tick; true when the primary fenced itself.
+    func tickLease(_ p: PrimaryNode) -> Bool {
+        guard var l = p.lease else { return false }
+        let actions = l.handle(.tick(nowNanos: now))
+        p.lease = l
+        return leaseActions(actions, p)
+    }
+
+    private func leaseActions(_ actions: [PrimaryLease.Action], _ p: PrimaryNode) -> Bool {
+        for case .selfFence(let reason) in actions {
+            // The agent stops the guest for good and drops what it holds: nothing of it leaves.
+            selfFences += 1
+            count("self-fence")
+            note("primary", "SELF-FENCED (generation \(p.machine.generation)): \(reason); \(p.queue.heldCount) held packets dropped", notable: true)
+            primary = nil
+            witness?.setRunning(.primary, false)
+            lostPrimary()
+            return true
+        }
+        return false
+    }
+}
