@@ -92,8 +92,8 @@ extension PairSimulator {
     /// At the takeover: the resumed guest continues from the committed capture and stands
     /// behind every output released so far.
     func checkTakeover(_ s: SecondaryNode, _ guest: SimulatedGuest, from: Epoch) {
-        if primary != nil {
-            // The old primary still lives: only an isolation fault explains losing it.
+        if primary != nil && config.arbitration == .none {
+            // The old primary still lives: without arbitration, an isolation fault explains it.
             let slack = config.secondary.takeoverAfterNanos + maxDelayToSecondary + 2 * config.heartbeatNanos
             if let last = lastIsolationNanos, now - last <= slack { splitBrainIsKnownGap = true }
         }
@@ -131,6 +131,13 @@ extension PairSimulator {
         }
     }
 
+    /// Where L1's clock starts: at the loss, or with a witness, once the secondary can reach it
+    /// (until then no takeover is allowed: nil).
+    func l1ClockStart(_ lost: UInt64) -> UInt64? {
+        guard config.arbitration != .none else { return lost }
+        return secondaryWithWitnessSinceNanos.map { max($0, lost) }
+    }
+
     var maxDelayToSecondary: UInt64 {
         let f = toSecondary.faults
         // A reordered frame is held back up to 5 ms more.
@@ -151,11 +158,16 @@ extension PairSimulator {
             if primary?.frozenUntilNanos == nil && primary != nil {
                 // It thawed before the secondary gave up on it: it was never lost for good.
                 primaryLostAtNanos = nil
-            } else {
+            } else if let from = l1ClockStart(lost) {
                 let backlog = readBudget.map { UInt64(config.linkCapacityBytes / max(1, $0)) * config.stepNanos } ?? 0
-                let bound = config.secondary.takeoverAfterNanos + maxDelayToSecondary + config.heartbeatNanos + backlog + 2 * config.stepNanos
-                if now - lost > bound {
-                    violate(.l1, "no takeover \((now - lost) / 1_000_000) ms after the primary was lost (bound \(bound / 1_000_000) ms)", onceAs: "l1")
+                var bound = config.secondary.takeoverAfterNanos + maxDelayToSecondary + config.heartbeatNanos + backlog + 2 * config.stepNanos
+                if let t = config.arbitration.timings {
+                    // The cluster notices, the secondary waits out the loser's stale quorum and
+                    // its self-fence, the witness's record arrives.
+                    bound = max(bound, config.witnessDetectNanos.upperBound + t.takeoverWaitNanos + 2 * config.witnessDeliveryNanos + 2 * config.stepNanos)
+                }
+                if now - from > bound {
+                    violate(.l1, "no takeover \((now - from) / 1_000_000) ms after the primary was lost\(from > lost ? " and the secondary could reach the witness" : "") (bound \(bound / 1_000_000) ms)", onceAs: "l1")
                 }
             }
         }

@@ -10,12 +10,13 @@
 ///     ----
 ///     (the expected log: each command as "> command", then the notable events it caused)
 ///
-/// Commands: `seed N`, `run 300ms|2s`, `crash primary before capture|during capture|after
+/// Commands: `seed N`, then optionally `arbitration none` (the witness arbitrates unless a
+/// story shows what happens without it), `run 300ms|2s`, `crash primary before capture|during capture|after
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
 /// `partition primary secondary` (both ways), `partition primary -> secondary` (one way),
-/// `heal`, `freeze primary 400ms`, `slow secondary 16KiB/ms`, `wall-clock jump -3600s`,
+/// `heal`, `partition primary witness`, `partition secondary witness`, `heal witness` (both links), `heal primary|secondary witness`, `freeze primary 400ms`, `slow secondary 16KiB/ms`, `wall-clock jump -3600s`,
 /// `corrupt|duplicate|reorder|lose next N frames`, `corrupt next frame at byte 10`, `link delay 5ms..20ms`, and
-/// `expect took-over|no-takeover|protected|unprotected|no-violations|known-gap S1|stale-refused|resynced|backpressure|secondary following`.
+/// `expect took-over|no-takeover|protected|unprotected|no-violations|known-gap S1|stale-refused|resynced|backpressure|secondary following|self-fenced|cannot-take-over`.
 public struct Scenario: Sendable {
     public var name: String
     public var commands: [String]
@@ -76,6 +77,10 @@ public struct Scenario: Sendable {
         }
         var config = SimulationConfig(seed: seed)
         config.durationNanos = UInt64.max
+        if rest.first == "arbitration none" {
+            config.setArbitration(.none)
+            rest = rest.dropFirst()
+        }
         let sim = try PairSimulator(config: config)
         var log: [String] = []
         var failures: [String] = []
@@ -128,6 +133,12 @@ public struct Scenario: Sendable {
             }
         case ("heal", 1):
             sim.inject(.heal)
+        case ("partition", 3) where words[2] == "witness" && (words[1] == "primary" || words[1] == "secondary"):
+            sim.inject(.cutWitness(fromPrimary: words[1] == "primary"))
+        case ("heal", 2) where words[1] == "witness":
+            sim.inject(.healWitness)
+        case ("heal", 3) where words[2] == "witness" && (words[1] == "primary" || words[1] == "secondary"):
+            sim.healWitnessLink(fromPrimary: words[1] == "primary")
         case ("freeze", 3) where words[1] == "primary":
             guard let d = duration(words[2]) else { return "expected a duration such as 400ms" }
             sim.inject(.freezePrimary(forNanos: d))
@@ -191,6 +202,10 @@ public struct Scenario: Sendable {
             let b = sim.backpressure
             sim.note("check", "backpressure: \(b.deferredEpochs) epochs deferred, guest stalled \(b.guestStalls) times, send queue peak \(b.peakSendQueueBytes >> 10) KiB, link peak \(b.peakLinkBytes >> 10) KiB of \(sim.config.linkCapacityBytes >> 10) KiB", notable: true)
             return b.deferredEpochs > 0 || b.guestStalls > 0 ? nil : "no backpressure: nothing was deferred or stalled"
+        case "self-fenced":
+            return r.selfFences > 0 ? nil : "the primary did not fence itself"
+        case "cannot-take-over":
+            return sim.result().trace.contains { $0.text.hasPrefix("CANNOT TAKE OVER") } ? nil : "the secondary never said it cannot take over"
         case "secondary following":
             return sim.secondaryState == .following ? nil : "the secondary is \(sim.secondaryState.map { "\($0)" } ?? "dead")"
         default:

@@ -7,6 +7,9 @@ import GeminusReplication
 /// (`PrimaryLease`, `PrimaryMachine`, `SecondaryMachine`); this is only the world around it.
 ///
 /// What it models, from Corosync's behaviour (../shared/notes/corosync.md):
+/// - a membership is a set of hosts that can all talk to each other (Corosync's ring needs every
+///   pair): with one link of the three cut, the host with both links ends up with one side or the
+///   other, drawn at random;
 /// - a node's membership follows the true connectivity late: each new partition installs its
 ///   membership at one moment drawn in `detectNanos` after the change, independently of the
 ///   other partition, so for a while a cut-off node still believes in the old one (stale quorum);
@@ -42,6 +45,12 @@ struct SimulatedWitness {
     /// What the witness holds.
     private(set) var record: WitnessRecord?
     private var deliveries: [(atNanos: UInt64, to: Node, what: Delivery)] = []
+    private var partitions: [Set<Node>] = [Set(Node.allCases)]
+    private var partitionsKey = ""
+
+    private var connectivityKey: String {
+        Node.allCases.map { running.contains($0) ? "1" : "0" }.joined() + cut.map { "\($0)" }.sorted().joined()
+    }
 
     private enum Delivery {
         case announcement(WitnessRecord)
@@ -86,18 +95,15 @@ struct SimulatedWitness {
         a == b || (running.contains(a) && running.contains(b) && !isCut(a, b))
     }
 
-    /// The partition `n` truly belongs to now.
-    private func trueComponent(_ n: Node) -> Set<Node> {
-        var members: Set<Node> = [n]
-        var grew = true
-        while grew {
-            grew = false
-            for m in Node.allCases where !members.contains(m) && members.contains(where: { connected($0, m) }) {
-                members.insert(m)
-                grew = true
-            }
-        }
-        return members
+    /// The partitions the hosts truly form now: disjoint sets of hosts that all talk to each
+    /// other. `tieBreak` picks the side a host with links to both sides joins.
+    private func truePartitions(tieBreak: UInt64) -> [Set<Node>] {
+        let all = Node.allCases.filter { running.contains($0) }
+        if all.allSatisfy({ a in all.allSatisfy { connected(a, $0) } }) { return [Set(all)] }
+        let pairs = all.indices.flatMap { i in all[(i + 1)...].map { [all[i], $0] } }.filter { connected($0[0], $0[1]) }
+        guard !pairs.isEmpty else { return all.map { [$0] } }
+        let pair = Set(pairs[Int(tieBreak % UInt64(pairs.count))])
+        return [pair] + all.filter { !pair.contains($0) }.map { [$0] }
     }
 
     /// Announcement from `from`: reaches the witness only over a working ring.
@@ -119,13 +125,17 @@ struct SimulatedWitness {
     /// Advances to `now`; returns the nodes whose view changed.
     mutating func advance(now: UInt64, rng: inout SimulationRandom) -> Set<Node> {
         var changed = Set<Node>()
-        // New memberships to install: one moment per true partition.
-        var scheduled = Set<Node>()
-        for n in Node.allCases where running.contains(n) && !scheduled.contains(n) {
-            let component = trueComponent(n)
-            scheduled.formUnion(component)
+        // New memberships to install: one moment per true partition. The partitions are drawn
+        // again only when connectivity changes.
+        let key = connectivityKey
+        if key != partitionsKey {
+            partitionsKey = key
+            partitions = truePartitions(tieBreak: rng.next())
+        }
+        for component in partitions {
+            guard let n = component.first else { continue }
             let target = pendingInstall[n]?.members ?? installed[n]
-            guard target != component else { continue }
+            guard target != component || component.contains(where: { (pendingInstall[$0]?.members ?? installed[$0]) != component }) else { continue }
             let at = now + rng.uniform(timings.detectNanos)
             for m in component { pendingInstall[m] = (component, at) }
         }
@@ -175,19 +185,28 @@ extension PairSimulator {
         if changed.contains(.primary), let p = primary, p.frozenUntilNanos == nil {
             let view = w.view(of: .primary)
             note("primary", "witness view: \(view)", notable: true)
-            if let lease = p.lease {
-                var l = lease
+            var fenced = false
+            if var l = p.lease {
                 let actions = l.handle(.view(view, nowNanos: now))
                 p.lease = l
-                if leaseActions(actions, p) { return }
+                fenced = leaseActions(actions, p)
             }
-            primaryPerform(p.machine.handle(.witness(view, nowNanos: now)), p)
+            // (A fenced primary is gone; the secondary's view of the same moment still counts.)
+            if !fenced { primaryPerform(p.machine.handle(.witness(view, nowNanos: now)), p) }
         }
         if changed.contains(.secondary), let s = secondary, s.resumed == nil {
             let view = w.view(of: .secondary)
             note("secondary", "witness view: \(view)", notable: true)
             secondaryPerform(s.machine.handle(.witness(view, nowNanos: now)), s)
         }
+    }
+
+    /// Heals one host's link to the witness (scenarios).
+    func healWitnessLink(fromPrimary: Bool) {
+        guard witness != nil else { return }
+        let node: SimulatedWitness.Node = fromPrimary ? .primary : .secondary
+        witness?.setCut(node, .witness, false)
+        note("world", "heal \(node) witness", notable: true)
     }
 
     /// The fence watch's tick; true when the primary fenced itself.
