@@ -84,7 +84,7 @@ let package = Package(
         .target(
             name: "GeminusAgent",
             dependencies: [
-                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication",
+                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication", "GeminusCluster",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]

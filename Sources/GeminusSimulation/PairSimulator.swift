@@ -288,7 +288,9 @@ public final class PairSimulator {
     func lostPrimary() {
         guard primaryLostAtNanos == nil else { return }
         primaryLostAtNanos = now
-        cannotTakeOverReported = false
+        // A secondary that already judged this silence (it said it cannot take over before the
+        // primary was finally lost, seed 3984) has said all it will: that report stands.
+        if case .primarySilent? = secondary?.machine.state {} else { cannotTakeOverReported = false }
         secondaryCouldResumeAtLoss = secondary.map { $0.replica.hasBaseImage && $0.resumed == nil } ?? false
         incarnationAtLoss = secondary?.incarnation ?? 0
     }

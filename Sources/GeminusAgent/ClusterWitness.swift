@@ -1,0 +1,210 @@
+import Foundation
+import GeminusCluster
+import GeminusCore
+import GeminusReplication
+import Logging
+
+/// What the CA agents and the witness publish through the cluster seam (CPG, agreed order; one
+/// latest state per node, republished after every membership change so newcomers get it).
+/// JSON, small: a few hundred bytes per VM.
+enum WitnessMessage: Equatable {
+    /// A pair agent: "generation G of VM ran unprotected after epoch E" (nil: nothing to say yet).
+    case agent(vm: String, record: WitnessRecord?)
+    /// The witness: every record it holds.
+    case witness(records: [String: WitnessRecord])
+
+    static let maxRecords = 4096
+
+    func encoded() -> [UInt8] {
+        func r(_ w: WitnessRecord) -> [String: UInt64] { ["generation": w.generation.rawValue, "after": w.unprotectedAfter.rawValue] }
+        let object: [String: Any]
+        switch self {
+        case .agent(let vm, let record):
+            var o: [String: Any] = ["kind": "geminus-ca-agent", "vm": vm]
+            if let record { o["record"] = r(record) }
+            object = o
+        case .witness(let records):
+            object = ["kind": "geminus-ca-witness", "records": records.mapValues(r)]
+        }
+        return Array(try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
+    }
+
+    init?(decoding bytes: [UInt8]) {
+        guard let o = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any], let kind = o["kind"] as? String else { return nil }
+        func r(_ any: Any?) -> WitnessRecord? {
+            guard let d = any as? [String: Any], let g = (d["generation"] as? NSNumber)?.uint64Value,
+                  let a = (d["after"] as? NSNumber)?.uint64Value else { return nil }
+            return WitnessRecord(generation: Generation(g), unprotectedAfter: Epoch(a))
+        }
+        switch kind {
+        case "geminus-ca-agent":
+            guard let vm = o["vm"] as? String else { return nil }
+            self = .agent(vm: vm, record: r(o["record"]))
+        case "geminus-ca-witness":
+            guard let d = o["records"] as? [String: Any], d.count <= Self.maxRecords else { return nil }
+            var records: [String: WitnessRecord] = [:]
+            for (vm, v) in d { guard let w = r(v) else { return nil }; records[vm] = w }
+            self = .witness(records: records)
+        default:
+            return nil
+        }
+    }
+}
+
+/// `WitnessLink` on the cluster seam (`CorosyncCluster` in production, `SimulatedCluster` in
+/// tests): the view is votequorum's quorate flag, the peer node in both the CPG membership
+/// and the quorum view (Corosync reports them separately), and the witness's latest record of
+/// this VM heard since the last membership change.
+public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
+    private let cluster: any Cluster
+    private let vm: String
+    private let peer: ClusterNodeID
+    private let logger: Logger
+    private let lock = NSLock()
+    private var cpgMembers: Set<ClusterNodeID> = []
+    private var quorum: QuorumState
+    private var heard = false
+    private var record: WitnessRecord?
+    private var announced: WitnessRecord?
+    private var version: UInt64 = 0
+    private var seenAnyView = false
+    private var stopped = false
+    private var thread: Thread?
+
+    public init(cluster: any Cluster, vm: String, peer: ClusterNodeID, logger: Logger) {
+        self.cluster = cluster
+        self.vm = vm
+        self.peer = peer
+        self.logger = logger
+        quorum = cluster.quorum
+        let t = Thread { [weak self] in self?.loop() }
+        t.name = "geminus-witness-link"
+        thread = t
+        t.start()
+    }
+
+    public var current: (view: WitnessView, version: UInt64)? {
+        lock.withLock {
+            guard seenAnyView else { return nil }
+            let peerPresent = cpgMembers.contains(peer) && quorum.memberIDs.contains(peer)
+            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: record), version)
+        }
+    }
+
+    public func announce(_ r: WitnessRecord) {
+        lock.withLock { announced = announced.map { $0.merged(with: r) } ?? r }
+        publish()
+    }
+
+    public func stop() {
+        lock.withLock { stopped = true }
+        cluster.close()
+    }
+
+    private func publish() {
+        let message = lock.withLock { WitnessMessage.agent(vm: vm, record: announced) }
+        do { try cluster.publish(message.encoded()) } catch {
+            logger.error("cannot publish to the cluster: \(error)")
+        }
+    }
+
+    private func loop() {
+        publish()
+        while !lock.withLock({ stopped }) {
+            let event: ClusterEvent?
+            do { event = try cluster.nextEvent(timeoutMillis: 100) } catch {
+                // Outside the cluster: nothing may be trusted, say "not quorate".
+                logger.critical("lost the cluster connection: \(error); this node counts itself not quorate")
+                lock.withLock {
+                    quorum = QuorumState(quorate: false, changedAtMillis: Monotonic.nanos() / 1_000_000)
+                    heard = false
+                    seenAnyView = true
+                    version += 1
+                }
+                return
+            }
+            guard let event else { continue }
+            var republish = false
+            lock.withLock {
+                switch event {
+                case .membership(let m):
+                    cpgMembers = Set(m.members.map(\.id))
+                    // Only a record published in this membership says what the witness holds now.
+                    heard = false
+                    record = nil
+                    republish = true
+                case .quorum(let q):
+                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; republish = true }
+                    quorum = q
+                case .published(_, let state):
+                    guard case .witness(let records)? = WitnessMessage(decoding: state) else { return }
+                    heard = true
+                    record = records[vm]
+                }
+                seenAnyView = true
+                version += 1
+            }
+            if republish { publish() }
+        }
+    }
+}
+
+/// The witness's side: remembers the newest record per VM from the agents' announcements,
+/// keeps it on disk (written and fsynced before it is published, so a witness that restarts
+/// still knows), and publishes all of it after every change and membership change.
+public final class WitnessService: @unchecked Sendable {
+    private let cluster: any Cluster
+    private let path: String
+    private let logger: Logger
+    public private(set) var records: [String: WitnessRecord]
+
+    public init(cluster: any Cluster, statePath: String, logger: Logger) throws(GeminusError) {
+        self.cluster = cluster
+        path = statePath
+        self.logger = logger
+        records = [:]
+        if let data = FileManager.default.contents(atPath: statePath) {
+            guard case .witness(let r)? = WitnessMessage(decoding: Array(data)) else {
+                throw GeminusError(.invalidArgument, "the witness state file \(statePath) is not one this version wrote",
+                                   fix: "move it away only if no CA pair ran unprotected since it was written; otherwise restore it")
+            }
+            records = r
+        }
+    }
+
+    /// Serves until `shouldStop` says so or the cluster connection is lost (throws then).
+    public func run(shouldStop: () -> Bool) throws {
+        try cluster.publish(WitnessMessage.witness(records: records).encoded())
+        while !shouldStop() {
+            guard let event = try cluster.nextEvent(timeoutMillis: 200) else { continue }
+            switch event {
+            case .membership, .quorum:
+                try cluster.publish(WitnessMessage.witness(records: records).encoded())
+            case .published(let from, let state):
+                guard case .agent(let vm, let record?)? = WitnessMessage(decoding: state) else { continue }
+                let merged = records[vm].map { $0.merged(with: record) } ?? record
+                guard merged != records[vm] else { continue }
+                guard records[vm] != nil || records.count < WitnessMessage.maxRecords else {
+                    logger.error("refused a record for \(vm) from \(from): the witness holds \(WitnessMessage.maxRecords) VMs already")
+                    continue
+                }
+                records[vm] = merged
+                try persist()
+                logger.notice("recorded \(vm): \(merged) (announced by \(from))")
+                try cluster.publish(WitnessMessage.witness(records: records).encoded())
+            }
+        }
+    }
+
+    private func persist() throws {
+        let bytes = WitnessMessage.witness(records: records).encoded()
+        let tmp = path + ".tmp"
+        let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw GeminusError(.io, "cannot write the witness state \(tmp): \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count, fsync(fd) == 0, rename(tmp, path) == 0 else {
+            throw GeminusError(.io, "cannot write the witness state \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+}

@@ -1,0 +1,136 @@
+import Testing
+import GeminusCore
+import GeminusReplication
+
+/// The arbitration rules one by one: the primary's lease, its unprotect gate, the secondary's
+/// takeover gate. The simulator checks them together under faults (SimulationSweepTests).
+@Suite struct ArbitrationTests {
+    static let timings = ArbitrationTimings(staleQuorumNanos: 1_000_000_000, selfFenceNanos: 200_000_000)
+    static let ms: UInt64 = 1_000_000
+
+    @Test func corosyncTimingsFollowTheTokenAndConsensus() {
+        let t = ArbitrationTimings.corosync(tokenMillis: 300, consensusMillis: 360)
+        #expect(t.staleQuorumNanos == 1_320 * Self.ms)
+        #expect(t.selfFenceNanos == 200 * Self.ms)
+        #expect(t.takeoverWaitNanos == 1_520 * Self.ms)
+    }
+
+    @Test func leaseFencesOnLostQuorumAndOnAFrozenWatchOnly() {
+        var lease = PrimaryLease(timings: Self.timings)
+        #expect(lease.handle(.view(WitnessView(quorate: true, peerPresent: false), nowNanos: 0)).isEmpty)
+        #expect(lease.handle(.tick(nowNanos: 150 * Self.ms)).isEmpty)
+        let fence = lease.handle(.view(WitnessView(quorate: false, peerPresent: false), nowNanos: 160 * Self.ms))
+        #expect(fence.count == 1)
+        #expect(lease.fenced)
+        #expect(lease.handle(.view(WitnessView(quorate: true, peerPresent: true), nowNanos: 170 * Self.ms)).isEmpty, "a fence is for good")
+
+        var frozen = PrimaryLease(timings: Self.timings)
+        _ = frozen.handle(.view(WitnessView(quorate: true, peerPresent: true), nowNanos: 0))
+        _ = frozen.handle(.tick(nowNanos: 10 * Self.ms))
+        // Thawed 400 ms later: the quorate view it holds may predate a lost quorum.
+        guard case .selfFence(let reason)? = frozen.handle(.tick(nowNanos: 410 * Self.ms)).first else {
+            Issue.record("a watch that did not run for 400 ms must fence")
+            return
+        }
+        #expect(reason.contains("400 ms"))
+    }
+
+    func lostPrimary(_ arbitration: Arbitration) -> (PrimaryMachine, UInt64) {
+        var p = PrimaryMachine(config: .init(peerSilenceNanos: 150 * Self.ms, unprotectAfterNanos: 300 * Self.ms, arbitration: arbitration),
+                               generation: Generation(3))
+        _ = p.handle(.witness(WitnessView(quorate: true, peerPresent: true, witnessHeard: true), nowNanos: 0))
+        _ = p.handle(.peerConnected(nowNanos: 0))
+        _ = p.handle(.captured(Epoch(1), nowNanos: 1 * Self.ms))
+        _ = p.handle(.acknowledged(Epoch(1), Generation(3), nowNanos: 2 * Self.ms))
+        _ = p.handle(.peerDisconnected(nowNanos: 10 * Self.ms, reason: "test"))
+        return (p, 10 * Self.ms)
+    }
+
+    @Test func primaryRunsUnprotectedOnlyOnceTheWitnessRecordedIt() {
+        var (p, lost) = lostPrimary(.witness(Self.timings))
+        let asked = p.handle(.tick(nowNanos: lost + 300 * Self.ms))
+        #expect(asked == [.announceUnprotected(generation: Generation(3), after: Epoch(1))])
+        #expect(p.handle(.tick(nowNanos: lost + 400 * Self.ms)).isEmpty, "asked once")
+        // A view without the record (or an older generation's) releases nothing.
+        let old = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(9))
+        #expect(p.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true, record: old), nowNanos: lost + 410 * Self.ms)).isEmpty)
+        // Recorded, but this node lost quorum meanwhile: still held (the fence watch stops it).
+        let mine = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(1))
+        #expect(p.handle(.witness(WitnessView(quorate: false, peerPresent: false, witnessHeard: true, record: mine), nowNanos: lost + 420 * Self.ms)).isEmpty)
+        let released = p.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true, record: mine), nowNanos: lost + 430 * Self.ms))
+        #expect(released.first == .releaseAllOutput)
+        #expect(p.protection == .unprotected)
+    }
+
+    @Test func withoutArbitrationThePrimaryUnprotectsOnTime() {
+        var (p, lost) = lostPrimary(.none)
+        #expect(p.handle(.tick(nowNanos: lost + 300 * Self.ms)).first == .releaseAllOutput)
+    }
+
+    func followingSecondary(_ arbitration: Arbitration) -> SecondaryMachine {
+        var s = SecondaryMachine(config: .init(takeoverAfterNanos: 150 * Self.ms, arbitration: arbitration), generation: Generation(3))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: true, witnessHeard: true), nowNanos: 0))
+        _ = s.handle(.primaryConnected(Generation(3), nowNanos: 0))
+        _ = s.handle(.committed(Epoch(5), nowNanos: 1 * Self.ms))
+        _ = s.handle(.primaryDisconnected(nowNanos: 10 * Self.ms, reason: "test"))
+        return s
+    }
+
+    static func takesOver(_ a: [SecondaryMachine.Action]) -> Bool {
+        a.contains { if case .takeOver = $0 { return true } else { return false } }
+    }
+
+    @Test func secondaryWaitsForTheWinAndTheWaitAndTheWitnessRecord() {
+        var s = followingSecondary(.witness(Self.timings))
+        // Silent long enough, but the primary's node is still in the cluster.
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 2_000 * Self.ms))))
+        // Not quorate: the other side may hold the witness.
+        #expect(!Self.takesOver(s.handle(.witness(WitnessView(quorate: false, peerPresent: false), nowNanos: 2_100 * Self.ms))))
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 5_000 * Self.ms))))
+        // Won at 5.1 s: nothing before 5.1 s + the wait.
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true), nowNanos: 5_100 * Self.ms))
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 5_100 * Self.ms + Self.timings.takeoverWaitNanos - 1))))
+        #expect(Self.takesOver(s.handle(.tick(nowNanos: 5_100 * Self.ms + Self.timings.takeoverWaitNanos))))
+        #expect(s.generation == Generation(4))
+    }
+
+    @Test func aWinThatIsLostRestartsTheWait() {
+        var s = followingSecondary(.witness(Self.timings))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true), nowNanos: 1_000 * Self.ms))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: true, witnessHeard: true), nowNanos: 1_500 * Self.ms))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true), nowNanos: 2_000 * Self.ms))
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 1_000 * Self.ms + Self.timings.takeoverWaitNanos + Self.ms))))
+        #expect(Self.takesOver(s.handle(.tick(nowNanos: 2_000 * Self.ms + Self.timings.takeoverWaitNanos))))
+    }
+
+    @Test func theWitnessRecordForbidsResumingACheckpointBehindReleasedOutput() {
+        var s = followingSecondary(.witness(Self.timings))
+        let record = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(5))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true, record: record), nowNanos: 1_000 * Self.ms))
+        let actions = s.handle(.tick(nowNanos: 1_000 * Self.ms + Self.timings.takeoverWaitNanos))
+        #expect(!Self.takesOver(actions))
+        #expect(actions.contains { if case .notice(.cannotTakeOver(let why)) = $0 { return why.contains("witness recorded") } else { return false } })
+        // A record of an older episode (before checkpoint 5) does not stand in the way.
+        var t = followingSecondary(.witness(Self.timings))
+        let older = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(4))
+        _ = t.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true, record: older), nowNanos: 1_000 * Self.ms))
+        #expect(Self.takesOver(t.handle(.tick(nowNanos: 1_000 * Self.ms + Self.timings.takeoverWaitNanos))))
+    }
+
+    @Test func aWinWithoutTheWitnessHeardWaits() {
+        var s = followingSecondary(.witness(Self.timings))
+        _ = s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: false), nowNanos: 1_000 * Self.ms))
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 9_000 * Self.ms))))
+        #expect(Self.takesOver(s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true), nowNanos: 9_001 * Self.ms))))
+    }
+
+    @Test func recordsMergeToTheNewest() {
+        let a = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(50))
+        let b = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(1))
+        let c = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(7))
+        #expect(a.merged(with: b) == b && b.merged(with: a) == b)
+        #expect(b.merged(with: c) == c && c.merged(with: b) == c)
+        #expect(!c.allowsResuming(Epoch(7), at: Generation(3)) && c.allowsResuming(Epoch(8), at: Generation(3)))
+        #expect(!c.allowsResuming(Epoch(99), at: Generation(2)), "a newer generation ran: an older replica is never resumed")
+    }
+}
