@@ -143,7 +143,8 @@ let package = Package(
         .testTarget(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
-            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest"]
+            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest",
+                           "GeminusCluster", "GeminusReplication"]
         ),
     ],
     swiftLanguageModes: [.v6]

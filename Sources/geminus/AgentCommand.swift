@@ -71,6 +71,10 @@ struct Agent: ParsableCommand {
     @Option(help: "Control socket answering `geminus status` and `geminus failover` (default /run/geminus/VM.sock).") var statusSocket: String?
     @Flag(help: ArgumentHelp("With --events: also one event per checkpoint and per acknowledgement.", visibility: .hidden)) var traceEpochs = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+    @Option(help: "Who decides which host may run the VM: corosync (a three-node cluster with `geminus witness` on the third; docs/ARBITRATION.md) or none (a partition can run the VM twice: one host and tests only).")
+    var arbitration = ArbitrationChoice.none
+    @Option(help: "With --arbitration corosync: the other host's nodeid in corosync.conf.") var peerNodeId: UInt32?
+    @Option(help: "With --arbitration corosync: the CPG group the pair and the witness use.") var cpgGroup = "geminus-ca"
 
     func validate() throws {
         if role == .secondary && listen == nil {
@@ -164,6 +168,8 @@ struct Agent: ParsableCommand {
             var run = RoleRun(role: role)
             let server = try serveStatus(status)
             defer { server.close() }
+            let arbitrated = try openArbitration(logger: Logger(label: "geminus.arbitration"), events: eventLog)
+            defer { arbitrated.1?.stop() }
             // A planned switchover swaps the roles: the old primary follows as the secondary
             // (on --listen), the new primary protects the VM by connecting to it (--peer).
             while true {
@@ -172,13 +178,17 @@ struct Agent: ParsableCommand {
                 eventLog.setRole(run.role.rawValue)
                 switch run.role {
                 case .primary:
-                    let outcome = try runPrimary(&run, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                    let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, sink: sink, deadline: deadline,
                                                  stopper: stopper, status: status, server: server)
+                    if case .selfFenced(let reason) = outcome {
+                        throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
+                                           fix: "the secondary runs it if it won the witness (geminus status there); restart this agent as --role secondary to protect it again")
+                    }
                     guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
                           Monotonic.nanos() < deadline else { return }
                     run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
                 case .secondary:
-                    guard try runSecondary(&run, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                    guard try runSecondary(&run, arbitrated, logger: logger, events: eventLog, sink: sink, deadline: deadline,
                                            stopper: stopper, status: status), !stopper.fired, Monotonic.nanos() < deadline else { return }
                 }
             }
@@ -198,10 +208,10 @@ struct Agent: ParsableCommand {
         var serial = 0
     }
 
-    var primaryMachineConfig: PrimaryMachine.Config {
+    func primaryMachineConfig(_ arbitration: Arbitration) -> PrimaryMachine.Config {
         PrimaryMachine.Config(epochIntervalNanos: UInt64(intervalMillis) * 1_000_000, maxEpochsInFlight: maxInFlight,
                               peerSilenceNanos: UInt64(peerSilenceMillis) * 1_000_000,
-                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000)
+                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000, arbitration: arbitration)
     }
 
     /// The guest this agent starts (or attaches to) as the first primary.
@@ -243,7 +253,7 @@ struct Agent: ParsableCommand {
         }
     }
 
-    func runPrimary(_ run: inout RoleRun, logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+    func runPrimary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
                     stopper: StopOnSignal, status: AgentStatus, server: StatusServer) throws -> PrimaryAgent.Outcome {
         let port: HeldOutputPort
         let vm: any ProtectedGuest
@@ -257,10 +267,11 @@ struct Agent: ParsableCommand {
         // a second running copy once the secondary takes over); an operator's domain stays.
         defer { vm.detach() }
         let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
-                                             keyPath: key, machine: primaryMachineConfig, generation: run.generation,
+                                             keyPath: key, machine: primaryMachineConfig(arbitrated.0), generation: run.generation,
                                              resumedFrom: run.carried?.resumedFrom ?? .none,
                                              outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
-        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status)
+        if let link = arbitrated.1 { try awaitQuorum(link) }
+        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status, witness: arbitrated.1)
         stopper.onSignal { agent.stop() }
         server.onSwitchover { agent.requestSwitchover() }
         defer { server.onSwitchover(nil) }
@@ -268,10 +279,10 @@ struct Agent: ParsableCommand {
     }
 
     /// Follows the primary; after a takeover, sets `run` up as the primary and returns true.
-    func runSecondary(_ run: inout RoleRun, logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+    func runSecondary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
                       stopper: StopOnSignal, status: AgentStatus) throws -> Bool {
         let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
-                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000),
+                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000, arbitration: arbitrated.0),
                                                counterAddress: guestCounterAddress, generation: run.generation)
         let standby: any StandbyHost
         var cleanup: () -> Void = {}
@@ -289,7 +300,7 @@ struct Agent: ParsableCommand {
             cleanup = l.cleanup
             standby = l
         }
-        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status)
+        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status, witness: arbitrated.1)
         stopper.onSignal { secondary.stop() }
         let limit = outputLimitBytes
         let ports = PortBox()

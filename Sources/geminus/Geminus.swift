@@ -8,7 +8,7 @@ struct Geminus: ParsableCommand {
         commandName: "geminus",
         abstract: "Continuous availability for KVM virtual machines: checkpoint replication and failover.",
         version: "0.1.0",
-        subcommands: [Enroll.self, Unenroll.self, Agent.self, Status.self, Failover.self, Bench.self, Simulate.self, Demo.self, Keygen.self, HA.self, NodeCommand.self]
+        subcommands: [Enroll.self, Unenroll.self, Agent.self, Status.self, Failover.self, Bench.self, Simulate.self, Demo.self, Keygen.self, HA.self, NodeCommand.self, Witness.self]
     )
 }
 

@@ -1,0 +1,118 @@
+import ArgumentParser
+import Foundation
+import GeminusAgent
+import GeminusCluster
+import GeminusCore
+import GeminusReplication
+import Logging
+
+/// How an agent decides who may run the VM (see docs/ARBITRATION.md).
+enum ArbitrationChoice: String, ExpressibleByArgument, CaseIterable {
+    /// No arbitration: a partition between two live hosts runs the VM twice. One host, tests.
+    case none
+    /// A three-node Corosync cluster (the two hosts and a witness host running `geminus witness`).
+    case corosync
+}
+
+/// Corosync's effective totem timeouts, as this node's Corosync runs them (cmap's runtime
+/// keys: `token` there already includes the token coefficient).
+enum CorosyncTimings {
+    static func read() throws -> (tokenMillis: UInt64, consensusMillis: UInt64) {
+        func value(_ key: String) throws -> UInt64 {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            p.arguments = ["corosync-cmapctl", "-g", key]
+            let out = Pipe()
+            p.standardOutput = out
+            p.standardError = Pipe()
+            do { try p.run() } catch {
+                throw GeminusError(.invalidArgument, "cannot run corosync-cmapctl to read \(key): \(error)",
+                                   fix: "apt-get install -y corosync, or run with --arbitration none")
+            }
+            p.waitUntilExit()
+            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            // "runtime.config.totem.token (u32) = 300"
+            guard p.terminationStatus == 0, let n = text.split(separator: "=").last.flatMap({ UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
+                throw GeminusError(.connectionFailed, "corosync-cmapctl could not read \(key): \(text.trimmingCharacters(in: .whitespacesAndNewlines))",
+                                   fix: "start corosync on this host (in this network namespace), or run with --arbitration none")
+            }
+            return n
+        }
+        return (try value("runtime.config.totem.token"), try value("runtime.config.totem.consensus"))
+    }
+}
+
+extension Agent {
+    /// The witness link and the timings derived from this Corosync, or nil without arbitration.
+    func openArbitration(logger: Logger, events: EventLog) throws -> (Arbitration, ClusterWitnessLink?) {
+        guard arbitration == .corosync else {
+            logger.warning("no arbitration (--arbitration none): a partition between two live hosts can run \(vm) twice. Protect production VMs with --arbitration corosync")
+            return (.none, nil)
+        }
+        guard let peerNodeId else { throw ValidationError("--arbitration corosync needs --peer-node-id (the other host's nodeid in corosync.conf)") }
+        let t = try CorosyncTimings.read()
+        let timings = ArbitrationTimings.corosync(tokenMillis: t.tokenMillis, consensusMillis: t.consensusMillis)
+        let cluster = try CorosyncCluster(groupName: cpgGroup)
+        let link = ClusterWitnessLink(cluster: cluster, vm: vm, peer: peerNodeId, logger: logger)
+        logger.notice("arbitration by Corosync (token \(t.tokenMillis) ms, consensus \(t.consensusMillis) ms): a primary that loses quorum stops its guest within \(timings.selfFenceNanos / 1_000_000) ms; a secondary takes over \(timings.takeoverWaitNanos / 1_000_000) ms after winning")
+        events.emit("arbitration", ["engine": "corosync", "tokenMillis": t.tokenMillis, "consensusMillis": t.consensusMillis,
+                                    "selfFenceMillis": timings.selfFenceNanos / 1_000_000, "takeoverWaitMillis": timings.takeoverWaitNanos / 1_000_000])
+        return (.witness(timings), link)
+    }
+
+    /// A primary starts only inside a quorate partition: outside one it must not run the VM.
+    func awaitQuorum(_ link: ClusterWitnessLink, timeoutSeconds: Double = 15) throws {
+        let deadline = Date().addingTimeInterval(timeoutSeconds)
+        while Date() < deadline {
+            if let v = link.current?.view, v.quorate { return }
+            Thread.sleep(forTimeInterval: 0.05)
+        }
+        throw GeminusError(.timeout, "this node is not quorate after \(Int(timeoutSeconds)) s (\(link.current.map { "\($0.view)" } ?? "no view from Corosync")), so it may not run \(vm) as primary",
+                           fix: "check that corosync runs on the peer and on the witness host and that they can reach this host (corosync-quorumtool -s)")
+    }
+}
+
+struct Witness: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the CA pairs' witness on the third Corosync node (docs/ARBITRATION.md).",
+        discussion: """
+        Keeps, per VM, the newest "generation G ran unprotected after epoch E" a primary \
+        announced, on disk (fsynced before it is published) and in the cluster, so that a \
+        secondary never resumes a checkpoint that is behind output its primary released alone. \
+        Its node's vote is what lets one host of a pair stay quorate when the other is lost.
+        """)
+
+    @Option(help: "Where the records are kept.") var state = "/var/lib/geminus/witness.json"
+    @Option(help: "The CPG group the CA agents use.") var cpgGroup = "geminus-ca"
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "geminus.witness")
+        do {
+            try FileManager.default.createDirectory(atPath: (state as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            let cluster = try CorosyncCluster(groupName: cpgGroup)
+            let service = try WitnessService(cluster: cluster, statePath: state, logger: logger)
+            logger.notice("witness for group \(cpgGroup) on node \(cluster.localNode), \(service.records.count) records from \(state)")
+            let stopper = StopOnSignal()
+            let stop = StopFlagBox()
+            stopper.onSignal { stop.set() }
+            try service.run(shouldStop: { stop.isSet })
+            cluster.close()
+        } catch {
+            throw operatorFailure(error)
+        }
+    }
+}
+
+final class StopFlagBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    var isSet: Bool { lock.withLock { value } }
+    func set() { lock.withLock { value = true } }
+}
