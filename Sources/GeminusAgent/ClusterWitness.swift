@@ -52,8 +52,9 @@ enum WitnessMessage: Equatable {
 }
 
 /// `WitnessLink` on the cluster seam (`CorosyncCluster` in production, `SimulatedCluster` in
-/// tests): the view is votequorum's quorate flag, the peer node in both the CPG membership
-/// and the quorum view (Corosync reports them separately), and the witness's latest record of
+/// tests): the view is votequorum's quorate flag, the peer node present while it is in the CPG
+/// membership or the quorum view (Corosync reports them separately; gone means gone from
+/// both), and the witness's latest record of
 /// this VM heard since the last membership change.
 public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     private let cluster: any Cluster
@@ -86,7 +87,9 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     public var current: (view: WitnessView, version: UInt64)? {
         lock.withLock {
             guard seenAnyView else { return nil }
-            let peerPresent = cpgMembers.contains(peer) && quorum.memberIDs.contains(peer)
+            // Gone only when gone from both: a node whose agent died but whose Corosync runs may
+            // still run the guest (a libvirt domain outlives its agent), so it counts as present.
+            let peerPresent = cpgMembers.contains(peer) || quorum.memberIDs.contains(peer)
             return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: record), version)
         }
     }

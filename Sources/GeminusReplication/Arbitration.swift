@@ -13,8 +13,9 @@ import GeminusCore
 public struct WitnessView: Equatable, Sendable, CustomStringConvertible {
     /// This node's partition holds quorum (two of the three votes).
     public var quorate: Bool
-    /// The pair's other node is in this node's partition (its agent in the CPG group and its
-    /// node in the quorum view: Corosync reports the two separately, both must agree).
+    /// The pair's other node is in this node's partition: its agent in the CPG group or its node
+    /// in the quorum view (Corosync reports the two separately; it is gone only when gone from
+    /// both, since a host whose agent died may still run the guest).
     public var peerPresent: Bool
     /// The witness published its record in the current membership (since the last change):
     /// only then is `record` known to be what the witness holds now.
