@@ -246,7 +246,7 @@ public final class SecondaryAgent: @unchecked Sendable {
         case .notice(let n):
             switch n {
             case .primaryLost(let reason):
-                logger.warning("primary lost: \(reason); taking over in \(settings.machine.takeoverAfterNanos / 1_000_000) ms unless it returns")
+                logger.warning("primary lost: \(reason); taking over after \(settings.machine.takeoverAfterNanos / 1_000_000) ms of silence unless it returns\(settings.machine.arbitration == .none ? "" : ", and only once the witness gives this node the VM")")
                 events.emit("primary-lost", ["reason": reason])
             case .primaryBack:
                 logger.info("primary is back")
