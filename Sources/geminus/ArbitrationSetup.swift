@@ -100,7 +100,7 @@ struct Witness: ParsableCommand {
             let service = try WitnessService(cluster: cluster, statePath: state, logger: logger)
             logger.notice("witness for group \(cpgGroup) on node \(cluster.localNode), \(service.records.count) records from \(state)")
             let stopper = StopOnSignal()
-            let stop = StopFlagBox()
+            let stop = StopFlag()
             stopper.onSignal { stop.set() }
             try service.run(shouldStop: { stop.isSet })
             cluster.close()
@@ -108,11 +108,4 @@ struct Witness: ParsableCommand {
             throw operatorFailure(error)
         }
     }
-}
-
-final class StopFlagBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = false
-    var isSet: Bool { lock.withLock { value } }
-    func set() { lock.withLock { value = true } }
 }

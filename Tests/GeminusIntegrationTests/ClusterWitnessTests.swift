@@ -28,7 +28,7 @@ import Logging
         defer { try? FileManager.default.removeItem(at: dir) }
         let statePath = dir.appendingPathComponent("witness.json").path
 
-        let stop = StopBox()
+        let stop = StopFlag()
         let witnessMember = cluster.join(nodes[2])
         let service = try WitnessService(cluster: witnessMember, statePath: statePath, logger: logger)
         let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
@@ -65,11 +65,4 @@ import Logging
         let restarted = try WitnessService(cluster: elsewhere.join(nodes[2]), statePath: statePath, logger: logger)
         #expect(restarted.records["db"] == record)
     }
-}
-
-final class StopBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var value = false
-    var isSet: Bool { lock.withLock { value } }
-    func set() { lock.withLock { value = true } }
 }
