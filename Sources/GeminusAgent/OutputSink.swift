@@ -47,8 +47,6 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     private let queue: Mutex<OutputQueue<[UInt8]>>
     private let sink: OutputSink?
     public let generation: Generation
-    /// Set by a self-fence: nothing leaves any more, whatever the epoch loop still asks.
-    private let fenced = Mutex(false)
 
     public init(limitBytes: Int, sink: OutputSink?, generation: Generation, openEpoch: Epoch) {
         queue = Mutex(OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch))
@@ -62,7 +60,6 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
 
     public func offer(_ packet: [UInt8]) -> Bool {
         queue.withLock { q in
-            guard !isFenced else { return false }
             switch q.append(packet, bytes: packet.count) {
             case .held: return true
             case .releaseNow:
@@ -89,22 +86,14 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         queue.withLock { q in send(q.setMode(.passThrough)) }
     }
 
-    /// A self-fence: drops everything held and refuses all output from now on (the guest
-    /// stalls on its next packet until it is stopped). Returns how many packets were dropped.
+    /// A self-fence (`OutputQueue.fence`): drops everything held and refuses all output from
+    /// now on (the guest stalls on its next packet until it is stopped). Returns the count dropped.
     @discardableResult
     public func fence() -> Int {
-        queue.withLock { q in
-            fenced.withLock { $0 = true }
-            let dropped = q.heldCount
-            _ = q.discardAll()
-            return dropped
-        }
+        queue.withLock { $0.fence() }
     }
 
-    private var isFenced: Bool { fenced.withLock { $0 } }
-
     private func send(_ items: [[UInt8]]) -> Int {
-        guard !isFenced else { return 0 }
         for p in items { sink?.send(p, generation: generation) }
         return items.count
     }

@@ -31,6 +31,21 @@ import Testing
         #expect(q.append(3, bytes: 10) == .held)
     }
 
+    /// A self-fenced primary: what was held is dropped, and nothing is taken or released after,
+    /// whichever mode its caller asks for.
+    @Test func aFencedQueueDropsWhatItHeldAndReleasesNothingEver() {
+        var q = OutputQueue<Int>(limitBytes: 100, mode: .holding)
+        #expect(q.append(1, bytes: 10) == .held)
+        #expect(q.append(2, bytes: 10) == .held)
+        #expect(q.fence() == 2)
+        #expect(q.isFenced && q.heldCount == 0 && q.heldBytes == 0)
+        #expect(q.append(3, bytes: 10) == .full)
+        #expect(q.fullRefusals == 0, "a fence is not a full buffer")
+        #expect(q.release(through: Epoch(9)) == [])
+        #expect(q.setMode(.passThrough) == [])
+        #expect(q.append(4, bytes: 10) == .full, "no pass-through after a fence")
+    }
+
     @Test func anOversizedItemCannotWedgeAnEmptyQueue() {
         var q = OutputQueue<Int>(limitBytes: 5, mode: .holding)
         #expect(q.append(1, bytes: 50) == .held)

@@ -34,6 +34,8 @@ public struct OutputQueue<Item: Sendable>: Sendable {
     public private(set) var heldBytes = 0
     public private(set) var releasedCount = 0
     public private(set) var fullRefusals = 0
+    /// Set by `fence()`: nothing is taken, held or released any more.
+    public private(set) var isFenced = false
     private var entries: [Entry] = []
     private var head = 0
 
@@ -56,6 +58,8 @@ public struct OutputQueue<Item: Sendable>: Sendable {
     }
 
     public mutating func append(_ item: Item, bytes: Int) -> AppendOutcome {
+        // A fenced queue stalls the producer for good (not counted: it is no full buffer).
+        guard !isFenced else { return .full }
         switch mode {
         case .passThrough:
             releasedCount += 1
@@ -74,6 +78,7 @@ public struct OutputQueue<Item: Sendable>: Sendable {
 
     /// Everything produced in epochs up to and including `epoch`, in production order.
     public mutating func release(through epoch: Epoch) -> [Item] {
+        guard !isFenced else { return [] }
         var out: [Item] = []
         while head < entries.count, entries[head].epoch <= epoch {
             out.append(entries[head].item)
@@ -89,7 +94,7 @@ public struct OutputQueue<Item: Sendable>: Sendable {
     /// protection logic may decide that (it knows no secondary can resume an older state).
     public mutating func setMode(_ newMode: Mode) -> [Item] {
         mode = newMode
-        guard newMode == .passThrough else { return [] }
+        guard newMode == .passThrough, !isFenced else { return [] }
         let out = entries[head...].map(\.item)
         releasedCount += out.count
         entries.removeAll(keepingCapacity: true)
@@ -98,11 +103,13 @@ public struct OutputQueue<Item: Sendable>: Sendable {
         return out
     }
 
-    /// Drops everything held without releasing it (a self-fenced primary: what it held must
-    /// never reach a client, the secondary runs the VM from an older state). Returns the count.
+    /// A self-fenced primary: drops everything held without releasing it (what it held must
+    /// never reach a client, the secondary runs the VM from an older state) and refuses all
+    /// output from now on, whatever its caller still asks. Returns how many items were dropped.
     @discardableResult
-    public mutating func discardAll() -> Int {
+    public mutating func fence() -> Int {
         let n = heldCount
+        isFenced = true
         entries.removeAll(keepingCapacity: false)
         head = 0
         heldBytes = 0
