@@ -116,6 +116,7 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
         while !lock.withLock({ stopped }) {
             let event: ClusterEvent?
             do { event = try cluster.nextEvent(timeoutMillis: 100) } catch {
+                if lock.withLock({ stopped }) { return }  // `stop()` closed it
                 // Outside the cluster: nothing may be trusted, say "not quorate".
                 logger.critical("lost the cluster connection: \(error); this node counts itself not quorate")
                 lock.withLock {

@@ -244,6 +244,25 @@ public final class CorosyncCluster: Cluster, @unchecked Sendable {
         return name
     }
 
+    /// Corosync's effective totem timeouts as this node's Corosync runs them (cmap's
+    /// `runtime.config.totem.token` already includes the token coefficient), in milliseconds.
+    public static func totemTimeouts(callTimeoutMillis: Int = 5000) throws -> (tokenMillis: UInt64, consensusMillis: UInt64) {
+        try BoundedCall.run("read corosync's totem timeouts", timeoutMillis: callTimeoutMillis) {
+            var cmap: cmap_handle_t = 0
+            let rc = cmap_initialize(&cmap)
+            guard rc == CS_OK else { throw CorosyncCluster.notRunning("cmap_initialize", rc) }
+            defer { cmap_finalize(cmap) }
+            func read(_ key: String) throws -> UInt64 {
+                var value: UInt32 = 0
+                let rc = cmap_get_uint32(cmap, key, &value)
+                guard rc == CS_OK else { throw CorosyncCluster.failure("cmap_get_uint32(\(key))", rc) }
+                return UInt64(value)
+            }
+            let token = try read("runtime.config.totem.token"), consensus = try read("runtime.config.totem.consensus")
+            return (token, consensus)
+        }
+    }
+
     /// Node names from corosync.conf's nodelist (through cmap); ring0_addr when a node has no name.
     static func readNodeNames() -> [ClusterNodeID: String] {
         var cmap: cmap_handle_t = 0

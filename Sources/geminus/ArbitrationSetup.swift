@@ -14,34 +14,6 @@ enum ArbitrationChoice: String, ExpressibleByArgument, CaseIterable {
     case corosync
 }
 
-/// Corosync's effective totem timeouts, as this node's Corosync runs them (cmap's runtime
-/// keys: `token` there already includes the token coefficient).
-enum CorosyncTimings {
-    static func read() throws -> (tokenMillis: UInt64, consensusMillis: UInt64) {
-        func value(_ key: String) throws -> UInt64 {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            p.arguments = ["corosync-cmapctl", "-g", key]
-            let out = Pipe()
-            p.standardOutput = out
-            p.standardError = Pipe()
-            do { try p.run() } catch {
-                throw GeminusError(.invalidArgument, "cannot run corosync-cmapctl to read \(key): \(error)",
-                                   fix: "apt-get install -y corosync, or run with --arbitration none")
-            }
-            p.waitUntilExit()
-            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-            // "runtime.config.totem.token (u32) = 300"
-            guard p.terminationStatus == 0, let n = text.split(separator: "=").last.flatMap({ UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }) else {
-                throw GeminusError(.connectionFailed, "corosync-cmapctl could not read \(key): \(text.trimmingCharacters(in: .whitespacesAndNewlines))",
-                                   fix: "start corosync on this host (in this network namespace), or run with --arbitration none")
-            }
-            return n
-        }
-        return (try value("runtime.config.totem.token"), try value("runtime.config.totem.consensus"))
-    }
-}
-
 extension Agent {
     /// The witness link and the timings derived from this Corosync, or nil without arbitration.
     func openArbitration(logger: Logger, events: EventLog) throws -> (Arbitration, ClusterWitnessLink?) {
@@ -50,7 +22,7 @@ extension Agent {
             return (.none, nil)
         }
         guard let peerNodeId else { throw ValidationError("--arbitration corosync needs --peer-node-id (the other host's nodeid in corosync.conf)") }
-        let t = try CorosyncTimings.read()
+        let t = try CorosyncCluster.totemTimeouts()
         let timings = ArbitrationTimings.corosync(tokenMillis: t.tokenMillis, consensusMillis: t.consensusMillis)
         let cluster = try CorosyncCluster(groupName: cpgGroup)
         let link = ClusterWitnessLink(cluster: cluster, vm: vm, peer: peerNodeId, logger: logger)
