@@ -47,6 +47,8 @@ struct SimulatedWitness {
     private var deliveries: [(atNanos: UInt64, to: Node, what: Delivery)] = []
     private var partitions: [Set<Node>] = [Set(Node.allCases)]
     private var partitionsKey = ""
+    /// A cut or a host's state was touched since the partitions were last checked.
+    private var connectivityTouched = true
 
     private var connectivityKey: String {
         Node.allCases.map { running.contains($0) ? "1" : "0" }.joined() + cut.map { "\($0)" }.sorted().joined()
@@ -75,6 +77,7 @@ struct SimulatedWitness {
     mutating func setCut(_ a: Node, _ b: Node, _ isCut: Bool) {
         let key = [a, b].sorted()
         if isCut { cut.insert(key) } else { cut.remove(key) }
+        connectivityTouched = true
     }
 
     func isCut(_ a: Node, _ b: Node) -> Bool { cut.contains([a, b].sorted()) }
@@ -83,6 +86,7 @@ struct SimulatedWitness {
     /// with only itself in its membership.
     mutating func setRunning(_ n: Node, _ isRunning: Bool, fresh: Bool = false) {
         if isRunning { running.insert(n) } else { running.remove(n) }
+        connectivityTouched = true
         if isRunning && fresh {
             installed[n] = [n]
             heard[n] = false
@@ -126,11 +130,14 @@ struct SimulatedWitness {
     mutating func advance(now: UInt64, rng: inout SimulationRandom) -> Set<Node> {
         var changed = Set<Node>()
         // New memberships to install: one moment per true partition. The partitions are drawn
-        // again only when connectivity changes.
-        let key = connectivityKey
-        if key != partitionsKey {
-            partitionsKey = key
-            partitions = truePartitions(tieBreak: rng.next())
+        // again only when connectivity changes (looked at only when something touched it).
+        if connectivityTouched {
+            connectivityTouched = false
+            let key = connectivityKey
+            if key != partitionsKey {
+                partitionsKey = key
+                partitions = truePartitions(tieBreak: rng.next())
+            }
         }
         for component in partitions {
             guard let n = component.first else { continue }
