@@ -151,9 +151,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             } else {
                 Monotonic.sleep(nanos: 1_000_000)
             }
-            if let view = witnessFeed.next(from: witness) {
-                logger.info("witness: \(view)")
-                events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+            if let view = witnessFeed.nextReported(from: witness, logger: logger, events: events) {
                 execute(machine.handle(.witness(view, nowNanos: Monotonic.nanos())))
             }
             guard !fenced.isSet else { break }

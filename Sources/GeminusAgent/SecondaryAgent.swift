@@ -122,9 +122,7 @@ public final class SecondaryAgent: @unchecked Sendable {
             } else {
                 Monotonic.sleep(nanos: 1_000_000)
             }
-            if let view = witnessFeed.next(from: witness) {
-                logger.info("witness: \(view)")
-                events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+            if let view = witnessFeed.nextReported(from: witness, logger: logger, events: events) {
                 for a in machine.handle(.witness(view, nowNanos: Monotonic.nanos())) { perform(a) }
             }
             for action in machine.handle(.tick(nowNanos: Monotonic.nanos())) { perform(action) }

@@ -1,6 +1,7 @@
 import Foundation
 import GeminusCore
 import GeminusReplication
+import Logging
 
 /// The agents' seam to the pair's witness engine: the current view, and a way to ask the witness
 /// to record an announcement. `CorosyncWitnessLink` (geminus CLI) implements it on Corosync;
@@ -21,6 +22,14 @@ struct WitnessFeed {
         version = v
         return view
     }
+
+    /// `next`, with each new view said in the log and the event stream (the agents' loops).
+    mutating func nextReported(from link: (any WitnessLink)?, logger: Logger, events: EventLog) -> WitnessView? {
+        guard let view = next(from: link) else { return nil }
+        logger.info("witness: \(view)")
+        events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+        return view
+    }
 }
 
 /// The primary's fence watch: its own thread runs `PrimaryLease` against the witness view every
@@ -33,7 +42,7 @@ final class FenceWatch: @unchecked Sendable {
     private var thread: Thread?
     private(set) var fenceReason: String?
 
-    init(link: any WitnessLink, timings: ArbitrationTimings, tickNanos: UInt64 = 10_000_000,
+    init(link: any WitnessLink, timings: ArbitrationTimings, tickNanos: UInt64 = ArbitrationTimings.fenceTickNanos,
          fence: @escaping @Sendable (String) -> Void) {
         let t = Thread { [weak self] in
             var lease = PrimaryLease(timings: timings)

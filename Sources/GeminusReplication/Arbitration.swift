@@ -88,12 +88,15 @@ public struct ArbitrationTimings: Equatable, Sendable {
 
     public var takeoverWaitNanos: UInt64 { staleQuorumNanos + selfFenceNanos }
 
+    /// How often the agents' fence watch looks (part of `selfFenceNanos`).
+    public static let fenceTickNanos: UInt64 = 10_000_000
+
     /// From Corosync's effective token and consensus timeouts (`runtime.config.totem.token` and
     /// `.consensus`). Every member of a broken ring gives up on the token within `token` of its
     /// last one and installs its new membership `consensus` later; twice that covers the skew
     /// between the two sides. The primary's fence watch ticks every `fenceTickNanos`; a stop
     /// takes at most one tick plus `killNanos` (SIGKILL of QEMU, or a libvirt destroy).
-    public static func corosync(tokenMillis: UInt64, consensusMillis: UInt64, fenceTickNanos: UInt64 = 10_000_000,
+    public static func corosync(tokenMillis: UInt64, consensusMillis: UInt64, fenceTickNanos: UInt64 = ArbitrationTimings.fenceTickNanos,
                                 killNanos: UInt64 = 190_000_000) -> ArbitrationTimings {
         ArbitrationTimings(staleQuorumNanos: 2 * (tokenMillis + consensusMillis) * 1_000_000, selfFenceNanos: fenceTickNanos + killNanos)
     }
