@@ -193,22 +193,33 @@ public final class WitnessService: @unchecked Sendable {
                     continue
                 }
                 records[vm] = merged
-                try persist()
+                let state = WitnessMessage.witness(records: records).encoded()
+                try persist(state)
                 logger.notice("recorded \(vm): \(merged) (announced by \(from))")
-                try cluster.publish(WitnessMessage.witness(records: records).encoded())
+                try cluster.publish(state)
             }
         }
     }
 
-    private func persist() throws {
-        let bytes = WitnessMessage.witness(records: records).encoded()
+    /// Replaces the state file with `bytes` so that it survives a power cut: the new file is
+    /// fsynced, renamed over the old one, and the directory fsynced so the rename is kept too.
+    private func persist(_ bytes: [UInt8]) throws {
+        func failure(_ what: String, _ e: Int32) -> GeminusError {
+            GeminusError(.io, "cannot \(what) for the witness state \(path): \(String(cString: strerror(e)))",
+                         fix: "check the disk and the permissions of \((path as NSString).deletingLastPathComponent); the witness stops rather than publish what it has not kept")
+        }
         let tmp = path + ".tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw GeminusError(.io, "cannot write the witness state \(tmp): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written == bytes.count, fsync(fd) == 0, rename(tmp, path) == 0 else {
-            throw GeminusError(.io, "cannot write the witness state \(path): \(String(cString: strerror(errno)))")
-        }
+        guard fd >= 0 else { throw failure("create \(tmp)", errno) }
+        var e = writeFully(fd, bytes)
+        if e == 0 && fsync(fd) != 0 { e = errno }
+        close(fd)
+        guard e == 0 else { throw failure("write \(tmp)", e) }
+        guard rename(tmp, path) == 0 else { throw failure("rename \(tmp)", errno) }
+        let parent = (path as NSString).deletingLastPathComponent
+        let dir = open(parent.isEmpty ? "." : parent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard dir >= 0 else { throw failure("open the directory", errno) }
+        defer { close(dir) }
+        guard fsync(dir) == 0 else { throw failure("fsync the directory", errno) }
     }
 }

@@ -110,17 +110,7 @@ public struct PairKey: Sendable, CustomStringConvertible {
             }
             throw GeminusError(.keyFile, "cannot create pair key file \(path): \(Socket.describe(errno: e))")
         }
-        var offset = 0
-        var failure: Int32 = 0
-        while offset < text.count {
-            let n = text.withUnsafeBytes { write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                failure = errno
-                break
-            }
-            offset += n
-        }
+        var failure = writeFully(fd, text)
         if failure == 0 && fsync(fd) != 0 { failure = errno }
         close(fd)
         if failure != 0 {
