@@ -84,6 +84,9 @@ struct Agent: ParsableCommand {
         guard takeoverAfterMillis >= 2 * intervalMillis else {
             throw ValidationError("--takeover-after-millis (\(takeoverAfterMillis)) must be at least twice --interval-millis (\(intervalMillis)), or every slow epoch looks like a dead primary")
         }
+        if arbitration == .corosync && peerNodeId == nil {
+            throw ValidationError("--arbitration corosync needs --peer-node-id (the other host's nodeid in corosync.conf)")
+        }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }

@@ -21,7 +21,7 @@ extension Agent {
             logger.warning("no arbitration (--arbitration none): a partition between two live hosts can run \(vm) twice. Protect production VMs with --arbitration corosync")
             return (.none, nil)
         }
-        guard let peerNodeId else { throw ValidationError("--arbitration corosync needs --peer-node-id (the other host's nodeid in corosync.conf)") }
+        guard let peerNodeId else { preconditionFailure("validate() requires --peer-node-id with --arbitration corosync") }
         let t = try CorosyncCluster.totemTimeouts()
         let timings = ArbitrationTimings.corosync(tokenMillis: t.tokenMillis, consensusMillis: t.consensusMillis)
         let cluster = try CorosyncCluster(groupName: cpgGroup)
