@@ -6,6 +6,12 @@ struct GeminusBinary {
         var status: Int32
         var stdout: String
         var stderr: String
+        var elapsedSeconds: Double = 0
+
+        /// The last lines of standard error, for a failure message.
+        var stderrTail: String {
+            stderr.split(separator: "\n").filter { !$0.contains("Killed") }.suffix(20).joined(separator: "\n")
+        }
     }
 
     static var url: URL {
@@ -16,8 +22,14 @@ struct GeminusBinary {
     /// Runs to completion, killing it after `timeoutSeconds` (a hung agent fails the test
     /// instead of hanging CI).
     static func run(_ arguments: [String], timeoutSeconds: Double = 60) throws -> Result {
+        try run(executable: url, arguments, timeoutSeconds: timeoutSeconds)
+    }
+
+    /// The same for another program (the repository's test scripts).
+    static func run(executable: URL, _ arguments: [String], timeoutSeconds: Double) throws -> Result {
+        let started = Date()
         let p = Process()
-        p.executableURL = url
+        p.executableURL = executable
         p.arguments = arguments
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
@@ -36,7 +48,7 @@ struct GeminusBinary {
         p.waitUntilExit()
         g.wait()
         return Result(status: p.terminationStatus, stdout: String(decoding: outData.data, as: UTF8.self),
-                      stderr: String(decoding: errData.data, as: UTF8.self))
+                      stderr: String(decoding: errData.data, as: UTF8.self), elapsedSeconds: Date().timeIntervalSince(started))
     }
 }
 
