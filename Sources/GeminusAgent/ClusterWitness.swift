@@ -8,10 +8,11 @@ import Logging
 /// latest state per node, republished after every membership change so newcomers get it).
 /// JSON, small: a few hundred bytes per VM.
 enum WitnessMessage: Equatable {
-    /// A pair agent: "generation G of VM ran unprotected after epoch E" (nil: nothing to say yet).
-    case agent(vm: String, record: WitnessRecord?)
-    /// The witness: every record it holds.
-    case witness(records: [String: WitnessRecord])
+    /// A pair agent: "generation G of VM ran unprotected after epoch E" (nil: nothing to say yet),
+    /// and "generation G of VM stopped its guest for good" (a self-fenced primary; nil: not).
+    case agent(vm: String, record: WitnessRecord?, stopped: Generation?)
+    /// The witness: every record it holds, and the newest stopped generation per VM.
+    case witness(records: [String: WitnessRecord], stopped: [String: Generation])
 
     static let maxRecords = 4096
 
@@ -19,12 +20,13 @@ enum WitnessMessage: Equatable {
         func r(_ w: WitnessRecord) -> [String: UInt64] { ["generation": w.generation.rawValue, "after": w.unprotectedAfter.rawValue] }
         let object: [String: Any]
         switch self {
-        case .agent(let vm, let record):
+        case .agent(let vm, let record, let stopped):
             var o: [String: Any] = ["kind": "geminus-ca-agent", "vm": vm]
             if let record { o["record"] = r(record) }
+            if let stopped { o["stopped"] = stopped.rawValue }
             object = o
-        case .witness(let records):
-            object = ["kind": "geminus-ca-witness", "records": records.mapValues(r)]
+        case .witness(let records, let stopped):
+            object = ["kind": "geminus-ca-witness", "records": records.mapValues(r), "stopped": stopped.mapValues(\.rawValue)]
         }
         return Array(try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
     }
@@ -39,12 +41,17 @@ enum WitnessMessage: Equatable {
         switch kind {
         case "geminus-ca-agent":
             guard let vm = o["vm"] as? String else { return nil }
-            self = .agent(vm: vm, record: r(o["record"]))
+            self = .agent(vm: vm, record: r(o["record"]), stopped: (o["stopped"] as? NSNumber).map { Generation($0.uint64Value) })
         case "geminus-ca-witness":
             guard let d = o["records"] as? [String: Any], d.count <= Self.maxRecords else { return nil }
             var records: [String: WitnessRecord] = [:]
             for (vm, v) in d { guard let w = r(v) else { return nil }; records[vm] = w }
-            self = .witness(records: records)
+            // Files written before stop notices existed have no "stopped": none stopped then.
+            let s = o["stopped"] as? [String: Any] ?? [:]
+            guard s.count <= Self.maxRecords else { return nil }
+            var stopped: [String: Generation] = [:]
+            for (vm, v) in s { guard let g = v as? NSNumber else { return nil }; stopped[vm] = Generation(g.uint64Value) }
+            self = .witness(records: records, stopped: stopped)
         default:
             return nil
         }
@@ -66,7 +73,12 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     private var quorum: QuorumState
     private var heard = false
     private var record: WitnessRecord?
+    private var stoppedGeneration: Generation?
     private var announced: WitnessRecord?
+    /// The newest announcement the witness was heard holding: the primary can only have run
+    /// unprotected under one of those.
+    private var confirmed: WitnessRecord?
+    private var announcedStopped: Generation?
     private var version: UInt64 = 0
     private var seenAnyView = false
     private var stopped = false
@@ -90,12 +102,24 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
             // Gone only when gone from both: a node whose agent died but whose Corosync runs may
             // still run the guest (a libvirt domain outlives its agent), so it counts as present.
             let peerPresent = cpgMembers.contains(peer) || quorum.memberIDs.contains(peer)
-            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: record), version)
+            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: record,
+                                stoppedGeneration: stoppedGeneration), version)
         }
     }
 
     public func announce(_ r: WitnessRecord) {
         lock.withLock { announced = announced.map { $0.merged(with: r) } ?? r }
+        publish()
+    }
+
+    /// Also withdraws an announcement the witness was never heard holding: the primary never
+    /// released under it, and recorded late (after a heal) it would forbid the secondary's
+    /// checkpoint for nothing, leaving the VM down.
+    public func announceStopped(_ generation: Generation) {
+        lock.withLock {
+            announcedStopped = max(announcedStopped ?? generation, generation)
+            announced = confirmed
+        }
         publish()
     }
 
@@ -105,7 +129,8 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     }
 
     private func publish() {
-        let message = lock.withLock { WitnessMessage.agent(vm: vm, record: announced) }
+        let message: WitnessMessage? = lock.withLock { stopped ? nil : .agent(vm: vm, record: announced, stopped: announcedStopped) }
+        guard let message else { return }  // `stop()` closed the cluster
         do { try cluster.publish(message.encoded()) } catch {
             logger.error("cannot publish to the cluster: \(error)")
         }
@@ -136,14 +161,17 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                     // Only a record published in this membership says what the witness holds now.
                     heard = false
                     record = nil
+                    stoppedGeneration = nil
                     republish = true
                 case .quorum(let q):
-                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; republish = true }
+                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; stoppedGeneration = nil; republish = true }
                     quorum = q
                 case .published(_, let state):
-                    guard case .witness(let records)? = WitnessMessage(decoding: state) else { return }
+                    guard case .witness(let records, let stopped)? = WitnessMessage(decoding: state) else { return }
                     heard = true
                     record = records[vm]
+                    stoppedGeneration = stopped[vm]
+                    if let r = record, let a = announced, r.merged(with: a) == r { confirmed = a }
                 }
                 seenAnyView = true
                 version += 1
@@ -153,50 +181,60 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     }
 }
 
-/// The witness's side: remembers the newest record per VM from the agents' announcements,
-/// keeps it on disk (written and fsynced before it is published, so a witness that restarts
-/// still knows), and publishes all of it after every change and membership change.
+/// The witness's side: remembers the newest record and stopped generation per VM from the
+/// agents' announcements, keeps them on disk (written and fsynced before they are published, so
+/// a witness that restarts still knows), and publishes all of it after every change and
+/// membership change.
 public final class WitnessService: @unchecked Sendable {
     private let cluster: any Cluster
     private let path: String
     private let logger: Logger
     public private(set) var records: [String: WitnessRecord]
+    public private(set) var stopped: [String: Generation]
 
     public init(cluster: any Cluster, statePath: String, logger: Logger) throws(GeminusError) {
         self.cluster = cluster
         path = statePath
         self.logger = logger
         records = [:]
+        stopped = [:]
         if let data = FileManager.default.contents(atPath: statePath) {
-            guard case .witness(let r)? = WitnessMessage(decoding: Array(data)) else {
+            guard case .witness(let r, let s)? = WitnessMessage(decoding: Array(data)) else {
                 throw GeminusError(.invalidArgument, "the witness state file \(statePath) is not one this version wrote",
                                    fix: "move it away only if no CA pair ran unprotected since it was written; otherwise restore it")
             }
             records = r
+            stopped = s
         }
     }
 
+    private var state: WitnessMessage { .witness(records: records, stopped: stopped) }
+
     /// Serves until `shouldStop` says so or the cluster connection is lost (throws then).
     public func run(shouldStop: () -> Bool) throws {
-        try cluster.publish(WitnessMessage.witness(records: records).encoded())
+        try cluster.publish(state.encoded())
         while !shouldStop() {
             guard let event = try cluster.nextEvent(timeoutMillis: 200) else { continue }
             switch event {
             case .membership, .quorum:
-                try cluster.publish(WitnessMessage.witness(records: records).encoded())
-            case .published(let from, let state):
-                guard case .agent(let vm, let record?)? = WitnessMessage(decoding: state) else { continue }
-                let merged = records[vm].map { $0.merged(with: record) } ?? record
-                guard merged != records[vm] else { continue }
-                guard records[vm] != nil || records.count < WitnessMessage.maxRecords else {
+                try cluster.publish(state.encoded())
+            case .published(let from, let message):
+                guard case .agent(let vm, let record, let stoppedGeneration)? = WitnessMessage(decoding: message) else { continue }
+                let merged = record.map { r in records[vm].map { $0.merged(with: r) } ?? r } ?? records[vm]
+                let newestStopped = stoppedGeneration.map { max(stopped[vm] ?? $0, $0) } ?? stopped[vm]
+                guard merged != records[vm] || newestStopped != stopped[vm] else { continue }
+                guard records[vm] != nil || stopped[vm] != nil || Set(records.keys).union(stopped.keys).count < WitnessMessage.maxRecords else {
                     logger.error("refused a record for \(vm) from \(from): the witness holds \(WitnessMessage.maxRecords) VMs already")
                     continue
                 }
+                let (recordChanged, stopChanged) = (merged != records[vm], newestStopped != stopped[vm])
                 records[vm] = merged
-                let state = WitnessMessage.witness(records: records).encoded()
-                try persist(state)
-                logger.notice("recorded \(vm): \(merged) (announced by \(from))")
-                try cluster.publish(state)
+                stopped[vm] = newestStopped
+                let encoded = state.encoded()
+                try persist(encoded)
+                if recordChanged, let merged { logger.notice("recorded \(vm): \(merged) (announced by \(from))") }
+                if stopChanged, let newestStopped { logger.notice("recorded \(vm): generation \(newestStopped) stopped its guest for good (announced by \(from))") }
+                try cluster.publish(encoded)
             }
         }
     }

@@ -176,7 +176,7 @@ public final class PrimaryAgent: @unchecked Sendable {
     private func startFenceWatch() -> FenceWatch? {
         guard let witness, let timings = settings.machine.arbitration.timings else { return nil }
         let port = self.port, guest = self.guest, logger = self.logger, events = self.events
-        let fenced = self.fenced, stopFlag = self.stopFlag, status = self.status, vm = settings.vmName
+        let fenced = self.fenced, stopFlag = self.stopFlag, status = self.status, vm = settings.vmName, generation = settings.generation
         return FenceWatch(link: witness, timings: timings) { reason in
             let t0 = Monotonic.nanos()
             // Output first: from here on nothing leaves, whatever the epoch loop still does.
@@ -185,8 +185,16 @@ public final class PrimaryAgent: @unchecked Sendable {
             guest.shutdown()
             let micros = (Monotonic.nanos() - t0) / 1000
             logger.critical("SELF-FENCED \(vm): \(reason). The guest is stopped for good (in \(micros / 1000) ms) and \(dropped) held packets were dropped; the secondary may run it now")
-            events.emit("self-fenced", ["reason": reason, "droppedPackets": dropped, "stopMicros": micros])
+            let stopped = guest.stoppedForGood
+            events.emit("self-fenced", ["reason": reason, "droppedPackets": dropped, "stopMicros": micros, "guestStopped": stopped])
             status.update(["state": "self-fenced", "fenceReason": reason])
+            // Told only once the stop is checked: the node may rejoin the cluster with its
+            // Corosync, and without this word its secondary would never win the VM back.
+            if stopped {
+                witness.announceStopped(generation)
+            } else {
+                logger.critical("\(vm): the guest could not be confirmed stopped after the self-fence, so the witness is not told; the secondary will not take over while this node is in the cluster. Check this host (QEMU still running?) and stop the guest by hand")
+            }
             stopFlag.set()
         }
     }

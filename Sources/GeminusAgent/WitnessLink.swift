@@ -11,6 +11,9 @@ public protocol WitnessLink: AnyObject, Sendable {
     var current: (view: WitnessView, version: UInt64)? { get }
     /// Asks the witness to record `record` (it answers in a later view's `record`).
     func announce(_ record: WitnessRecord)
+    /// Asks the witness to record that this primary, of `generation`, stopped its guest for
+    /// good (it answers in a later view's `stoppedGeneration`). Said only after the stop.
+    func announceStopped(_ generation: Generation)
 }
 
 /// Feeds a machine only the views it has not seen.
@@ -27,7 +30,8 @@ struct WitnessFeed {
     mutating func nextReported(from link: (any WitnessLink)?, logger: Logger, events: EventLog) -> WitnessView? {
         guard let view = next(from: link) else { return nil }
         logger.info("witness: \(view)")
-        events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard])
+        events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard,
+                                     "stoppedGeneration": view.stoppedGeneration.map { Int($0.rawValue) } ?? NSNull()])
         return view
     }
 }

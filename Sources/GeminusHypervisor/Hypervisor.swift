@@ -15,6 +15,10 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// Stops the guest for good: it must not run again here (handed over, or a guest the
     /// agent started itself and takes down with it).
     func shutdown()
+    /// After `shutdown`: the guest is known to run no more here (its QEMU has exited, its domain
+    /// is off). A self-fenced primary tells the witness so only when this is true: a wrong
+    /// "stopped" would let the secondary resume beside a live copy.
+    var stoppedForGood: Bool { get }
     /// Lets go of the guest when the agent stops without handing it over: a guest the agent
     /// started is stopped (`shutdown`), a libvirt domain the operator runs is left running
     /// (unprotected) with its vCPUs resumed. Idempotent.
@@ -44,6 +48,8 @@ public struct CaptureParts: Sendable, Equatable {
 
 extension ProtectedGuest {
     public func detach() { shutdown() }
+    /// Unknown unless the guest says: never claim a stop that was not checked.
+    public var stoppedForGood: Bool { false }
     public var platform: GuestPlatform { GuestPlatform() }
     public var statusReport: [String: String] { [:] }
     public var lastCaptureParts: CaptureParts? { nil }

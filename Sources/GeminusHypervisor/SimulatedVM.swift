@@ -64,6 +64,13 @@ public final class SimulatedVM: ProtectedGuest, @unchecked Sendable {
         try guest.capture(full: full, into: buffer)
     }
 
+    /// Its loop runs no step after the request, and its output port is fenced by then.
+    public var stoppedForGood: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return stopRequested
+    }
+
     public func shutdown() {
         lock.lock()
         stopRequested = true

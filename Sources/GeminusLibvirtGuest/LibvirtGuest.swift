@@ -185,6 +185,15 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         }
     }
 
+    /// Its QEMU has exited (or is a zombie), or libvirt says the domain is not active.
+    public var stoppedForGood: Bool {
+        if let pid {
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return true }
+            return stat.split(separator: ")").last?.split(separator: " ").first == "Z"
+        }
+        return (try? connection.isActive(domain)) == false
+    }
+
     /// Leaves the domain running (unprotected): `cont` if the agent paused it, the fdset
     /// removed, QMP closed. Idempotent.
     public func detach() {

@@ -99,6 +99,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         try checkpointer.capture(full: full, into: buffer)
     }
 
+    public var stoppedForGood: Bool { lock.withLock { isShutDown } && !process.isRunning }
+
     /// Kills QEMU (by pid) and removes its files. Idempotent.
     public func shutdown() {
         lock.lock()

@@ -22,18 +22,26 @@ public struct WitnessView: Equatable, Sendable, CustomStringConvertible {
     public var witnessHeard: Bool
     /// The witness's record of this VM, if it has one.
     public var record: WitnessRecord?
+    /// The newest generation whose primary told the witness that it stopped its guest for good
+    /// (a self-fence). Its node may still be in the cluster (Corosync runs on after the agent
+    /// fenced), so without this its secondary could never win once the cut that caused the
+    /// fence healed, and the VM would stay down until an operator came.
+    public var stoppedGeneration: Generation?
 
-    public init(quorate: Bool, peerPresent: Bool, witnessHeard: Bool = false, record: WitnessRecord? = nil) {
+    public init(quorate: Bool, peerPresent: Bool, witnessHeard: Bool = false, record: WitnessRecord? = nil,
+                stoppedGeneration: Generation? = nil) {
         self.quorate = quorate
         self.peerPresent = peerPresent
         self.witnessHeard = witnessHeard
         self.record = record
+        self.stoppedGeneration = stoppedGeneration
     }
 
     public var description: String {
         var s = "\(quorate ? "quorate" : "not quorate"), peer \(peerPresent ? "present" : "absent")"
         s += witnessHeard ? ", witness heard" : ", witness not heard"
         if let r = record { s += ", witness record \(r)" }
+        if let g = stoppedGeneration { s += ", generation \(g) stopped" }
         return s
     }
 }

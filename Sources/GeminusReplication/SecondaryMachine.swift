@@ -78,7 +78,10 @@ public struct SecondaryMachine: Sendable {
     /// may have declared the VM unprotected meanwhile and released output beyond it (it cannot
     /// say so in the handshake yet), so from a reconnection until the new connection's first
     /// commit, resuming `committed` could un-send released output (found by the simulator,
-    /// seed 1337; scenario stale-checkpoint-after-unprotected-is-not-resumed).
+    /// seed 1337; scenario stale-checkpoint-after-unprotected-is-not-resumed). With a witness
+    /// the primary releases unprotected only once the witness recorded it, and the takeover
+    /// checks that record, so a reconnection alone does not make `committed` suspect: a fenced
+    /// primary whose last dial completed after the cut healed must not leave the VM down.
     private var committedIsCurrent = false
     public private(set) var witness: WitnessView?
     /// Since when this node has won (quorate, the primary's node gone), with a witness.
@@ -95,7 +98,7 @@ public struct SecondaryMachine: Sendable {
         switch event {
         case .primaryConnected(let gen, let now):
             precondition(gen >= generation, "the handshake admits no older generation")
-            if everConnected { committedIsCurrent = false }
+            if everConnected && config.arbitration == .none { committedIsCurrent = false }
             // A new episode: if this primary is lost too, that is said again (seed 114).
             reportedCannotTakeOver = false
             generation = gen
@@ -176,8 +179,12 @@ public struct SecondaryMachine: Sendable {
         }
         if let timings = config.arbitration.timings {
             let waiting: String
-            if let won = wonSinceNanos, let w = witness {
-                if now - won >= timings.takeoverWaitNanos {
+            // The primary of this generation said (through the witness) that it stopped its guest
+            // for good: no stale quorum of its is left to wait out, present in the cluster or not.
+            let primaryStopped = witness.map { $0.quorate && $0.witnessHeard && $0.stoppedGeneration == generation } ?? false
+            let waitedOut = wonSinceNanos.map { now - $0 >= timings.takeoverWaitNanos } ?? false
+            if let w = witness, primaryStopped || wonSinceNanos != nil {
+                if primaryStopped || waitedOut {
                     guard w.witnessHeard else {
                         return awaiting("this node won, but the witness has not published its record in this membership yet")
                     }

@@ -184,6 +184,9 @@ struct Agent: ParsableCommand {
                     let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, sink: sink, deadline: deadline,
                                                  stopper: stopper, status: status, server: server)
                     if case .selfFenced(let reason) = outcome {
+                        if let link = arbitrated.1 {
+                            awaitStopRecorded(link, generation: run.generation, logger: logger, stopper: stopper, deadline: deadline)
+                        }
                         throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
                                            fix: "the secondary runs it if it won the witness (geminus status there); restart this agent as --role secondary to protect it again")
                     }

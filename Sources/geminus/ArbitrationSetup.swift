@@ -32,6 +32,26 @@ extension Agent {
         return (.witness(timings), link)
     }
 
+    /// After a self-fence: stays in the cluster until the witness has recorded that this
+    /// generation's guest stopped (the fence watch announced it), so that the secondary can win
+    /// the VM even if this node rejoins with its Corosync. Cut off, that may take until the cut
+    /// heals; said every 30 s. SIGTERM or the run's deadline end the wait.
+    func awaitStopRecorded(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, stopper: StopOnSignal, deadline: UInt64) {
+        logger.notice("telling the witness that generation \(generation) of \(vm) stopped here, before this agent exits")
+        var said = Monotonic.nanos()
+        while !stopper.fired && Monotonic.nanos() < deadline {
+            if let g = link.current?.view.stoppedGeneration, g >= generation {
+                logger.notice("the witness recorded that generation \(generation) of \(vm) stopped here: its secondary may take it over")
+                return
+            }
+            if Monotonic.nanos() - said > 30_000_000_000 {
+                said = Monotonic.nanos()
+                logger.warning("still waiting to tell the witness that \(vm) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); until it knows, the secondary cannot take over")
+            }
+            Monotonic.sleep(nanos: 50_000_000)
+        }
+    }
+
     /// A primary starts only inside a quorate partition: outside one it must not run the VM.
     func awaitQuorum(_ link: ClusterWitnessLink, timeoutSeconds: Double = 15) throws {
         let deadline = Date().addingTimeInterval(timeoutSeconds)

@@ -19,6 +19,14 @@ import Logging
         Issue.record("timed out waiting for \(what)")
     }
 
+    /// The members hold the cluster unowned: it must outlive the service's thread.
+    static func keep(_ cluster: SimulatedCluster, until thread: Thread) {
+        withExtendedLifetime(cluster) {
+            while !thread.isFinished { Thread.sleep(forTimeInterval: 0.01) }
+            Thread.sleep(forTimeInterval: 0.15)  // the links' threads leave their loop within one poll
+        }
+    }
+
     @Test func announceIsRecordedDurablyAndAPartitionShowsInTheViews() throws {
         let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
         let cluster = SimulatedCluster(nodes: nodes)
@@ -35,7 +43,10 @@ import Logging
         serviceThread.start()
         let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
         let secondary = ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger)
-        defer { primary.stop(); secondary.stop(); stop.set() }
+        defer {
+            primary.stop(); secondary.stop(); stop.set()
+            Self.keep(cluster, until: serviceThread)
+        }
 
         Self.waitFor("both views quorate, peer present, witness heard") {
             [primary, secondary].allSatisfy { $0.current.map { $0.view.quorate && $0.view.peerPresent && $0.view.witnessHeard } ?? false }
@@ -60,9 +71,66 @@ import Logging
         Thread.sleep(forTimeInterval: 0.2)
         #expect(service.records["db"] == record)
 
+        // A self-fenced primary says it stopped; the secondary, once back, hears it from the
+        // witness (the other generation's record is untouched).
+        primary.announceStopped(Generation(2))
+        Self.waitFor("the stop recorded") { service.stopped["db"] == Generation(2) }
+        #expect(service.records["db"] == record)
+        cluster.reconnect(nodes[1])
+        Self.waitFor("the stop in the secondary's view after the heal") {
+            secondary.current.map { $0.view.quorate && $0.view.witnessHeard && $0.view.stoppedGeneration == Generation(2) } ?? false
+        }
+
         // A witness that restarts knows what it recorded.
         let elsewhere = SimulatedCluster(nodes: nodes)
         let restarted = try WitnessService(cluster: elsewhere.join(nodes[2]), statePath: statePath, logger: logger)
         #expect(restarted.records["db"] == record)
+        #expect(restarted.stopped["db"] == Generation(2))
+    }
+
+    /// A primary cut off from everyone asks to run unprotected, is never answered (so it never
+    /// released), and fences. Once the cut heals, the witness learns of the stop but not of the
+    /// unanswered request: recorded late, it would forbid the secondary's checkpoint for nothing.
+    @Test func aStopWithdrawsARequestTheWitnessNeverAnswered() throws {
+        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
+        let cluster = SimulatedCluster(nodes: nodes)
+        let logger = Logger(label: "test")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-w-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let stop = StopFlag()
+        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: logger)
+        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
+        serviceThread.start()
+        let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
+        defer {
+            primary.stop(); stop.set()
+            Self.keep(cluster, until: serviceThread)
+        }
+        let answered = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(10))
+        primary.announce(answered)
+        Self.waitFor("the first request answered") { primary.current?.view.record == answered }
+
+        cluster.isolate(nodes[0])
+        Self.waitFor("the primary alone") { primary.current.map { !$0.view.quorate } ?? false }
+        primary.announce(WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50)))
+        primary.announceStopped(Generation(1))
+        cluster.reconnect(nodes[0])
+        Self.waitFor("the stop recorded after the heal") { service.stopped["db"] == Generation(1) }
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(service.records["db"] == answered, "the unanswered request (after epoch 50) must not be recorded")
+    }
+
+    /// A state file written before stop notices existed still loads (nothing stopped then).
+    @Test func aStateFileWithoutStopsLoads() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-old-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("witness.json").path
+        try #"{"kind":"geminus-ca-witness","records":{"db":{"after":41,"generation":2}}}"#.write(toFile: path, atomically: true, encoding: .utf8)
+        let nodes = [ClusterNode(id: 3, name: "w")]
+        let service = try WitnessService(cluster: SimulatedCluster(nodes: nodes).join(nodes[0]), statePath: path, logger: Logger(label: "test"))
+        #expect(service.records["db"] == WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(41)))
+        #expect(service.stopped.isEmpty)
     }
 }

@@ -124,6 +124,31 @@ import GeminusReplication
         #expect(Self.takesOver(s.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true), nowNanos: 9_001 * Self.ms))))
     }
 
+    /// A self-fenced primary whose node rejoined the cluster (its Corosync runs on) told the
+    /// witness it stopped: its secondary takes over at once, though the node is present.
+    @Test func aRecordedStopOfThisGenerationLetsTheSecondaryTakeOverWithThePeerPresent() {
+        var s = followingSecondary(.witness(Self.timings))
+        #expect(!Self.takesOver(s.handle(.witness(WitnessView(quorate: true, peerPresent: true, witnessHeard: true), nowNanos: 1_000 * Self.ms))))
+        // Another generation's stop says nothing about the primary this replica follows.
+        let other = WitnessView(quorate: true, peerPresent: true, witnessHeard: true, stoppedGeneration: Generation(2))
+        #expect(!Self.takesOver(s.handle(.witness(other, nowNanos: 1_100 * Self.ms))))
+        #expect(!Self.takesOver(s.handle(.tick(nowNanos: 9_000 * Self.ms))))
+        // Not quorate, or the witness not heard in this membership: the stop is not trusted.
+        var stopped = WitnessView(quorate: false, peerPresent: true, witnessHeard: true, stoppedGeneration: Generation(3))
+        #expect(!Self.takesOver(s.handle(.witness(stopped, nowNanos: 9_100 * Self.ms))))
+        stopped.quorate = true
+        stopped.witnessHeard = false
+        #expect(!Self.takesOver(s.handle(.witness(stopped, nowNanos: 9_200 * Self.ms))))
+        // The record still rules: a stop after running unprotected past checkpoint 5 is no licence.
+        var behind = followingSecondary(.witness(Self.timings))
+        let unprotected = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(5))
+        #expect(!Self.takesOver(behind.handle(.witness(WitnessView(quorate: true, peerPresent: true, witnessHeard: true, record: unprotected,
+                                                                   stoppedGeneration: Generation(3)), nowNanos: 1_000 * Self.ms))))
+        stopped.witnessHeard = true
+        #expect(Self.takesOver(s.handle(.witness(stopped, nowNanos: 9_300 * Self.ms))), "no wait: the primary said it stopped")
+        #expect(s.generation == Generation(4))
+    }
+
     @Test func recordsMergeToTheNewest() {
         let a = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(50))
         let b = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(1))
