@@ -74,6 +74,9 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     private var heard = false
     private var record: WitnessRecord?
     private var stoppedGeneration: Generation?
+    /// The peer agent's own word in this membership: it stopped (a self-fenced primary), and
+    /// the newest unprotect announcement the witness had confirmed to it.
+    private var peerStopped: (generation: Generation, record: WitnessRecord?)?
     private var announced: WitnessRecord?
     /// The newest announcement the witness was heard holding: the primary can only have run
     /// unprotected under one of those.
@@ -102,8 +105,13 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
             // Gone only when gone from both: a node whose agent died but whose Corosync runs may
             // still run the guest (a libvirt domain outlives its agent), so it counts as present.
             let peerPresent = cpgMembers.contains(peer) || quorum.memberIDs.contains(peer)
-            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: record,
-                                stoppedGeneration: stoppedGeneration), version)
+            // A stop is known from the witness or from the stopped primary itself (with the
+            // record it ran under: it alone releases for its generation), whichever is newer.
+            let peerRecord = peerStopped?.record
+            let merged = record.map { r in peerRecord.map { r.merged(with: $0) } ?? r } ?? peerRecord
+            let stopped = [stoppedGeneration, peerStopped?.generation].compactMap { $0 }.max()
+            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: merged,
+                                stoppedGeneration: stopped), version)
         }
     }
 
@@ -162,12 +170,17 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                     heard = false
                     record = nil
                     stoppedGeneration = nil
+                    peerStopped = nil
                     republish = true
                 case .quorum(let q):
-                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; stoppedGeneration = nil; republish = true }
+                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; stoppedGeneration = nil; peerStopped = nil; republish = true }
                     quorum = q
-                case .published(_, let state):
-                    guard case .witness(let records, let stopped)? = WitnessMessage(decoding: state) else { return }
+                case .published(let from, let state):
+                    let message = WitnessMessage(decoding: state)
+                    if from.id == peer, case .agent(let v, let r, let g?)? = message, v == vm {
+                        peerStopped = (g, r)
+                    }
+                    guard case .witness(let records, let stopped)? = message else { return }
                     heard = true
                     record = records[vm]
                     stoppedGeneration = stopped[vm]

@@ -22,10 +22,12 @@ public struct WitnessView: Equatable, Sendable, CustomStringConvertible {
     public var witnessHeard: Bool
     /// The witness's record of this VM, if it has one.
     public var record: WitnessRecord?
-    /// The newest generation whose primary told the witness that it stopped its guest for good
-    /// (a self-fence). Its node may still be in the cluster (Corosync runs on after the agent
-    /// fenced), so without this its secondary could never win once the cut that caused the
-    /// fence healed, and the VM would stay down until an operator came.
+    /// The newest generation whose primary said that it stopped its guest for good (a
+    /// self-fence), heard in this membership: from the witness's publication, or from that
+    /// primary's agent itself, whose word then comes with the newest unprotect record it ran
+    /// under (merged into `record`). Its node may still be in the cluster (Corosync runs on
+    /// after the agent fenced), so without this its secondary could never win once the cut that
+    /// caused the fence healed, and the VM would stay down until an operator came.
     public var stoppedGeneration: Generation?
 
     public init(quorate: Bool, peerPresent: Bool, witnessHeard: Bool = false, record: WitnessRecord? = nil,

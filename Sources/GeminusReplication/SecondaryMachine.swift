@@ -179,13 +179,14 @@ public struct SecondaryMachine: Sendable {
         }
         if let timings = config.arbitration.timings {
             let waiting: String
-            // The primary of this generation said (through the witness) that it stopped its guest
-            // for good: no stale quorum of its is left to wait out, present in the cluster or not.
-            let primaryStopped = witness.map { $0.quorate && $0.witnessHeard && $0.stoppedGeneration == generation } ?? false
+            // The primary of this generation said (to the witness, or to this node in this
+            // membership) that it stopped its guest for good: no stale quorum of its is left to
+            // wait out, present in the cluster or not, and its record came with the word.
+            let primaryStopped = witness.map { $0.quorate && $0.stoppedGeneration == generation } ?? false
             let waitedOut = wonSinceNanos.map { now - $0 >= timings.takeoverWaitNanos } ?? false
             if let w = witness, primaryStopped || wonSinceNanos != nil {
                 if primaryStopped || waitedOut {
-                    guard w.witnessHeard else {
+                    guard w.witnessHeard || primaryStopped else {
                         return awaiting("this node won, but the witness has not published its record in this membership yet")
                     }
                     if let r = w.record, !r.allowsResuming(committed, at: generation) {

@@ -131,8 +131,8 @@ extension PairSimulator {
         }
     }
 
-    /// Where L1's clock starts: at the loss, or with a witness, once the secondary can reach it
-    /// (until then no takeover is allowed: nil).
+    /// Where L1's clock starts: at the loss, or with a witness, once the secondary can hold it
+    /// (`SimulatedWitness.secondaryCanHoldTheWitness`; until then no takeover is due: nil).
     func l1ClockStart(_ lost: UInt64) -> UInt64? {
         guard config.arbitration != .none else { return lost }
         return secondaryWithWitnessSinceNanos.map { max($0, lost) }

@@ -19,7 +19,11 @@ import GeminusReplication
 /// - the witness publishes its record after each membership it installs and after each change
 ///   to the record; a node has "heard" the witness only from such a publication in its current
 ///   membership;
-/// - a frozen host's Corosync is frozen too: the others lose it, and it notices nothing until it thaws.
+/// - a frozen host's Corosync is frozen too: the others lose it, and it notices nothing until it thaws;
+/// - a self-fenced primary's host stays in the cluster (its Corosync runs on); its agent tells
+///   the witness that its generation stopped, again after every membership change of its host,
+///   until the witness has it (the agent's `awaitStopRecorded`); the secondary, in one membership
+///   with it, hears that word directly too, with the newest record the primary had heard.
 struct SimulatedWitness {
     enum Node: Int, CaseIterable, Comparable, CustomStringConvertible {
         case primary, secondary, witness
@@ -44,6 +48,13 @@ struct SimulatedWitness {
     private var heardRecord: [Node: WitnessRecord] = [:]
     /// What the witness holds.
     private(set) var record: WitnessRecord?
+    private(set) var stopped: Generation?
+    private var heardStopped: [Node: Generation] = [:]
+    /// A self-fenced primary's stop notice, said until the witness holds it, with the newest
+    /// record the primary had heard (it can only have released under one of those).
+    private var stopNotice: Generation?
+    private var primaryHeardRecord: WitnessRecord?
+    private var peerStop: [Node: (generation: Generation, record: WitnessRecord?)] = [:]
     private var deliveries: [(atNanos: UInt64, to: Node, what: Delivery)] = []
     private var partitions: [Set<Node>] = [Set(Node.allCases)]
     private var partitionsKey = ""
@@ -56,7 +67,9 @@ struct SimulatedWitness {
 
     private enum Delivery {
         case announcement(WitnessRecord)
-        case witnessRecord(WitnessRecord?)
+        case stopAnnouncement(Generation)
+        case peerStop(Generation, WitnessRecord?)
+        case witnessRecord(WitnessRecord?, stopped: Generation?)
     }
 
     init(timings: Timings) {
@@ -70,8 +83,12 @@ struct SimulatedWitness {
     func view(of n: Node) -> WitnessView {
         let members = installed[n] ?? [n]
         let peer: Node = n == .primary ? .secondary : .primary
+        // As `ClusterWitnessLink` builds it: the stop from the witness or from the peer itself.
+        let fromPeer = peerStop[n]
+        let record = heardRecord[n].map { r in fromPeer?.record.map { r.merged(with: $0) } ?? r } ?? fromPeer?.record
+        let stopped = [heardStopped[n], fromPeer?.generation].compactMap { $0 }.max()
         return WitnessView(quorate: members.count >= 2, peerPresent: members.contains(peer),
-                           witnessHeard: heard[n] ?? false, record: heardRecord[n])
+                           witnessHeard: heard[n] ?? false, record: record, stoppedGeneration: stopped)
     }
 
     mutating func setCut(_ a: Node, _ b: Node, _ isCut: Bool) {
@@ -82,6 +99,15 @@ struct SimulatedWitness {
 
     func isCut(_ a: Node, _ b: Node) -> Bool { cut.contains([a, b].sorted()) }
 
+    /// The secondary's host can form the quorate partition with the witness for sure: their link
+    /// works, and the primary's host (which stays in the cluster after a self-fence) does not
+    /// hold the witness on a link the secondary lacks. In that non-transitive cut Corosync
+    /// gives the witness to one side, or (as measured in Tools/ca-partition-test) settles
+    /// nothing until the cut heals, so no takeover time can be promised.
+    var secondaryCanHoldTheWitness: Bool {
+        !isCut(.secondary, .witness) && !(running.contains(.primary) && !isCut(.primary, .witness) && isCut(.primary, .secondary))
+    }
+
     /// A host stopped (crash, freeze) or runs again. A host that comes back after a crash starts
     /// with only itself in its membership.
     mutating func setRunning(_ n: Node, _ isRunning: Bool, fresh: Bool = false) {
@@ -91,6 +117,8 @@ struct SimulatedWitness {
             installed[n] = [n]
             heard[n] = false
             heardRecord[n] = nil
+            heardStopped[n] = nil
+            peerStop[n] = nil
             pendingInstall[n] = nil
         }
     }
@@ -116,13 +144,25 @@ struct SimulatedWitness {
         deliveries.append((now + timings.deliveryNanos, .witness, .announcement(r)))
     }
 
+    /// The self-fenced primary's agent: "generation `g` stopped its guest for good".
+    mutating func announceStopped(_ g: Generation, now: UInt64) {
+        stopNotice = g
+        sayStop(now: now)
+    }
+
+    private mutating func sayStop(now: UInt64) {
+        guard let g = stopNotice else { return }
+        if canTalk(.primary, .witness) { deliveries.append((now + timings.deliveryNanos, .witness, .stopAnnouncement(g))) }
+        if canTalk(.primary, .secondary) { deliveries.append((now + timings.deliveryNanos, .secondary, .peerStop(g, primaryHeardRecord))) }
+    }
+
     private func canTalk(_ a: Node, _ b: Node) -> Bool {
         connected(a, b) && (installed[a]?.contains(b) ?? false) && (installed[b]?.contains(a) ?? false)
     }
 
     private mutating func publishRecord(now: UInt64) {
         for n in [Node.primary, .secondary] where canTalk(.witness, n) {
-            deliveries.append((now + timings.deliveryNanos, n, .witnessRecord(record)))
+            deliveries.append((now + timings.deliveryNanos, n, .witnessRecord(record, stopped: stopped)))
         }
     }
 
@@ -152,9 +192,13 @@ struct SimulatedWitness {
             installed[n] = p.members
             heard[n] = false
             heardRecord[n] = nil
+            heardStopped[n] = nil
+            peerStop[n] = nil
             changed.insert(n)
             if n == .witness { publishRecord(now: now) }
         }
+        // After every install of this step (the others' may follow the primary's in it).
+        if !changed.isEmpty { sayStop(now: now) }
         // Deliveries due, to hosts that run and still share a working ring with the sender.
         // Publications made while handling these are queued afresh (they arrive later).
         let queued = deliveries
@@ -169,10 +213,23 @@ struct SimulatedWitness {
                     record = merged
                     publishRecord(now: now)
                 }
-            case .witnessRecord(let r):
+            case .stopAnnouncement(let g):
+                guard running.contains(.witness), canTalk(.primary, .witness) else { continue }
+                if stopped.map({ g > $0 }) ?? true {
+                    stopped = g
+                    publishRecord(now: now)
+                }
+                if stopped == stopNotice { stopNotice = nil }  // recorded: the agent exits
+            case .peerStop(let g, let r):
+                guard canTalk(.primary, .secondary) else { continue }
+                peerStop[.secondary] = (g, r)
+                changed.insert(.secondary)
+            case .witnessRecord(let r, let s):
                 guard canTalk(.witness, d.to) else { continue }
                 heard[d.to] = true
                 heardRecord[d.to] = r
+                heardStopped[d.to] = s
+                if d.to == .primary, let r { primaryHeardRecord = primaryHeardRecord.map { $0.merged(with: r) } ?? r }
                 changed.insert(d.to)
             }
         }
@@ -187,7 +244,7 @@ extension PairSimulator {
         guard var w = witness else { return }
         let changed = w.advance(now: now, rng: &witnessRandom)
         witness = w
-        let sw = !w.isCut(.secondary, .witness) && secondary != nil
+        let sw = w.secondaryCanHoldTheWitness && secondary != nil
         if !sw { secondaryWithWitnessSinceNanos = nil } else if secondaryWithWitnessSinceNanos == nil { secondaryWithWitnessSinceNanos = now }
         if changed.contains(.primary), let p = primary, p.frozenUntilNanos == nil {
             let view = w.view(of: .primary)
@@ -231,7 +288,9 @@ extension PairSimulator {
             count("self-fence")
             note("primary", "SELF-FENCED (generation \(p.machine.generation)): \(reason); \(p.queue.heldCount) held packets dropped", notable: true)
             primary = nil
-            witness?.setRunning(.primary, false)
+            // The host's Corosync runs on: it stays in the cluster, and the agent tells the
+            // witness its guest stopped (`awaitStopRecorded`) before it exits.
+            witness?.announceStopped(p.machine.generation, now: now)
             lostPrimary()
             return true
         }

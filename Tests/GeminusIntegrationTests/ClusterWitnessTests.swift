@@ -121,6 +121,41 @@ import Logging
         #expect(service.records["db"] == answered, "the unanswered request (after epoch 50) must not be recorded")
     }
 
+    /// The pair together without the witness: the stopped primary's own word reaches its
+    /// secondary, with the record it ran under (not its unanswered request).
+    @Test func theStoppedPrimarysOwnWordReachesTheSecondaryWithoutTheWitness() throws {
+        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
+        let cluster = SimulatedCluster(nodes: nodes)
+        let logger = Logger(label: "test")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-p-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let stop = StopFlag()
+        let witness = cluster.join(nodes[2])
+        let service = try WitnessService(cluster: witness, statePath: dir.appendingPathComponent("w.json").path, logger: logger)
+        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
+        serviceThread.start()
+        let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
+        let secondary = ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger)
+        defer {
+            primary.stop(); secondary.stop(); stop.set()
+            Self.keep(cluster, until: serviceThread)
+        }
+        let answered = WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(10))
+        primary.announce(answered)
+        Self.waitFor("the request answered") { primary.current?.view.record == answered }
+        cluster.isolate(nodes[2])
+        Self.waitFor("the pair without the witness") {
+            [primary, secondary].allSatisfy { $0.current.map { $0.view.quorate && !$0.view.witnessHeard } ?? false }
+        }
+        #expect(secondary.current?.view.stoppedGeneration == nil)
+        primary.announce(WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(60)))
+        primary.announceStopped(Generation(4))
+        Self.waitFor("the stop, from the primary itself") { secondary.current?.view.stoppedGeneration == Generation(4) }
+        #expect(secondary.current?.view.record == answered, "the record it ran under, not the unanswered request")
+        #expect(service.stopped["db"] == nil, "the witness, cut off, knows nothing yet")
+    }
+
     /// A state file written before stop notices existed still loads (nothing stopped then).
     @Test func aStateFileWithoutStopsLoads() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-old-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
