@@ -85,6 +85,13 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     private var version: UInt64 = 0
     private var seenAnyView = false
     private var stopped = false
+    /// Whether this agent keeps the ring lease (a primary): its state is republished every
+    /// `heartbeatMillis`, and `lastOwnDeliveryNanos` says when the cluster last delivered it.
+    private var holdingLease = false
+    private var lastHeartbeatNanos: UInt64 = 0
+    private var ownDeliveryNanos: UInt64?
+    private var publishThrottle = LogThrottle()
+    static let heartbeatMillis: UInt64 = 100
     private var thread: Thread?
 
     public init(cluster: any Cluster, vm: String, peer: ClusterNodeID, logger: Logger) {
@@ -100,8 +107,16 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     }
 
     public var current: (view: WitnessView, version: UInt64)? {
-        lock.withLock {
-            guard seenAnyView else { return nil }
+        lock.withLock { seenAnyView ? (viewLocked(), version) : nil }
+    }
+
+    public var lastOwnDeliveryNanos: UInt64? { lock.withLock { ownDeliveryNanos } }
+
+    public func holdLease() {
+        lock.withLock { holdingLease = true }
+    }
+
+    private func viewLocked() -> WitnessView {
             // Gone only when gone from both: a node whose agent died but whose Corosync runs may
             // still run the guest (a libvirt domain outlives its agent), so it counts as present.
             let peerPresent = cpgMembers.contains(peer) || quorum.memberIDs.contains(peer)
@@ -110,9 +125,8 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
             let peerRecord = peerStopped?.record
             let merged = record.map { r in peerRecord.map { r.merged(with: $0) } ?? r } ?? peerRecord
             let stopped = [stoppedGeneration, peerStopped?.generation].compactMap { $0 }.max()
-            return (WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: merged,
-                                stoppedGeneration: stopped), version)
-        }
+            return WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: merged,
+                               stoppedGeneration: stopped)
     }
 
     public func announce(_ r: WitnessRecord) {
@@ -140,15 +154,25 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
         let message: WitnessMessage? = lock.withLock { stopped ? nil : .agent(vm: vm, record: announced, stopped: announcedStopped) }
         guard let message else { return }  // `stop()` closed the cluster
         do { try cluster.publish(message.encoded()) } catch {
-            logger.error("cannot publish to the cluster: \(error)")
+            // The heartbeat retries ten times a second: say it once per distinct error and 10 s.
+            if let repeats = lock.withLock({ publishThrottle.admit("\(error)", nowNanos: Monotonic.nanos()) }) {
+                logger.error("cannot publish to the cluster: \(error)\(repeats > 0 ? " (\(repeats) more since)" : "")")
+            }
         }
     }
 
     private func loop() {
         publish()
         while !lock.withLock({ stopped }) {
+            let beat: Bool = lock.withLock {
+                let now = Monotonic.nanos()
+                guard holdingLease, now - lastHeartbeatNanos >= Self.heartbeatMillis * 1_000_000 else { return false }
+                lastHeartbeatNanos = now
+                return true
+            }
+            if beat { publish() }
             let event: ClusterEvent?
-            do { event = try cluster.nextEvent(timeoutMillis: 100) } catch {
+            do { event = try cluster.nextEvent(timeoutMillis: 20) } catch {
                 if lock.withLock({ stopped }) { return }  // `stop()` closed it
                 // Outside the cluster: nothing may be trusted, say "not quorate".
                 logger.critical("lost the cluster connection: \(error); this node counts itself not quorate")
@@ -163,6 +187,12 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
             guard let event else { continue }
             var republish = false
             lock.withLock {
+                let before = seenAnyView ? viewLocked() : nil
+                defer {
+                    seenAnyView = true
+                    // A new version only for a new view: heartbeats change nothing a machine sees.
+                    if viewLocked() != before { version += 1 }
+                }
                 switch event {
                 case .membership(let m):
                     cpgMembers = Set(m.members.map(\.id))
@@ -176,6 +206,7 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                     if q.memberIDs != quorum.memberIDs { heard = false; record = nil; stoppedGeneration = nil; peerStopped = nil; republish = true }
                     quorum = q
                 case .published(let from, let state):
+                    if from.id == cluster.localNode.id { ownDeliveryNanos = Monotonic.nanos() }
                     let message = WitnessMessage(decoding: state)
                     if from.id == peer, case .agent(let v, let r, let g?)? = message, v == vm {
                         peerStopped = (g, r)
@@ -186,8 +217,6 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                     stoppedGeneration = stopped[vm]
                     if let r = record, let a = announced, r.merged(with: a) == r { confirmed = a }
                 }
-                seenAnyView = true
-                version += 1
             }
             if republish { publish() }
         }

@@ -14,6 +14,11 @@ public protocol WitnessLink: AnyObject, Sendable {
     /// Asks the witness to record that this primary, of `generation`, stopped its guest for
     /// good (it answers in a later view's `stoppedGeneration`). Said only after the stop.
     func announceStopped(_ generation: Generation)
+    /// A primary keeps the ring lease: its state is republished every 100 ms, so that
+    /// `lastOwnDeliveryNanos` shows whether its node's ring still works.
+    func holdLease()
+    /// When the cluster last delivered one of this node's own messages (monotonic), if ever.
+    var lastOwnDeliveryNanos: UInt64? { get }
 }
 
 /// Feeds a machine only the views it has not seen.
@@ -49,11 +54,14 @@ final class FenceWatch: @unchecked Sendable {
     init(link: any WitnessLink, timings: ArbitrationTimings, tickNanos: UInt64 = ArbitrationTimings.fenceTickNanos,
          fence: @escaping @Sendable (String) -> Void) {
         let t = Thread { [weak self] in
-            var lease = PrimaryLease(timings: timings)
+            var lease = PrimaryLease(timings: timings, watchesRing: true)
             var feed = WitnessFeed()
+            link.holdLease()
             while let self, !self.isStopped {
                 let now = Monotonic.nanos()
-                var actions = lease.handle(.tick(nowNanos: now))
+                var actions: [PrimaryLease.Action] = []
+                if let delivered = link.lastOwnDeliveryNanos { actions += lease.handle(.ownDelivery(atNanos: delivered)) }
+                actions += lease.handle(.tick(nowNanos: now))
                 if let view = feed.next(from: link) { actions += lease.handle(.view(view, nowNanos: now)) }
                 for case .selfFence(let reason) in actions {
                     self.lock.withLock { self.fenceReason = reason }

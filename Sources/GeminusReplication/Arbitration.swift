@@ -98,6 +98,16 @@ public struct ArbitrationTimings: Equatable, Sendable {
 
     public var takeoverWaitNanos: UInt64 { staleQuorumNanos + selfFenceNanos }
 
+    /// How long the primary's node may go without the cluster delivering a message of its own
+    /// before the primary fences. Corosync's quorum API goes on saying "quorate" while a node
+    /// cannot finish forming a new membership: with one-way loss measured for 4.2 s (token 300),
+    /// while the other side formed its own within 0.7 s and won. A node that holds no token
+    /// sends nothing, so its own messages stop at once. The secondary resumes no sooner than
+    /// token + consensus + takeoverWait after the primary's last token; the primary stops within
+    /// ringSilence + selfFence of it; ringSilence = staleQuorum leaves token + consensus to spare,
+    /// and is twice the time a normal membership change takes (token + consensus, no delivery).
+    public var ringSilenceNanos: UInt64 { staleQuorumNanos }
+
     /// How often the agents' fence watch looks (part of `selfFenceNanos`).
     public static let fenceTickNanos: UInt64 = 10_000_000
 
@@ -139,6 +149,8 @@ public struct PrimaryLease: Sendable {
     public enum Event: Equatable, Sendable {
         case view(WitnessView, nowNanos: UInt64)
         case tick(nowNanos: UInt64)
+        /// The cluster delivered a message of this node's own at `atNanos` (the ring works).
+        case ownDelivery(atNanos: UInt64)
     }
 
     public enum Action: Equatable, Sendable {
@@ -147,12 +159,18 @@ public struct PrimaryLease: Sendable {
     }
 
     public let timings: ArbitrationTimings
+    /// Whether deliveries of its own messages are watched (`ringSilenceNanos`): the agents feed
+    /// them; a caller that does not must not turn it on, or the silence fences it.
+    public let watchesRing: Bool
     public private(set) var view: WitnessView?
     public private(set) var fenced = false
     private var lastTickNanos: UInt64?
+    /// The last own delivery, or the first tick before there was one.
+    private var ringHeardNanos: UInt64?
 
-    public init(timings: ArbitrationTimings) {
+    public init(timings: ArbitrationTimings, watchesRing: Bool = false) {
         self.timings = timings
+        self.watchesRing = watchesRing
     }
 
     public mutating func handle(_ event: Event) -> [Action] {
@@ -169,6 +187,18 @@ public struct PrimaryLease: Sendable {
         case .tick(let now):
             if let gap = gap(now) { return fence(gap) }
             lastTickNanos = now
+            if watchesRing {
+                let heard = ringHeardNanos ?? now
+                ringHeardNanos = heard
+                if now > heard && now - heard > timings.ringSilenceNanos {
+                    return fence("the cluster delivered none of this node's messages for \((now - heard) / 1_000_000) ms (over \(timings.ringSilenceNanos / 1_000_000) ms): its ring is broken, and the quorate view Corosync still shows may be stale")
+                }
+            }
+            return []
+        case .ownDelivery(let at):
+            // Counted from the first tick on: a delivery from before this lease (a secondary that
+            // just took over last published long ago) says nothing about the ring now.
+            if let heard = ringHeardNanos { ringHeardNanos = max(heard, at) }
             return []
         }
     }

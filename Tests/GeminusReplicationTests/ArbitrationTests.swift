@@ -35,6 +35,42 @@ import GeminusReplication
         #expect(reason.contains("400 ms"))
     }
 
+    /// Corosync may go on calling a node quorate for seconds while it cannot form a membership
+    /// (one-way loss, measured in Tools/ca-partition-test); its own messages stop at once.
+    @Test func leaseFencesWhenTheRingDeliversNothingOfItsOwn() {
+        let t = ArbitrationTimings.corosync(tokenMillis: 300, consensusMillis: 360)
+        #expect(t.ringSilenceNanos == 1_320 * Self.ms)
+        #expect(t.ringSilenceNanos + t.selfFenceNanos < (300 + 360) * Self.ms + t.takeoverWaitNanos,
+                "the primary stops before the earliest takeover after its last token")
+        var lease = PrimaryLease(timings: t, watchesRing: true)
+        // A delivery from before the lease began (the node was a secondary) counts for nothing.
+        #expect(lease.handle(.ownDelivery(atNanos: 0)).isEmpty)
+        var now: UInt64 = 5_000 * Self.ms
+        #expect(lease.handle(.view(WitnessView(quorate: true, peerPresent: true), nowNanos: now)).isEmpty)
+        #expect(lease.handle(.tick(nowNanos: now)).isEmpty, "the first tick starts the count")
+        // Deliveries every 100 ms, ticks every 10 ms: nothing.
+        while now < 7_000 * Self.ms {
+            now += 10 * Self.ms
+            if now % (100 * Self.ms) == 0 { #expect(lease.handle(.ownDelivery(atNanos: now)).isEmpty) }
+            #expect(lease.handle(.tick(nowNanos: now)).isEmpty)
+        }
+        // The ring breaks at 7 s; the view stays "quorate". A membership change's silence
+        // (token + consensus) passes; past ringSilence it fences.
+        while now < 7_000 * Self.ms + t.ringSilenceNanos {
+            now += 10 * Self.ms
+            #expect(lease.handle(.tick(nowNanos: now)).isEmpty, "at \(now / Self.ms) ms")
+        }
+        guard case .selfFence(let reason)? = lease.handle(.tick(nowNanos: now + 10 * Self.ms)).first else {
+            Issue.record("a ring silent for longer than ringSilence must fence")
+            return
+        }
+        #expect(reason.contains("delivered none"))
+        // Without the watch (the simulator's default) silence alone never fences.
+        var unwatched = PrimaryLease(timings: t)
+        _ = unwatched.handle(.view(WitnessView(quorate: true, peerPresent: true), nowNanos: 0))
+        for i in 1...500 { #expect(unwatched.handle(.tick(nowNanos: UInt64(i) * 10 * Self.ms)).isEmpty) }
+    }
+
     func lostPrimary(_ arbitration: Arbitration) -> (PrimaryMachine, UInt64) {
         var p = PrimaryMachine(config: .init(peerSilenceNanos: 150 * Self.ms, unprotectAfterNanos: 300 * Self.ms, arbitration: arbitration),
                                generation: Generation(3))
