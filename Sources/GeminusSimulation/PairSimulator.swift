@@ -214,11 +214,13 @@ public final class PairSimulator {
                 // Corosync's ring breaks on one-way loss as on any other.
                 toSecondary.cut()
                 witness?.setCut(.primary, .secondary, true)
+                witness?.setCannotSend(.primary, true)
                 count("one-way-partition")
                 note("world", "partition primary -> secondary (one way)", notable: true)
             case false?:
                 toPrimary.cut()
                 witness?.setCut(.primary, .secondary, true)
+                witness?.setCannotSend(.secondary, true)
                 count("one-way-partition")
                 note("world", "partition secondary -> primary (one way)", notable: true)
             }
@@ -228,6 +230,8 @@ public final class PairSimulator {
             guard toSecondary.isCut || toPrimary.isCut else { return }
             toSecondary.heal(); toPrimary.heal()
             witness?.setCut(.primary, .secondary, false)
+            witness?.setCannotSend(.primary, false)
+            witness?.setCannotSend(.secondary, false)
             isolationActive = false
             note("world", "heal", notable: true)
         case .cutWitness(let fromPrimary):

@@ -41,7 +41,7 @@ final class PrimaryNode {
 
     init(config: SimulationConfig, workload: SimulatedWorkload) throws(GeminusError) {
         machine = PrimaryMachine(config: config.primary, generation: Generation(1))
-        lease = config.arbitration.timings.map { PrimaryLease(timings: $0) }
+        lease = config.arbitration.timings.map { PrimaryLease(timings: $0, watchesRing: config.ringLease) }
         guest = try SimulatedGuest(workload: workload, memory: PageMemory(pageCount: workload.pageCount))
         encoder = try CheckpointEncoder(pageCount: workload.pageCount, maxFramePayload: config.maxFramePayload)
         buffer = CheckpointBuffer(limitPages: workload.pageCount)

@@ -23,7 +23,12 @@ import GeminusReplication
 /// - a self-fenced primary's host stays in the cluster (its Corosync runs on); its agent tells
 ///   the witness that its generation stopped, again after every membership change of its host,
 ///   until the witness has it (the agent's `awaitStopRecorded`); the secondary, in one membership
-///   with it, hears that word directly too, with the newest record the primary had heard.
+///   with it, hears that word directly too, with the newest record the primary had heard;
+/// - a node that can receive but not send (one-way loss) cannot finish a new membership for a
+///   long while (`oneWayGatherNanos`: 4.2 s measured with token 300), so it goes on calling
+///   itself quorate while the other side installs its own and wins;
+/// - a node's own messages are delivered only while its installed ring is intact and not
+///   reforming (the agents' ring lease watches that: `ringWorks`).
 struct SimulatedWitness {
     enum Node: Int, CaseIterable, Comparable, CustomStringConvertible {
         case primary, secondary, witness
@@ -35,6 +40,8 @@ struct SimulatedWitness {
         /// From a connectivity change to the new membership being installed (token + consensus).
         var detectNanos: ClosedRange<UInt64>
         var deliveryNanos: UInt64
+        /// Added to the membership install of a node that cannot send.
+        var oneWayGatherNanos: ClosedRange<UInt64> = 0...700_000_000
     }
 
     let timings: Timings
@@ -42,6 +49,10 @@ struct SimulatedWitness {
     private var cut: Set<[Node]> = []
     /// Hosts whose Corosync runs (not crashed, not frozen).
     private var running: Set<Node> = Set(Node.allCases)
+    /// Hosts whose packets to another are lost while they still hear it (one-way loss).
+    private var cannotSend: Set<Node> = []
+    /// Nodes that can send again: a late gather of theirs ends in the normal time from now.
+    private var sendingAgain: Set<Node> = []
     private(set) var installed: [Node: Set<Node>] = [:]
     private var pendingInstall: [Node: (members: Set<Node>, atNanos: UInt64)] = [:]
     private var heard: [Node: Bool] = [:]
@@ -99,13 +110,30 @@ struct SimulatedWitness {
 
     func isCut(_ a: Node, _ b: Node) -> Bool { cut.contains([a, b].sorted()) }
 
+    mutating func setCannotSend(_ n: Node, _ on: Bool) {
+        if on {
+            cannotSend.insert(n)
+        } else if cannotSend.remove(n) != nil {
+            sendingAgain.insert(n)
+        }
+    }
+
+    /// Whether the cluster delivers `n`'s own messages now: its Corosync runs, its installed
+    /// ring is intact (every member reachable, with the same membership) and not reforming.
+    func ringWorks(_ n: Node) -> Bool {
+        guard running.contains(n), pendingInstall[n] == nil, let members = installed[n] else { return false }
+        return members.allSatisfy { connected(n, $0) && installed[$0] == members && pendingInstall[$0] == nil }
+    }
+
     /// The secondary's host can form the quorate partition with the witness for sure: their link
     /// works, and the primary's host (which stays in the cluster after a self-fence) does not
     /// hold the witness on a link the secondary lacks. In that non-transitive cut Corosync
     /// gives the witness to one side, or (as measured in Tools/ca-partition-test) settles
     /// nothing until the cut heals, so no takeover time can be promised.
     var secondaryCanHoldTheWitness: Bool {
-        !isCut(.secondary, .witness) && !(running.contains(.primary) && !isCut(.primary, .witness) && isCut(.primary, .secondary))
+        // (A secondary that cannot send cannot finish a membership either.)
+        !isCut(.secondary, .witness) && !cannotSend.contains(.secondary)
+            && !(running.contains(.primary) && !isCut(.primary, .witness) && isCut(.primary, .secondary))
     }
 
     /// A host stopped (crash, freeze) or runs again. A host that comes back after a crash starts
@@ -132,7 +160,10 @@ struct SimulatedWitness {
     private func truePartitions(tieBreak: UInt64) -> [Set<Node>] {
         let all = Node.allCases.filter { running.contains($0) }
         if all.allSatisfy({ a in all.allSatisfy { connected(a, $0) } }) { return [Set(all)] }
-        let pairs = all.indices.flatMap { i in all[(i + 1)...].map { [all[i], $0] } }.filter { connected($0[0], $0[1]) }
+        // A node that cannot send ends up alone (as measured: the one-way-cut node installed a
+        // membership of itself, the other two theirs).
+        let pairs = all.indices.flatMap { i in all[(i + 1)...].map { [all[i], $0] } }
+            .filter { connected($0[0], $0[1]) && !cannotSend.contains($0[0]) && !cannotSend.contains($0[1]) }
         guard !pairs.isEmpty else { return all.map { [$0] } }
         let pair = Set(pairs[Int(tieBreak % UInt64(pairs.count))])
         return [pair] + all.filter { !pair.contains($0) }.map { [$0] }
@@ -179,12 +210,19 @@ struct SimulatedWitness {
                 partitions = truePartitions(tieBreak: rng.next())
             }
         }
+        for n in sendingAgain.sorted() {
+            if let p = pendingInstall[n] { pendingInstall[n] = (p.members, min(p.atNanos, now + rng.uniform(timings.detectNanos))) }
+        }
+        sendingAgain = []
         for component in partitions {
             guard let n = component.first else { continue }
             let target = pendingInstall[n]?.members ?? installed[n]
             guard target != component || component.contains(where: { (pendingInstall[$0]?.members ?? installed[$0]) != component }) else { continue }
             let at = now + rng.uniform(timings.detectNanos)
-            for m in component { pendingInstall[m] = (component, at) }
+            for m in component {
+                let late = cannotSend.contains(m) ? rng.uniform(timings.oneWayGatherNanos) : 0
+                pendingInstall[m] = (component, at + late)
+            }
         }
         for n in Node.allCases where running.contains(n) {
             guard let p = pendingInstall[n], p.atNanos <= now else { continue }
@@ -196,6 +234,13 @@ struct SimulatedWitness {
             peerStop[n] = nil
             changed.insert(n)
             if n == .witness { publishRecord(now: now) }
+        }
+        // The witness republishes after every membership change; a node that installs after it
+        // (a late gather) gets it then.
+        if !changed.contains(.witness) {
+            for n in changed where canTalk(.witness, n) {
+                deliveries.append((now + timings.deliveryNanos, n, .witnessRecord(record, stopped: stopped)))
+            }
         }
         // After every install of this step (the others' may follow the primary's in it).
         if !changed.isEmpty { sayStop(now: now) }
@@ -276,6 +321,8 @@ extension PairSimulator {
     /// The fence watch's tick; true when the primary fenced itself.
     func tickLease(_ p: PrimaryNode) -> Bool {
         guard var l = p.lease else { return false }
+        // The agent republishes every 100 ms; scaled to this cluster's timings, every 10 ms.
+        if let w = witness, w.ringWorks(.primary), now % 10_000_000 == 0 { _ = l.handle(.ownDelivery(atNanos: now)) }
         let actions = l.handle(.tick(nowNanos: now))
         p.lease = l
         return leaseActions(actions, p)

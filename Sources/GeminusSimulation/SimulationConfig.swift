@@ -34,6 +34,9 @@ public struct SimulationConfig: Sendable, Equatable {
     /// of 50 ms and consensus of 60 ms, scaled down from the real cluster's so runs stay short).
     public var witnessDetectNanos: ClosedRange<UInt64> = 50_000_000...110_000_000
     public var witnessDeliveryNanos: UInt64 = 2_000_000
+    /// Whether the primary's lease watches its own messages' delivery (`ringSilenceNanos`), as
+    /// the agents do. Off only to show what the rule prevents.
+    public var ringLease = true
 
     /// The arbitration bounds that go with the modelled Corosync (see `ArbitrationTimings`):
     /// a stale membership outlives the other side's by at most the spread of `witnessDetectNanos`;

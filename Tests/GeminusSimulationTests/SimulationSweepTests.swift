@@ -157,6 +157,8 @@ import GeminusSimulation
                 var config = SimulationConfig(seed: seed, durationNanos: 1_500_000_000)
                 config.setArbitration(.witness(timings))
                 config.witnessDetectNanos = 50_000_000...400_000_000
+                // The stale quorum alone: the ring lease would fence the cut-off primary anyway.
+                config.ringLease = false
                 let r = try PairSimulator(config: config, schedule: [
                     ScheduledFault(atNanos: 200_000_000, what: .partition(primaryToSecondaryOnly: nil)),
                     ScheduledFault(atNanos: 200_000_000, what: .cutWitness(fromPrimary: true)),
@@ -171,5 +173,29 @@ import GeminusSimulation
         let derived = try sweep(ArbitrationTimings(staleQuorumNanos: 800_000_000, selfFenceNanos: 20_000_000))
         #expect(derived.s1 == 0)
         #expect(derived.takeovers == 24, "the secondary must still take over once the wait is over")
+    }
+
+    /// One-way loss leaves the primary's node unable to finish a new membership while Corosync
+    /// goes on calling it quorate (4.2 s measured); the other side wins meanwhile. Only the ring
+    /// lease (no own message delivered for ringSilence) stops it in time.
+    @Test func aOneWayCutRunsTwiceWithoutTheRingLease() throws {
+        func sweep(ringLease: Bool) throws -> (s1: Int, takeovers: Int) {
+            var s1 = 0, takeovers = 0
+            for seed: UInt64 in 1...24 {
+                var config = SimulationConfig(seed: seed, durationNanos: 1_800_000_000)
+                config.ringLease = ringLease
+                let r = try PairSimulator(config: config, schedule: [
+                    ScheduledFault(atNanos: 200_000_000, what: .partition(primaryToSecondaryOnly: true)),
+                ], kinds: [.oneWayPartition]).run()
+                if r.violations.contains(where: { $0.promise == .s1 }) { s1 += 1 }
+                if r.tookOver { takeovers += 1 }
+            }
+            return (s1, takeovers)
+        }
+        let without = try sweep(ringLease: false)
+        #expect(without.s1 > 0, "no seed ran two copies without the ring lease")
+        let with = try sweep(ringLease: true)
+        #expect(with.s1 == 0)
+        #expect(with.takeovers == 24, "the secondary must still take over")
     }
 }
