@@ -40,6 +40,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public let checkpointer: QMPCheckpointer
     private let lock = NSLock()
     private var isShutDown = false
+    /// The serial console as output (QEMU started with `serialSocketPath`), else nil.
+    public private(set) var serial: SerialOutput?
 
     public static let tinyGuestCounterAddress = 0x200008
 
@@ -56,7 +58,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// Wraps a running QEMU (its QMP already connected, its RAM file mapped).
     public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
                 counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true) {
+                finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true, serial: SerialOutput? = nil) {
+        self.serial = serial
         self.process = process
         self.qmp = qmp
         self.memory = memory
@@ -76,7 +79,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
             let qmp = try connectQMP(process)
             // QEMU creates and sizes the RAM file before it opens the QMP socket.
             let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
-            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
+            let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
+            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial)
         } catch {
             process.cleanup(removeRAMFile: true)
             throw error
@@ -93,7 +97,15 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         }
     }
 
-    public func pause() throws(GeminusError) { try checkpointer.pause() }
+    /// Pauses, then takes the console output printed before the pause (`SerialOutput.drain`), so
+    /// that it belongs to the epoch being captured.
+    public func pause() throws(GeminusError) {
+        try checkpointer.pause()
+        serial?.drain()
+    }
+
+    /// Console lines go to `port` from now on (with `serialSocketPath`; otherwise nothing to send).
+    public func attachOutput(_ port: any GuestOutputPort) { serial?.attach(port) }
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
@@ -107,6 +119,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         defer { lock.unlock() }
         guard !isShutDown else { return }
         isShutDown = true
+        serial?.stop()
         qmp.close()
         process.cleanup(removeRAMFile: ownsRAMFile)
         unlink(deviceStatePath)

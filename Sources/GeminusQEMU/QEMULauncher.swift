@@ -13,6 +13,9 @@ public struct QEMUGuestConfig: Sendable {
     public var ramFilePath: String
     public var qmpSocketPath: String
     public var serialLogPath: String
+    /// When set, COM1 is a unix socket QEMU listens on (the agent reads it as the guest's output,
+    /// `SerialOutput`), still logged in full to `serialLogPath`; otherwise COM1 goes to the log only.
+    public var serialSocketPath: String?
     /// Standby: `-incoming defer -global migration.send-configuration=off`.
     public var incomingDefer: Bool
     public var qemuBinary: String
@@ -68,7 +71,8 @@ public enum QEMULauncher {
             "-display", "none",
             "-kernel", c.kernelPath,
             "-append", c.append,
-            "-chardev", "file,id=s0,path=\(c.serialLogPath)",
+            "-chardev", c.serialSocketPath.map { "socket,id=s0,path=\($0),server=on,wait=off,logfile=\(c.serialLogPath)" }
+                ?? "file,id=s0,path=\(c.serialLogPath)",
             "-device", "isa-serial,chardev=s0",
             "-qmp", "unix:\(c.qmpSocketPath),server=on,wait=off",
         ]
@@ -162,7 +166,7 @@ public final class QEMUProcess: @unchecked Sendable {
     /// Kills QEMU and removes its socket and logs; the RAM file too when `removeRAMFile`.
     public func cleanup(removeRAMFile: Bool) {
         kill()
-        for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath].compactMap({ $0 }) { unlink(path) }
+        for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath, config.serialSocketPath].compactMap({ $0 }) { unlink(path) }
         if removeRAMFile { unlink(config.ramFilePath) }
     }
 }

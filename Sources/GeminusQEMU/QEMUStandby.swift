@@ -56,6 +56,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     private let lock = NSLock()
     private var standbyProcess: QEMUProcess?
     private var standbyQMP: QMPClient?
+    private var standbySerial: SerialOutput?
     private var capabilitiesSet = false
     private var resumed = false
     private var _lastResume: ResumeTimings?
@@ -138,6 +139,9 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         let p = try QEMULauncher.start(config)
         do throws(GeminusError) {
             standbyQMP = try QEMUGuest.connectQMP(p)
+            // Connected now, before it can run: nothing it prints after the resume is missed.
+            standbySerial?.stop()
+            standbySerial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
             standbyProcess = p
         } catch {
             p.cleanup(removeRAMFile: false)
@@ -152,7 +156,9 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
-        try resumeGuest(memory: memory, deviceState: deviceState)
+        let guest = try resumeGuest(memory: memory, deviceState: deviceState)
+        guest.attachOutput(output)
+        return guest
     }
 
     /// `resume` with the concrete type.
@@ -214,8 +220,10 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         _lastResume = t
         standbyProcess = nil
         standbyQMP = nil
+        let serial = standbySerial
+        standbySerial = nil
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
-        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder)
+        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial)
     }
 
     /// Stops a waiting standby QEMU and removes the replica file and other files (not a
@@ -224,13 +232,15 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         standbyQMP?.close()
+        standbySerial?.stop()
+        standbySerial = nil
         standbyProcess?.cleanup(removeRAMFile: false)
         standbyProcess = nil
         standbyQMP = nil
         unlink(deviceStatePath)
         if !resumed {
             unlink(config.ramFilePath)
-            for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath].compactMap({ $0 }) { unlink(path) }
+            for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath, config.serialSocketPath].compactMap({ $0 }) { unlink(path) }
         }
     }
 

@@ -135,6 +135,9 @@ struct Agent: ParsableCommand {
     /// used and the library is found (`auto` without it falls back to compare, said once).
     func qemuConfig(_ role: String) -> QEMUGuestConfig {
         var c = QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
+        // The serial console is the guest's output: held until its checkpoint is acknowledged
+        // and sent to --output-sink like any packet (the test guest has no network device).
+        c.serialSocketPath = c.serialLogPath + ".sock"
         if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
         return c
     }
@@ -234,6 +237,7 @@ struct Agent: ParsableCommand {
             let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress,
                                          dirtyPages: dirtyPagePolicy(logger: logger, events: events),
                                          fallback: trackingFallback(logger: logger)).guest
+            q.attachOutput(port)
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q

@@ -102,6 +102,8 @@ final class OutputObserver: @unchecked Sendable {
     private let lock = NSLock()
     private var packets: [Packet] = []
     private var malformed = 0
+    /// Datagrams that are no simulated-guest packet: a QEMU guest's console lines, by generation.
+    private var console: [(generation: UInt64, text: String)] = []
 
     init() throws {
         let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
@@ -124,7 +126,11 @@ final class OutputObserver: @unchecked Sendable {
                 if n <= 0 { return }
                 var r = ByteReader(Array(buf[0..<n]))
                 guard let g = r.u64(), let rest = r.take(r.remaining), let p = OutputPacket(decoding: Array(rest)) else {
-                    lock.lock(); malformed += 1; lock.unlock(); continue
+                    var whole = ByteReader(Array(buf[0..<n]))
+                    let generation = whole.u64() ?? 0
+                    let line = n > 8 ? String(decoding: buf[8..<n], as: UTF8.self) : ""
+                    lock.lock(); malformed += 1; console.append((generation, line)); lock.unlock()
+                    continue
                 }
                 lock.lock(); packets.append(Packet(generation: g, packet: p)); lock.unlock()
             }
@@ -133,6 +139,7 @@ final class OutputObserver: @unchecked Sendable {
     }
 
     var snapshot: (packets: [Packet], malformed: Int) { lock.lock(); defer { lock.unlock() }; return (packets, malformed) }
+    var consoleLines: [(generation: UInt64, text: String)] { lock.lock(); defer { lock.unlock() }; return console }
     func close() { shutdown(fd, Int32(SHUT_RDWR)); Glibc.close(fd) }
 }
 
