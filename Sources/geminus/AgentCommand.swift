@@ -33,10 +33,11 @@ struct Agent: ParsableCommand {
         starts a paused hot standby from its own definition of it. --guest qemu has each agent start \
         QEMU itself; --guest simulated (the default) needs neither.
 
-        Example pair on one machine:
+        Example pair on one machine (no witness: --arbitration none; a real pair runs with
+        its Corosync cluster and --peer-node-id, docs/ARBITRATION.md):
           geminus keygen --out /etc/geminus/pair.key
-          geminus agent --role secondary --listen 127.0.0.1:7400 --key /etc/geminus/pair.key
-          geminus agent --role primary --peer 127.0.0.1:7400 --key /etc/geminus/pair.key
+          geminus agent --arbitration none --role secondary --listen 127.0.0.1:7400 --key /etc/geminus/pair.key
+          geminus agent --arbitration none --role primary --peer 127.0.0.1:7400 --key /etc/geminus/pair.key
         """)
 
     @Option(help: "primary or secondary.") var role: Role
@@ -71,8 +72,8 @@ struct Agent: ParsableCommand {
     @Option(help: "Control socket answering `geminus status` and `geminus failover` (default /run/geminus/VM.sock).") var statusSocket: String?
     @Flag(help: ArgumentHelp("With --events: also one event per checkpoint and per acknowledgement.", visibility: .hidden)) var traceEpochs = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
-    @Option(help: "Who decides which host may run the VM: corosync (a three-node cluster with `geminus witness` on the third; docs/ARBITRATION.md) or none (a partition can run the VM twice: one host and tests only).")
-    var arbitration = ArbitrationChoice.none
+    @Option(help: "Who decides which host may run the VM: corosync (the default: a three-node cluster with `geminus witness` on the third, needs --peer-node-id; docs/ARBITRATION.md) or none (a partition can run the VM twice: one host and tests only).")
+    var arbitration = ArbitrationChoice.corosync
     @Option(help: "With --arbitration corosync: the other host's nodeid in corosync.conf.") var peerNodeId: UInt32?
     @Option(help: "With --arbitration corosync: the CPG group the pair and the witness use.") var cpgGroup = "geminus-ca"
 
@@ -85,7 +86,7 @@ struct Agent: ParsableCommand {
             throw ValidationError("--takeover-after-millis (\(takeoverAfterMillis)) must be at least twice --interval-millis (\(intervalMillis)), or every slow epoch looks like a dead primary")
         }
         if arbitration == .corosync && peerNodeId == nil {
-            throw ValidationError("--arbitration corosync needs --peer-node-id (the other host's nodeid in corosync.conf)")
+            throw ValidationError("arbitration by Corosync (the default) needs --peer-node-id, the other host's nodeid in corosync.conf; on one host, or in tests, pass --arbitration none (a partition between two live hosts can then run the VM twice)")
         }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }

@@ -22,7 +22,13 @@ extension Agent {
             return (.none, nil)
         }
         guard let peerNodeId else { preconditionFailure("validate() requires --peer-node-id with --arbitration corosync") }
-        let t = try CorosyncCluster.totemTimeouts()
+        let t: (tokenMillis: UInt64, consensusMillis: UInt64)
+        do { t = try CorosyncCluster.totemTimeouts() } catch let error as GeminusError {
+            // The default needs Corosync: say how to run without it, and what that costs.
+            var e = error
+            e.fix = (e.fix.map { $0 + "; " } ?? "") + "or, on one host or in tests only, run the agents with --arbitration none (a partition between two live hosts can then run the VM twice)"
+            throw e
+        }
         let timings = ArbitrationTimings.corosync(tokenMillis: t.tokenMillis, consensusMillis: t.consensusMillis)
         let cluster = try CorosyncCluster(groupName: cpgGroup)
         let link = ClusterWitnessLink(cluster: cluster, vm: vm, peer: peerNodeId, logger: logger)

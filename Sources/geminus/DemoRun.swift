@@ -48,7 +48,8 @@ final class DemoRun {
     var executable: URL { URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath() }
 
     func common(_ role: String) -> [String] {
-        var args = ["agent", "--role", role, "--vm", "demo", "--key", dir.appendingPathComponent("pair.key").path, "--events",
+        // One host: nothing can partition it, so no witness (docs/ARBITRATION.md for the pair).
+        var args = ["agent", "--arbitration", "none", "--role", role, "--vm", "demo", "--key", dir.appendingPathComponent("pair.key").path, "--events",
                     "--interval-millis", "\(s.intervalMillis)", "--takeover-after-millis", "\(s.takeoverAfterMillis)",
                     "--output-sink", "127.0.0.1:\(observer.port)", "--log-level", "notice", "--ram-mib", "\(s.ramMib)",
                     "--status-socket", dir.appendingPathComponent("\(role).sock").path]

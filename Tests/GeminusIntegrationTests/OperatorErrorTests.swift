@@ -5,7 +5,7 @@ import Testing
 /// Bad input from an operator gets a message that names the cause and the fix, and exit 1.
 @Suite struct OperatorErrorTests {
     @Test func unknownFlagIsNamed() throws {
-        let r = try GeminusBinary.run(["agent", "--role", "primary", "--key", "/x", "--bogus"])
+        let r = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "primary", "--key", "/x", "--bogus"])
         #expect(r.status != 0)
         #expect(r.stderr.contains("--bogus"))
     }
@@ -13,7 +13,7 @@ import Testing
     @Test func missingKeyFileSaysHowToCreateOne() throws {
         let s = try Scratch()
         defer { s.remove() }
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("nope.key"), "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
+        let r = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("nope.key"), "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains(s.path("nope.key")))
         #expect(r.stderr.contains("geminus keygen"))
@@ -25,7 +25,7 @@ import Testing
         let key = s.path("pair.key")
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         chmod(key, 0o644)
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
+        let r = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains("chmod 600"))
     }
@@ -56,14 +56,14 @@ import Testing
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && listen(fd, 1) == 0 && getsockname(fd, $0, &len) == 0 }
         }
         let port = UInt16(bigEndian: addr.sin_port)
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
+        let r = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:\(port)", "--key", key, "--duration-seconds", "1", "--status-socket", s.path("a.sock")])
         #expect(r.status != 0)
         #expect(r.stderr.contains("in use"))
         #expect(r.stderr.contains("\(port)"))
     }
 
     @Test func secondaryWithoutListenAddressIsToldWhatToAdd() throws {
-        let r = try GeminusBinary.run(["agent", "--role", "secondary", "--key", "/x"])
+        let r = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "secondary", "--key", "/x"])
         #expect(r.status != 0)
         #expect(r.stderr.contains("--listen"))
     }
@@ -76,12 +76,12 @@ import Testing
         _ = try GeminusBinary.run(["keygen", "--out", s.path("a.key")])
         _ = try GeminusBinary.run(["keygen", "--out", s.path("b.key")])
         let sec = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
-                                   arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"),
+                                   arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0", "--key", s.path("a.key"),
                                                "--events", "--duration-seconds", "4", "--status-socket", s.path("s.sock")],
                                    logFile: s.url.appendingPathComponent("s.log"))
         defer { sec.stop() }
         let port = try #require(sec.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
-        let pri = try GeminusBinary.run(["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
+        let pri = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
                                          "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning", "--status-socket", s.path("p.sock")])
         sec.kill(SIGTERM)
         sec.process.waitUntilExit()

@@ -61,12 +61,12 @@ import Glibc
         }
         let (portA, portB) = (try Self.freePort(), try Self.freePort())
         let a = try AgentProcess(name: "A", executable: GeminusBinary.url,
-                                 arguments: ["agent", "--role", "primary", "--listen", "127.0.0.1:\(portA)", "--peer", "127.0.0.1:\(portB)",
+                                 arguments: ["agent", "--arbitration", "none", "--role", "primary", "--listen", "127.0.0.1:\(portA)", "--peer", "127.0.0.1:\(portB)",
                                              "--status-socket", s.path("a.sock")] + common + extraA,
                                  logFile: s.url.appendingPathComponent("a.log"))
         defer { a.stop() }
         let b = try AgentProcess(name: "B", executable: GeminusBinary.url,
-                                 arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
+                                 arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)",
                                              "--status-socket", s.path("b.sock")] + common + extraB,
                                  logFile: s.url.appendingPathComponent("b.log"))
         defer { b.stop() }

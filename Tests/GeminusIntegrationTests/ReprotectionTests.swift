@@ -14,12 +14,12 @@ import Testing
         let common = ["--vm", "billing-1", "--key", key, "--events", "--log-level", "warning"]
         func socket(_ name: String) -> [String] { ["--status-socket", s.path("\(name).sock")] }
         let first = try AgentProcess(name: "secondary-1", executable: GeminusBinary.url,
-                                     arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0"] + common + socket("s1"),
+                                     arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0"] + common + socket("s1"),
                                      logFile: s.url.appendingPathComponent("s1.log"))
         defer { first.stop() }
         let port = try #require(first.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
         let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
-                                       arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "16"] + common + socket("p"),
+                                       arguments: ["agent", "--arbitration", "none", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "16"] + common + socket("p"),
                                        logFile: s.url.appendingPathComponent("p.log"))
         defer { primary.stop() }
         #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
@@ -31,7 +31,7 @@ import Testing
         #expect(primary.wait(for: "unprotected", timeoutSeconds: 5, from: mark) != nil)
 
         let second = try AgentProcess(name: "secondary-2", executable: GeminusBinary.url,
-                                      arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:\(port)"] + common + socket("s2"),
+                                      arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:\(port)"] + common + socket("s2"),
                                       logFile: s.url.appendingPathComponent("s2.log"))
         defer { second.stop() }
         let reprotected = primary.wait(for: "protected", timeoutSeconds: 20, from: mark)

@@ -8,7 +8,7 @@ import Testing
 func startAgentPair(_ scratch: Scratch, common: [String], secondaryExtra: [String] = [], primaryExtra: [String] = [])
     throws -> (secondary: AgentProcess, primary: AgentProcess) {
     let secondary = try AgentProcess(name: "secondary", executable: GeminusBinary.url,
-                                     arguments: ["agent", "--role", "secondary", "--listen", "127.0.0.1:0",
+                                     arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0",
                                                  "--status-socket", scratch.path("s.sock")] + common + secondaryExtra,
                                      logFile: scratch.url.appendingPathComponent("s.log"))
     guard let port = secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int else {
@@ -16,7 +16,7 @@ func startAgentPair(_ scratch: Scratch, common: [String], secondaryExtra: [Strin
         throw GeminusTestError("the secondary never listened: \((try? String(contentsOf: scratch.url.appendingPathComponent("s.log"), encoding: .utf8)) ?? "")")
     }
     let primary = try AgentProcess(name: "primary", executable: GeminusBinary.url,
-                                   arguments: ["agent", "--role", "primary", "--peer", "127.0.0.1:\(port)",
+                                   arguments: ["agent", "--arbitration", "none", "--role", "primary", "--peer", "127.0.0.1:\(port)",
                                                "--status-socket", scratch.path("p.sock")] + common + primaryExtra,
                                    logFile: scratch.url.appendingPathComponent("p.log"))
     return (secondary, primary)
