@@ -21,8 +21,8 @@ import GeminusReplication
 ///   membership;
 /// - a frozen host's Corosync is frozen too: the others lose it, and it notices nothing until it thaws;
 /// - a self-fenced primary's host stays in the cluster (its Corosync runs on); its agent tells
-///   the witness that its generation stopped, again after every membership change of its host,
-///   until the witness has it (the agent's `awaitStopRecorded`); the secondary, in one membership
+///   the witness that its generation stopped, again after every membership change of its host
+///   (the agent stays fenced: `stayFenced`); the secondary, in one membership
 ///   with it, hears that word directly too, with the newest record the primary had heard;
 /// - a node that can receive but not send (one-way loss) cannot finish a new membership for a
 ///   long while (`oneWayGatherNanos`: 4.2 s measured with token 300), so it goes on calling
@@ -61,7 +61,7 @@ struct SimulatedWitness {
     private(set) var record: WitnessRecord?
     private(set) var stopped: Generation?
     private var heardStopped: [Node: Generation] = [:]
-    /// A self-fenced primary's stop notice, said until the witness holds it, with the newest
+    /// A self-fenced primary's stop notice, said after every membership change, with the newest
     /// record the primary had heard (it can only have released under one of those).
     private var stopNotice: Generation?
     private var primaryHeardRecord: WitnessRecord?
@@ -264,7 +264,6 @@ struct SimulatedWitness {
                     stopped = g
                     publishRecord(now: now)
                 }
-                if stopped == stopNotice { stopNotice = nil }  // recorded: the agent exits
             case .peerStop(let g, let r):
                 guard canTalk(.primary, .secondary) else { continue }
                 peerStop[.secondary] = (g, r)
@@ -335,8 +334,8 @@ extension PairSimulator {
             count("self-fence")
             note("primary", "SELF-FENCED (generation \(p.machine.generation)): \(reason); \(p.queue.heldCount) held packets dropped", notable: true)
             primary = nil
-            // The host's Corosync runs on: it stays in the cluster, and the agent tells the
-            // witness its guest stopped (`awaitStopRecorded`) before it exits.
+            // The host's Corosync runs on: it stays in the cluster, and the agent stays fenced,
+            // saying its guest stopped (`stayFenced`).
             witness?.announceStopped(p.machine.generation, now: now)
             lostPrimary()
             return true

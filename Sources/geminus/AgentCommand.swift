@@ -189,10 +189,10 @@ struct Agent: ParsableCommand {
                                                  stopper: stopper, status: status, server: server)
                     if case .selfFenced(let reason) = outcome {
                         if let link = arbitrated.1 {
-                            awaitStopRecorded(link, generation: run.generation, logger: logger, stopper: stopper, deadline: deadline)
+                            stayFenced(link, generation: run.generation, logger: logger, stopper: stopper, deadline: deadline)
                         }
                         throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
-                                           fix: "the secondary runs it if it won the witness (geminus status there); restart this agent as --role secondary to protect it again")
+                                           fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
                     }
                     guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
                           Monotonic.nanos() < deadline else { return }

@@ -39,21 +39,24 @@ extension Agent {
         return (.witness(timings), link)
     }
 
-    /// After a self-fence: stays in the cluster until the witness has recorded that this
-    /// generation's guest stopped (the fence watch announced it), so that the secondary can win
-    /// the VM even if this node rejoins with its Corosync. Cut off, that may take until the cut
-    /// heals; said every 30 s. SIGTERM or the run's deadline end the wait.
-    func awaitStopRecorded(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, stopper: StopOnSignal, deadline: UInt64) {
-        logger.notice("telling the witness that generation \(generation) of \(vm) stopped here, before this agent exits")
+    /// After a self-fence: stays in the cluster, saying that this generation's guest stopped
+    /// (the fence watch announced it), until SIGTERM or the run's deadline. The witness records
+    /// it; the secondary hears it from the witness or, in a membership without the witness, from
+    /// this agent itself. Either lets it win the VM though this node is in the cluster (its
+    /// Corosync runs on). Exiting instead would leave such a secondary waiting for an operator,
+    /// and a supervisor restarting this agent as primary would boot a fresh guest.
+    func stayFenced(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, stopper: StopOnSignal, deadline: UInt64) {
+        logger.notice("telling the cluster that generation \(generation) of \(vm) stopped here; this agent stays fenced until stopped (then restart it as --role secondary)")
         var said = Monotonic.nanos()
+        var recorded = false
         while !stopper.fired && Monotonic.nanos() < deadline {
-            if let g = link.current?.view.stoppedGeneration, g >= generation {
+            if !recorded, let g = link.current?.view.stoppedGeneration, g >= generation {
+                recorded = true
                 logger.notice("the witness recorded that generation \(generation) of \(vm) stopped here: its secondary may take it over")
-                return
             }
-            if Monotonic.nanos() - said > 30_000_000_000 {
+            if !recorded && Monotonic.nanos() - said > 30_000_000_000 {
                 said = Monotonic.nanos()
-                logger.warning("still waiting to tell the witness that \(vm) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); until it knows, the secondary cannot take over")
+                logger.warning("the witness does not know yet that \(vm) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); a secondary without word of it cannot take over")
             }
             Monotonic.sleep(nanos: 50_000_000)
         }
