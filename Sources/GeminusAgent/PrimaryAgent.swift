@@ -67,6 +67,11 @@ public final class PrimaryAgent: @unchecked Sendable {
     private let witness: (any WitnessLink)?
     private var witnessFeed = WitnessFeed()
     private let fenced = StopFlag()
+    /// What the fence watch was last told about `machine.soleCopy`, and when a secondary turned
+    /// away for the sake of the last copy is dialed again.
+    private var soleCopyTold = false
+    private var soleCopyRedialNanos: UInt64?
+    private var soleCopyThrottle = LogThrottle()
 
     public init(settings: Settings, guest: any ProtectedGuest, port: HeldOutputPort, logger: Logger, events: EventLog,
                 status: AgentStatus = AgentStatus(), witness: (any WitnessLink)? = nil) throws(GeminusError) {
@@ -130,6 +135,7 @@ public final class PrimaryAgent: @unchecked Sendable {
         var nextProgress = Monotonic.nanos()
         var window = ProgressWindow()
         let watch = startFenceWatch()
+        soleCopyTold = machine.soleCopy
         defer { watch?.stop() }
         while !stopFlag.isSet {
             let now = Monotonic.nanos()
@@ -140,10 +146,19 @@ public final class PrimaryAgent: @unchecked Sendable {
                 execute(machine.handle(.switchoverRequested(nowNanos: now)))
             }
             if connection == nil, let fresh = dialer?.take() {
-                connection = fresh
-                logger.info("connected to secondary \(fresh.remoteAddress); starting full checkpoint")
-                events.emit("connected", ["peer": fresh.remoteAddress])
-                execute(machine.handle(.peerConnected(nowNanos: now)))
+                if let refusal = soleCopyRefusal(watch) {
+                    // Keep the last copy: a lease that would fence now cannot be armed.
+                    if let repeats = soleCopyThrottle.admit(refusal, nowNanos: now) {
+                        logger.warning("not protecting \(settings.vmName) on \(fresh.remoteAddress) yet: \(refusal)\(repeats > 0 ? " (\(repeats) more since)" : "")")
+                    }
+                    fresh.close()
+                    soleCopyRedialNanos = now + 1_000_000_000
+                } else {
+                    connection = fresh
+                    logger.info("connected to secondary \(fresh.remoteAddress); starting full checkpoint")
+                    events.emit("connected", ["peer": fresh.remoteAddress])
+                    execute(machine.handle(.peerConnected(nowNanos: now)))
+                }
             }
             if let c = connection {
                 execute(machine.handle(.heardFromPeer(nowNanos: c.lastHeardNanos)))
@@ -156,6 +171,14 @@ public final class PrimaryAgent: @unchecked Sendable {
             }
             guard !fenced.isSet else { break }
             execute(machine.handle(.tick(nowNanos: Monotonic.nanos())))
+            if machine.soleCopy != soleCopyTold {
+                soleCopyTold = machine.soleCopy
+                if soleCopyTold { watch?.releaseSoleCopy() }
+            }
+            if let t = soleCopyRedialNanos, Monotonic.nanos() >= t {
+                soleCopyRedialNanos = nil
+                dialer?.reconnect()
+            }
             if Monotonic.nanos() >= nextProgress {
                 // After a stall, report once and move on rather than in a burst.
                 nextProgress = max(nextProgress + UInt64(settings.progressIntervalMillis) * 1_000_000, Monotonic.nanos())
@@ -171,13 +194,22 @@ public final class PrimaryAgent: @unchecked Sendable {
         return .stopped
     }
 
+    /// nil when a secondary may be given checkpoints now, else why not. A sole copy arms its
+    /// lease first (`FenceWatch.arm`); one whose lease would fence keeps the copy instead: it
+    /// is the only one, and arming would stop it.
+    private func soleCopyRefusal(_ watch: FenceWatch?) -> String? {
+        guard let watch, machine.soleCopy else { return nil }
+        if let why = watch.unhealthy { return "this node holds the only copy and its cluster view is not sound (\(why))" }
+        return watch.arm() ? nil : "the fence watch could not be armed (\(watch.reason ?? "it did not answer"))"
+    }
+
     /// With a witness: the watch that stops the guest for good when the witness says so, from
     /// its own thread (see `FenceWatch`).
     private func startFenceWatch() -> FenceWatch? {
         guard let witness, let timings = settings.machine.arbitration.timings else { return nil }
         let port = self.port, guest = self.guest, logger = self.logger, events = self.events
         let fenced = self.fenced, stopFlag = self.stopFlag, status = self.status, vm = settings.vmName, generation = settings.generation
-        return FenceWatch(link: witness, timings: timings) { reason in
+        return FenceWatch(link: witness, timings: timings, soleCopy: machine.soleCopy) { reason in
             let t0 = Monotonic.nanos()
             // Output first: from here on nothing leaves, whatever the epoch loop still does.
             let dropped = port.fence()

@@ -151,6 +151,9 @@ public struct PrimaryLease: Sendable {
         case tick(nowNanos: UInt64)
         /// The cluster delivered a message of this node's own at `atNanos` (the ring works).
         case ownDelivery(atNanos: UInt64)
+        /// Whether this primary holds the only copy that may run (`PrimaryMachine.soleCopy`).
+        /// Turning it off arms the lease: a view or ring that is bad by then fences at once.
+        case soleCopy(Bool, nowNanos: UInt64)
     }
 
     public enum Action: Equatable, Sendable {
@@ -167,6 +170,9 @@ public struct PrimaryLease: Sendable {
     private var lastTickNanos: UInt64?
     /// The last own delivery, or the first tick before there was one.
     private var ringHeardNanos: UInt64?
+    /// While set, what would fence only makes the lease unhealthy: no other host may resume
+    /// this VM, so stopping it would destroy the last copy and protect nothing.
+    public private(set) var soleCopy = false
 
     public init(timings: ArbitrationTimings, watchesRing: Bool = false) {
         self.timings = timings
@@ -178,23 +184,19 @@ public struct PrimaryLease: Sendable {
         switch event {
         case .view(let v, let now):
             view = v
-            if let gap = gap(now) { return fence(gap) }
+            let frozen = gap(now)
             lastTickNanos = now
-            if !v.quorate {
-                return fence("the witness says this node is not quorate (\(v)): the secondary may take over")
-            }
-            return []
+            if let frozen { return fence(frozen) }
+            return fence(unhealthy(now))
         case .tick(let now):
-            if let gap = gap(now) { return fence(gap) }
+            let frozen = gap(now)
             lastTickNanos = now
-            if watchesRing {
-                let heard = ringHeardNanos ?? now
-                ringHeardNanos = heard
-                if now > heard && now - heard > timings.ringSilenceNanos {
-                    return fence("the cluster delivered none of this node's messages for \((now - heard) / 1_000_000) ms (over \(timings.ringSilenceNanos / 1_000_000) ms): its ring is broken, and the quorate view Corosync still shows may be stale")
-                }
-            }
-            return []
+            if watchesRing && ringHeardNanos == nil { ringHeardNanos = now }
+            if let frozen { return fence(frozen) }
+            return fence(unhealthy(now))
+        case .soleCopy(let on, let now):
+            soleCopy = on
+            return on ? [] : fence(unhealthy(now))
         case .ownDelivery(let at):
             // Counted from the first tick on: a delivery from before this lease (a secondary that
             // just took over last published long ago) says nothing about the ring now.
@@ -203,12 +205,24 @@ public struct PrimaryLease: Sendable {
         }
     }
 
+    /// Why this node may not go on running its guest now (a frozen watch aside), or nil.
+    public func unhealthy(_ now: UInt64) -> String? {
+        if let v = view, !v.quorate {
+            return "the witness says this node is not quorate (\(v)): the secondary may take over"
+        }
+        if watchesRing, let heard = ringHeardNanos, now > heard, now - heard > timings.ringSilenceNanos {
+            return "the cluster delivered none of this node's messages for \((now - heard) / 1_000_000) ms (over \(timings.ringSilenceNanos / 1_000_000) ms): its ring is broken, and the quorate view Corosync still shows may be stale"
+        }
+        return nil
+    }
+
     private func gap(_ now: UInt64) -> String? {
         guard let last = lastTickNanos, now > last, now - last > timings.selfFenceNanos else { return nil }
         return "the fence watch did not run for \((now - last) / 1_000_000) ms (over \(timings.selfFenceNanos / 1_000_000) ms: this host or agent was frozen), so its view of the witness may be stale"
     }
 
-    private mutating func fence(_ reason: String) -> [Action] {
+    private mutating func fence(_ reason: String?) -> [Action] {
+        guard let reason, !soleCopy else { return [] }
         fenced = true
         return [.selfFence(reason: reason)]
     }

@@ -130,6 +130,12 @@ public struct PrimaryMachine: Sendable {
     public let config: Config
     public let generation: Generation
     public private(set) var protection: Protection = .unprotected
+    /// No other host holds a checkpoint of this generation that it may resume: this node took
+    /// the VM over (or was handed it) and has connected no secondary since, or the witness has
+    /// recorded its unprotect (which forbids every older checkpoint of the generation). Its
+    /// lease then does not fence (`PrimaryLease.soleCopy`): that would destroy the last copy.
+    /// A fresh start is not one: an earlier agent's secondary may hold this generation.
+    public private(set) var soleCopy: Bool
     public private(set) var lastCaptured: Epoch
     public private(set) var lastAcknowledged: Epoch
     /// The epoch the secondary will apply the next delta on (the last one transmitted).
@@ -157,6 +163,7 @@ public struct PrimaryMachine: Sendable {
         lastCaptured = resumedFrom
         lastAcknowledged = resumedFrom
         lastTransmitted = resumedFrom
+        soleCopy = resumedFrom != .none
     }
 
     public var epochsInFlight: Int { Int(lastCaptured.rawValue - lastAcknowledged.rawValue) }
@@ -165,6 +172,9 @@ public struct PrimaryMachine: Sendable {
         if case .handedOver = switchover { return [] }
         switch event {
         case .peerConnected(let now):
+            // The secondary will hold this generation's checkpoints from now on. (The agent has
+            // armed the lease before it hands over a connection: `FenceWatch.arm`.)
+            soleCopy = false
             announcing = nil
             lastHeardNanos = now
             needsFull = true
@@ -314,6 +324,7 @@ public struct PrimaryMachine: Sendable {
         guard let after = announcing, case .peerLost(let since) = protection, let w = witness, w.quorate, w.witnessHeard,
               let record = w.record, record.generation == generation, record.unprotectedAfter >= after else { return [] }
         announcing = nil
+        soleCopy = true
         let peer = w.peerPresent ? "its node is in the cluster but the replication link is down" : "its node left the cluster"
         return unprotect(reason: "no secondary for \((now - min(now, since)) / 1_000_000) ms (\(peer)); the witness recorded it and this node is quorate")
     }

@@ -148,6 +148,18 @@ extension PairSimulator {
         switch packet {
         case .accepted(let c):
             guard case .dialing(c, _) = p.connection else { return }
+            // A sole copy arms its lease before the secondary gets anything, and turns the
+            // secondary away while the lease would fence (`PrimaryAgent.soleCopyRefusal`).
+            if p.machine.soleCopy, var l = p.lease {
+                if let why = l.unhealthy(now) {
+                    note("primary", "not protecting yet, it holds the only copy: \(why)", notable: true)
+                    p.connection = .idle(redialAtNanos: now + config.redialNanos)
+                    return
+                }
+                let actions = l.handle(.soleCopy(false, nowNanos: now))
+                p.lease = l
+                if leaseActions(actions, p) { return }
+            }
             p.connection = .connected(c)
             p.decoder = FrameDecoder()
             p.clearSendQueue()

@@ -320,14 +320,17 @@ extension PairSimulator {
     /// The fence watch's tick; true when the primary fenced itself.
     func tickLease(_ p: PrimaryNode) -> Bool {
         guard var l = p.lease else { return false }
+        var actions: [PrimaryLease.Action] = []
+        // The epoch loop tells the watch (`FenceWatch.releaseSoleCopy`); arming is at the dial.
+        if p.machine.soleCopy && !l.soleCopy { actions += l.handle(.soleCopy(true, nowNanos: now)) }
         // The agent republishes every 100 ms; scaled to this cluster's timings, every 10 ms.
         if let w = witness, w.ringWorks(.primary), now % 10_000_000 == 0 { _ = l.handle(.ownDelivery(atNanos: now)) }
-        let actions = l.handle(.tick(nowNanos: now))
+        actions += l.handle(.tick(nowNanos: now))
         p.lease = l
         return leaseActions(actions, p)
     }
 
-    private func leaseActions(_ actions: [PrimaryLease.Action], _ p: PrimaryNode) -> Bool {
+    func leaseActions(_ actions: [PrimaryLease.Action], _ p: PrimaryNode) -> Bool {
         for case .selfFence(let reason) in actions {
             // The agent stops the guest for good and drops what it holds: nothing of it leaves.
             selfFences += 1

@@ -71,6 +71,44 @@ import GeminusReplication
         for i in 1...500 { #expect(unwatched.handle(.tick(nowNanos: UInt64(i) * 10 * Self.ms)).isEmpty) }
     }
 
+    /// A primary that holds the only copy that may run (took the VM over, or its unprotect is
+    /// recorded) is not fenced: no one else may resume, so a fence would only destroy the VM.
+    /// Arming (a secondary connects) fences at once if the view is bad by then.
+    @Test func aSoleCopyIsNotFencedUntilArmed() {
+        let t = ArbitrationTimings.corosync(tokenMillis: 300, consensusMillis: 360)
+        var lease = PrimaryLease(timings: t, watchesRing: true)
+        #expect(lease.handle(.soleCopy(true, nowNanos: 0)).isEmpty)
+        #expect(lease.handle(.view(WitnessView(quorate: false, peerPresent: false), nowNanos: 10 * Self.ms)).isEmpty)
+        #expect(lease.handle(.tick(nowNanos: 3_000 * Self.ms)).isEmpty, "ring silent, frozen watch: still nothing")
+        #expect(lease.unhealthy(3_000 * Self.ms) != nil)
+        #expect(!lease.fenced)
+        // Armed while unhealthy: fenced at once (the agent turns the secondary away instead).
+        var armedBad = lease
+        #expect(armedBad.handle(.soleCopy(false, nowNanos: 3_010 * Self.ms)).count == 1)
+        // Sound again, then armed: nothing; a lost quorum after that fences.
+        _ = lease.handle(.ownDelivery(atNanos: 3_020 * Self.ms))
+        _ = lease.handle(.view(WitnessView(quorate: true, peerPresent: true, witnessHeard: true), nowNanos: 3_020 * Self.ms))
+        #expect(lease.unhealthy(3_030 * Self.ms) == nil)
+        #expect(lease.handle(.soleCopy(false, nowNanos: 3_030 * Self.ms)).isEmpty)
+        #expect(lease.handle(.view(WitnessView(quorate: false, peerPresent: true), nowNanos: 3_040 * Self.ms)).count == 1)
+    }
+
+    @Test func theMachineHoldsTheSoleCopyAfterATakeoverOrARecordedUnprotectOnly() {
+        let fresh = PrimaryMachine(config: .init(arbitration: .witness(Self.timings)), generation: Generation(1))
+        #expect(!fresh.soleCopy, "a fresh start: an earlier agent's secondary may hold this generation")
+        var resumed = PrimaryMachine(config: .init(arbitration: .witness(Self.timings)), generation: Generation(2), resumedFrom: Epoch(40))
+        #expect(resumed.soleCopy)
+        _ = resumed.handle(.peerConnected(nowNanos: 0))
+        #expect(!resumed.soleCopy, "the secondary will hold checkpoints from now on")
+        var (p, lost) = lostPrimary(.witness(Self.timings))
+        #expect(!p.soleCopy)
+        _ = p.handle(.tick(nowNanos: lost + 300 * Self.ms))
+        #expect(!p.soleCopy, "asked, not recorded")
+        let mine = WitnessRecord(generation: Generation(3), unprotectedAfter: Epoch(1))
+        _ = p.handle(.witness(WitnessView(quorate: true, peerPresent: false, witnessHeard: true, record: mine), nowNanos: lost + 310 * Self.ms))
+        #expect(p.protection == .unprotected && p.soleCopy)
+    }
+
     func lostPrimary(_ arbitration: Arbitration) -> (PrimaryMachine, UInt64) {
         var p = PrimaryMachine(config: .init(peerSilenceNanos: 150 * Self.ms, unprotectAfterNanos: 300 * Self.ms, arbitration: arbitration),
                                generation: Generation(3))
