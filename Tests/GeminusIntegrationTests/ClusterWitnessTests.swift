@@ -19,6 +19,37 @@ import Logging
         Issue.record("timed out waiting for \(what)")
     }
 
+    /// Three nodes (h1, h2, the witness w) with `geminus witness`'s service running on w, and
+    /// links for the pair's agents on h1 and h2 (the peers of each other); torn down after `body`.
+    struct Pair {
+        let cluster: SimulatedCluster
+        var nodes: [ClusterNode] { cluster.nodes }
+        let service: WitnessService
+        let primary: ClusterWitnessLink
+        let secondary: ClusterWitnessLink
+    }
+
+    static func withPair(_ body: (Pair) throws -> Void) throws {
+        let logger = Logger(label: "test")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
+        let cluster = SimulatedCluster(nodes: nodes)
+        let stop = StopFlag()
+        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: logger)
+        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
+        serviceThread.start()
+        let pair = Pair(cluster: cluster, service: service,
+                        primary: ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger),
+                        secondary: ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger))
+        defer {
+            pair.primary.stop(); pair.secondary.stop(); stop.set()
+            keep(cluster, until: serviceThread)
+        }
+        try body(pair)
+    }
+
     /// The members hold the cluster unowned: it must outlive the service's thread.
     static func keep(_ cluster: SimulatedCluster, until thread: Thread) {
         withExtendedLifetime(cluster) {
@@ -92,68 +123,39 @@ import Logging
     /// released), and fences. Once the cut heals, the witness learns of the stop but not of the
     /// unanswered request: recorded late, it would forbid the secondary's checkpoint for nothing.
     @Test func aStopWithdrawsARequestTheWitnessNeverAnswered() throws {
-        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
-        let cluster = SimulatedCluster(nodes: nodes)
-        let logger = Logger(label: "test")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-w-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let stop = StopFlag()
-        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: logger)
-        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
-        serviceThread.start()
-        let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
-        defer {
-            primary.stop(); stop.set()
-            Self.keep(cluster, until: serviceThread)
+        try Self.withPair { p in
+            let answered = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(10))
+            p.primary.announce(answered)
+            Self.waitFor("the first request answered") { p.primary.current?.view.record == answered }
+            p.cluster.isolate(p.nodes[0])
+            Self.waitFor("the primary alone") { p.primary.current.map { !$0.view.quorate } ?? false }
+            p.primary.announce(WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50)))
+            p.primary.announceStopped(Generation(1))
+            p.cluster.reconnect(p.nodes[0])
+            Self.waitFor("the stop recorded after the heal") { p.service.stopped["db"] == Generation(1) }
+            Thread.sleep(forTimeInterval: 0.1)
+            #expect(p.service.records["db"] == answered, "the unanswered request (after epoch 50) must not be recorded")
         }
-        let answered = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(10))
-        primary.announce(answered)
-        Self.waitFor("the first request answered") { primary.current?.view.record == answered }
-
-        cluster.isolate(nodes[0])
-        Self.waitFor("the primary alone") { primary.current.map { !$0.view.quorate } ?? false }
-        primary.announce(WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50)))
-        primary.announceStopped(Generation(1))
-        cluster.reconnect(nodes[0])
-        Self.waitFor("the stop recorded after the heal") { service.stopped["db"] == Generation(1) }
-        Thread.sleep(forTimeInterval: 0.1)
-        #expect(service.records["db"] == answered, "the unanswered request (after epoch 50) must not be recorded")
     }
 
     /// The pair together without the witness: the stopped primary's own word reaches its
     /// secondary, with the record it ran under (not its unanswered request).
     @Test func theStoppedPrimarysOwnWordReachesTheSecondaryWithoutTheWitness() throws {
-        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
-        let cluster = SimulatedCluster(nodes: nodes)
-        let logger = Logger(label: "test")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-p-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let stop = StopFlag()
-        let witness = cluster.join(nodes[2])
-        let service = try WitnessService(cluster: witness, statePath: dir.appendingPathComponent("w.json").path, logger: logger)
-        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
-        serviceThread.start()
-        let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
-        let secondary = ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger)
-        defer {
-            primary.stop(); secondary.stop(); stop.set()
-            Self.keep(cluster, until: serviceThread)
+        try Self.withPair { p in
+            let answered = WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(10))
+            p.primary.announce(answered)
+            Self.waitFor("the request answered") { p.primary.current?.view.record == answered }
+            p.cluster.isolate(p.nodes[2])
+            Self.waitFor("the pair without the witness") {
+                [p.primary, p.secondary].allSatisfy { $0.current.map { $0.view.quorate && !$0.view.witnessHeard } ?? false }
+            }
+            #expect(p.secondary.current?.view.stoppedGeneration == nil)
+            p.primary.announce(WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(60)))
+            p.primary.announceStopped(Generation(4))
+            Self.waitFor("the stop, from the primary itself") { p.secondary.current?.view.stoppedGeneration == Generation(4) }
+            #expect(p.secondary.current?.view.record == answered, "the record it ran under, not the unanswered request")
+            #expect(p.service.stopped["db"] == nil, "the witness, cut off, knows nothing yet")
         }
-        let answered = WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(10))
-        primary.announce(answered)
-        Self.waitFor("the request answered") { primary.current?.view.record == answered }
-        cluster.isolate(nodes[2])
-        Self.waitFor("the pair without the witness") {
-            [primary, secondary].allSatisfy { $0.current.map { $0.view.quorate && !$0.view.witnessHeard } ?? false }
-        }
-        #expect(secondary.current?.view.stoppedGeneration == nil)
-        primary.announce(WitnessRecord(generation: Generation(4), unprotectedAfter: Epoch(60)))
-        primary.announceStopped(Generation(4))
-        Self.waitFor("the stop, from the primary itself") { secondary.current?.view.stoppedGeneration == Generation(4) }
-        #expect(secondary.current?.view.record == answered, "the record it ran under, not the unanswered request")
-        #expect(service.stopped["db"] == nil, "the witness, cut off, knows nothing yet")
     }
 
     /// A state file written before stop notices existed still loads (nothing stopped then).
