@@ -2,13 +2,13 @@ import Foundation
 import Testing
 
 /// Arbitration for real (issue 6, promise S1): Tools/ca-partition-test runs three Corosync
-/// nodes in network namespaces (primary agent, secondary agent, `geminus witness`) with the tiny
-/// guest under QEMU, injects each of ten faults twice (host killed, primary isolated, a brief
-/// isolation, pair partition, one-way loss, witness lost, witness then pair, primary frozen and
-/// thawed, failover and back, secondary lost and back), watches every QEMU's serial log for two
-/// running copies and an observer host for released output, and prints its verdicts as JSON.
-/// Needs root, corosync, iptables and QEMU; a machine without them fails with the fix
-/// (GEMINUS_SKIP_VM_TESTS=1 skips).
+/// nodes in network namespaces (primary agent, secondary agent, `geminus witness`) with the
+/// tiny guest under QEMU, injects each of eleven cases twice (host killed, primary isolated, a
+/// brief isolation, pair partition, one-way loss, witness lost, witness then pair, primary
+/// frozen and thawed, failover and back, secondary lost and back, planned switchover and back),
+/// watches every QEMU's serial log for two running copies and an observer host for released
+/// output, and prints its verdicts as JSON. Needs root, corosync, iptables and QEMU; a machine
+/// without them fails with the fix (GEMINUS_SKIP_VM_TESTS=1 skips).
 @Suite(.serialized, .disabled(if: TinyGuest.skipRequested, "GEMINUS_SKIP_VM_TESTS=1"))
 struct CAPartitionTests {
     @Test func noFaultRunsTheVMTwiceAndACutOffPrimaryStopsFirst() throws {
@@ -25,7 +25,7 @@ struct CAPartitionTests {
         let summary = try #require(try? JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any],
                                    "ca-partition-test printed no verdict (status \(r.status)):\n\(r.stderrTail)")
         let cases = summary["cases"] as? [[String: Any]] ?? []
-        #expect(cases.count == 20, "\(r.stderrTail)")
+        #expect(cases.count == 22, "\(r.stderrTail)")
         for c in cases {
             for check in c["checks"] as? [[String: Any]] ?? [] {
                 #expect(check["passed"] as? Bool == true, "\(c["case"] ?? "?") run \(c["run"] ?? "?"): \(check["name"] ?? "?"): \(check["detail"] ?? "")")
