@@ -262,7 +262,15 @@ public final class WitnessService: @unchecked Sendable {
                 try cluster.publish(state.encoded())
             case .published(let from, let message):
                 guard case .agent(let vm, let record, let stoppedGeneration)? = WitnessMessage(decoding: message) else { continue }
-                let merged = record.map { r in records[vm].map { $0.merged(with: r) } ?? r } ?? records[vm]
+                var merged = record.map { r in records[vm].map { $0.merged(with: r) } ?? r } ?? records[vm]
+                if let g = stoppedGeneration, let held = records[vm], held.generation == g, record.map({ $0.generation == g }) ?? true {
+                    // A stopped primary's word on its own generation is final: it alone releases
+                    // for it, and it states the record it ran under. A request it made while its
+                    // ring was broken may reach this witness only after the heal (Corosync sends
+                    // then what was queued), after it fenced without ever being answered: that
+                    // request is withdrawn here, or it would forbid the checkpoint for nothing.
+                    merged = record
+                }
                 let newestStopped = stoppedGeneration.map { max(stopped[vm] ?? $0, $0) } ?? stopped[vm]
                 guard merged != records[vm] || newestStopped != stopped[vm] else { continue }
                 guard records[vm] != nil || stopped[vm] != nil || Set(records.keys).union(stopped.keys).count < WitnessMessage.maxRecords else {

@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import GeminusAgent
+@testable import GeminusAgent
 import GeminusCluster
 import GeminusCore
 import GeminusReplication
@@ -136,6 +136,36 @@ import Logging
             Thread.sleep(forTimeInterval: 0.1)
             #expect(p.service.records["db"] == answered, "the unanswered request (after epoch 50) must not be recorded")
         }
+    }
+
+    /// Corosync delivers what a node sent while its ring was broken once the ring heals: a
+    /// request to run unprotected may reach the witness only after the primary fenced without an
+    /// answer. Its stop notice, which states the record it ran under (none), withdraws it.
+    @Test func aLateRequestIsWithdrawnByTheStopThatFollowsIt() throws {
+        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
+        let cluster = SimulatedCluster(nodes: nodes)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-late-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let stop = StopFlag()
+        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: Logger(label: "test"))
+        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
+        serviceThread.start()
+        defer { stop.set(); Self.keep(cluster, until: serviceThread) }
+        let primary = cluster.join(nodes[0])  // the agent's messages, as Corosync delivers them
+        let late = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50))
+        try primary.publish(WitnessMessage.agent(vm: "db", record: late, stopped: nil).encoded())
+        Self.waitFor("the late request recorded") { service.records["db"] == late }
+        try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
+        Self.waitFor("the stop recorded") { service.stopped["db"] == Generation(1) }
+        #expect(service.records["db"] == nil, "withdrawn by the stop that states no record")
+        // A stop of an older generation changes nothing about a newer generation's record.
+        let newer = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(7))
+        try primary.publish(WitnessMessage.agent(vm: "db", record: newer, stopped: nil).encoded())
+        Self.waitFor("the newer record") { service.records["db"] == newer }
+        try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(service.records["db"] == newer)
     }
 
     /// The pair together without the witness: the stopped primary's own word reaches its
