@@ -247,6 +247,14 @@ public final class CorosyncCluster: Cluster, @unchecked Sendable {
     /// Corosync's effective totem timeouts as this node's Corosync runs them (cmap's
     /// `runtime.config.totem.token` already includes the token coefficient), in milliseconds.
     public static func totemTimeouts(callTimeoutMillis: Int = 5000) throws -> (tokenMillis: UInt64, consensusMillis: UInt64) {
+        let t = try totemSettings(callTimeoutMillis: callTimeoutMillis)
+        return (t.tokenMillis, t.consensusMillis)
+    }
+
+    /// `totemTimeouts`, and link 0's `knet_ping_timeout` as configured (nil: not set, so knet
+    /// uses token / 2).
+    public static func totemSettings(callTimeoutMillis: Int = 5000) throws
+        -> (tokenMillis: UInt64, consensusMillis: UInt64, knetPingTimeoutMillis: UInt64?) {
         try BoundedCall.run("read corosync's totem timeouts", timeoutMillis: callTimeoutMillis) {
             var cmap: cmap_handle_t = 0
             let rc = cmap_initialize(&cmap)
@@ -259,7 +267,9 @@ public final class CorosyncCluster: Cluster, @unchecked Sendable {
                 return UInt64(value)
             }
             let token = try read("runtime.config.totem.token"), consensus = try read("runtime.config.totem.consensus")
-            return (token, consensus)
+            var ping: UInt32 = 0
+            let pingSet = cmap_get_uint32(cmap, "totem.interface.0.knet_ping_timeout", &ping) == CS_OK
+            return (token, consensus, pingSet ? UInt64(ping) : nil)
         }
     }
 
