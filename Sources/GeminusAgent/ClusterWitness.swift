@@ -203,7 +203,13 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                     peerStopped = nil
                     republish = true
                 case .quorum(let q):
-                    if q.memberIDs != quorum.memberIDs { heard = false; record = nil; stoppedGeneration = nil; peerStopped = nil; republish = true }
+                    // Not a reason to forget the witness: its publications come through the CPG,
+                    // in order with the CPG's memberships, while the quorum service reports on
+                    // its own. Reset here, a publication that arrived just before this node's
+                    // quorum event was lost, and the secondary waited for "the witness's record
+                    // in this membership" until the next change (ca-partition-test, host-killed
+                    // and failover-and-back, once each).
+                    if q.memberIDs != quorum.memberIDs { republish = true }
                     quorum = q
                 case .published(let from, let state):
                     if from.id == cluster.localNode.id { ownDeliveryNanos = Monotonic.nanos() }
