@@ -120,13 +120,8 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
         // Gone only when gone from both: a node whose agent died but whose Corosync runs may
         // still run the guest (a libvirt domain outlives its agent), so it counts as present.
         let peerPresent = cpgMembers.contains(peer) || quorum.memberIDs.contains(peer)
-        // A stop is known from the witness or from the stopped primary itself (with the
-        // record it ran under: it alone releases for its generation), whichever is newer.
-        let peerRecord = peerStopped?.record
-        let merged = record.map { r in peerRecord.map { r.merged(with: $0) } ?? r } ?? peerRecord
-        let newestStop = [stoppedGeneration, peerStopped?.generation].compactMap { $0 }.max()
-        return WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, record: merged,
-                           stoppedGeneration: newestStop)
+        return WitnessView(quorate: quorum.quorate, peerPresent: peerPresent, witnessHeard: heard, witnessRecord: record,
+                           witnessStopped: stoppedGeneration, peerStop: peerStopped)
     }
 
     public func announce(_ r: WitnessRecord) {

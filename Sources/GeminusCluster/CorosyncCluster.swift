@@ -245,14 +245,8 @@ public final class CorosyncCluster: Cluster, @unchecked Sendable {
     }
 
     /// Corosync's effective totem timeouts as this node's Corosync runs them (cmap's
-    /// `runtime.config.totem.token` already includes the token coefficient), in milliseconds.
-    public static func totemTimeouts(callTimeoutMillis: Int = 5000) throws -> (tokenMillis: UInt64, consensusMillis: UInt64) {
-        let t = try totemSettings(callTimeoutMillis: callTimeoutMillis)
-        return (t.tokenMillis, t.consensusMillis)
-    }
-
-    /// `totemTimeouts`, and link 0's `knet_ping_timeout` as configured (nil: not set, so knet
-    /// uses token / 2).
+    /// `runtime.config.totem.token` already includes the token coefficient), in milliseconds,
+    /// and link 0's `knet_ping_timeout` as configured (nil: not set, so knet uses token / 2).
     public static func totemSettings(callTimeoutMillis: Int = 5000) throws
         -> (tokenMillis: UInt64, consensusMillis: UInt64, knetPingTimeoutMillis: UInt64?) {
         try BoundedCall.run("read corosync's totem timeouts", timeoutMillis: callTimeoutMillis) {

@@ -45,6 +45,9 @@ public struct QEMUGuestConfig: Sendable {
 
     public var pageCount: Int { ramMiB * (1 << 20) / GuestPage.size }
 
+    /// The files QEMU makes beside its RAM file (sockets and logs): removed with it.
+    var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath].compactMap { $0 } }
+
     /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
     /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).
     public static func standard(tag: String, ramMiB: Int, kernelPath: String, append: String,
@@ -166,7 +169,7 @@ public final class QEMUProcess: @unchecked Sendable {
     /// Kills QEMU and removes its socket and logs; the RAM file too when `removeRAMFile`.
     public func cleanup(removeRAMFile: Bool) {
         kill()
-        for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath, config.serialSocketPath].compactMap({ $0 }) { unlink(path) }
+        for path in config.sideFiles { unlink(path) }
         if removeRAMFile { unlink(config.ramFilePath) }
     }
 }

@@ -240,7 +240,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         unlink(deviceStatePath)
         if !resumed {
             unlink(config.ramFilePath)
-            for path in [config.qmpSocketPath, config.serialLogPath, config.stderrLogPath, config.serialSocketPath].compactMap({ $0 }) { unlink(path) }
+            for path in config.sideFiles { unlink(path) }
         }
     }
 

@@ -46,25 +46,8 @@ public final class QMPClient: @unchecked Sendable {
         self.socketPath = socketPath
         self.defaultTimeout = defaultTimeout
         let deadline = Monotonic.nanos() + UInt64(connectTimeout * 1e9)
-        var lastErrno: Int32 = 0
-        while true {
-            let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard s >= 0 else {
-                throw GeminusError(.resourceExhausted, "cannot create a unix socket: \(String(cString: strerror(errno)))")
-            }
-            if Self.connect(s, path: socketPath) {
-                fd = s
-                break
-            }
-            lastErrno = errno
-            Glibc.close(s)
-            if Monotonic.nanos() >= deadline {
-                throw GeminusError(.connectionFailed,
-                                   "cannot connect to QMP socket \(socketPath) within \(connectTimeout) s: \(String(cString: strerror(lastErrno)))",
-                                   fix: "check that QEMU is running with -qmp unix:\(socketPath),server=on,wait=off")
-            }
-            Monotonic.sleep(nanos: 5_000_000)
-        }
+        fd = try UnixSocket.connect(path: socketPath, timeout: connectTimeout, what: "QMP socket",
+                                    fix: "check that QEMU is running with -qmp unix:\(socketPath),server=on,wait=off")
         do throws(GeminusError) {
             let remaining = max(0.2, Double(deadline &- Monotonic.nanos()) / 1e9)
             let line = try readLine(deadline: Monotonic.nanos() + UInt64(min(remaining, max(defaultTimeout, 1)) * 1e9), what: "greeting")
@@ -157,22 +140,6 @@ public final class QMPClient: @unchecked Sendable {
     }
 
     // MARK: - Socket
-
-    private static func connect(_ s: Int32, path: String) -> Bool {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard bytes.count < capacity else { errno = ENAMETOOLONG; return false }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let len = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
-        return withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, len) == 0 }
-        }
-    }
 
     private func send(_ bytes: [UInt8], command: String) throws(GeminusError) {
         var offset = 0

@@ -28,37 +28,13 @@ public final class SerialOutput: @unchecked Sendable {
     private var waiting: [[UInt8]] = []
     private var closed = false
     private var thread: Thread?
+    /// Read into by `pumpLocked`, under the lock: the loop runs every few milliseconds.
+    private var buffer = [UInt8](repeating: 0, count: 16384)
     public private(set) var linesOffered = 0
 
     /// Connects to QEMU's serial socket (QEMU listens once it runs; retried up to `timeout`).
     public init(socketPath: String, timeout: Double = 10) throws(GeminusError) {
-        let deadline = Monotonic.nanos() + UInt64(timeout * 1e9)
-        var lastError: Int32 = 0
-        while true {
-            let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            guard s >= 0 else { throw GeminusError(.io, "cannot create a unix socket: \(String(cString: strerror(errno)))") }
-            var addr = sockaddr_un()
-            addr.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(socketPath.utf8)
-            guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-                close(s)
-                throw GeminusError(.invalidArgument, "serial socket path too long: \(socketPath)")
-            }
-            withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes + [0]) }
-            let r = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if r == 0 {
-                fd = s
-                break
-            }
-            lastError = errno
-            close(s)
-            guard Monotonic.nanos() < deadline else {
-                throw GeminusError(.connectionFailed, "cannot connect to QEMU's serial socket \(socketPath): \(String(cString: strerror(lastError)))")
-            }
-            Monotonic.sleep(nanos: 5_000_000)
-        }
+        fd = try UnixSocket.connect(path: socketPath, timeout: timeout, what: "QEMU's serial socket")
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         let t = Thread { [weak self] in self?.loop() }
         t.name = "geminus-serial-output"
@@ -106,7 +82,6 @@ public final class SerialOutput: @unchecked Sendable {
             linesOffered += 1
             moved = true
         }
-        var buffer = [UInt8](repeating: 0, count: 16384)
         while waiting.isEmpty {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             guard n > 0 else { break }

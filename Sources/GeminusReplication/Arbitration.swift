@@ -39,6 +39,18 @@ public struct WitnessView: Equatable, Sendable, CustomStringConvertible {
         self.stoppedGeneration = stoppedGeneration
     }
 
+    /// The view from what a node heard in its membership: the witness's publication (its record
+    /// and stopped generation) and the stopped primary's own word (its generation, and the newest
+    /// record the witness had confirmed to it: it alone releases for its generation). Each stop
+    /// and record is the newer of the two.
+    public init(quorate: Bool, peerPresent: Bool, witnessHeard: Bool, witnessRecord: WitnessRecord?, witnessStopped: Generation?,
+                peerStop: (generation: Generation, record: WitnessRecord?)?) {
+        let peerRecord = peerStop?.record
+        let record = witnessRecord.map { r in peerRecord.map { r.merged(with: $0) } ?? r } ?? peerRecord
+        self.init(quorate: quorate, peerPresent: peerPresent, witnessHeard: witnessHeard, record: record,
+                  stoppedGeneration: [witnessStopped, peerStop?.generation].compactMap { $0 }.max())
+    }
+
     public var description: String {
         var s = "\(quorate ? "quorate" : "not quorate"), peer \(peerPresent ? "present" : "absent")"
         s += witnessHeard ? ", witness heard" : ", witness not heard"

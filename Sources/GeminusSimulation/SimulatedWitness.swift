@@ -94,12 +94,8 @@ struct SimulatedWitness {
     func view(of n: Node) -> WitnessView {
         let members = installed[n] ?? [n]
         let peer: Node = n == .primary ? .secondary : .primary
-        // As `ClusterWitnessLink` builds it: the stop from the witness or from the peer itself.
-        let fromPeer = peerStop[n]
-        let record = heardRecord[n].map { r in fromPeer?.record.map { r.merged(with: $0) } ?? r } ?? fromPeer?.record
-        let stopped = [heardStopped[n], fromPeer?.generation].compactMap { $0 }.max()
-        return WitnessView(quorate: members.count >= 2, peerPresent: members.contains(peer),
-                           witnessHeard: heard[n] ?? false, record: record, stoppedGeneration: stopped)
+        return WitnessView(quorate: members.count >= 2, peerPresent: members.contains(peer), witnessHeard: heard[n] ?? false,
+                           witnessRecord: heardRecord[n], witnessStopped: heardStopped[n], peerStop: peerStop[n])
     }
 
     mutating func setCut(_ a: Node, _ b: Node, _ isCut: Bool) {
