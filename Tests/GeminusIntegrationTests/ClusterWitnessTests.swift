@@ -19,35 +19,46 @@ import Logging
         Issue.record("timed out waiting for \(what)")
     }
 
-    /// Three nodes (h1, h2, the witness w) with `geminus witness`'s service running on w, and
-    /// links for the pair's agents on h1 and h2 (the peers of each other); torn down after `body`.
-    struct Pair {
+    /// Three nodes (h1, h2, the witness w) with `geminus witness`'s service running on w (its
+    /// state in a scratch directory); torn down after `body`.
+    struct Witness {
         let cluster: SimulatedCluster
         var nodes: [ClusterNode] { cluster.nodes }
         let service: WitnessService
+        let statePath: String
+        let logger = Logger(label: "test")
+    }
+
+    static func withWitness(_ body: (Witness) throws -> Void) throws {
+        let scratch = try Scratch()
+        defer { scratch.remove() }
+        let cluster = SimulatedCluster(nodes: [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")])
+        let statePath = scratch.path("witness.json")
+        let service = try WitnessService(cluster: cluster.join(cluster.nodes[2]), statePath: statePath, logger: Logger(label: "test"))
+        let stop = StopFlag()
+        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
+        serviceThread.start()
+        defer { stop.set(); keep(cluster, until: serviceThread) }
+        try body(Witness(cluster: cluster, service: service, statePath: statePath))
+    }
+
+    /// `withWitness`, and links for the pair's agents on h1 and h2 (the peers of each other).
+    struct Pair {
+        let witness: Witness
         let primary: ClusterWitnessLink
         let secondary: ClusterWitnessLink
+        var cluster: SimulatedCluster { witness.cluster }
+        var nodes: [ClusterNode] { witness.nodes }
+        var service: WitnessService { witness.service }
     }
 
     static func withPair(_ body: (Pair) throws -> Void) throws {
-        let logger = Logger(label: "test")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
-        let cluster = SimulatedCluster(nodes: nodes)
-        let stop = StopFlag()
-        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: logger)
-        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
-        serviceThread.start()
-        let pair = Pair(cluster: cluster, service: service,
-                        primary: ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger),
-                        secondary: ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger))
-        defer {
-            pair.primary.stop(); pair.secondary.stop(); stop.set()
-            keep(cluster, until: serviceThread)
+        try withWitness { w in
+            let pair = Pair(witness: w, primary: ClusterWitnessLink(cluster: w.cluster.join(w.nodes[0]), vm: "db", peer: 2, logger: w.logger),
+                            secondary: ClusterWitnessLink(cluster: w.cluster.join(w.nodes[1]), vm: "db", peer: 1, logger: w.logger))
+            defer { pair.primary.stop(); pair.secondary.stop() }
+            try body(pair)
         }
-        try body(pair)
     }
 
     /// The members hold the cluster unowned: it must outlive the service's thread.
@@ -59,64 +70,46 @@ import Logging
     }
 
     @Test func announceIsRecordedDurablyAndAPartitionShowsInTheViews() throws {
-        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
-        let cluster = SimulatedCluster(nodes: nodes)
-        let logger = Logger(label: "test")
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let statePath = dir.appendingPathComponent("witness.json").path
+        try Self.withPair { p in
+            Self.waitFor("both views quorate, peer present, witness heard") {
+                [p.primary, p.secondary].allSatisfy { $0.current.map { $0.view.quorate && $0.view.peerPresent && $0.view.witnessHeard } ?? false }
+            }
+            #expect(p.primary.current?.view.record == nil)
 
-        let stop = StopFlag()
-        let witnessMember = cluster.join(nodes[2])
-        let service = try WitnessService(cluster: witnessMember, statePath: statePath, logger: logger)
-        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
-        serviceThread.start()
-        let primary = ClusterWitnessLink(cluster: cluster.join(nodes[0]), vm: "db", peer: 2, logger: logger)
-        let secondary = ClusterWitnessLink(cluster: cluster.join(nodes[1]), vm: "db", peer: 1, logger: logger)
-        defer {
-            primary.stop(); secondary.stop(); stop.set()
-            Self.keep(cluster, until: serviceThread)
+            let record = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(41))
+            p.primary.announce(record)
+            Self.waitFor("the record in both views") { [p.primary, p.secondary].allSatisfy { $0.current?.view.record == record } }
+            let onDisk = try String(contentsOfFile: p.witness.statePath, encoding: .utf8)
+            #expect(onDisk.contains("\"db\"") && onDisk.contains("41"), "the record is on disk before it is published: \(onDisk)")
+
+            p.cluster.isolate(p.nodes[1])
+            Self.waitFor("the secondary alone: not quorate, peer absent") {
+                p.secondary.current.map { !$0.view.quorate && !$0.view.peerPresent && !$0.view.witnessHeard } ?? false
+            }
+            Self.waitFor("the primary with the witness: quorate, peer absent, record heard again") {
+                p.primary.current.map { $0.view.quorate && !$0.view.peerPresent && $0.view.witnessHeard && $0.view.record == record } ?? false
+            }
+            // An older announcement never replaces a newer record.
+            p.primary.announce(WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(99)))
+            Thread.sleep(forTimeInterval: 0.2)
+            #expect(p.service.records["db"] == record)
+
+            // A self-fenced primary says it stopped; the secondary, once back, hears it from the
+            // witness (the other generation's record is untouched).
+            p.primary.announceStopped(Generation(2))
+            Self.waitFor("the stop recorded") { p.service.stopped["db"] == Generation(2) }
+            #expect(p.service.records["db"] == record)
+            p.cluster.reconnect(p.nodes[1])
+            Self.waitFor("the stop in the secondary's view after the heal") {
+                p.secondary.current.map { $0.view.quorate && $0.view.witnessHeard && $0.view.stoppedGeneration == Generation(2) } ?? false
+            }
+
+            // A witness that restarts knows what it recorded.
+            let elsewhere = SimulatedCluster(nodes: p.nodes)
+            let restarted = try WitnessService(cluster: elsewhere.join(p.nodes[2]), statePath: p.witness.statePath, logger: p.witness.logger)
+            #expect(restarted.records["db"] == record)
+            #expect(restarted.stopped["db"] == Generation(2))
         }
-
-        Self.waitFor("both views quorate, peer present, witness heard") {
-            [primary, secondary].allSatisfy { $0.current.map { $0.view.quorate && $0.view.peerPresent && $0.view.witnessHeard } ?? false }
-        }
-        #expect(primary.current?.view.record == nil)
-
-        let record = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(41))
-        primary.announce(record)
-        Self.waitFor("the record in both views") { [primary, secondary].allSatisfy { $0.current?.view.record == record } }
-        let onDisk = try String(contentsOfFile: statePath, encoding: .utf8)
-        #expect(onDisk.contains("\"db\"") && onDisk.contains("41"), "the record is on disk before it is published: \(onDisk)")
-
-        cluster.isolate(nodes[1])
-        Self.waitFor("the secondary alone: not quorate, peer absent") {
-            secondary.current.map { !$0.view.quorate && !$0.view.peerPresent && !$0.view.witnessHeard } ?? false
-        }
-        Self.waitFor("the primary with the witness: quorate, peer absent, record heard again") {
-            primary.current.map { $0.view.quorate && !$0.view.peerPresent && $0.view.witnessHeard && $0.view.record == record } ?? false
-        }
-        // An older announcement never replaces a newer record.
-        primary.announce(WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(99)))
-        Thread.sleep(forTimeInterval: 0.2)
-        #expect(service.records["db"] == record)
-
-        // A self-fenced primary says it stopped; the secondary, once back, hears it from the
-        // witness (the other generation's record is untouched).
-        primary.announceStopped(Generation(2))
-        Self.waitFor("the stop recorded") { service.stopped["db"] == Generation(2) }
-        #expect(service.records["db"] == record)
-        cluster.reconnect(nodes[1])
-        Self.waitFor("the stop in the secondary's view after the heal") {
-            secondary.current.map { $0.view.quorate && $0.view.witnessHeard && $0.view.stoppedGeneration == Generation(2) } ?? false
-        }
-
-        // A witness that restarts knows what it recorded.
-        let elsewhere = SimulatedCluster(nodes: nodes)
-        let restarted = try WitnessService(cluster: elsewhere.join(nodes[2]), statePath: statePath, logger: logger)
-        #expect(restarted.records["db"] == record)
-        #expect(restarted.stopped["db"] == Generation(2))
     }
 
     /// A primary cut off from everyone asks to run unprotected, is never answered (so it never
@@ -142,30 +135,22 @@ import Logging
     /// request to run unprotected may reach the witness only after the primary fenced without an
     /// answer. Its stop notice, which states the record it ran under (none), withdraws it.
     @Test func aLateRequestIsWithdrawnByTheStopThatFollowsIt() throws {
-        let nodes = [ClusterNode(id: 1, name: "h1"), ClusterNode(id: 2, name: "h2"), ClusterNode(id: 3, name: "w")]
-        let cluster = SimulatedCluster(nodes: nodes)
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-late-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let stop = StopFlag()
-        let service = try WitnessService(cluster: cluster.join(nodes[2]), statePath: dir.appendingPathComponent("w.json").path, logger: Logger(label: "test"))
-        let serviceThread = Thread { try? service.run(shouldStop: { stop.isSet }) }
-        serviceThread.start()
-        defer { stop.set(); Self.keep(cluster, until: serviceThread) }
-        let primary = cluster.join(nodes[0])  // the agent's messages, as Corosync delivers them
-        let late = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50))
-        try primary.publish(WitnessMessage.agent(vm: "db", record: late, stopped: nil).encoded())
-        Self.waitFor("the late request recorded") { service.records["db"] == late }
-        try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
-        Self.waitFor("the stop recorded") { service.stopped["db"] == Generation(1) }
-        #expect(service.records["db"] == nil, "withdrawn by the stop that states no record")
-        // A stop of an older generation changes nothing about a newer generation's record.
-        let newer = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(7))
-        try primary.publish(WitnessMessage.agent(vm: "db", record: newer, stopped: nil).encoded())
-        Self.waitFor("the newer record") { service.records["db"] == newer }
-        try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
-        Thread.sleep(forTimeInterval: 0.1)
-        #expect(service.records["db"] == newer)
+        try Self.withWitness { w in
+            let primary = w.cluster.join(w.nodes[0])  // the agent's messages, as Corosync delivers them
+            let late = WitnessRecord(generation: Generation(1), unprotectedAfter: Epoch(50))
+            try primary.publish(WitnessMessage.agent(vm: "db", record: late, stopped: nil).encoded())
+            Self.waitFor("the late request recorded") { w.service.records["db"] == late }
+            try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
+            Self.waitFor("the stop recorded") { w.service.stopped["db"] == Generation(1) }
+            #expect(w.service.records["db"] == nil, "withdrawn by the stop that states no record")
+            // A stop of an older generation changes nothing about a newer generation's record.
+            let newer = WitnessRecord(generation: Generation(2), unprotectedAfter: Epoch(7))
+            try primary.publish(WitnessMessage.agent(vm: "db", record: newer, stopped: nil).encoded())
+            Self.waitFor("the newer record") { w.service.records["db"] == newer }
+            try primary.publish(WitnessMessage.agent(vm: "db", record: nil, stopped: Generation(1)).encoded())
+            Thread.sleep(forTimeInterval: 0.1)
+            #expect(w.service.records["db"] == newer)
+        }
     }
 
     /// The pair together without the witness: the stopped primary's own word reaches its
@@ -190,10 +175,9 @@ import Logging
 
     /// A state file written before stop notices existed still loads (nothing stopped then).
     @Test func aStateFileWithoutStopsLoads() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-witness-old-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let path = dir.appendingPathComponent("witness.json").path
+        let scratch = try Scratch()
+        defer { scratch.remove() }
+        let path = scratch.path("witness.json")
         try #"{"kind":"geminus-ca-witness","records":{"db":{"after":41,"generation":2}}}"#.write(toFile: path, atomically: true, encoding: .utf8)
         let nodes = [ClusterNode(id: 3, name: "w")]
         let service = try WitnessService(cluster: SimulatedCluster(nodes: nodes).join(nodes[0]), statePath: path, logger: Logger(label: "test"))
