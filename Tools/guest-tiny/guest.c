@@ -19,7 +19,7 @@ typedef uint64_t u64;
 #define WORK_BASE 0x00400000u
 #define PAGE_SIZE 4096u
 #define STATUS_MAGIC 0x47454D494E555331ull /* "GEMINUS1" read as a big-endian string */
-#define LAYOUT_VERSION 1u
+#define LAYOUT_VERSION 2u
 
 #define DEFAULT_PAGES 64u
 #define DEFAULT_AREA_MIB 96u
@@ -45,6 +45,11 @@ struct status_page {
     u64 mem_upper_kib;    /* 0x58 multiboot mem_upper (KiB above 1 MiB), 0 if absent */
     u64 layout_version;   /* 0x60 LAYOUT_VERSION */
     u64 walk;             /* 0x68 iterations per one-page move of the window; 0: sweep */
+    /* layout 2: the NIC (net=1); all zero without it */
+    u64 net_sent;         /* 0x70 sequence number of the last numbered packet sent to the sink */
+    u64 net_answered;     /* 0x78 UDP requests answered on echo_port */
+    u64 net_frames_in;    /* 0x80 frames taken from the NIC's receive ring */
+    u64 net_ip;           /* 0x88 the guest's IPv4 address (host order), 0 without a NIC */
 };
 
 /* The words written into each work page, at these byte offsets. */
@@ -163,6 +168,13 @@ struct options {
     u32 flush_every;
     u32 paging;
     u32 walk;
+    /* The NIC (README.md, "Network"). */
+    u32 net;
+    u32 ip;
+    u32 sink_ip;
+    u32 sink_port;
+    u32 send_every;
+    u32 echo_port;
 };
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
@@ -223,6 +235,12 @@ static void parse_cmdline(const char *cmd, struct options *o) {
         else if (key_is(tok, eq, "flush")) dst = &o->flush_every;
         else if (key_is(tok, eq, "paging")) dst = &o->paging;
         else if (key_is(tok, eq, "walk")) dst = &o->walk;
+        else if (key_is(tok, eq, "net")) dst = &o->net;
+        else if (key_is(tok, eq, "ip")) dst = &o->ip;
+        else if (key_is(tok, eq, "sink_ip")) dst = &o->sink_ip;
+        else if (key_is(tok, eq, "sink_port")) dst = &o->sink_port;
+        else if (key_is(tok, eq, "send_every")) dst = &o->send_every;
+        else if (key_is(tok, eq, "echo_port")) dst = &o->echo_port;
         else continue;
         if (parse_u32(eq + 1, p, &v)) {
             *dst = v;
@@ -293,6 +311,236 @@ static u64 make_boot_marker(void) {
     return m ? m : 1;
 }
 
+/* ---- the NIC: an NE2000 on the ISA bus (QEMU ne2k_isa), polled ------------------------------
+   Port I/O only, byte-wide remote DMA, no interrupts. QEMU's NE2000 has 32 KiB of packet
+   memory at 0x4000-0xBFFF: pages 0x40-0x45 hold the frame being sent, 0x46-0x7F are the
+   receive ring. The station address is read from the PROM (QEMU's `mac=`), whose bytes QEMU
+   stores doubled. */
+
+#define NE_BASE 0x300u
+#define NE_CMD 0x00u
+#define NE_DATA 0x10u
+#define NE_TX_PAGE 0x40u
+#define NE_RX_START 0x46u
+#define NE_RX_STOP 0x80u
+#define ETH_MAX 1514u
+
+static u8 nic_mac[6];
+static u8 frame_buf[ETH_MAX + 4];
+
+static void ne_out(u32 reg, u8 v) { outb((u16)(NE_BASE + reg), v); }
+static u8 ne_in(u32 reg) { return inb((u16)(NE_BASE + reg)); }
+
+static void ne_dma_setup(u32 addr, u32 count, u8 command) {
+    ne_out(0x0A, (u8)count);
+    ne_out(0x0B, (u8)(count >> 8));
+    ne_out(0x08, (u8)addr);
+    ne_out(0x09, (u8)(addr >> 8));
+    ne_out(NE_CMD, command);
+}
+
+static void ne_read(u32 addr, u8 *dst, u32 count) {
+    ne_dma_setup(addr, count, 0x0A); /* remote read, start */
+    for (u32 i = 0; i < count; i++) dst[i] = ne_in(NE_DATA);
+    ne_out(0x07, 0x40); /* clear remote-DMA-complete */
+}
+
+static void ne_write(u32 addr, const u8 *src, u32 count) {
+    ne_dma_setup(addr, count, 0x12); /* remote write, start */
+    for (u32 i = 0; i < count; i++) ne_out(NE_DATA, src[i]);
+    ne_out(0x07, 0x40);
+}
+
+static void ne_init(void) {
+    ne_out(NE_CMD, 0x21);      /* stop, no DMA, page 0 */
+    ne_out(0x0E, 0x48);        /* byte-wide DMA, normal operation */
+    ne_out(0x0A, 0);
+    ne_out(0x0B, 0);
+    ne_out(0x0C, 0x04);        /* accept broadcast and our own address */
+    ne_out(0x0D, 0x00);        /* normal transmit */
+    ne_out(0x01, NE_RX_START); /* ring */
+    ne_out(0x02, NE_RX_STOP);
+    ne_out(0x03, NE_RX_START); /* boundary: the last page read */
+    ne_out(0x07, 0xFF);        /* clear every status bit */
+    ne_out(0x0F, 0x00);        /* no interrupts: the loop polls */
+    u8 prom[12];
+    ne_read(0, prom, sizeof prom);
+    for (u32 i = 0; i < 6; i++) nic_mac[i] = prom[2 * i];
+    ne_out(NE_CMD, 0x61);      /* page 1, stopped */
+    for (u32 i = 0; i < 6; i++) ne_out(0x01 + i, nic_mac[i]);
+    ne_out(0x07, NE_RX_START + 1); /* current page: where the next frame lands */
+    ne_out(NE_CMD, 0x22);      /* page 0, start */
+}
+
+/* `frame` has room for ETH_MAX bytes: a short frame is padded to the minimum there. */
+static void ne_send(u8 *frame, u32 len) {
+    if (len < 60) {
+        for (u32 i = len; i < 60; i++) frame[i] = 0;
+        len = 60;
+    }
+    ne_write(NE_TX_PAGE << 8, frame, len);
+    ne_out(0x04, NE_TX_PAGE);
+    ne_out(0x05, (u8)len);
+    ne_out(0x06, (u8)(len >> 8));
+    ne_out(NE_CMD, 0x26); /* start, transmit, no DMA */
+    for (u32 spin = 0; spin < 100000u; spin++) {
+        if (ne_in(0x07) & 0x0A) break; /* sent, or failed */
+    }
+    ne_out(0x07, 0x0A);
+}
+
+/* Takes the next received frame into frame_buf; returns its length, 0 if the ring is empty. */
+static u32 ne_receive(void) {
+    ne_out(NE_CMD, 0x62); /* page 1 */
+    u8 current = ne_in(0x07);
+    ne_out(NE_CMD, 0x22); /* page 0 */
+    u8 next = (u8)(ne_in(0x03) + 1);
+    if (next >= NE_RX_STOP) next = NE_RX_START;
+    if (next == current) return 0;
+    u8 header[4]; /* status, next page, length (with this header) */
+    ne_read((u32)next << 8, header, 4);
+    u32 len = (u32)header[2] | ((u32)header[3] << 8);
+    len = len >= 4 ? len - 4 : 0;
+    if (len > ETH_MAX) len = 0; /* a broken header: skip the frame */
+    if (len) ne_read(((u32)next << 8) + 4, frame_buf, len);
+    u8 after = header[1];
+    if (after < NE_RX_START || after >= NE_RX_STOP) after = NE_RX_START; /* broken: start over */
+    ne_out(0x03, (u8)(after == NE_RX_START ? NE_RX_STOP - 1u : after - 1u));
+    return len;
+}
+
+/* ---- a little IPv4: ARP, UDP out, UDP echo in ------------------------------------------- */
+
+static u32 my_ip, sink_ip;
+static u16 sink_port, echo_port;
+static u8 sink_mac[6];
+static int sink_mac_known;
+static u16 ip_id;
+static u8 tx[ETH_MAX + 4];
+
+static void put16(u8 *p, u32 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static void put32(u8 *p, u32 v) { put16(p, v >> 16); put16(p + 2, v); }
+static u32 get16(const u8 *p) { return ((u32)p[0] << 8) | p[1]; }
+static u32 get32(const u8 *p) { return (get16(p) << 16) | get16(p + 2); }
+static void copy6(u8 *d, const u8 *s) { for (u32 i = 0; i < 6; i++) d[i] = s[i]; }
+
+static void eth_header(u8 *f, const u8 *dst, u32 type) {
+    copy6(f, dst);
+    copy6(f + 6, nic_mac);
+    put16(f + 12, type);
+}
+
+static void arp_send(u32 op, const u8 *dst_mac, const u8 *target_mac, u32 target_ip) {
+    static const u8 broadcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    eth_header(tx, dst_mac ? dst_mac : broadcast, 0x0806);
+    u8 *a = tx + 14;
+    put16(a, 1);
+    put16(a + 2, 0x0800);
+    a[4] = 6;
+    a[5] = 4;
+    put16(a + 6, op);
+    copy6(a + 8, nic_mac);
+    put32(a + 14, my_ip);
+    if (target_mac) copy6(a + 18, target_mac);
+    else for (u32 i = 0; i < 6; i++) a[18 + i] = 0;
+    put32(a + 24, target_ip);
+    ne_send(tx, 42);
+}
+
+/* An IPv4/UDP datagram of `len` payload bytes already at tx + 42 (no UDP checksum: IPv4 allows 0). */
+static void udp_send(const u8 *dst_mac, u32 dst_ip, u32 src_port, u32 dst_port, u32 len) {
+    eth_header(tx, dst_mac, 0x0800);
+    u8 *ip = tx + 14;
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put16(ip + 2, 20 + 8 + len);
+    put16(ip + 4, ip_id++);
+    put16(ip + 6, 0x4000); /* don't fragment */
+    ip[8] = 64;
+    ip[9] = 17;
+    put16(ip + 10, 0);
+    put32(ip + 12, my_ip);
+    put32(ip + 16, dst_ip);
+    u32 sum = 0;
+    for (u32 i = 0; i < 20; i += 2) sum += get16(ip + i);
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    put16(ip + 10, ~sum & 0xFFFF);
+    u8 *udp = ip + 20;
+    put16(udp, src_port);
+    put16(udp + 2, dst_port);
+    put16(udp + 4, 8 + len);
+    put16(udp + 6, 0);
+    ne_send(tx, 42 + len);
+}
+
+static u32 put_dec_at(u8 *p, u64 v) {
+    char buf[24];
+    u32 n = 0, i = 0;
+    do {
+        u32 d;
+        v = divu10(v, &d);
+        buf[n++] = (char)('0' + d);
+    } while (v != 0);
+    while (n > 0) p[i++] = (u8)buf[--n];
+    return i;
+}
+
+static u32 put_str_at(u8 *p, const char *s) {
+    u32 i = 0;
+    while (s[i]) { p[i] = (u8)s[i]; i++; }
+    return i;
+}
+
+/* One numbered datagram to the sink: "seq=N counter=C\n". */
+static void send_numbered(u64 seq, u64 counter) {
+    u8 *p = tx + 42;
+    u32 n = put_str_at(p, "seq=");
+    n += put_dec_at(p + n, seq);
+    n += put_str_at(p + n, " counter=");
+    n += put_dec_at(p + n, counter);
+    p[n++] = '\n';
+    udp_send(sink_mac, sink_ip, echo_port, sink_port, n);
+}
+
+/* Handles one received frame: answers ARP for our address, learns the sink's address, and
+   answers UDP to echo_port with "<request up to its first newline, at most 200 bytes> <counter>\n".
+   Returns 1 when it answered a request. */
+static int handle_frame(u32 len, u64 counter) {
+    const u8 *f = frame_buf;
+    if (len < 42) return 0;
+    u32 type = get16(f + 12);
+    if (type == 0x0806) {
+        const u8 *a = f + 14;
+        u32 op = get16(a + 6), sender_ip = get32(a + 14), target_ip = get32(a + 24);
+        if (sender_ip == sink_ip && sink_ip) {
+            copy6(sink_mac, a + 8);
+            sink_mac_known = 1;
+        }
+        if (op == 1 && target_ip == my_ip) arp_send(2, a + 8, a + 8, sender_ip);
+        return 0;
+    }
+    if (type != 0x0800) return 0;
+    const u8 *ip = f + 14;
+    u32 ihl = (u32)(ip[0] & 0x0F) * 4;
+    if ((ip[0] >> 4) != 4 || ip[9] != 17 || get32(ip + 16) != my_ip || ihl < 20 || 14 + ihl + 8 > len) return 0;
+    const u8 *udp = ip + ihl;
+    if (get16(udp + 2) != echo_port) return 0;
+    u32 ulen = get16(udp + 4);
+    if (ulen < 8 || 14 + ihl + ulen > len) return 0;
+    u8 src_mac[6];
+    copy6(src_mac, f + 6);
+    u32 src_ip = get32(ip + 12), src_port = get16(udp);
+    const u8 *req = udp + 8;
+    u32 n = 0, rlen = ulen - 8;
+    u8 *p = tx + 42;
+    while (n < rlen && n < 200 && req[n] != '\n') { p[n] = req[n]; n++; }
+    p[n++] = ' ';
+    n += put_dec_at(p + n, counter);
+    p[n++] = '\n';
+    udp_send(src_mac, src_ip, echo_port, src_port, n);
+    return 1;
+}
+
 /* ---- main ----------------------------------------------------------------------------------- */
 
 static void halt_forever(void) {
@@ -308,7 +556,8 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
         halt_forever();
     }
 
-    struct options opt = {DEFAULT_PAGES, DEFAULT_AREA_MIB, DEFAULT_PRINT_EVERY, DEFAULT_FLUSH_EVERY, 1, DEFAULT_WALK};
+    struct options opt = {DEFAULT_PAGES, DEFAULT_AREA_MIB, DEFAULT_PRINT_EVERY, DEFAULT_FLUSH_EVERY, 1, DEFAULT_WALK,
+                          0, 0, 0, 9000, 0, 7777};
     const char *cmdline = "";
     /* The command line sits just above the image and below the status page: read it
        before writing anything. */
@@ -349,6 +598,10 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     st->mem_upper_kib = mem_upper_kib;
     st->layout_version = LAYOUT_VERSION;
     st->walk = opt.walk;
+    st->net_sent = 0;
+    st->net_answered = 0;
+    st->net_frames_in = 0;
+    st->net_ip = opt.net ? opt.ip : 0;
     st->magic = STATUS_MAGIC;
 
     puts_serial("geminus-tiny: boot_marker=");
@@ -368,6 +621,22 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     puts_serial(" flush=");
     put_dec(opt.flush_every);
     puts_serial(paging ? " paging=on" : " paging=off");
+    if (opt.net) {
+        my_ip = opt.ip;
+        sink_ip = opt.sink_ip;
+        sink_port = (u16)opt.sink_port;
+        echo_port = (u16)opt.echo_port;
+        ne_init();
+        puts_serial(" net=ne2k mac=");
+        for (u32 i = 0; i < 6; i++) {
+            static const char hex[] = "0123456789abcdef";
+            putc_serial(hex[nic_mac[i] >> 4]);
+            putc_serial(hex[nic_mac[i] & 15]);
+            if (i < 5) putc_serial(':');
+        }
+        puts_serial(" ip=");
+        put_hex(my_ip);
+    }
     puts_serial(" cmdline='");
     puts_serial(cmdline);
     puts_serial("'\n");
@@ -386,6 +655,15 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     const u32 flush_every = opt.flush_every;
     u32 flush_left = flush_every;
     u32 print_left = opt.print_every;
+    /* The NIC is polled every 64 iterations (a few port reads); numbered packets go out every
+       send_every iterations once the sink's address is known (ARP, asked again every 65536
+       iterations until it answers). */
+    const int net = opt.net != 0;
+    const u32 send_every = opt.send_every;
+    u32 send_left = send_every;
+    u32 poll_left = 64;
+    u32 arp_left = 1;
+    u64 net_seq = 0;
 
     for (;;) {
         if (flush_every && --flush_left == 0) {
@@ -414,6 +692,28 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
         }
         st->next_start = start;
         st->iterations = counter;
+
+        if (net) {
+            if (--poll_left == 0) {
+                poll_left = 64;
+                for (u32 k = 0; k < 8; k++) {
+                    u32 len = ne_receive();
+                    if (!len) break;
+                    st->net_frames_in++;
+                    if (handle_frame(len, counter)) st->net_answered++;
+                }
+            }
+            if (sink_ip && !sink_mac_known && --arp_left == 0) {
+                arp_left = 65536;
+                arp_send(1, 0, 0, sink_ip);
+            }
+            if (send_every && sink_mac_known && --send_left == 0) {
+                send_left = send_every;
+                net_seq++;
+                st->net_sent = net_seq; /* before the send: a copy resumed after it counts it */
+                send_numbered(net_seq, counter);
+            }
+        }
 
         if (--print_left == 0) {
             print_left = opt.print_every;
