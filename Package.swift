@@ -84,7 +84,7 @@ let package = Package(
         .target(
             name: "GeminusAgent",
             dependencies: [
-                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication", "GeminusCluster",
+                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication", "GeminusCluster", "CGeminusSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]

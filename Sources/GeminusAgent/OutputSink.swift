@@ -41,29 +41,42 @@ public final class OutputSink: @unchecked Sendable {
     }
 }
 
-/// The guest's output port on a primary: packets are held in the output-commit queue while a
-/// secondary protects the VM, and pass straight to the sink while it is unprotected.
+/// One unit of held guest output: a console line (to the `OutputSink`) or an Ethernet frame
+/// from the guest's NIC (to the host's network).
+enum HeldOutput: Sendable {
+    case line([UInt8])
+    case frame([UInt8])
+}
+
+/// The guest's output port on a primary: console lines and NIC frames are held, in one
+/// output-commit queue with one byte limit, while a secondary protects the VM, and pass
+/// straight on while it is unprotected.
 public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
-    private let queue: Mutex<OutputQueue<[UInt8]>>
+    private let queue: Mutex<OutputQueue<HeldOutput>>
     private let sink: OutputSink?
+    private let network: HostNetwork?
     public let generation: Generation
 
-    public init(limitBytes: Int, sink: OutputSink?, generation: Generation, openEpoch: Epoch) {
+    public init(limitBytes: Int, sink: OutputSink?, network: HostNetwork? = nil, generation: Generation, openEpoch: Epoch) {
         queue = Mutex(OutputQueue(limitBytes: limitBytes, mode: .passThrough, openEpoch: openEpoch))
         self.sink = sink
+        self.network = network
         self.generation = generation
     }
 
-    // Sends happen under the lock: a packet passing straight through must never overtake
-    // older packets being released from the queue at the same moment. A send is one
-    // non-blocking UDP sendto, so holding the lock across it is cheap.
+    // Sends happen under the lock: an item passing straight through must never overtake
+    // older items being released from the queue at the same moment. A send is one
+    // non-blocking sendto, so holding the lock across it is cheap.
 
-    public func offer(_ packet: [UInt8]) -> Bool {
+    public func offer(_ packet: [UInt8]) -> Bool { offer(.line(packet), bytes: packet.count) }
+    public func offerFrame(_ frame: [UInt8]) -> Bool { offer(.frame(frame), bytes: frame.count) }
+
+    private func offer(_ item: HeldOutput, bytes: Int) -> Bool {
         queue.withLock { q in
-            switch q.append(packet, bytes: packet.count) {
+            switch q.append(item, bytes: bytes) {
             case .held: return true
             case .releaseNow:
-                sink?.send(packet, generation: generation)
+                send(item)
                 return true
             case .full: return false
             }
@@ -93,10 +106,20 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         queue.withLock { $0.fence() }
     }
 
-    private func send(_ items: [[UInt8]]) -> Int {
-        for p in items { sink?.send(p, generation: generation) }
+    private func send(_ items: [HeldOutput]) -> Int {
+        for item in items { send(item) }
         return items.count
     }
+
+    private func send(_ item: HeldOutput) {
+        switch item {
+        case .line(let p): sink?.send(p, generation: generation)
+        case .frame(let f): network?.transmit(f)
+        }
+    }
+
+    /// Whether the held bytes reached the limit: the guest's next output would be refused.
+    public var isFull: Bool { queue.withLock { $0.heldBytes >= $0.limitBytes } }
 
     public struct Snapshot: Sendable {
         public var heldCount: Int

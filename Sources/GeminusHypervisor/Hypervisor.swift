@@ -58,7 +58,16 @@ extension ProtectedGuest {
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is
 /// full: the guest must stall and offer again, never drop (promise S2 bounds, docs/ARCHITECTURE.md).
 public protocol GuestOutputPort: Sendable {
+    /// A console line (or a simulated guest's packet).
     func offer(_ packet: [UInt8]) -> Bool
+    /// An Ethernet frame the guest's NIC transmitted. Held like a console line; on release it
+    /// goes out on the host's network instead of to the console sink.
+    func offerFrame(_ frame: [UInt8]) -> Bool
+}
+
+extension GuestOutputPort {
+    /// Ports that do not tell the two apart (tests, the simulator) take frames as packets.
+    public func offerFrame(_ frame: [UInt8]) -> Bool { offer(frame) }
 }
 
 /// The secondary's side: it provides the memory the replica lives in, and turns the last

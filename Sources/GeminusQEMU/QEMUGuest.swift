@@ -42,6 +42,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     private var isShutDown = false
     /// The serial console as output (QEMU started with `serialSocketPath`), else nil.
     public private(set) var serial: SerialOutput?
+    /// The NIC's frames (QEMU started with `nic`), else nil.
+    public let nic: GuestNIC?
 
     public static let tinyGuestCounterAddress = 0x200008
 
@@ -51,15 +53,24 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// Chooses the dirty-page method once QEMU runs (write tracking needs its pid); before the
     /// first capture, which is full.
     public func useFinder(_ finder: any DirtyPageFinder) { checkpointer.useFinder(finder) }
-    public var statusReport: [String: String] { checkpointer.dirtyPageReport.merging(["guest": "qemu"]) { _, new in new } }
+    public var statusReport: [String: String] {
+        var r = checkpointer.dirtyPageReport.merging(["guest": "qemu"]) { _, new in new }
+        if let nic {
+            let input = nic.framesIn
+            r["nic"] = "\(nic.setup.mac) frames out \(nic.framesOut), in \(input.delivered), in dropped \(input.dropped)\(nic.isStalled ? ", STALLED on a full output buffer" : "")"
+        }
+        return r
+    }
     /// The timings of the last complete pause → capture → resume cycle.
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
 
     /// Wraps a running QEMU (its QMP already connected, its RAM file mapped).
     public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
                 counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true, serial: SerialOutput? = nil) {
+                finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true, serial: SerialOutput? = nil,
+                nic: GuestNIC? = nil) {
         self.serial = serial
+        self.nic = nic
         self.process = process
         self.qmp = qmp
         self.memory = memory
@@ -74,14 +85,20 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
                               finder: any DirtyPageFinder = ShadowCompareFinder()) throws(GeminusError) -> QEMUGuest {
         precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
         unlink(config.ramFilePath)
-        let process = try QEMULauncher.start(config)
+        let nic = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
+        let process: QEMUProcess
+        do throws(GeminusError) { process = try QEMULauncher.start(config) } catch {
+            nic?.stop()
+            throw error
+        }
         do throws(GeminusError) {
             let qmp = try connectQMP(process)
             // QEMU creates and sizes the RAM file before it opens the QMP socket.
             let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
             let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
-            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial)
+            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic)
         } catch {
+            nic?.stop()
             process.cleanup(removeRAMFile: true)
             throw error
         }
@@ -97,15 +114,31 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         }
     }
 
-    /// Pauses, then takes the console output printed before the pause (`SerialOutput.drain`), so
-    /// that it belongs to the epoch being captured.
+    /// Pauses, then takes the console lines and NIC frames produced before the pause (`drain`),
+    /// so that they belong to the epoch being captured.
     public func pause() throws(GeminusError) {
         try checkpointer.pause()
         serial?.drain()
+        nic?.drain()
     }
 
-    /// Console lines go to `port` from now on (with `serialSocketPath`; otherwise nothing to send).
-    public func attachOutput(_ port: any GuestOutputPort) { serial?.attach(port) }
+    /// Console lines and NIC frames go to `port` from now on (with `serialSocketPath` and `nic`;
+    /// otherwise nothing to send).
+    public func attachOutput(_ port: any GuestOutputPort) {
+        serial?.attach(port)
+        nic?.attach(port)
+    }
+
+    /// Tells the network where the guest's MAC now is (QMP `announce-self`: QEMU sends
+    /// gratuitous RARPs from the NIC, out through the agent, so switches learn the new port).
+    /// Returns the round trip in nanoseconds; 0 without a NIC.
+    @discardableResult
+    public func announceSelf() throws(GeminusError) -> UInt64 {
+        guard nic != nil else { return 0 }
+        let t0 = Monotonic.nanos()
+        try qmp.execute("announce-self", arguments: ["initial": 50, "max": 550, "rounds": 5, "step": 100])
+        return Monotonic.nanos() - t0
+    }
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
@@ -120,6 +153,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         guard !isShutDown else { return }
         isShutDown = true
         serial?.stop()
+        nic?.stop()
         qmp.close()
         process.cleanup(removeRAMFile: ownsRAMFile)
         unlink(deviceStatePath)

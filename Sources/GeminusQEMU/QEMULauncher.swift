@@ -16,6 +16,8 @@ public struct QEMUGuestConfig: Sendable {
     /// When set, COM1 is a unix socket QEMU listens on (the agent reads it as the guest's output,
     /// `SerialOutput`), still logged in full to `serialLogPath`; otherwise COM1 goes to the log only.
     public var serialSocketPath: String?
+    /// When set, the guest has a NIC whose frames go to the agent (`GuestNIC`).
+    public var nic: NICSetup?
     /// Standby: `-incoming defer -global migration.send-configuration=off`.
     public var incomingDefer: Bool
     public var qemuBinary: String
@@ -46,7 +48,13 @@ public struct QEMUGuestConfig: Sendable {
     public var pageCount: Int { ramMiB * (1 << 20) / GuestPage.size }
 
     /// The files QEMU makes beside its RAM file (sockets and logs): removed with it.
-    var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath].compactMap { $0 } }
+    var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath, nic?.qemuSocketPath].compactMap { $0 } }
+
+    /// Gives the guest a NIC with `mac`, its sockets beside the QMP socket.
+    public mutating func addNIC(mac: MACAddress) {
+        let base = qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath
+        nic = NICSetup(mac: mac, agentSocketPath: base + ".nic", qemuSocketPath: base + ".nicq")
+    }
 
     /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
     /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).
@@ -79,6 +87,7 @@ public enum QEMULauncher {
             "-device", "isa-serial,chardev=s0",
             "-qmp", "unix:\(c.qmpSocketPath),server=on,wait=off",
         ]
+        if let nic = c.nic { a += nic.qemuArguments }
         if c.incomingDefer {
             a += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         }
@@ -105,6 +114,7 @@ public enum QEMULauncher {
             throw GeminusError(.hypervisor, "\(config.qemuBinary) not found", fix: installHint)
         }
         unlink(config.qmpSocketPath)
+        if let nic = config.nic { unlink(nic.qemuSocketPath) }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = arguments(for: config)

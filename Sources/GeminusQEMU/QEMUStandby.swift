@@ -57,6 +57,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     private var standbyProcess: QEMUProcess?
     private var standbyQMP: QMPClient?
     private var standbySerial: SerialOutput?
+    private var standbyNIC: GuestNIC?
     private var capabilitiesSet = false
     private var resumed = false
     private var _lastResume: ResumeTimings?
@@ -136,6 +137,10 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         standbyProcess = nil
         standbyQMP = nil
         capabilitiesSet = false
+        // The NIC's socket is bound before QEMU starts; nothing reads it into a port until the
+        // resumed guest's output is attached.
+        standbyNIC?.stop()
+        standbyNIC = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
         let p = try QEMULauncher.start(config)
         do throws(GeminusError) {
             standbyQMP = try QEMUGuest.connectQMP(p)
@@ -158,6 +163,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
         let guest = try resumeGuest(memory: memory, deviceState: deviceState)
         guest.attachOutput(output)
+        // The guest's MAC is now behind this host's port: say so before anyone waits long.
+        if let nanos = try? guest.announceSelf() { lock.withLock { _lastResume?.announceNanos = nanos } }
         return guest
     }
 
@@ -222,8 +229,10 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         standbyQMP = nil
         let serial = standbySerial
         standbySerial = nil
+        let nic = standbyNIC
+        standbyNIC = nil
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
-        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial)
+        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic)
     }
 
     /// Stops a waiting standby QEMU and removes the replica file and other files (not a
@@ -234,6 +243,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         standbyQMP?.close()
         standbySerial?.stop()
         standbySerial = nil
+        standbyNIC?.stop()
+        standbyNIC = nil
         standbyProcess?.cleanup(removeRAMFile: false)
         standbyProcess = nil
         standbyQMP = nil

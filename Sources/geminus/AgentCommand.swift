@@ -52,6 +52,8 @@ struct Agent: ParsableCommand {
     @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
     @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
+    @Option(help: "QEMU guest: give the guest a NIC (ne2k_isa) bridged to this host interface; its frames leave only once their checkpoint is acknowledged, the MAC is announced after a takeover (docs/NETWORK.md). Needs CAP_NET_RAW.") var nicBridge: String?
+    @Option(help: "With --nic-bridge: the guest's MAC, the same on both hosts (default: derived from --vm).") var nicMac: String?
     @Option(help: "What runs the VM: simulated, libvirt (a domain, see --domain), or qemu (QEMU started by the agent under TCG).") var guest = GuestKind.simulated
     @Option(help: "libvirt guest: this host's domain of the VM (default: --vm). The primary's must be running; the secondary's defined and shut off (its standby is started from it).") var domain: String?
     @Option(help: "libvirt guest: connection URI.") var uri = LibvirtConnection.defaultURI
@@ -94,6 +96,15 @@ struct Agent: ParsableCommand {
         if guest != .libvirt && domain != nil { throw ValidationError("--domain is for --guest libvirt") }
         if verifyTracking && (guest == .simulated || dirtyPages == .compare) {
             throw ValidationError("--verify-tracking checks write tracking: it needs --guest qemu or libvirt and --dirty-pages auto or tracking")
+        }
+        if nicBridge != nil && guest != .qemu {
+            throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's network is not committed yet: docs/NETWORK.md)")
+        }
+        if nicMac != nil && nicBridge == nil { throw ValidationError("--nic-mac is for --nic-bridge") }
+        if let m = nicMac {
+            guard let mac = MACAddress(m), !mac.isMulticast else {
+                throw ValidationError("--nic-mac '\(m)' is not a unicast MAC address like 52:54:00:12:34:56")
+            }
         }
         if guest == .qemu {
             guard let kernel else {
@@ -139,12 +150,24 @@ struct Agent: ParsableCommand {
         // The serial console is the guest's output: held until its checkpoint is acknowledged
         // and sent to --output-sink like any packet (the test guest has no network device).
         c.serialSocketPath = c.serialLogPath + ".sock"
+        if nicBridge != nil { c.addNIC(mac: guestMAC) }
         if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
         return c
     }
 
     /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
     /// critical and counted in the events, the VM stays protected (the missed pages are sent).
+    /// The guest NIC's MAC: the same on both hosts (the resumed guest keeps its device state).
+    var guestMAC: MACAddress { nicMac.flatMap { MACAddress($0) } ?? MACAddress.derived(from: vm) }
+
+    /// The guest's network on this host (`--nic-bridge`), opened once per agent process.
+    func openHostNetwork(logger: Logger) throws(GeminusError) -> HostNetwork? {
+        guard let nicBridge else { return nil }
+        let n = try HostNetwork(interface: nicBridge, guestMAC: guestMAC.bytes)
+        logger.info("guest NIC \(guestMAC) bridged to \(nicBridge): frames leave once their checkpoint is acknowledged")
+        return n
+    }
+
     func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
         DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
             logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
@@ -172,6 +195,9 @@ struct Agent: ParsableCommand {
         let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
+            let network = try openHostNetwork(logger: Logger(label: "geminus.network"))
+            defer { network?.stop() }
+            let output = OutputRoute(sink: sink, network: network)
             var run = RoleRun(role: role)
             let server = try serveStatus(status)
             defer { server.close() }
@@ -185,7 +211,7 @@ struct Agent: ParsableCommand {
                 eventLog.setRole(run.role.rawValue)
                 switch run.role {
                 case .primary:
-                    let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                    let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
                                                  stopper: stopper, status: status, server: server)
                     if case .selfFenced(let reason) = outcome {
                         if let link = arbitrated.1 {
@@ -194,11 +220,13 @@ struct Agent: ParsableCommand {
                         throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
                                            fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
                     }
+                    // This host's guest no longer runs: nothing from the network is for it.
+                    network?.deliverInbound(to: nil)
                     guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
                           Monotonic.nanos() < deadline else { return }
                     run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
                 case .secondary:
-                    guard try runSecondary(&run, arbitrated, logger: logger, events: eventLog, sink: sink, deadline: deadline,
+                    guard try runSecondary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
                                            stopper: stopper, status: status), !stopper.fired, Monotonic.nanos() < deadline else { return }
                 }
             }
@@ -225,7 +253,7 @@ struct Agent: ParsableCommand {
     }
 
     /// The guest this agent starts (or attaches to) as the first primary.
-    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
+    func startGuest(port: HeldOutputPort, network: HostNetwork?, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
         switch guest {
         case .simulated:
             let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
@@ -239,6 +267,7 @@ struct Agent: ParsableCommand {
                                          dirtyPages: dirtyPagePolicy(logger: logger, events: events),
                                          fallback: trackingFallback(logger: logger)).guest
             q.attachOutput(port)
+            if let nic = q.nic { network?.deliverInbound(to: { nic.deliver($0) }) }
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
@@ -264,15 +293,15 @@ struct Agent: ParsableCommand {
         }
     }
 
-    func runPrimary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+    func runPrimary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
                     stopper: StopOnSignal, status: AgentStatus, server: StatusServer) throws -> PrimaryAgent.Outcome {
         let port: HeldOutputPort
         let vm: any ProtectedGuest
         if let carried = run.carried {
             (vm, port) = (carried.guest, carried.port)
         } else {
-            port = HeldOutputPort(limitBytes: outputLimitBytes, sink: sink, generation: run.generation, openEpoch: Epoch(1))
-            vm = try startGuest(port: port, logger: logger, events: events)
+            port = HeldOutputPort(limitBytes: outputLimitBytes, sink: output.sink, network: output.network, generation: run.generation, openEpoch: Epoch(1))
+            vm = try startGuest(port: port, network: output.network, logger: logger, events: events)
         }
         // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
         // a second running copy once the secondary takes over); an operator's domain stays.
@@ -290,7 +319,7 @@ struct Agent: ParsableCommand {
     }
 
     /// Follows the primary; after a takeover, sets `run` up as the primary and returns true.
-    func runSecondary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, sink: OutputSink?, deadline: UInt64,
+    func runSecondary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
                       stopper: StopOnSignal, status: AgentStatus) throws -> Bool {
         let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
                                                machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000, arbitration: arbitrated.0),
@@ -316,7 +345,7 @@ struct Agent: ParsableCommand {
         let limit = outputLimitBytes
         let ports = PortBox()
         guard let (takeover, guest) = secondary.run(deadlineNanos: deadline, output: { generation, epoch in
-            let p = HeldOutputPort(limitBytes: limit, sink: sink, generation: generation, openEpoch: epoch.next)
+            let p = HeldOutputPort(limitBytes: limit, sink: output.sink, network: output.network, generation: generation, openEpoch: epoch.next)
             ports.port = p
             return p
         }) else {
@@ -335,6 +364,10 @@ struct Agent: ParsableCommand {
         }
         if let q = guest as? QEMUGuest {
             report["guestPid"] = Int(q.process.pid)
+            if let nic = q.nic {
+                output.network?.deliverInbound(to: { nic.deliver($0) })
+                report["announceMicros"] = ((standby as? QEMUStandby)?.lastResumeTimings?.announceNanos ?? 0) / 1000
+            }
         }
         if let l = guest as? LibvirtGuest {
             report["guestPid"] = l.qemuPID.map { Int($0) } ?? NSNull()
@@ -382,6 +415,12 @@ final class StopOnSignal: @unchecked Sendable {
         action = a
         lock.unlock()
     }
+}
+
+/// Where released output goes: console lines to the sink, NIC frames to the host's network.
+struct OutputRoute {
+    var sink: OutputSink?
+    var network: HostNetwork?
 }
 
 /// Hands the output port created inside the takeover closure back to the caller.

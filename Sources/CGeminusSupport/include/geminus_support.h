@@ -91,4 +91,14 @@ typedef struct geminus_file_vma {
 long geminus_file_vmas(int maps_fd, uint32_t dev_major, uint32_t dev_minor, uint64_t inode,
                        geminus_file_vma *out, size_t capacity);
 
+// ---- Raw Ethernet (AF_PACKET), packet.c ----
+
+/// A raw socket on interface `ifname` for every protocol, bound to it, promiscuous. Returns the
+/// descriptor or -errno (-EPERM without CAP_NET_RAW, -ENODEV for no such interface).
+int geminus_packet_open(const char *ifname);
+
+/// One frame from the socket without blocking: its length, or -errno (-EAGAIN: none waiting).
+/// `*outgoing` is 1 for a frame this host sent (the socket sees those too).
+long geminus_packet_receive(int fd, void *buffer, size_t length, int *outgoing);
+
 #endif

@@ -1,0 +1,105 @@
+import CGeminusSupport
+import Foundation
+import GeminusCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a guest NIC's released frames go, and where its incoming frames come from: the host's
+/// network interface, through a raw socket (AF_PACKET), as a software bridge port for the guest.
+/// Outgoing frames leave only when the output port releases them (output commit); incoming
+/// frames for the guest's MAC (and broadcast and multicast) go to the guest at once.
+///
+/// Why a raw socket and not a tap device: no bridge to set up on the host, one socket, and the
+/// guest's frames never enter the host's own stack; the cost is CAP_NET_RAW (docs/NETWORK.md).
+public final class HostNetwork: @unchecked Sendable {
+    public let interface: String
+    public let guestMAC: [UInt8]
+    private let fd: Int32
+    private let lock = NSLock()
+    private var inbound: (@Sendable ([UInt8]) -> Void)?
+    private var closed = false
+    private var _sent = 0
+    private var _sendFailures = 0
+    private var _received = 0
+
+    public init(interface: String, guestMAC: [UInt8]) throws(GeminusError) {
+        precondition(guestMAC.count == 6)
+        self.interface = interface
+        self.guestMAC = guestMAC
+        let r = geminus_packet_open(interface)
+        guard r >= 0 else {
+            let e = -r
+            switch e {
+            case EPERM, EACCES:
+                throw GeminusError(.io, "cannot open a raw socket on \(interface) for the guest's NIC: \(String(cString: strerror(e)))",
+                                   fix: "run the agent as root or give it CAP_NET_RAW")
+            case ENODEV, ENXIO:
+                throw GeminusError(.invalidArgument, "no network interface '\(interface)' on this host (--nic-bridge)",
+                                   fix: "name the interface the guest's traffic should use (ip link)")
+            default:
+                throw GeminusError(.io, "cannot open a raw socket on \(interface): \(String(cString: strerror(e)))")
+            }
+        }
+        fd = r
+        let t = Thread { [weak self] in self?.receiveLoop() }
+        t.name = "geminus-host-network"
+        t.start()
+    }
+
+    deinit { close(fd) }
+
+    /// Incoming frames for the guest go to `deliver` from now on (nil: dropped, e.g. while this
+    /// host's guest is a standby that does not run).
+    public func deliverInbound(to deliver: (@Sendable ([UInt8]) -> Void)?) {
+        lock.withLock { inbound = deliver }
+    }
+
+    /// Sends one released frame on the interface. A send that fails (the interface is down, its
+    /// queue full) is counted: the frame is lost as on any network, never sent early.
+    public func transmit(_ frame: [UInt8]) {
+        let n = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        lock.withLock { if n == frame.count { _sent += 1 } else { _sendFailures += 1 } }
+    }
+
+    public var counters: (sent: Int, sendFailures: Int, received: Int) { lock.withLock { (_sent, _sendFailures, _received) } }
+
+    public func stop() {
+        lock.withLock {
+            closed = true
+            inbound = nil
+        }
+        shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    private func receiveLoop() {
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while !lock.withLock({ closed }) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 100) > 0 else { continue }
+            while true {
+                var outgoing: Int32 = 0
+                let n = buffer.withUnsafeMutableBytes { geminus_packet_receive(fd, $0.baseAddress, $0.count, &outgoing) }
+                guard n >= 14 else { break }
+                guard outgoing == 0, isForGuest(buffer) else { continue }
+                let frame = Array(buffer[0..<Int(n)])
+                let deliver = lock.withLock { () -> (@Sendable ([UInt8]) -> Void)? in
+                    _received += 1
+                    return inbound
+                }
+                deliver?(frame)
+            }
+        }
+    }
+
+    /// To the guest's MAC, or broadcast/multicast, and not one of its own frames (another host
+    /// may still carry them during a handover).
+    private func isForGuest(_ f: [UInt8]) -> Bool {
+        let fromGuest = f[6] == guestMAC[0] && f[7] == guestMAC[1] && f[8] == guestMAC[2]
+            && f[9] == guestMAC[3] && f[10] == guestMAC[4] && f[11] == guestMAC[5]
+        if fromGuest { return false }
+        if f[0] & 1 != 0 { return true }
+        return f[0] == guestMAC[0] && f[1] == guestMAC[1] && f[2] == guestMAC[2]
+            && f[3] == guestMAC[3] && f[4] == guestMAC[4] && f[5] == guestMAC[5]
+    }
+}
