@@ -297,9 +297,11 @@ public final class PrimaryAgent: @unchecked Sendable {
                 for old in counterAtCapture.keys where old < epoch { counterAtCapture.removeValue(forKey: old) }
                 lastAcknowledgedCounter = counterAtCapture[epoch] ?? lastAcknowledgedCounter
                 if settings.traceEpochs { events.emit("acknowledged", ["epoch": epoch.rawValue]) }
+                resumeIfOutputHasRoom()
             case .releaseAllOutput:
                 let n = port.releaseAll()
                 logger.warning("\(settings.vmName) is UNPROTECTED; released \(n) held packets")
+                resumeIfOutputHasRoom(force: true)
             case .disconnect(let reason):
                 dropConnection(reason: reason)
             case .captureFinal(let epoch):
@@ -364,6 +366,30 @@ public final class PrimaryAgent: @unchecked Sendable {
 
     public private(set) var lastAcknowledgedCounter: UInt64 = 0
 
+    /// Backpressure (the secondary acknowledges more slowly than the guest sends): after a
+    /// checkpoint, a guest whose output waits for room in the full output buffer stays paused
+    /// until acknowledgements have made room for all of it. Never dropped, never released
+    /// early; counted. (A NIC's frames would otherwise pile up in QEMU's own queue, which drops
+    /// beyond 10000 frames; the guest runs at most one interval between two checks, so what
+    /// waits is at most one epoch's output.)
+    private var pausedForOutputSince: UInt64?
+    private var outputStalls = 0
+    private var outputStallNanos: UInt64 = 0
+
+    /// `force`: the output is released unheld from now on (unprotected), so it cannot stall.
+    private func resumeIfOutputHasRoom(force: Bool = false) {
+        guard let since = pausedForOutputSince, !fenced.isSet else { return }
+        guest.drainOutput()
+        guard force || !guest.outputStalled else { return }
+        pausedForOutputSince = nil
+        outputStallNanos += Monotonic.nanos() - since
+        do { try guest.resume() } catch {
+            logger.critical("cannot resume \(settings.vmName) after its output found room: \(error); stopping")
+            events.emit("error", ["message": "resume after an output stall failed: \(error)"])
+            stopFlag.set()
+        }
+    }
+
     /// `final`: the switchover's last capture; the guest stays paused.
     private func capture(_ epoch: Epoch, full: Bool, final: Bool = false) {
         guard !fenced.isSet else { return }
@@ -376,7 +402,23 @@ public final class PrimaryAgent: @unchecked Sendable {
             counterAtCapture[epoch] = guest.progressCounter
             port.open(epoch: epoch.next, holding: true)
             let t2 = Monotonic.nanos()
-            if !final { try guest.resume() }
+            if final {
+                pausedForOutputSince = nil  // the switchover's pause owns the guest now
+            } else if guest.outputStalled {
+                if pausedForOutputSince == nil {
+                    pausedForOutputSince = t2
+                    outputStalls += 1
+                    if outputStalls == 1 || outputStalls % 100 == 0 {
+                        logger.notice("\(settings.vmName)'s output buffer is full (\(settings.outputLimitBytes) bytes awaiting acknowledgement): the guest waits paused until the secondary catches up (\(outputStalls) times so far)")
+                    }
+                }
+            } else {
+                try guest.resume()
+                if let since = pausedForOutputSince {
+                    pausedForOutputSince = nil
+                    outputStallNanos += t2 - since
+                }
+            }
             let t3 = Monotonic.nanos()
             if full {
                 _ = stats.fullSyncPauseMicros.record((t3 - t0) / 1000)
@@ -511,6 +553,10 @@ public final class PrimaryAgent: @unchecked Sendable {
             "heldPackets": snap.heldCount,
             "heldBytes": snap.heldBytes,
             "outputFullRefusals": snap.fullRefusals,
+            "outputLimitBytes": settings.outputLimitBytes,
+            "outputStalls": outputStalls,
+            "outputStallMillis": (outputStallNanos + (pausedForOutputSince.map { now - $0 } ?? 0)) / 1_000_000,
+            "pausedForOutput": pausedForOutputSince != nil,
             "deferredEpochs": stats.deferredEpochs,
         ]
         for (k, v) in guest.statusReport { fields[k] = v }

@@ -31,6 +31,8 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// How the last capture's time divided (nil when the guest does not measure it): the
     /// benchmark and status show the parts of the pause, not only its sum.
     var lastCaptureParts: CaptureParts? { get }
+    var outputStalled: Bool { get }
+    func drainOutput()
 }
 
 /// The parts of one capture while the vCPUs were stopped.
@@ -48,6 +50,12 @@ public struct CaptureParts: Sendable, Equatable {
 
 extension ProtectedGuest {
     public func detach() { shutdown() }
+    /// Whether output the guest produced waits for room in the output port and the device would
+    /// lose it if the guest ran on (a NIC whose backend queue is finite). Devices that stall
+    /// the guest themselves (a serial port) do not count.
+    public var outputStalled: Bool { false }
+    /// Takes into the output port what the guest's devices produced so far (as at a pause).
+    public func drainOutput() {}
     /// Unknown unless the guest says: never claim a stop that was not checked.
     public var stoppedForGood: Bool { false }
     public var platform: GuestPlatform { GuestPlatform() }

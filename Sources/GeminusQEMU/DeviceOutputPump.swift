@@ -13,8 +13,9 @@ import Glibc
 /// a checkpoint everything it produced before is in the socket; `drain()` takes it before the
 /// agent opens the next epoch. A unit read later is tagged later, which only holds it longer.
 ///
-/// Bounded: a full port (or no port yet) stops the reading, and the socket fills; what the
-/// device does then is the device's (COM1 stalls the guest; a NIC's backend queues in QEMU).
+/// Bounded: a full port (or no port yet) keeps units waiting here, up to `maxWaitingBytes`
+/// (0: one batch); past that the reading stops and the socket fills, and what the device does
+/// then is the device's (COM1 stalls the guest; QEMU's NIC backend queues, then drops).
 final class DeviceOutputPump: @unchecked Sendable {
     /// Reads what is in the socket now into whole units (lines, frames); empty when there is
     /// nothing. Called under the pump's lock, so it may keep state between calls.
@@ -29,12 +30,17 @@ final class DeviceOutputPump: @unchecked Sendable {
     private var port: (any GuestOutputPort)?
     /// Units the port refused (full): offered again, first, before anything newer.
     private var waiting: [[UInt8]] = []
+    private var waitingBytes = 0
+    private let maxWaitingBytes: Int
     private var closed = false
     private(set) var unitsOffered = 0
+    /// Times the reading stopped because `maxWaitingBytes` were waiting.
+    private(set) var waitingCapHits = 0
 
     /// Takes over `fd` (closed with the pump) and starts the thread that moves units.
-    init(fd: Int32, threadName: String, read: @escaping Reader, offer: @escaping Offer) {
+    init(fd: Int32, threadName: String, maxWaitingBytes: Int = 0, read: @escaping Reader, offer: @escaping Offer) {
         self.fd = fd
+        self.maxWaitingBytes = maxWaitingBytes
         self.read = read
         self.offer = offer
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
@@ -75,19 +81,26 @@ final class DeviceOutputPump: @unchecked Sendable {
         guard let port else { return false }
         var moved = false
         while let unit = waiting.first {
-            guard offer(port, unit) else { return moved }
+            guard offer(port, unit) else { break }
             waiting.removeFirst()
+            waitingBytes -= unit.count
             unitsOffered += 1
             moved = true
         }
-        while waiting.isEmpty {
+        while waitingBytes <= maxWaitingBytes && (waiting.isEmpty || maxWaitingBytes > 0) {
             let units = read(fd)
-            guard !units.isEmpty else { break }
+            guard !units.isEmpty else { return moved }
             moved = true
             for unit in units {
-                if waiting.isEmpty && offer(port, unit) { unitsOffered += 1 } else { waiting.append(unit) }
+                if waiting.isEmpty && offer(port, unit) {
+                    unitsOffered += 1
+                } else {
+                    waiting.append(unit)
+                    waitingBytes += unit.count
+                }
             }
         }
+        if waitingBytes > maxWaitingBytes && maxWaitingBytes > 0 { waitingCapHits += 1 }
         return moved
     }
 }

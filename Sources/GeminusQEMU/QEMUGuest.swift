@@ -118,6 +118,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// so that they belong to the epoch being captured.
     public func pause() throws(GeminusError) {
         try checkpointer.pause()
+        drainOutput()
+    }
+
+    public func drainOutput() {
         serial?.drain()
         nic?.drain()
     }
@@ -143,6 +147,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
     }
+
+    /// The NIC's frames wait for room in the output port (QEMU queues them meanwhile, and drops
+    /// beyond its own queue): the agent keeps the guest paused until acknowledgements make room.
+    public var outputStalled: Bool { nic?.isStalled ?? false }
 
     public var stoppedForGood: Bool { lock.withLock { isShutDown } && !process.isRunning }
 

@@ -48,12 +48,12 @@ public struct QEMUGuestConfig: Sendable {
     public var pageCount: Int { ramMiB * (1 << 20) / GuestPage.size }
 
     /// The files QEMU makes beside its RAM file (sockets and logs): removed with it.
-    var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath, nic?.qemuSocketPath].compactMap { $0 } }
+    var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath].compactMap { $0 } }
 
     /// Gives the guest a NIC with `mac`, its sockets beside the QMP socket.
     public mutating func addNIC(mac: MACAddress) {
         let base = qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath
-        nic = NICSetup(mac: mac, agentSocketPath: base + ".nic", qemuSocketPath: base + ".nicq")
+        nic = NICSetup(mac: mac, socketPath: base + ".nic")
     }
 
     /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
@@ -114,7 +114,6 @@ public enum QEMULauncher {
             throw GeminusError(.hypervisor, "\(config.qemuBinary) not found", fix: installHint)
         }
         unlink(config.qmpSocketPath)
-        if let nic = config.nic { unlink(nic.qemuSocketPath) }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = arguments(for: config)
