@@ -32,6 +32,8 @@ FIELDS = [
     "magic", "counter", "pages_per_loop", "loop_iterations_since_boot", "boot_marker",
     "work_base", "work_pages", "next_start", "print_every", "flush_every", "flags",
     "mem_upper_kib", "layout_version", "walk",
+    # layout 2 (zero in layout 1 and without net=1)
+    "net_sent", "net_answered", "net_frames_in", "net_ip",
 ]
 W_OFFSETS = (0, 8, 2048, 4088)  # counter, page index, counter*MIX, boot_marker^counter
 
