@@ -50,6 +50,11 @@ struct status_page {
     u64 net_answered;     /* 0x78 UDP requests answered on echo_port */
     u64 net_frames_in;    /* 0x80 frames taken from the NIC's receive ring */
     u64 net_ip;           /* 0x88 the guest's IPv4 address (host order), 0 without a NIC */
+    /* layout 2: the disk (disk=1); all zero without it */
+    u64 disk_seq;         /* 0x90 number of the last block written (set before its write) */
+    u64 disk_verified;    /* 0x98 blocks read back as expected before being overwritten */
+    u64 disk_errors;      /* 0xA0 blocks that were not what the guest had written there */
+    u64 disk_blocks;      /* 0xA8 size of the ring of blocks (sectors 1..disk_blocks) */
 };
 
 /* The words written into each work page, at these byte offsets. */
@@ -175,6 +180,10 @@ struct options {
     u32 sink_port;
     u32 send_every;
     u32 echo_port;
+    /* The disk (README.md, "Disk"). */
+    u32 disk;
+    u32 disk_every;
+    u32 disk_blocks;
 };
 
 static int is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
@@ -241,6 +250,9 @@ static void parse_cmdline(const char *cmd, struct options *o) {
         else if (key_is(tok, eq, "sink_port")) dst = &o->sink_port;
         else if (key_is(tok, eq, "send_every")) dst = &o->send_every;
         else if (key_is(tok, eq, "echo_port")) dst = &o->echo_port;
+        else if (key_is(tok, eq, "disk")) dst = &o->disk;
+        else if (key_is(tok, eq, "disk_every")) dst = &o->disk_every;
+        else if (key_is(tok, eq, "disk_blocks")) dst = &o->disk_blocks;
         else continue;
         if (parse_u32(eq + 1, p, &v)) {
             *dst = v;
@@ -541,6 +553,119 @@ static int handle_frame(u32 len, u64 counter) {
     return 1;
 }
 
+/* ---- the disk: ATA PIO on the primary IDE channel, LBA28, polled -------------------------
+   Block seq (1, 2, ...) goes to sector 1 + (seq - 1) % disk_blocks. Before writing it the guest
+   reads that sector back: it must hold block seq - disk_blocks (or be all zero while the ring
+   fills). After a failover the resumed guest therefore checks, within disk_blocks writes, that
+   the disk it found is exactly the one its memory expects: a block from an epoch that was never
+   committed, or a committed block missing, is a mismatch. */
+
+#define ATA_DATA 0x1F0u
+#define ATA_STATUS 0x1F7u
+#define ATA_CONTROL 0x3F6u
+#define DISK_MAGIC 0x314B534944D4547ull /* any fixed value: "GEMDISK1"-ish */
+
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port) {
+    u16 v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static u64 disk_block[64]; /* 512 bytes */
+
+/* Waits until the drive is not busy; returns the status, or 0xFF on a timeout. */
+static u8 ata_wait(u8 want) {
+    for (u32 spin = 0; spin < 10000000u; spin++) {
+        u8 st = inb(ATA_STATUS);
+        if (st & 0x80) continue;           /* BSY */
+        if (st & 0x01) return st;          /* ERR */
+        if ((st & want) == want) return st;
+    }
+    return 0xFF;
+}
+
+static int ata_command(u32 lba, u8 command) {
+    if (ata_wait(0) == 0xFF) return 0;
+    outb(0x1F6, (u8)(0xE0 | ((lba >> 24) & 0x0F)));
+    outb(0x1F2, 1);
+    outb(0x1F3, (u8)lba);
+    outb(0x1F4, (u8)(lba >> 8));
+    outb(0x1F5, (u8)(lba >> 16));
+    outb(ATA_STATUS, command);
+    u8 st = ata_wait(0x08); /* DRQ */
+    return st != 0xFF && !(st & 0x01);
+}
+
+static int ata_read(u32 lba) {
+    if (!ata_command(lba, 0x20)) return 0;
+    u16 *w = (u16 *)disk_block;
+    for (u32 i = 0; i < 256; i++) w[i] = inw(ATA_DATA);
+    return 1;
+}
+
+static int ata_write(u32 lba) {
+    if (!ata_command(lba, 0x30)) return 0;
+    const u16 *w = (const u16 *)disk_block;
+    for (u32 i = 0; i < 256; i++) outw(ATA_DATA, w[i]);
+    u8 st = ata_wait(0); /* the write is done when BSY clears */
+    return st != 0xFF && !(st & 0x01);
+}
+
+static int disk_init(void) {
+    outb(ATA_CONTROL, 0x02); /* no interrupts */
+    outb(0x1F6, 0xA0);
+    outb(ATA_STATUS, 0xEC); /* IDENTIFY */
+    if (inb(ATA_STATUS) == 0) return 0; /* no drive */
+    u8 st = ata_wait(0x08);
+    if (st == 0xFF || (st & 0x01)) return 0;
+    for (u32 i = 0; i < 256; i++) (void)inw(ATA_DATA);
+    return 1;
+}
+
+static u64 fill_word(u64 seq, u32 i) { return (seq * MIX) ^ ((u64)i << 32) ^ i; }
+
+/* Checks the sector block seq is about to overwrite, then writes block seq. */
+static void disk_step(volatile struct status_page *st, u64 seq, u64 counter, u64 marker, u32 blocks) {
+    static u32 ring; /* (seq - 1) mod blocks, kept as it goes: i386 has no 64-bit modulo */
+    u32 lba = 1 + ring;
+    if (++ring == blocks) ring = 0;
+    u64 previous = seq > blocks ? seq - blocks : 0;
+    int ok = ata_read(lba);
+    if (ok) {
+        if (previous == 0) {
+            for (u32 i = 0; i < 64; i++) ok &= disk_block[i] == 0;
+        } else {
+            ok = disk_block[0] == DISK_MAGIC && disk_block[1] == previous && disk_block[3] == marker;
+            for (u32 i = 4; i < 64; i++) ok &= disk_block[i] == fill_word(previous, i);
+        }
+    }
+    if (ok) {
+        st->disk_verified++;
+    } else {
+        st->disk_errors++;
+        puts_serial("disk-mismatch lba=");
+        put_dec(lba);
+        puts_serial(" expected=");
+        put_dec(previous);
+        puts_serial(" found=");
+        put_dec(disk_block[0] == DISK_MAGIC ? disk_block[1] : 0);
+        putc_serial('\n');
+    }
+    st->disk_seq = seq; /* before the write: a copy resumed after it finds the block written */
+    disk_block[0] = DISK_MAGIC;
+    disk_block[1] = seq;
+    disk_block[2] = counter;
+    disk_block[3] = marker;
+    for (u32 i = 4; i < 64; i++) disk_block[i] = fill_word(seq, i);
+    if (!ata_write(lba)) {
+        st->disk_errors++;
+        puts_serial("disk-write-failed lba=");
+        put_dec(lba);
+        putc_serial('\n');
+    }
+}
+
 /* ---- main ----------------------------------------------------------------------------------- */
 
 static void halt_forever(void) {
@@ -557,7 +682,7 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     }
 
     struct options opt = {DEFAULT_PAGES, DEFAULT_AREA_MIB, DEFAULT_PRINT_EVERY, DEFAULT_FLUSH_EVERY, 1, DEFAULT_WALK,
-                          0, 0, 0, 9000, 0, 7777};
+                          0, 0, 0, 9000, 0, 7777, 0, 65536, 64};
     const char *cmdline = "";
     /* The command line sits just above the image and below the status page: read it
        before writing anything. */
@@ -602,6 +727,10 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     st->net_answered = 0;
     st->net_frames_in = 0;
     st->net_ip = opt.net ? opt.ip : 0;
+    st->disk_seq = 0;
+    st->disk_verified = 0;
+    st->disk_errors = 0;
+    st->disk_blocks = 0;
     st->magic = STATUS_MAGIC;
 
     puts_serial("geminus-tiny: boot_marker=");
@@ -637,6 +766,14 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
         puts_serial(" ip=");
         put_hex(my_ip);
     }
+    int disk = 0;
+    if (opt.disk) {
+        if (opt.disk_blocks == 0) opt.disk_blocks = 64;
+        disk = disk_init();
+        st->disk_blocks = disk ? opt.disk_blocks : 0;
+        puts_serial(disk ? " disk=ata blocks=" : " disk=MISSING");
+        if (disk) put_dec(opt.disk_blocks);
+    }
     puts_serial(" cmdline='");
     puts_serial(cmdline);
     puts_serial("'\n");
@@ -664,6 +801,9 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
     u32 poll_left = 64;
     u32 arp_left = 1;
     u64 net_seq = 0;
+    const u32 disk_every = opt.disk_every ? opt.disk_every : 65536;
+    u32 disk_left = disk_every;
+    u64 disk_seq = 0;
 
     for (;;) {
         if (flush_every && --flush_left == 0) {
@@ -713,6 +853,11 @@ void guest_main(u32 loader_magic, const struct multiboot_info *mbi) {
                 st->net_sent = net_seq; /* before the send: a copy resumed after it counts it */
                 send_numbered(net_seq, counter);
             }
+        }
+
+        if (disk && --disk_left == 0) {
+            disk_left = disk_every;
+            disk_step(st, ++disk_seq, counter, marker, opt.disk_blocks);
         }
 
         if (--print_left == 0) {
