@@ -118,6 +118,9 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         }
     }
 
+    /// Whether output is held for a secondary (a replicated disk keeps its writes only then).
+    public var isHolding: Bool { queue.withLock { $0.mode == .holding } }
+
     /// Whether the held bytes reached the limit: the guest's next output would be refused.
     public var isFull: Bool { queue.withLock { $0.heldBytes >= $0.limitBytes } }
 
@@ -127,12 +130,16 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         public var fullRefusals: Int
         public var released: Int
         public var holding: Bool
+        /// Released frames sent on the host's network, and sends that failed (lost as on a network).
+        public var framesSent: Int
+        public var frameSendFailures: Int
     }
 
     public var snapshot: Snapshot {
         queue.withLock { q in
             Snapshot(heldCount: q.heldCount, heldBytes: q.heldBytes, fullRefusals: q.fullRefusals,
-                     released: q.releasedCount, holding: q.mode == .holding)
+                     released: q.releasedCount, holding: q.mode == .holding,
+                     framesSent: network?.counters.sent ?? 0, frameSendFailures: network?.counters.sendFailures ?? 0)
         }
     }
 }

@@ -557,6 +557,8 @@ public final class PrimaryAgent: @unchecked Sendable {
             "outputStalls": outputStalls,
             "outputStallMillis": (outputStallNanos + (pausedForOutputSince.map { now - $0 } ?? 0)) / 1_000_000,
             "pausedForOutput": pausedForOutputSince != nil,
+            "framesSent": snap.framesSent,
+            "frameSendFailures": snap.frameSendFailures,
             "deferredEpochs": stats.deferredEpochs,
         ]
         for (k, v) in guest.statusReport { fields[k] = v }

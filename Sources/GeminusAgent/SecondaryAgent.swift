@@ -149,7 +149,7 @@ public final class SecondaryAgent: @unchecked Sendable {
         if replica == nil || replica!.pageCount != Int(hello.guestPageCount) {
             do {
                 let memory = try standby.makeReplicaMemory(pageCount: Int(hello.guestPageCount))
-                replica = Replica(memory: memory, generation: hello.generation)
+                replica = Replica(memory: memory, generation: hello.generation, disk: try standby.makeReplicaDisk())
             } catch {
                 logger.error("cannot hold a replica of \(hello.guestPageCount) pages: \(error)")
                 c.close()

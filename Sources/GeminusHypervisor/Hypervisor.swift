@@ -90,9 +90,16 @@ public protocol StandbyHost: Sendable {
     /// short timeouts (asks QEMU and libvirt): called off the apply loop, about once a second.
     func checkHealth() -> [String: String]
     func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory
+    /// The replica of the guest's disk, if it has a replicated one (written at commits).
+    func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)?
     /// Starts the guest from `memory` (already holding the committed pages) and the committed
     /// device state. The returned guest is running and is now the one to protect.
     func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest
+}
+
+extension StandbyHost {
+    /// Standbys without a replicated disk.
+    public func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? { nil }
 }
 
 extension StandbyHost {

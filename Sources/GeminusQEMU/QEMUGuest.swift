@@ -44,6 +44,8 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public private(set) var serial: SerialOutput?
     /// The NIC's frames (QEMU started with `nic`), else nil.
     public let nic: GuestNIC?
+    /// The replicated disk (QEMU started with `disk`), else nil.
+    public let disk: ReplicatedDisk?
 
     public static let tinyGuestCounterAddress = 0x200008
 
@@ -59,6 +61,9 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
             let input = nic.framesIn
             r["nic"] = "\(nic.setup.mac) frames out \(nic.framesOut), in \(input.delivered), in dropped \(input.dropped)\(nic.isStalled ? ", STALLED on a full output buffer" : "")"
         }
+        if let disk {
+            r["disk"] = "\(disk.setup.sizeBytes >> 20) MiB, mirror \(disk.export.isConnected ? "connected" : disk.export.lost.map { "LOST (\($0))" } ?? "not started"), \(disk.export.writesReceived) writes"
+        }
         return r
     }
     /// The timings of the last complete pause → capture → resume cycle.
@@ -68,9 +73,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
                 counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
                 finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true, serial: SerialOutput? = nil,
-                nic: GuestNIC? = nil) {
+                nic: GuestNIC? = nil, disk: ReplicatedDisk? = nil) {
         self.serial = serial
         self.nic = nic
+        self.disk = disk
         self.process = process
         self.qmp = qmp
         self.memory = memory
@@ -86,8 +92,16 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
         unlink(config.ramFilePath)
         let nic = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
+        let disk: ReplicatedDisk?
         let process: QEMUProcess
-        do throws(GeminusError) { process = try QEMULauncher.start(config) } catch {
+        do throws(GeminusError) {
+            if let d = config.disk { try ReplicatedDisk.createEmpty(d) }
+            disk = try config.disk.map { d throws(GeminusError) in try ReplicatedDisk(d) }
+            do throws(GeminusError) { process = try QEMULauncher.start(config) } catch {
+                disk?.stop()
+                throw error
+            }
+        } catch {
             nic?.stop()
             throw error
         }
@@ -96,9 +110,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
             // QEMU creates and sizes the RAM file before it opens the QMP socket.
             let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
             let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
-            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic)
+            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic, disk: disk)
         } catch {
             nic?.stop()
+            disk?.stop()
             process.cleanup(removeRAMFile: true)
             throw error
         }
@@ -146,6 +161,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
+        try disk?.capture(full: full, into: buffer, qmp: qmp)
     }
 
     /// The NIC's frames wait for room in the output port (QEMU queues them meanwhile, and drops
@@ -162,6 +178,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         isShutDown = true
         serial?.stop()
         nic?.stop()
+        disk?.stop()
         qmp.close()
         process.cleanup(removeRAMFile: ownsRAMFile)
         unlink(deviceStatePath)

@@ -18,6 +18,8 @@ public struct QEMUGuestConfig: Sendable {
     public var serialSocketPath: String?
     /// When set, the guest has a NIC whose frames go to the agent (`GuestNIC`).
     public var nic: NICSetup?
+    /// When set, the guest has a replicated disk (`ReplicatedDisk`).
+    public var disk: DiskSetup?
     /// Standby: `-incoming defer -global migration.send-configuration=off`.
     public var incomingDefer: Bool
     public var qemuBinary: String
@@ -56,6 +58,14 @@ public struct QEMUGuestConfig: Sendable {
         nic = NICSetup(mac: mac, socketPath: base + ".nic")
     }
 
+    /// Gives the guest a raw disk of `sizeBytes` beside its RAM file's name, with its export
+    /// socket beside the QMP socket.
+    public mutating func addDisk(sizeBytes: UInt64, directory: String) {
+        let base = qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath
+        let name = (ramFilePath as NSString).lastPathComponent.replacingOccurrences(of: ".ram", with: ".disk")
+        disk = DiskSetup(path: "\(directory)/\(name)", sizeBytes: sizeBytes, exportSocketPath: base + ".nbd")
+    }
+
     /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
     /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).
     public static func standard(tag: String, ramMiB: Int, kernelPath: String, append: String,
@@ -88,6 +98,7 @@ public enum QEMULauncher {
             "-qmp", "unix:\(c.qmpSocketPath),server=on,wait=off",
         ]
         if let nic = c.nic { a += nic.qemuArguments }
+        if let disk = c.disk { a += disk.qemuArguments }
         if c.incomingDefer {
             a += ["-incoming", "defer", "-global", "migration.send-configuration=off"]
         }

@@ -58,6 +58,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     private var standbyQMP: QMPClient?
     private var standbySerial: SerialOutput?
     private var standbyNIC: GuestNIC?
+    /// The replica disk the standby QEMU opens (created before it starts).
+    private var replicaDisk: FileReplicaDisk?
     private var capabilitiesSet = false
     private var resumed = false
     private var _lastResume: ResumeTimings?
@@ -141,6 +143,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         // resumed guest's output is attached.
         standbyNIC?.stop()
         standbyNIC = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
+        _ = try replicaDiskLocked()
         let p = try QEMULauncher.start(config)
         do throws(GeminusError) {
             standbyQMP = try QEMUGuest.connectQMP(p)
@@ -152,6 +155,20 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
             p.cleanup(removeRAMFile: false)
             throw error
         }
+    }
+
+    public func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? {
+        lock.lock()
+        defer { lock.unlock() }
+        return try replicaDiskLocked()
+    }
+
+    private func replicaDiskLocked() throws(GeminusError) -> FileReplicaDisk? {
+        guard let d = config.disk else { return nil }
+        if let r = replicaDisk { return r }
+        let r = try FileReplicaDisk(path: d.path, sizeBytes: d.sizeBytes)
+        replicaDisk = r
+        return r
     }
 
     private func setCapabilitiesLocked() throws(GeminusError) {
@@ -231,8 +248,11 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         standbySerial = nil
         let nic = standbyNIC
         standbyNIC = nil
+        // The replica disk is now the running guest's disk: mirrored from here once this host
+        // protects it onto the other (its first full checkpoint carries the whole disk).
+        let disk = try config.disk.map { d throws(GeminusError) in try ReplicatedDisk(d) }
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
-        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic)
+        return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic, disk: disk)
     }
 
     /// Stops a waiting standby QEMU and removes the replica file and other files (not a
@@ -252,6 +272,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         if !resumed {
             unlink(config.ramFilePath)
             for path in config.sideFiles { unlink(path) }
+            if let d = config.disk { unlink(d.path) }
         }
     }
 

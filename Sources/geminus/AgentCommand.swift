@@ -54,6 +54,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
     @Option(help: "QEMU guest: give the guest a NIC (ne2k_isa) bridged to this host interface; its frames leave only once their checkpoint is acknowledged, the MAC is announced after a takeover (docs/NETWORK.md). Needs CAP_NET_RAW.") var nicBridge: String?
     @Option(help: "With --nic-bridge: the guest's MAC, the same on both hosts (default: derived from --vm).") var nicMac: String?
+    @Option(help: "QEMU guest: give the guest a replicated raw disk of this many MiB (at most 256; the primary starts it zeroed): its writes reach the secondary's replica only when their epoch commits (docs/DISKS.md).") var diskMib: Int?
     @Option(help: "What runs the VM: simulated, libvirt (a domain, see --domain), or qemu (QEMU started by the agent under TCG).") var guest = GuestKind.simulated
     @Option(help: "libvirt guest: this host's domain of the VM (default: --vm). The primary's must be running; the secondary's defined and shut off (its standby is started from it).") var domain: String?
     @Option(help: "libvirt guest: connection URI.") var uri = LibvirtConnection.defaultURI
@@ -101,6 +102,15 @@ struct Agent: ParsableCommand {
             throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's network is not committed yet: docs/NETWORK.md)")
         }
         if nicMac != nil && nicBridge == nil { throw ValidationError("--nic-mac is for --nic-bridge") }
+        if let n = diskMib {
+            guard guest == .qemu else {
+                throw ValidationError("--disk-mib gives a QEMU the agent starts a replicated disk: it needs --guest qemu (a libvirt domain's disks are not replicated yet: docs/DISKS.md)")
+            }
+            let max = Int(DiskSetup.maxSizeBytes >> 20)
+            guard n >= 1 && n <= max else {
+                throw ValidationError("--disk-mib \(n) is not supported: 1...\(max) MiB (a full checkpoint carries the whole disk and the secondary stages it in memory; docs/DISKS.md)")
+            }
+        }
         if let m = nicMac {
             guard let mac = MACAddress(m), !mac.isMulticast else {
                 throw ValidationError("--nic-mac '\(m)' is not a unicast MAC address like 52:54:00:12:34:56")
@@ -151,6 +161,10 @@ struct Agent: ParsableCommand {
         // and sent to --output-sink like any packet (the test guest has no network device).
         c.serialSocketPath = c.serialLogPath + ".sock"
         if nicBridge != nil { c.addNIC(mac: guestMAC) }
+        if let n = diskMib {
+            let dir = NSTemporaryDirectory().hasSuffix("/") ? String(NSTemporaryDirectory().dropLast()) : NSTemporaryDirectory()
+            c.addDisk(sizeBytes: UInt64(n) << 20, directory: dir)
+        }
         if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
         return c
     }
@@ -268,6 +282,7 @@ struct Agent: ParsableCommand {
                                          fallback: trackingFallback(logger: logger)).guest
             q.attachOutput(port)
             if let nic = q.nic { network?.deliverInbound(to: { nic.deliver($0) }) }
+            q.disk?.export.collect { [port] in port.isHolding }
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
@@ -364,6 +379,7 @@ struct Agent: ParsableCommand {
         }
         if let q = guest as? QEMUGuest {
             report["guestPid"] = Int(q.process.pid)
+            if let p = ports.port { q.disk?.export.collect { [p] in p.isHolding } }
             if let nic = q.nic {
                 output.network?.deliverInbound(to: { nic.deliver($0) })
                 report["announceMicros"] = ((standby as? QEMUStandby)?.lastResumeTimings?.announceNanos ?? 0) / 1000

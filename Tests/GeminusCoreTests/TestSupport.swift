@@ -12,11 +12,11 @@ final class Pipeline {
     var lastSent = Epoch.none
     let generation = Generation(1)
 
-    init(ramMiB: Int = 1, content: PageContent = .mixed, seed: UInt64 = 7) throws {
+    init(ramMiB: Int = 1, content: PageContent = .mixed, seed: UInt64 = 7, disk: (any ReplicaDisk)? = nil) throws {
         let workload = SimulatedWorkload(ramMiB: ramMiB, dirtyPagesPerSecond: 10_000, content: content, outputsPerSecond: 100, seed: seed)
         guest = try SimulatedGuest(workload: workload, memory: PageMemory(pageCount: workload.pageCount))
         encoder = try CheckpointEncoder(pageCount: workload.pageCount, maxFramePayload: 64 << 10)
-        replica = Replica(memory: try PageMemory(pageCount: workload.pageCount))
+        replica = Replica(memory: try PageMemory(pageCount: workload.pageCount), disk: disk)
         buffer = CheckpointBuffer(limitPages: workload.pageCount)
     }
 

@@ -68,7 +68,8 @@ public final class CheckpointEncoder {
             stats.wireBytes += frame.count
             try emit(frame)
         }
-        let begin = EpochBegin(isFull: checkpoint.isFull, baseEpoch: checkpoint.isFull ? .none : baseEpoch, guestPageCount: UInt64(pageCount))
+        let begin = EpochBegin(isFull: checkpoint.isFull, baseEpoch: checkpoint.isFull ? .none : baseEpoch, guestPageCount: UInt64(pageCount),
+                               diskUnits: UInt32(checkpoint.diskSizeBytes / EpochBegin.diskUnitBytes))
         try begin.encoded().withUnsafeBytes { try send(.epochBegin, $0) }
         if checkpoint.isFull { shadowValid.removeAll() }
 
@@ -99,8 +100,38 @@ public final class CheckpointEncoder {
                 offset += n
             }
         }
+        // Disk writes, in the guest's order, packed into frames (a write larger than a frame
+        // is split into consecutive records).
+        var disk = ByteWriter(capacity: maxFramePayload)
+        var diskBytes = 0
+        for w in checkpoint.diskWrites {
+            var done = 0
+            repeat {
+                if disk.bytes.count + DiskWrite.headerSize + 1 > maxFramePayload {
+                    try disk.bytes.withUnsafeBytes { try send(.diskWrites, $0) }
+                    disk = ByteWriter(capacity: maxFramePayload)
+                }
+                let n = min(w.data.count - done, maxFramePayload - disk.bytes.count - DiskWrite.headerSize)
+                // The digest covers records as sent: the secondary stages each as one write.
+                var le = (w.offset + UInt64(done)).littleEndian
+                withUnsafeBytes(of: &le) { digest.add($0) }
+                disk.u64(w.offset + UInt64(done))
+                disk.u32(UInt32(n))
+                disk.u32(0)
+                w.data.withUnsafeBytes { slice in
+                    let part = UnsafeRawBufferPointer(rebasing: slice[done..<done + n])
+                    digest.add(part)
+                    disk.append(part)
+                }
+                done += n
+            } while done < w.data.count
+            diskBytes += w.data.count
+        }
+        if !disk.bytes.isEmpty {
+            try disk.bytes.withUnsafeBytes { try send(.diskWrites, $0) }
+        }
         let end = EpochEnd(frameCount: sequence, pageCount: UInt32(checkpoint.pageCount),
-                           deviceStateBytes: UInt32(checkpoint.deviceState.count), digest: digest.value)
+                           deviceStateBytes: UInt32(checkpoint.deviceState.count), diskBytes: UInt32(diskBytes), digest: digest.value)
         try end.encoded().withUnsafeBytes { try send(.epochEnd, $0) }
         stats.inputBytes = checkpoint.payloadBytes
         return stats

@@ -11,6 +11,11 @@ public final class CheckpointBuffer: @unchecked Sendable {
     public let limitPages: Int
     public private(set) var pageIndices: [Int] = []
     public var deviceState: [UInt8] = []
+    /// The epoch's disk writes in the order the guest made them (a full checkpoint: every
+    /// non-zero stretch of the disk).
+    public var diskWrites: [DiskWrite] = []
+    /// The size of the guest's replicated disk (a multiple of 4 KiB), 0 without one.
+    public var diskSizeBytes: UInt64 = 0
     /// A full checkpoint holds every page of the guest.
     public var isFull = false
     private var storage: UnsafeMutableRawPointer
@@ -26,11 +31,14 @@ public final class CheckpointBuffer: @unchecked Sendable {
     deinit { storage.deallocate() }
 
     public var pageCount: Int { pageIndices.count }
-    public var payloadBytes: Int { pageIndices.count * GuestPage.size + deviceState.count }
+    public var payloadBytes: Int { pageIndices.count * GuestPage.size + deviceState.count + diskBytes }
+    public var diskBytes: Int { diskWrites.reduce(0) { $0 + $1.data.count } }
 
     public func reset() {
         pageIndices.removeAll(keepingCapacity: true)
         deviceState.removeAll(keepingCapacity: true)
+        diskWrites.removeAll(keepingCapacity: true)
+        diskSizeBytes = 0
         isFull = false
     }
 
@@ -70,6 +78,14 @@ public final class CheckpointBuffer: @unchecked Sendable {
         var d = ContentDigest()
         for i in pageIndices.indices { d.addPage(index: UInt64(pageIndices[i]), contents: contents(at: i)) }
         deviceState.withUnsafeBytes { d.add($0) }
+        for w in diskWrites { Self.addDiskWrite(w, to: &d) }
         return d.value
+    }
+
+    /// A disk write's share of the digest: its offset (little-endian u64), then its data.
+    public static func addDiskWrite(_ w: DiskWrite, to d: inout ContentDigest) {
+        var le = w.offset.littleEndian
+        withUnsafeBytes(of: &le) { d.add($0) }
+        w.data.withUnsafeBytes { d.add($0) }
     }
 }

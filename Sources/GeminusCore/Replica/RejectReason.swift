@@ -24,6 +24,8 @@ public enum RejectReason: UInt16, Sendable, CaseIterable, CustomStringConvertibl
     case geometryMismatch = 10
     /// The epoch would need more staging memory than allowed.
     case tooLarge = 11
+    /// Writing the replica disk failed here: the replica is not a whole VM until a full epoch.
+    case diskFailure = 12
 
     public var description: String {
         switch self {
@@ -38,6 +40,7 @@ public enum RejectReason: UInt16, Sendable, CaseIterable, CustomStringConvertibl
         case .countMismatch: return "count-mismatch"
         case .geometryMismatch: return "geometry-mismatch"
         case .tooLarge: return "too-large"
+        case .diskFailure: return "disk-failure"
         }
     }
 }

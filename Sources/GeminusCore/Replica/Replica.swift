@@ -23,10 +23,17 @@ public final class Replica {
         public var pages: Int
         public var deviceStateBytes: Int
         public var isFull: Bool
+        public var diskBytes: Int = 0
     }
 
     /// Device state is opaque and usually small (13 KB for the test guest); this bounds it.
     public static let maxDeviceStateBytes = 64 << 20
+    /// Disk writes of one epoch are staged in memory until its commit; a full epoch carries the
+    /// whole disk, so this is also the largest disk that can be replicated.
+    public static let maxDiskBytesPerEpoch = 256 << 20
+
+    /// The guest's disk, written at commits; nil for a guest without a replicated disk.
+    public let disk: (any ReplicaDisk)?
 
     public let memory: PageMemory
     public var pageCount: Int { memory.pageCount }
@@ -52,8 +59,9 @@ public final class Replica {
     private var stagedSet: DirtyPageSet
     private let scratch: UnsafeMutableRawPointer
 
-    public init(memory: PageMemory, generation: Generation = Generation(1)) {
+    public init(memory: PageMemory, generation: Generation = Generation(1), disk: (any ReplicaDisk)? = nil) {
         self.memory = memory
+        self.disk = disk
         self.generation = generation
         staged = CheckpointBuffer(limitPages: memory.pageCount)
         stagedSet = DirtyPageSet(pageCount: memory.pageCount)
@@ -102,7 +110,7 @@ public final class Replica {
         switch h.kind {
         case .epochBegin:
             return begin(frame)
-        case .pages, .deviceState, .epochEnd:
+        case .pages, .deviceState, .diskWrites, .epochEnd:
             guard var s = staging, s.epoch == h.epoch else {
                 if h.epoch <= committedEpoch { return ignore(.stale) }
                 if let s = staging { discardStaging(); return reject(s.epoch, .torn, "frame of epoch \(h.epoch) arrived while epoch \(s.epoch) was incomplete") }
@@ -123,6 +131,7 @@ public final class Replica {
                 }
                 staged.deviceState.append(contentsOf: frame.payload)
                 return .staged
+            case .diskWrites: return stageDiskWrites(frame.payload, of: s)
             default: return finish(frame, of: s)
             }
         default:
@@ -147,6 +156,12 @@ public final class Replica {
         }
         guard b.guestPageCount == UInt64(pageCount) else {
             return reject(e, .geometryMismatch, "primary's guest has \(b.guestPageCount) pages, this replica \(pageCount)")
+        }
+        let diskBytes = UInt64(b.diskUnits) * EpochBegin.diskUnitBytes
+        guard diskBytes == (disk?.sizeBytes ?? 0) else {
+            return reject(e, .geometryMismatch, diskBytes == 0 ? "this standby has a replicated disk, the primary's guest none (start both with the same disk settings)"
+                          : disk == nil ? "the primary replicates a \(diskBytes >> 20) MiB disk, this standby has none (start it with the same disk settings)"
+                          : "the primary's disk has \(diskBytes) bytes, this standby's \(disk!.sizeBytes)")
         }
         if !b.isFull {
             guard hasBaseImage, b.baseEpoch == committedEpoch else {
@@ -208,6 +223,32 @@ public final class Replica {
         return .staged
     }
 
+    private func stageDiskWrites(_ payload: [UInt8], of s: Staging) -> Outcome {
+        guard let disk else {
+            discardStaging()
+            return reject(s.epoch, .geometryMismatch, "the primary replicates a disk, this standby has none (start it with the same disk settings)")
+        }
+        var r = ByteReader(payload)
+        var total = staged.diskBytes
+        while r.remaining > 0 {
+            guard let offset = r.u64(), let length = r.u32(), r.skip(4), let data = r.take(Int(length)) else {
+                discardStaging()
+                return reject(s.epoch, .badRecord, "truncated disk write record")
+            }
+            guard offset + UInt64(length) <= disk.sizeBytes else {
+                discardStaging()
+                return reject(s.epoch, .geometryMismatch, "disk write at \(offset)+\(length) beyond this replica's \(disk.sizeBytes)-byte disk")
+            }
+            total += Int(length)
+            guard total <= Self.maxDiskBytesPerEpoch else {
+                discardStaging()
+                return reject(s.epoch, .tooLarge, "disk writes of one epoch over \(Self.maxDiskBytesPerEpoch >> 20) MiB")
+            }
+            staged.diskWrites.append(DiskWrite(offset: offset, data: Array(data)))
+        }
+        return .staged
+    }
+
     private func finish(_ frame: Frame, of s: Staging) -> Outcome {
         let e = s.epoch
         defer { discardStaging() }
@@ -215,8 +256,8 @@ public final class Replica {
             return reject(e, .badRecord, "malformed epoch-end record")
         }
         guard end.frameCount == frame.header.sequence, end.pageCount == UInt32(staged.pageCount),
-              end.deviceStateBytes == UInt32(staged.deviceState.count) else {
-            return reject(e, .countMismatch, "end record says \(end.frameCount) frames, \(end.pageCount) pages, \(end.deviceStateBytes) state bytes; received \(frame.header.sequence), \(staged.pageCount), \(staged.deviceState.count)")
+              end.deviceStateBytes == UInt32(staged.deviceState.count), end.diskBytes == UInt32(staged.diskBytes) else {
+            return reject(e, .countMismatch, "end record says \(end.frameCount) frames, \(end.pageCount) pages, \(end.deviceStateBytes) state bytes, \(end.diskBytes) disk bytes; received \(frame.header.sequence), \(staged.pageCount), \(staged.deviceState.count), \(staged.diskBytes)")
         }
         if s.begin.isFull && staged.pageCount != pageCount {
             return reject(e, .countMismatch, "full epoch with \(staged.pageCount) of \(pageCount) pages")
@@ -225,8 +266,20 @@ public final class Replica {
         guard digest == end.digest else {
             return reject(e, .digestMismatch, "decoded contents hash to \(hex(digest)), primary captured \(hex(end.digest))")
         }
-        // Verified: from here on nothing can fail, so the replica moves from one whole
-        // checkpoint to the next.
+        // The disk first: it is the one step that can fail (I/O). A failure leaves the replica
+        // no whole VM (memory still at the last commit, disk part-way), so it is marked as
+        // needing a full epoch and cannot be resumed until it has one.
+        if let disk, !staged.diskWrites.isEmpty || s.begin.isFull {
+            do throws(GeminusError) {
+                if s.begin.isFull { try disk.zeroAll() }
+                for w in staged.diskWrites { try disk.write(offset: w.offset, w.data) }
+            } catch {
+                hasBaseImage = false
+                return reject(e, .diskFailure, "applying epoch \(e)'s disk writes failed: \(error.message)")
+            }
+        }
+        // Verified and the disk written: from here on nothing can fail, so the replica moves
+        // from one whole checkpoint to the next.
         for i in 0..<staged.pageCount {
             memory.page(staged.pageIndices[i]).copyMemory(from: staged.contents(at: i), byteCount: GuestPage.size)
         }
@@ -235,7 +288,8 @@ public final class Replica {
         committedEpoch = e
         if s.begin.isFull { hasBaseImage = true }
         commits += 1
-        return .committed(e, CommitStats(pages: staged.pageCount, deviceStateBytes: staged.deviceState.count, isFull: s.begin.isFull))
+        return .committed(e, CommitStats(pages: staged.pageCount, deviceStateBytes: staged.deviceState.count, isFull: s.begin.isFull,
+                                         diskBytes: staged.diskBytes))
     }
 
     private func discardStaging() {

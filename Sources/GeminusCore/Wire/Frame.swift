@@ -11,6 +11,8 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case pages = 0x11
     case deviceState = 0x12
     case epochEnd = 0x13
+    /// Disk writes of the epoch (`DiskWrite` records), after its device state.
+    case diskWrites = 0x14
     // Secondary to primary.
     case ack = 0x20
     case nack = 0x21

@@ -45,17 +45,24 @@ public struct EpochBegin: Equatable, Sendable {
     public var baseEpoch: Epoch
     /// The guest's size in pages: a mismatch means the two agents protect different VMs.
     public var guestPageCount: UInt64
+    /// The size of the guest's replicated disk in 4 KiB units, 0 without one (these bytes were
+    /// reserved before, sent as 0): a standby with another disk size, or none, refuses the epoch.
+    public var diskUnits: UInt32
 
-    public init(isFull: Bool, baseEpoch: Epoch, guestPageCount: UInt64) {
+    public static let diskUnitBytes: UInt64 = 4096
+
+    public init(isFull: Bool, baseEpoch: Epoch, guestPageCount: UInt64, diskUnits: UInt32 = 0) {
         self.isFull = isFull
         self.baseEpoch = baseEpoch
         self.guestPageCount = guestPageCount
+        self.diskUnits = diskUnits
     }
 
     public func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: Self.size)
         w.u8(isFull ? 1 : 0)
-        w.zeros(7)
+        w.zeros(3)
+        w.u32(diskUnits)
         w.u64(baseEpoch.rawValue)
         w.u64(guestPageCount)
         return w.bytes
@@ -63,9 +70,9 @@ public struct EpochBegin: Equatable, Sendable {
 
     public init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
-        guard bytes.count == Self.size, let full = r.u8(), full <= 1, r.skip(7),
+        guard bytes.count == Self.size, let full = r.u8(), full <= 1, r.skip(3), let disk = r.u32(),
               let base = r.u64(), let pages = r.u64() else { return nil }
-        self.init(isFull: full == 1, baseEpoch: Epoch(base), guestPageCount: pages)
+        self.init(isFull: full == 1, baseEpoch: Epoch(base), guestPageCount: pages, diskUnits: disk)
     }
 }
 
@@ -77,15 +84,20 @@ public struct EpochEnd: Equatable, Sendable {
     public var frameCount: UInt32
     public var pageCount: UInt32
     public var deviceStateBytes: UInt32
-    /// XXH3-64 over (page index, decoded contents) of every page in order, then the device state.
+    /// Bytes of disk data in the epoch's `diskWrites` records (0 for a guest without a
+    /// replicated disk; the field was reserved before, and sent as 0).
+    public var diskBytes: UInt32
+    /// XXH3-64 over (page index, decoded contents) of every page in order, then the device
+    /// state, then (offset, data) of every disk write in order.
     public var digest: UInt64
     /// The guest's own progress marker at capture (for reports; not used to verify).
     public var captureMicros: UInt64
 
-    public init(frameCount: UInt32, pageCount: UInt32, deviceStateBytes: UInt32, digest: UInt64, captureMicros: UInt64 = 0) {
+    public init(frameCount: UInt32, pageCount: UInt32, deviceStateBytes: UInt32, diskBytes: UInt32 = 0, digest: UInt64, captureMicros: UInt64 = 0) {
         self.frameCount = frameCount
         self.pageCount = pageCount
         self.deviceStateBytes = deviceStateBytes
+        self.diskBytes = diskBytes
         self.digest = digest
         self.captureMicros = captureMicros
     }
@@ -95,7 +107,7 @@ public struct EpochEnd: Equatable, Sendable {
         w.u32(frameCount)
         w.u32(pageCount)
         w.u32(deviceStateBytes)
-        w.u32(0)
+        w.u32(diskBytes)
         w.u64(digest)
         w.u64(captureMicros)
         return w.bytes
@@ -103,9 +115,9 @@ public struct EpochEnd: Equatable, Sendable {
 
     public init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
-        guard bytes.count == Self.size, let f = r.u32(), let p = r.u32(), let d = r.u32(), r.skip(4),
+        guard bytes.count == Self.size, let f = r.u32(), let p = r.u32(), let d = r.u32(), let k = r.u32(),
               let g = r.u64(), let c = r.u64() else { return nil }
-        self.init(frameCount: f, pageCount: p, deviceStateBytes: d, digest: g, captureMicros: c)
+        self.init(frameCount: f, pageCount: p, deviceStateBytes: d, diskBytes: k, digest: g, captureMicros: c)
     }
 }
 

@@ -1,0 +1,259 @@
+import Foundation
+import GeminusCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The primary agent's end of a CA guest's disk mirror: a minimal NBD server (fixed newstyle
+/// handshake, `NBD_OPT_GO`/`EXPORT_NAME`, simple replies; READ, WRITE, FLUSH, DISC) on a unix
+/// socket, the target of QEMU's `blockdev-mirror` in `write-blocking` mode. QEMU completes a
+/// guest write only once both its own disk and this server have it, and drains in-flight I/O
+/// when the guest is paused, so every write the guest made before a checkpoint's pause is
+/// recorded here before the pause returns; `take()` then hands them to that checkpoint.
+///
+/// Bounded: while `collecting` says a secondary is to receive them, writes wait here up to
+/// `maxPendingBytes`; past that the next write's reply waits for a checkpoint to take them (the
+/// guest's disk I/O slows, nothing is dropped). While no secondary is protected they are not
+/// kept: protection starts again with a full checkpoint, which carries the whole disk.
+public final class NBDExport: @unchecked Sendable {
+    public static let maxPendingBytes = 64 << 20
+    public let socketPath: String
+    public let exportName = "geminus"
+    public let sizeBytes: UInt64
+    /// The primary's own disk file: READ requests are served from it (the mirror does not read
+    /// its target; the NBD client may).
+    private let diskPath: String
+    private let listener: Int32
+    private let lock = NSCondition()
+    private var pending: [DiskWrite] = []
+    private var pendingBytes = 0
+    private var collecting: @Sendable () -> Bool = { false }
+    private var closed = false
+    private var client: Int32 = -1
+    private var _connected = false
+    private var _lost: String?
+    public private(set) var writesReceived = 0
+
+    public init(socketPath: String, diskPath: String, sizeBytes: UInt64) throws(GeminusError) {
+        self.socketPath = socketPath
+        self.diskPath = diskPath
+        self.sizeBytes = sizeBytes
+        var a = sockaddr_un()
+        a.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(socketPath.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: a.sun_path) else {
+            throw GeminusError(.invalidArgument, "disk export socket path too long (at most 107 bytes): \(socketPath)", fix: "use a shorter TMPDIR for the agent")
+        }
+        withUnsafeMutableBytes(of: &a.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw GeminusError(.resourceExhausted, "cannot create a unix socket: \(String(cString: strerror(errno)))") }
+        unlink(socketPath)
+        let bound = withUnsafePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, listen(s, 1) == 0 else {
+            let e = errno
+            close(s)
+            throw GeminusError(.io, "cannot listen on the disk export socket \(socketPath): \(String(cString: strerror(e)))")
+        }
+        chmod(socketPath, 0o600)
+        listener = s
+        let t = Thread { [weak self] in self?.serve() }
+        t.name = "geminus-nbd-export"
+        t.start()
+    }
+
+    deinit { close(listener) }
+
+    /// Whether writes are kept for the next checkpoint (a secondary is being protected).
+    public func collect(while condition: @escaping @Sendable () -> Bool) {
+        lock.withLock { collecting = condition }
+    }
+
+    /// QEMU's mirror is connected and has not gone away.
+    public var isConnected: Bool { lock.withLock { _connected } }
+    /// Why the mirror's connection ended, if it did: writes after that were not seen here.
+    public var lost: String? { lock.withLock { _lost } }
+
+    /// The writes recorded since the last call, in the order QEMU made them.
+    public func take() -> [DiskWrite] {
+        lock.lock()
+        defer { lock.unlock() }
+        let w = pending
+        pending = []
+        pendingBytes = 0
+        lock.broadcast()
+        return w
+    }
+
+    public func stop() {
+        lock.withLock {
+            closed = true
+            lock.broadcast()
+        }
+        shutdown(listener, Int32(SHUT_RDWR))
+        lock.withLock { if client >= 0 { shutdown(client, Int32(SHUT_RDWR)) } }
+        unlink(socketPath)
+    }
+
+    // MARK: - The protocol
+
+    private static let nbdMagic: UInt64 = 0x4e42_444d_4147_4943      // "NBDMAGIC"
+    private static let optMagic: UInt64 = 0x4948_4156_454f_5054      // "IHAVEOPT"
+    private static let replyMagic: UInt64 = 0x0003_e889_0455_65a9
+    private static let requestMagic: UInt32 = 0x2560_9513
+    private static let simpleReplyMagic: UInt32 = 0x6744_6698
+    /// Transmission flags: HAS_FLAGS | SEND_FLUSH.
+    private static let transmissionFlags: UInt16 = 0x0001 | 0x0004
+
+    private func serve() {
+        while !lock.withLock({ closed }) {
+            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 100) > 0 else { continue }
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { continue }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            lock.withLock { client = fd }
+            let reason = session(fd)
+            lock.withLock {
+                if _connected { _lost = reason }
+                _connected = false
+                client = -1
+            }
+            close(fd)
+        }
+    }
+
+    /// One client, handshake then transmission; returns why it ended.
+    private func session(_ fd: Int32) -> String {
+        var c = Conn(fd: fd)
+        guard c.put64(Self.nbdMagic), c.put64(Self.optMagic), c.put16(0x0001 | 0x0002),  // FIXED_NEWSTYLE | NO_ZEROES
+              let clientFlags = c.get32() else { return "the handshake broke off" }
+        let noZeroes = clientFlags & 0x2 != 0
+        // Option haggling.
+        while true {
+            guard let magic = c.get64(), magic == Self.optMagic, let option = c.get32(), let length = c.get32(),
+                  length <= 4096, let data = c.get(Int(length)) else { return "bad option from the client" }
+            switch option {
+            case 1:  // EXPORT_NAME: no reply header; size, flags, then transmission
+                guard c.put64(sizeBytes), c.put16(Self.transmissionFlags), noZeroes || c.put([UInt8](repeating: 0, count: 124)) else { return "client gone" }
+                return transmission(&c)
+            case 6, 7:  // INFO, GO
+                var info: [UInt8] = []
+                Conn.append16(&info, 0)  // NBD_INFO_EXPORT
+                Conn.append64(&info, sizeBytes)
+                Conn.append16(&info, Self.transmissionFlags)
+                guard optionReply(&c, option, 3, info), optionReply(&c, option, 1, []) else { return "client gone" }
+                if option == 7 { return transmission(&c) }
+                _ = data
+            case 2:  // ABORT
+                _ = optionReply(&c, option, 1, [])
+                return "the client aborted the handshake"
+            default:  // STRUCTURED_REPLY, meta contexts, TLS, LIST...: not offered
+                guard optionReply(&c, option, 0x8000_0001, []) else { return "client gone" }
+            }
+        }
+    }
+
+    private func optionReply(_ c: inout Conn, _ option: UInt32, _ type: UInt32, _ data: [UInt8]) -> Bool {
+        c.put64(Self.replyMagic) && c.put32(option) && c.put32(type) && c.put32(UInt32(data.count)) && c.put(data)
+    }
+
+    private func transmission(_ c: inout Conn) -> String {
+        lock.withLock {
+            _connected = true
+            _lost = nil
+        }
+        let disk = open(diskPath, O_RDONLY | O_CLOEXEC)
+        defer { if disk >= 0 { close(disk) } }
+        while true {
+            guard let magic = c.get32(), magic == Self.requestMagic, let _ = c.get16(), let type = c.get16(),
+                  let handle = c.get64(), let offset = c.get64(), let length = c.get32() else { return "the mirror's connection closed" }
+            let inRange = offset <= sizeBytes && UInt64(length) <= sizeBytes - offset
+            switch type {
+            case 0:  // READ
+                var data = [UInt8](repeating: 0, count: Int(length))
+                let ok = inRange && disk >= 0 && data.withUnsafeMutableBytes { pread(disk, $0.baseAddress, $0.count, off_t(offset)) } == Int(length)
+                guard reply(&c, ok ? 0 : 5, handle), !ok || c.put(data) else { return "client gone" }
+            case 1:  // WRITE
+                guard let data = c.get(Int(length)) else { return "the mirror's connection closed mid-write" }
+                guard inRange else {
+                    guard reply(&c, 22, handle) else { return "client gone" }
+                    continue
+                }
+                record(DiskWrite(offset: offset, data: data))
+                guard reply(&c, 0, handle) else { return "client gone" }
+            case 3:  // FLUSH: nothing is buffered here beyond the pending list, which is the point
+                guard reply(&c, 0, handle) else { return "client gone" }
+            case 2:  // DISC
+                return "the mirror disconnected"
+            default:
+                guard reply(&c, 22, handle) else { return "client gone" }
+            }
+        }
+    }
+
+    private func reply(_ c: inout Conn, _ error: UInt32, _ handle: UInt64) -> Bool {
+        c.put32(Self.simpleReplyMagic) && c.put32(error) && c.put64(handle)
+    }
+
+    private func record(_ w: DiskWrite) {
+        lock.lock()
+        defer { lock.unlock() }
+        writesReceived += 1
+        guard collecting() else {
+            pending = []
+            pendingBytes = 0
+            return
+        }
+        // Over the bound: the guest's write waits (its reply is not sent) for a checkpoint.
+        while pendingBytes + w.data.count > Self.maxPendingBytes && !pending.isEmpty && !closed && collecting() {
+            _ = lock.wait(until: Date().addingTimeInterval(0.1))
+        }
+        pending.append(w)
+        pendingBytes += w.data.count
+    }
+}
+
+/// Blocking big-endian reads and writes on one socket.
+private struct Conn {
+    let fd: Int32
+
+    mutating func get(_ n: Int) -> [UInt8]? {
+        var out = [UInt8](repeating: 0, count: n)
+        var done = 0
+        while done < n {
+            let r = out.withUnsafeMutableBytes { recv(fd, $0.baseAddress! + done, n - done, 0) }
+            if r < 0 && errno == EINTR { continue }
+            guard r > 0 else { return nil }
+            done += r
+        }
+        return out
+    }
+
+    mutating func get16() -> UInt16? { get(2).map { UInt16($0[0]) << 8 | UInt16($0[1]) } }
+    mutating func get32() -> UInt32? { get(4).map { $0.reduce(0) { $0 << 8 | UInt32($1) } } }
+    mutating func get64() -> UInt64? { get(8).map { $0.reduce(0) { $0 << 8 | UInt64($1) } } }
+
+    func put(_ b: [UInt8]) -> Bool {
+        var done = 0
+        while done < b.count {
+            let w = b.withUnsafeBytes { send(fd, $0.baseAddress! + done, b.count - done, Int32(MSG_NOSIGNAL)) }
+            if w < 0 && errno == EINTR { continue }
+            guard w > 0 else { return false }
+            done += w
+        }
+        return true
+    }
+
+    func put16(_ v: UInt16) -> Bool { var b: [UInt8] = []; Conn.append16(&b, v); return put(b) }
+    func put32(_ v: UInt32) -> Bool { var b: [UInt8] = []; Conn.append32(&b, v); return put(b) }
+    func put64(_ v: UInt64) -> Bool { var b: [UInt8] = []; Conn.append64(&b, v); return put(b) }
+
+    static func append16(_ b: inout [UInt8], _ v: UInt16) { b += [UInt8(v >> 8), UInt8(truncatingIfNeeded: v)] }
+    static func append32(_ b: inout [UInt8], _ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }
+    static func append64(_ b: inout [UInt8], _ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt64(s))) } }
+}

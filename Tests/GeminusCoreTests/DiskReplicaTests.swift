@@ -1,0 +1,106 @@
+import Testing
+@testable import GeminusCore
+import GeminusHypervisor
+
+/// Replicated disks in the checkpoint stream (promise S2 for disks): an epoch's disk writes
+/// reach the replica disk only when the whole epoch verified and committed; a torn or refused
+/// epoch leaves the disk as it was; a full epoch replaces the whole disk.
+@Suite struct DiskReplicaTests {
+    final class MemoryDisk: ReplicaDisk {
+        var bytes: [UInt8]
+        var writes = 0
+        init(size: Int) { bytes = [UInt8](repeating: 0xEE, count: size) }  // not zero: a full epoch must clear it
+        var sizeBytes: UInt64 { UInt64(bytes.count) }
+        func write(offset: UInt64, _ data: [UInt8]) throws(GeminusError) {
+            writes += 1
+            bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
+        }
+        func zeroAll() throws(GeminusError) { bytes = [UInt8](repeating: 0, count: bytes.count) }
+        func sync() throws(GeminusError) {}
+    }
+
+    static func block(_ seed: UInt8, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: Int(seed) &* 31 &+ $0) } }
+
+    @Test func writesLandOnlyAtTheirEpochsCommitAndAFullEpochReplacesTheDisk() throws {
+        let disk = MemoryDisk(size: 1 << 20)
+        let p = try Pipeline(disk: disk)
+        // Full: memory plus two stretches of the disk; the rest must read as zero afterwards.
+        var frames = try fullFrames(p, writes: [])
+        #expect(try p.deliver(frames)?.isCommitted == true)  // a full epoch with no writes: the whole disk is zero
+        #expect(disk.bytes.allSatisfy { $0 == 0 }, "a full epoch of an all-zero disk left old bytes")
+
+        // A delta with writes, one of them larger than a frame (split into records), delivered
+        // without its end record: the disk is untouched.
+        let big = Self.block(3, 200_000)
+        frames = try framesWith(p, writes: [DiskWrite(offset: 4096, data: Self.block(1, 512)), DiskWrite(offset: 300_000, data: big)])
+        #expect(frames.count > 4, "the 200 KB write should span several 64 KiB frames")
+        let early = try p.deliver(Array(frames.dropLast()))
+        #expect(early == .staged, "\(String(describing: early))")
+        #expect(disk.bytes.allSatisfy { $0 == 0 }, "disk written before the epoch committed")
+        let verdict1 = try p.deliver([frames.last!])
+        #expect(verdict1?.isCommitted == true, "\(String(describing: verdict1))")
+        #expect(Array(disk.bytes[4096..<4608]).elementsEqual(Self.block(1, 512)))
+        #expect(disk.bytes[300_000..<500_000].elementsEqual(big))
+
+        // A torn epoch (the link drops before its end): its writes never land.
+        let torn = try framesWith(p, writes: [DiskWrite(offset: 0, data: Self.block(9, 4096))])
+        #expect(try p.deliver(Array(torn.dropLast())) == .staged)
+        _ = p.replica.abandonStaging(reason: .torn)
+        #expect(disk.bytes[0..<4096].allSatisfy { $0 == 0 }, "a torn epoch's write reached the disk")
+        #expect(p.replica.committedEpoch == Epoch(2))
+
+        // Full again: the replica becomes exactly the primary's stretches, nothing older survives.
+        frames = try fullFrames(p, writes: [DiskWrite(offset: 65536, data: Self.block(5, 65536))])
+        #expect(try p.deliver(frames)?.isCommitted == true)
+        #expect(disk.bytes[65536..<131072].elementsEqual(Self.block(5, 65536)))
+        #expect(disk.bytes[0..<65536].allSatisfy { $0 == 0 } && disk.bytes[131072...].allSatisfy { $0 == 0 })
+    }
+
+    @Test func aStandbyWithoutADiskRefusesWritesAndWithOneRefusesAFullEpochWithout() throws {
+        let noDisk = try Pipeline()
+        guard case .rejected(_, .geometryMismatch, let why)? = try noDisk.deliver(fullFrames(noDisk, writes: [], diskSize: 1 << 20)) else {
+            Issue.record("a primary with a disk was not refused by a standby without one")
+            return
+        }
+        #expect(why.contains("has none"))
+
+        let withDisk = try Pipeline(disk: MemoryDisk(size: 4096))
+        guard case .rejected(_, .geometryMismatch, let why2)? = try withDisk.deliver(withDisk.nextEpochFrames(steps: 0, full: true)) else {
+            Issue.record("a primary without a disk was not refused by a standby with one")
+            return
+        }
+        #expect(why2.contains("none"))
+        #expect(try withDisk.deliver(fullFrames(withDisk, writes: [], diskSize: 4096))?.isCommitted == true)
+        // Beyond the disk's end.
+        let beyond = try framesWith(withDisk, writes: [DiskWrite(offset: 4000, data: [UInt8](repeating: 1, count: 200))], diskSize: 4096)
+        guard case .rejected(_, .geometryMismatch, _)? = try withDisk.deliver(beyond) else {
+            Issue.record("a write beyond the replica disk was not refused")
+            return
+        }
+    }
+
+    /// A full epoch of `p` carrying `writes` as its disk.
+    func fullFrames(_ p: Pipeline, writes: [DiskWrite], diskSize: UInt64 = 1 << 20) throws -> [[UInt8]] {
+        try p.guest.capture(full: true, into: p.buffer)
+        p.buffer.diskWrites = writes
+        p.buffer.diskSizeBytes = diskSize
+        p.epoch = p.epoch.next
+        var frames: [[UInt8]] = []
+        _ = p.encoder.encode(p.buffer, epoch: p.epoch, generation: p.generation, baseEpoch: .none) { frames.append($0) }
+        p.lastSent = p.epoch
+        return frames
+    }
+
+    /// The next delta epoch of `p` with `writes` added to its capture.
+    func framesWith(_ p: Pipeline, writes: [DiskWrite], diskSize: UInt64 = 1 << 20) throws -> [[UInt8]] {
+        _ = p.guest.step()
+        try p.guest.capture(full: false, into: p.buffer)
+        p.buffer.diskWrites = writes
+        p.buffer.diskSizeBytes = diskSize
+        p.epoch = p.epoch.next
+        var frames: [[UInt8]] = []
+        _ = p.encoder.encode(p.buffer, epoch: p.epoch, generation: p.generation, baseEpoch: p.lastSent) { frames.append($0) }
+        p.lastSent = p.epoch
+        return frames
+    }
+}
