@@ -187,7 +187,7 @@ public final class SecondaryAgent: @unchecked Sendable {
             wait = .zero
             framesReceived += 1
             switch frame.kind {
-            case .epochBegin, .pages, .deviceState, .epochEnd:
+            case .epochBegin, .pages, .deviceState, .diskWrites, .epochEnd:
                 handle(replica.accept(frame))
             case .handover:
                 logger.notice("the primary hands \(settings.vmName) over at checkpoint \(frame.epoch)")

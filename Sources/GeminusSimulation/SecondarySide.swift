@@ -117,7 +117,7 @@ extension PairSimulator {
                 }
                 secondaryPerform(s.machine.handle(.heardFromPrimary(nowNanos: now)), s)
                 switch frame.kind {
-                case .epochBegin, .pages, .deviceState, .epochEnd:
+                case .epochBegin, .pages, .deviceState, .diskWrites, .epochEnd:
                     touched = true
                     noteOutcome(s.replica.accept(frame), s)
                 case .heartbeat:
