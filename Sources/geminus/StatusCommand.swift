@@ -70,7 +70,7 @@ struct Status: ParsableCommand {
                 + "  pause p50 \(ms("pauseMicros", "p50")) ms p99 \(ms("pauseMicros", "p99")) ms  commit lag p50 \(ms("commitMicros", "p50")) ms"
                 + "  held output \(s["heldPackets"] ?? 0) packets \(s["heldBytes"] ?? 0)/\(s["outputLimitBytes"] ?? "?") bytes"
                 + ((s["outputStalls"] as? Int ?? 0) > 0 ? " (guest paused for a full buffer \(s["outputStalls"]!) times, \(s["outputStallMillis"] ?? 0) ms\((s["pausedForOutput"] as? Bool ?? false) ? ", PAUSED NOW" : ""))" : "")
-                + "  peer \(s["peer"] ?? "none") \((s["linkUp"] as? Bool ?? false) ? "up" : "DOWN")" + guest + ((s["nic"] as? String).map { "  nic \($0)" } ?? "")
+                + "  peer \(s["peer"] ?? "none") \((s["linkUp"] as? Bool ?? false) ? "up" : "DOWN")" + guest + ((s["nic"] as? String).map { "  nic \($0)" } ?? "") + ((s["disk"] as? String).map { "  disk \($0)" } ?? "")
         case "secondary":
             let rejections = (s["rejections"] as? [String: Int] ?? [:]).map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", ")
             return "\(vm)  secondary  \(state)  generation \(s["generation"] ?? "?")  committed \(s["committed"] ?? 0)  counter \(s["counter"] ?? 0)"
