@@ -91,29 +91,7 @@ public final class GuestNIC: @unchecked Sendable {
     /// QEMU's connection when it comes.
     public init(_ setup: NICSetup) throws(GeminusError) {
         self.setup = setup
-        var a = sockaddr_un()
-        a.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(setup.socketPath.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: a.sun_path) else {
-            throw GeminusError(.invalidArgument, "NIC socket path too long (at most 107 bytes): \(setup.socketPath)", fix: "use a shorter TMPDIR for the agent")
-        }
-        withUnsafeMutableBytes(of: &a.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard s >= 0 else { throw GeminusError(.resourceExhausted, "cannot create a unix socket: \(String(cString: strerror(errno)))") }
-        unlink(setup.socketPath)
-        let bound = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0, listen(s, 1) == 0 else {
-            let e = errno
-            close(s)
-            throw GeminusError(.io, "cannot listen on the NIC socket \(setup.socketPath): \(String(cString: strerror(e)))")
-        }
-        chmod(setup.socketPath, 0o600)
-        listener = s
+        listener = try UnixSocket.listen(path: setup.socketPath, what: "the NIC socket")
         let t = Thread { [weak self] in self?.acceptQEMU() }
         t.name = "geminus-nic-accept"
         t.start()
@@ -125,12 +103,7 @@ public final class GuestNIC: @unchecked Sendable {
     }
 
     private func acceptQEMU() {
-        while !lock.withLock({ closed }) {
-            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 100) > 0 else { continue }
-            let fd = accept(listener, nil, nil)
-            guard fd >= 0 else { continue }
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        if let fd = UnixSocket.accept(listener, keepWaiting: { !lock.withLock { closed } }) {
             var size: Int32 = 4 << 20
             _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
             _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
@@ -144,7 +117,6 @@ public final class GuestNIC: @unchecked Sendable {
                 self.pump = pump
                 if let port { pump.attach(port) }
             }
-            return
         }
     }
 

@@ -38,29 +38,7 @@ public final class NBDExport: @unchecked Sendable {
         self.socketPath = socketPath
         self.diskPath = diskPath
         self.sizeBytes = sizeBytes
-        var a = sockaddr_un()
-        a.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(socketPath.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: a.sun_path) else {
-            throw GeminusError(.invalidArgument, "disk export socket path too long (at most 107 bytes): \(socketPath)", fix: "use a shorter TMPDIR for the agent")
-        }
-        withUnsafeMutableBytes(of: &a.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard s >= 0 else { throw GeminusError(.resourceExhausted, "cannot create a unix socket: \(String(cString: strerror(errno)))") }
-        unlink(socketPath)
-        let bound = withUnsafePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard bound == 0, listen(s, 1) == 0 else {
-            let e = errno
-            close(s)
-            throw GeminusError(.io, "cannot listen on the disk export socket \(socketPath): \(String(cString: strerror(e)))")
-        }
-        chmod(socketPath, 0o600)
-        listener = s
+        listener = try UnixSocket.listen(path: socketPath, what: "the disk export socket")
         let t = Thread { [weak self] in self?.serve() }
         t.name = "geminus-nbd-export"
         t.start()
@@ -110,12 +88,7 @@ public final class NBDExport: @unchecked Sendable {
     private static let transmissionFlags: UInt16 = 0x0001 | 0x0004
 
     private func serve() {
-        while !lock.withLock({ closed }) {
-            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-            guard poll(&p, 1, 100) > 0 else { continue }
-            let fd = accept(listener, nil, nil)
-            guard fd >= 0 else { continue }
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        while let fd = UnixSocket.accept(listener, keepWaiting: { !lock.withLock { closed } }) {
             lock.withLock { client = fd }
             let reason = session(fd)
             lock.withLock {

@@ -27,18 +27,57 @@ enum UnixSocket {
     }
 
     private static func attempt(_ s: Int32, path: String) -> Bool {
+        guard var addr = address(path) else { errno = ENAMETOOLONG; return false }
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
+        }
+    }
+
+    /// The address of `path`, or nil when it is too long for a unix socket (107 bytes).
+    static func address(_ path: String) -> sockaddr_un? {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        guard bytes.count < capacity else { errno = ENAMETOOLONG; return false }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
         withUnsafeMutableBytes(of: &addr.sun_path) { raw in
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
-        let len = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
-        return withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, len) == 0 }
+        return addr
+    }
+
+    /// A close-on-exec stream socket listening at `path` (a stale file is replaced), mode 0600:
+    /// where a QEMU we start connects to us (a NIC backend, a disk mirror). `what` names it.
+    static func listen(path: String, what: String) throws(GeminusError) -> Int32 {
+        guard var addr = address(path) else {
+            throw GeminusError(.invalidArgument, "\(what) path too long (at most 107 bytes): \(path)", fix: "use a shorter TMPDIR for the agent")
         }
+        let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard s >= 0 else { throw GeminusError(.resourceExhausted, "cannot create a unix socket: \(String(cString: strerror(errno)))") }
+        unlink(path)
+        let bound = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, Glibc.listen(s, 1) == 0 else {
+            let e = errno
+            close(s)
+            throw GeminusError(.io, "cannot listen on \(what) \(path): \(String(cString: strerror(e)))")
+        }
+        chmod(path, 0o600)
+        return s
+    }
+
+    /// Waits for the next connection on `listener`, looking every 100 ms whether to go on;
+    /// nil once `keepWaiting` says no. The connection is close-on-exec.
+    static func accept(_ listener: Int32, keepWaiting: () -> Bool) -> Int32? {
+        while keepWaiting() {
+            var p = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            guard poll(&p, 1, 100) > 0 else { continue }
+            let fd = Glibc.accept(listener, nil, nil)
+            guard fd >= 0 else { continue }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            return fd
+        }
+        return nil
     }
 }
