@@ -121,9 +121,6 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     /// Whether output is held for a secondary (a replicated disk keeps its writes only then).
     public var isHolding: Bool { queue.withLock { $0.mode == .holding } }
 
-    /// Whether the held bytes reached the limit: the guest's next output would be refused.
-    public var isFull: Bool { queue.withLock { $0.heldBytes >= $0.limitBytes } }
-
     public struct Snapshot: Sendable {
         public var heldCount: Int
         public var heldBytes: Int

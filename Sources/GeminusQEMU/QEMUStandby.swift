@@ -194,6 +194,12 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
             throw GeminusError(.invalidArgument, "replica memory has \(memory.pageCount) pages, the standby QEMU \(config.pageCount)")
         }
         guard !deviceState.isEmpty else { throw GeminusError(.invalidArgument, "no committed device state to resume from") }
+        // The replica disk becomes the running guest's disk: mirrored from here once this host
+        // protects it onto the other (its first full checkpoint carries the whole disk). Its
+        // export starts before the guest runs, so nothing can fail after `cont`.
+        let disk = try config.disk.map { d throws(GeminusError) in try ReplicatedDisk(d) }
+        var started = false
+        defer { if !started { disk?.stop() } }
         var t = ResumeTimings()
         t.hot = standbyProcess?.isRunning == true && standbyQMP?.state != .closed
 
@@ -248,9 +254,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         standbySerial = nil
         let nic = standbyNIC
         standbyNIC = nil
-        // The replica disk is now the running guest's disk: mirrored from here once this host
-        // protects it onto the other (its first full checkpoint carries the whole disk).
-        let disk = try config.disk.map { d throws(GeminusError) in try ReplicatedDisk(d) }
+        started = true
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: process.pid, ramFilePath: config.ramFilePath, fallback: trackingFallback)
         return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic, disk: disk)
     }

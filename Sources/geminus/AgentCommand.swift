@@ -158,7 +158,7 @@ struct Agent: ParsableCommand {
     func qemuConfig(_ role: String) -> QEMUGuestConfig {
         var c = QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
         // The serial console is the guest's output: held until its checkpoint is acknowledged
-        // and sent to --output-sink like any packet (the test guest has no network device).
+        // and sent to --output-sink like any packet; so is its NIC's (--nic-bridge).
         c.serialSocketPath = c.serialLogPath + ".sock"
         if nicBridge != nil { c.addNIC(mac: guestMAC) }
         if let n = diskMib {
@@ -169,8 +169,6 @@ struct Agent: ParsableCommand {
         return c
     }
 
-    /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
-    /// critical and counted in the events, the VM stays protected (the missed pages are sent).
     /// The guest NIC's MAC: the same on both hosts (the resumed guest keeps its device state).
     var guestMAC: MACAddress { nicMac.flatMap { MACAddress($0) } ?? MACAddress.derived(from: vm) }
 
@@ -182,6 +180,8 @@ struct Agent: ParsableCommand {
         return n
     }
 
+    /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
+    /// critical and counted in the events, the VM stays protected (the missed pages are sent).
     func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
         DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
             logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
