@@ -31,6 +31,8 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
         case vdpa = "vdpa"
         case hostdev = "hostdev"
         case sharedMemoryDevice = "shmem"
+        /// A writable disk: a libvirt domain's disks are not replicated (docs/DISKS.md).
+        case unreplicatedDisk = "unreplicated-disk"
         /// No private QMP socket for the agent in <qemu:commandline>.
         case privateQMP = "private-qmp"
     }
@@ -239,7 +241,15 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
             case "vhostvdpa":
                 add(.vdpa, "disk\(target) is vDPA: the device writes guest RAM by DMA",
                     "attach the storage as a file, block or network disk served by QEMU instead of type 'vhostvdpa'")
-            default: break
+            default:
+                // Geminus replicates the disks of a QEMU it starts (--disk-mib), not yet a
+                // libvirt domain's: after a failover the standby would run on its own copy (not
+                // the committed state) or, on shared storage, on writes of epochs never committed.
+                let device = d.attr("device") ?? "disk"
+                if device == "disk" && d.child("readonly") == nil {
+                    add(.unreplicatedDisk, "disk\(target) is writable, and Geminus does not replicate a libvirt domain's disks yet: after a failover the standby would run on a disk that does not match its memory (its own copy, or shared storage holding writes of epochs that were never committed)",
+                        "make the disk read-only (<readonly/>), or protect the VM with `geminus ha` (restart from its disk) instead of CA; a QEMU guest the agent starts can have a replicated disk (--disk-mib, docs/DISKS.md)")
+                }
             }
         }
         for f in devices?.children("filesystem") ?? [] where f.child("driver")?.attr("type") == "virtiofs" {

@@ -26,6 +26,7 @@ import GeminusCore
           <driver name='qemu' type='qcow2'/>
           <source file='/var/lib/libvirt/images/billing-1.qcow2'/>
           <target dev='vda' bus='virtio'/>
+          <readonly/>
         </disk>
         <interface type='network'>
           <mac address='52:54:00:12:34:56'/>
@@ -171,6 +172,21 @@ import GeminusCore
         #expect(c.problems[0].fix.contains("instead of type 'vhostuser'"))
         #expect(c.problems[1].message.contains("disk vdb"))
         #expect(c.problems[2].message.contains("virtiofs"))
+    }
+
+    /// A libvirt domain's disks are not replicated: a writable one is refused at enrolment with
+    /// the ways out; read-only disks and CD-ROMs pass.
+    @Test func writableDisksAreRefusedReadOnlyOnesPass() {
+        let xml = Self.variant("<memballoon model='none'/>", """
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/var/lib/libvirt/images/data.raw'/><target dev='vdb' bus='virtio'/></disk>
+            <disk type='file' device='cdrom'><source file='/srv/boot.iso'/><target dev='sda' bus='sata'/><readonly/></disk>
+            <memballoon model='none'/>
+            """)
+        let c = CAEnrollmentCheck(xml: xml)
+        #expect(c.problems.map(\.code) == [.unreplicatedDisk])
+        #expect(c.problems.first?.message.contains("disk vdb is writable") == true)
+        #expect(c.problems.first?.fix.contains("<readonly/>") == true)
+        #expect(c.problems.first?.fix.contains("geminus ha") == true)
     }
 
     @Test func hostdevAndVdpaAreRefused() {
