@@ -15,12 +15,14 @@ struct CAPartitionTests {
         try runPartitionTest(["--repeat", "2"], expectCases: 22, within: 300)
     }
 
-    /// Issue 5, promise S2 through a real NIC: the guest sends numbered UDP packets to an
-    /// observer; its primary host is SIGKILLed at random moments 20 times in a row (each time
-    /// the other host takes over and the killed one comes back as secondary). Every takeover
-    /// resumed at least as far as any packet seen, none seen twice or out of order, replies
-    /// resume after each takeover. Then a flood into a 2 KiB output buffer: nothing lost, the
-    /// guest paused instead, and `geminus status` says so.
+    /// Issue 5, promise S2 through a real NIC and disk: the guest sends numbered UDP packets to
+    /// an observer and writes numbered blocks to its replicated disk, reading each back before
+    /// overwriting it; its primary host is SIGKILLed at random moments 20 times in a row (each
+    /// time the other host takes over and the killed one comes back as secondary). Every
+    /// takeover resumed at least as far as any packet seen, none seen twice or out of order,
+    /// replies resume after each takeover, every block read back was the committed one. Then a
+    /// flood into a 2 KiB output buffer: nothing lost, the guest paused instead, and `geminus
+    /// status` says so.
     @Test func networkOutputIsCommittedThroughTwentyKillsAndAFullBuffer() throws {
         try runPartitionTest(["--cases", "nic-kills,nic-backpressure", "--repeat", "1"], expectCases: 2, within: 240)
     }
