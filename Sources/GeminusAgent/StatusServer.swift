@@ -53,7 +53,7 @@ public final class StatusServer: @unchecked Sendable {
         self.status = status
         let dir = (path as NSString).deletingLastPathComponent
         mkdir(dir, 0o755)
-        guard var addr = Self.unixAddress(path) else {
+        guard var addr = unixSocketAddress(path) else {
             throw GeminusError(.invalidArgument, "status socket path \(path) is too long for a unix socket", fix: "choose a shorter --status-socket")
         }
         // A socket file left by an agent that died is in the way; one that answers is not ours
@@ -126,19 +126,6 @@ public final class StatusServer: @unchecked Sendable {
         return Request(rawValue: String(decoding: line, as: UTF8.self).trimmingCharacters(in: .whitespaces))
     }
 
-    /// The socket address for `path`, or nil when the path does not fit in one.
-    static func unixAddress(_ path: String) -> sockaddr_un? {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return addr
-    }
-
     /// Sends `request` to one agent and reads its JSON answer, or nil if nothing answers in time.
     public static func query(path: String, request: Request = .status, timeoutMillis: Int = 1000) -> [String: Any]? {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -146,7 +133,7 @@ public final class StatusServer: @unchecked Sendable {
         defer { Glibc.close(fd) }
         var tv = timeval(tv_sec: timeoutMillis / 1000, tv_usec: (timeoutMillis % 1000) * 1000)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        guard var addr = unixAddress(path) else { return nil }
+        guard var addr = unixSocketAddress(path) else { return nil }
         let connected = withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }

@@ -27,29 +27,16 @@ enum UnixSocket {
     }
 
     private static func attempt(_ s: Int32, path: String) -> Bool {
-        guard var addr = address(path) else { errno = ENAMETOOLONG; return false }
+        guard var addr = unixSocketAddress(path) else { errno = ENAMETOOLONG; return false }
         return withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
     }
 
-    /// The address of `path`, or nil when it is too long for a unix socket (107 bytes).
-    static func address(_ path: String) -> sockaddr_un? {
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { return nil }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return addr
-    }
-
     /// A close-on-exec stream socket listening at `path` (a stale file is replaced), mode 0600:
     /// where a QEMU we start connects to us (a NIC backend, a disk mirror). `what` names it.
     static func listen(path: String, what: String) throws(GeminusError) -> Int32 {
-        guard var addr = address(path) else {
+        guard var addr = unixSocketAddress(path) else {
             throw GeminusError(.invalidArgument, "\(what) path too long (at most 107 bytes): \(path)", fix: "use a shorter TMPDIR for the agent")
         }
         let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
