@@ -33,9 +33,12 @@ final class DeviceOutputPump: @unchecked Sendable {
     private var waitingBytes = 0
     private let maxWaitingBytes: Int
     private var closed = false
-    private(set) var unitsOffered = 0
+    // Counted under the lock by the pump's thread; read from others (status, drain).
+    private var _unitsOffered = 0
+    private var _waitingCapHits = 0
+    var unitsOffered: Int { lock.withLock { _unitsOffered } }
     /// Times the reading stopped because `maxWaitingBytes` were waiting.
-    private(set) var waitingCapHits = 0
+    var waitingCapHits: Int { lock.withLock { _waitingCapHits } }
 
     /// Takes over `fd` (closed with the pump) and starts the thread that moves units.
     init(fd: Int32, threadName: String, maxWaitingBytes: Int = 0, read: @escaping Reader, offer: @escaping Offer) {
@@ -84,7 +87,7 @@ final class DeviceOutputPump: @unchecked Sendable {
             guard offer(port, unit) else { break }
             waiting.removeFirst()
             waitingBytes -= unit.count
-            unitsOffered += 1
+            _unitsOffered += 1
             moved = true
         }
         while waitingBytes <= maxWaitingBytes && (waiting.isEmpty || maxWaitingBytes > 0) {
@@ -93,14 +96,14 @@ final class DeviceOutputPump: @unchecked Sendable {
             moved = true
             for unit in units {
                 if waiting.isEmpty && offer(port, unit) {
-                    unitsOffered += 1
+                    _unitsOffered += 1
                 } else {
                     waiting.append(unit)
                     waitingBytes += unit.count
                 }
             }
         }
-        if waitingBytes > maxWaitingBytes && maxWaitingBytes > 0 { waitingCapHits += 1 }
+        if waitingBytes > maxWaitingBytes && maxWaitingBytes > 0 { _waitingCapHits += 1 }
         return moved
     }
 }

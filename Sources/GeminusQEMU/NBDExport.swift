@@ -32,7 +32,8 @@ public final class NBDExport: @unchecked Sendable {
     private var client: Int32 = -1
     private var _connected = false
     private var _lost: String?
-    public private(set) var writesReceived = 0
+    private var _writesReceived = 0
+    public var writesReceived: Int { lock.withLock { _writesReceived } }
 
     public init(socketPath: String, diskPath: String, sizeBytes: UInt64) throws(GeminusError) {
         self.socketPath = socketPath
@@ -109,7 +110,7 @@ public final class NBDExport: @unchecked Sendable {
         // Option haggling.
         while true {
             guard let magic = c.get64(), magic == Self.optMagic, let option = c.get32(), let length = c.get32(),
-                  length <= 4096, let data = c.get(Int(length)) else { return "bad option from the client" }
+                  length <= 4096, c.get(Int(length)) != nil else { return "bad option from the client" }
             switch option {
             case 1:  // EXPORT_NAME: no reply header; size, flags, then transmission
                 guard c.put64(sizeBytes), c.put16(Self.transmissionFlags), noZeroes || c.put([UInt8](repeating: 0, count: 124)) else { return "client gone" }
@@ -121,7 +122,6 @@ public final class NBDExport: @unchecked Sendable {
                 Conn.append16(&info, Self.transmissionFlags)
                 guard optionReply(&c, option, 3, info), optionReply(&c, option, 1, []) else { return "client gone" }
                 if option == 7 { return transmission(&c) }
-                _ = data
             case 2:  // ABORT
                 _ = optionReply(&c, option, 1, [])
                 return "the client aborted the handshake"
@@ -176,7 +176,7 @@ public final class NBDExport: @unchecked Sendable {
     private func record(_ w: DiskWrite) {
         lock.lock()
         defer { lock.unlock() }
-        writesReceived += 1
+        _writesReceived += 1
         guard collecting() else {
             pending = []
             pendingBytes = 0
