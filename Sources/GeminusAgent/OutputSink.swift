@@ -133,10 +133,11 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
     }
 
     public var snapshot: Snapshot {
-        queue.withLock { q in
+        let sent = network?.counters
+        return queue.withLock { q in
             Snapshot(heldCount: q.heldCount, heldBytes: q.heldBytes, fullRefusals: q.fullRefusals,
                      released: q.releasedCount, holding: q.mode == .holding,
-                     framesSent: network?.counters.sent ?? 0, frameSendFailures: network?.counters.sendFailures ?? 0)
+                     framesSent: sent?.sent ?? 0, frameSendFailures: sent?.sendFailures ?? 0)
         }
     }
 }

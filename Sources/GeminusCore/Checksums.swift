@@ -43,6 +43,13 @@ public struct ContentDigest: ~Copyable {
         XXH3_64bits_update(state, contents, GuestPage.size)
     }
 
+    /// One disk write record: its offset (little-endian u64), then its data.
+    public mutating func addDiskWrite(offset: UInt64, data: UnsafeRawBufferPointer) {
+        var le = offset.littleEndian
+        withUnsafeBytes(of: &le) { add($0) }
+        add(data)
+    }
+
     public mutating func add(_ data: UnsafeRawBufferPointer) {
         guard let base = data.baseAddress, data.count > 0 else { return }
         XXH3_64bits_update(state, base, data.count)

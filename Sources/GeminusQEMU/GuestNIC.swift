@@ -80,6 +80,7 @@ public final class GuestNIC: @unchecked Sendable {
     public let setup: NICSetup
     private let listener: Int32
     private let lock = NSLock()
+    private let sendLock = NSLock()
     private var pump: DeviceOutputPump?
     private var port: (any GuestOutputPort)?
     private var connected: Int32 = -1
@@ -169,35 +170,30 @@ public final class GuestNIC: @unchecked Sendable {
     public func drain() { lock.withLock { pump }?.drain() }
 
     /// A frame from the network for the guest: sent to QEMU now, never held (input needs no commit).
+    /// Written under its own lock: a slow write must not hold up `drain` and `isStalled`, which
+    /// the checkpoint pause waits on.
     public func deliver(_ frame: [UInt8]) {
-        lock.lock()
-        defer { lock.unlock() }
-        guard connected >= 0, !closed else {
-            _deliveryDrops += 1
-            return
-        }
-        // Whole frames only: a partial write would break the stream's framing.
+        let fd: Int32? = lock.withLock { connected >= 0 && !closed ? connected : nil }
+        let sent = fd.map { fd in sendLock.withLock { Self.writeWhole(frame, to: fd) } } ?? false
+        lock.withLock { if sent { _delivered += 1 } else { _deliveryDrops += 1 } }
+    }
+
+    /// One length-prefixed frame, whole or not at all (a partial write would break the stream's
+    /// framing); false when 1 MiB is already queued towards QEMU or the socket failed.
+    private static func writeWhole(_ frame: [UInt8], to fd: Int32) -> Bool {
         var queued: Int32 = 0
-        if ioctl(connected, UInt(TIOCOUTQ), &queued) == 0 && Int(queued) + frame.count + 4 > Self.maxQueuedTowardsGuest {
-            _deliveryDrops += 1
-            return
-        }
+        if ioctl(fd, UInt(TIOCOUTQ), &queued) == 0 && Int(queued) + frame.count + 4 > maxQueuedTowardsGuest { return false }
         let n = UInt32(frame.count)
-        var bytes: [UInt8] = [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)]
-        bytes += frame
+        let bytes: [UInt8] = [UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)] + frame
         var off = 0
         while off < bytes.count {
-            let w = bytes[off...].withUnsafeBytes { send(connected, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            let w = bytes[off...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
             if w > 0 { off += w; continue }
-            if w < 0 && (errno == EAGAIN || errno == EINTR) {
-                var p = pollfd(fd: connected, events: Int16(POLLOUT), revents: 0)
-                _ = poll(&p, 1, 10)
-                continue
-            }
-            _deliveryDrops += 1
-            return
+            guard w < 0 && (errno == EAGAIN || errno == EINTR) else { return false }
+            var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            _ = poll(&p, 1, 10)
         }
-        _delivered += 1
+        return true
     }
 
     public func stop() {

@@ -59,7 +59,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         var r = checkpointer.dirtyPageReport.merging(["guest": "qemu"]) { _, new in new }
         if let nic {
             let input = nic.framesIn
-            r["nic"] = "\(nic.setup.mac) frames out \(nic.framesOut), in \(input.delivered), in dropped \(input.dropped)\(nic.isStalled ? ", STALLED on a full output buffer" : "")"
+            r["nic"] = "\(nic.setup.mac) frames out \(nic.framesOut), in \(input.delivered), in dropped \(input.dropped)\(nic.waitingCapHits > 0 ? ", reading stopped \(nic.waitingCapHits) times at the \(GuestNIC.maxWaitingBytes >> 20) MiB cap" : "")\(nic.isStalled ? ", STALLED on a full output buffer" : "")"
         }
         if let disk {
             r["disk"] = "\(disk.setup.sizeBytes >> 20) MiB, mirror \(disk.export.isConnected ? "connected" : disk.export.lost.map { "LOST (\($0))" } ?? "not started"), \(disk.export.writesReceived) writes"
@@ -91,18 +91,20 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
                               finder: any DirtyPageFinder = ShadowCompareFinder()) throws(GeminusError) -> QEMUGuest {
         precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
         unlink(config.ramFilePath)
-        let nic = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
-        let disk: ReplicatedDisk?
+        // The NIC's socket and the disk's export listen before QEMU starts and connects.
+        var nic: GuestNIC?
+        var disk: ReplicatedDisk?
         let process: QEMUProcess
         do throws(GeminusError) {
-            if let d = config.disk { try ReplicatedDisk.createEmpty(d) }
-            disk = try config.disk.map { d throws(GeminusError) in try ReplicatedDisk(d) }
-            do throws(GeminusError) { process = try QEMULauncher.start(config) } catch {
-                disk?.stop()
-                throw error
+            nic = try config.nic.map { n throws(GeminusError) in try GuestNIC(n) }
+            if let d = config.disk {
+                try ReplicatedDisk.createEmpty(d)
+                disk = try ReplicatedDisk(d)
             }
+            process = try QEMULauncher.start(config)
         } catch {
             nic?.stop()
+            disk?.stop()
             throw error
         }
         do throws(GeminusError) {

@@ -54,17 +54,17 @@ public struct QEMUGuestConfig: Sendable {
 
     /// Gives the guest a NIC with `mac`, its sockets beside the QMP socket.
     public mutating func addNIC(mac: MACAddress) {
-        let base = qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath
-        nic = NICSetup(mac: mac, socketPath: base + ".nic")
+        nic = NICSetup(mac: mac, socketPath: sideFileBase + ".nic")
     }
 
-    /// Gives the guest a raw disk of `sizeBytes` beside its RAM file's name, with its export
-    /// socket beside the QMP socket.
-    public mutating func addDisk(sizeBytes: UInt64, directory: String) {
-        let base = qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath
-        let name = (ramFilePath as NSString).lastPathComponent.replacingOccurrences(of: ".ram", with: ".disk")
-        disk = DiskSetup(path: "\(directory)/\(name)", sizeBytes: sizeBytes, exportSocketPath: base + ".nbd")
+    /// Gives the guest a raw disk of `sizeBytes`, the file and its export socket beside the QMP
+    /// socket.
+    public mutating func addDisk(sizeBytes: UInt64) {
+        disk = DiskSetup(path: sideFileBase + ".disk", sizeBytes: sizeBytes, exportSocketPath: sideFileBase + ".nbd")
     }
+
+    /// The QMP socket's path without `.qmp`: the NIC and disk files are named after it.
+    private var sideFileBase: String { qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath }
 
     /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
     /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).

@@ -1,3 +1,4 @@
+import CGeminusSupport
 import Foundation
 import GeminusCore
 #if canImport(Glibc)
@@ -21,7 +22,9 @@ public struct DiskSetup: Sendable, Equatable {
     /// Where the agent's NBD export listens for the mirror (primary).
     public var exportSocketPath: String
 
+    /// `sizeBytes` is a multiple of 4 KiB (the wire format carries it in 4 KiB units).
     public init(path: String, sizeBytes: UInt64, exportSocketPath: String) {
+        precondition(sizeBytes > 0 && sizeBytes % EpochBegin.diskUnitBytes == 0, "disk sizes are whole 4 KiB units")
         self.path = path
         self.sizeBytes = sizeBytes
         self.exportSocketPath = exportSocketPath
@@ -117,7 +120,9 @@ public final class ReplicatedDisk: @unchecked Sendable {
             let want = Int(min(UInt64(chunk), setup.sizeBytes - offset))
             let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, want, off_t(offset)) }
             guard n == want else { throw GeminusError(.io, "reading the disk \(setup.path) at \(offset) failed: \(n < 0 ? String(cString: strerror(errno)) : "short read")") }
-            if buffer[0..<want].contains(where: { $0 != 0 }) { out.append(DiskWrite(offset: offset, data: Array(buffer[0..<want]))) }
+            if buffer.withUnsafeBytes({ geminus_is_zero($0.baseAddress, want) }) == 0 {
+                out.append(DiskWrite(offset: offset, data: Array(buffer[0..<want])))
+            }
             offset += UInt64(want)
         }
         return out

@@ -161,10 +161,7 @@ struct Agent: ParsableCommand {
         // and sent to --output-sink like any packet; so is its NIC's (--nic-bridge).
         c.serialSocketPath = c.serialLogPath + ".sock"
         if nicBridge != nil { c.addNIC(mac: guestMAC) }
-        if let n = diskMib {
-            let dir = NSTemporaryDirectory().hasSuffix("/") ? String(NSTemporaryDirectory().dropLast()) : NSTemporaryDirectory()
-            c.addDisk(sizeBytes: UInt64(n) << 20, directory: dir)
-        }
+        if let n = diskMib { c.addDisk(sizeBytes: UInt64(n) << 20) }
         if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
         return c
     }

@@ -112,15 +112,13 @@ public final class CheckpointEncoder {
                     disk = ByteWriter(capacity: maxFramePayload)
                 }
                 let n = min(w.data.count - done, maxFramePayload - disk.bytes.count - DiskWrite.headerSize)
-                // The digest covers records as sent: the secondary stages each as one write.
-                var le = (w.offset + UInt64(done)).littleEndian
-                withUnsafeBytes(of: &le) { digest.add($0) }
                 disk.u64(w.offset + UInt64(done))
                 disk.u32(UInt32(n))
                 disk.u32(0)
                 w.data.withUnsafeBytes { slice in
                     let part = UnsafeRawBufferPointer(rebasing: slice[done..<done + n])
-                    digest.add(part)
+                    // The digest covers records as sent: the secondary stages each as one write.
+                    digest.addDiskWrite(offset: w.offset + UInt64(done), data: part)
                     disk.append(part)
                 }
                 done += n

@@ -78,14 +78,7 @@ public final class CheckpointBuffer: @unchecked Sendable {
         var d = ContentDigest()
         for i in pageIndices.indices { d.addPage(index: UInt64(pageIndices[i]), contents: contents(at: i)) }
         deviceState.withUnsafeBytes { d.add($0) }
-        for w in diskWrites { Self.addDiskWrite(w, to: &d) }
+        for w in diskWrites { w.data.withUnsafeBytes { d.addDiskWrite(offset: w.offset, data: $0) } }
         return d.value
-    }
-
-    /// A disk write's share of the digest: its offset (little-endian u64), then its data.
-    public static func addDiskWrite(_ w: DiskWrite, to d: inout ContentDigest) {
-        var le = w.offset.littleEndian
-        withUnsafeBytes(of: &le) { d.add($0) }
-        w.data.withUnsafeBytes { d.add($0) }
     }
 }
