@@ -79,12 +79,20 @@ let package = Package(
             // machines, encoder, decoder, replica and output queue over a simulated clock, link
             // and guest, with faults injected and the promises checked after every step.
             name: "GeminusSimulation",
-            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusReplication"]
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusReplication", "GeminusNode"]
+        ),
+        .target(
+            // One driver per role (`PrimaryNode`, `SecondaryNode`): the machines and every rule
+            // around them, over small seams (clock, peer link, dialer/acceptor, witness, lease,
+            // output destination). The agent and the simulator both step these.
+            name: "GeminusNode",
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusReplication",
+                           .product(name: "Histogram", package: "hdrhistogram-swift")]
         ),
         .target(
             name: "GeminusAgent",
             dependencies: [
-                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication", "GeminusCluster", "CGeminusSupport",
+                "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusReplication", "GeminusCluster", "CGeminusSupport", "GeminusNode",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
@@ -92,7 +100,7 @@ let package = Package(
         .executableTarget(
             name: "geminus",
             dependencies: [
-                "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
+                "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
                 "GeminusCluster", "GeminusHA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -143,7 +151,7 @@ let package = Package(
         .testTarget(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
-            dependencies: ["geminus", "GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest",
+            dependencies: ["geminus", "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest",
                            "GeminusCluster", "GeminusReplication"]
         ),
     ],

@@ -1,52 +1,14 @@
 import Foundation
 import GeminusCore
 import GeminusReplication
-import Logging
-
-/// The agents' seam to the pair's witness engine: the current view, and a way to ask the witness
-/// to record an announcement. `CorosyncWitnessLink` (geminus CLI) implements it on Corosync;
-/// tests implement it by hand. Called from several threads.
-public protocol WitnessLink: AnyObject, Sendable {
-    /// The latest view and a number that grows with every change (nil before the first one).
-    var current: (view: WitnessView, version: UInt64)? { get }
-    /// Asks the witness to record `record` (it answers in a later view's `record`).
-    func announce(_ record: WitnessRecord)
-    /// Asks the witness to record that this primary, of `generation`, stopped its guest for
-    /// good (it answers in a later view's `stoppedGeneration`). Said only after the stop.
-    func announceStopped(_ generation: Generation)
-    /// A primary keeps the ring lease: its state is republished every 100 ms, so that
-    /// `lastOwnDeliveryNanos` shows whether its node's ring still works.
-    func holdLease()
-    /// When the cluster last delivered one of this node's own messages (monotonic), if ever.
-    var lastOwnDeliveryNanos: UInt64? { get }
-}
-
-/// Feeds a machine only the views it has not seen.
-struct WitnessFeed {
-    private var version: UInt64?
-
-    mutating func next(from link: (any WitnessLink)?) -> WitnessView? {
-        guard let (view, v) = link?.current, v != version else { return nil }
-        version = v
-        return view
-    }
-
-    /// `next`, with each new view said in the log and the event stream (the agents' loops).
-    mutating func nextReported(from link: (any WitnessLink)?, logger: Logger, events: EventLog) -> WitnessView? {
-        guard let view = next(from: link) else { return nil }
-        logger.info("witness: \(view)")
-        events.emit("witness-view", ["quorate": view.quorate, "peerPresent": view.peerPresent, "witnessHeard": view.witnessHeard,
-                                     "stoppedGeneration": view.stoppedGeneration.map { Int($0.rawValue) } ?? NSNull()])
-        return view
-    }
-}
+import GeminusNode
 
 /// The primary's fence watch: its own thread runs `PrimaryLease` against the witness view every
 /// `tickNanos`, so a long capture or a stuck send in the epoch loop cannot delay a self-fence.
 /// On `.selfFence` it calls `fence` once (which must stop the guest for good and discard held
 /// output) and ends. While the primary holds the only copy (`PrimaryMachine.soleCopy`) nothing
 /// fences; `arm` ends that before a secondary is given a checkpoint.
-final class FenceWatch: @unchecked Sendable {
+final class FenceWatch: LeaseControl, @unchecked Sendable {
     private let lock = NSLock()
     private var stopped = false
     private var thread: Thread?

@@ -33,6 +33,15 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     var lastCaptureParts: CaptureParts? { get }
     var outputStalled: Bool { get }
     func drainOutput()
+    /// What a takeover report says about the guest just resumed (its process, its domain; a test
+    /// guest adds the output history its checkpoint stands behind). Read once, right after resume.
+    var takeoverFacts: [String: JSONValue] { get }
+    /// Where frames from the host's network for this guest go, if it has a NIC (wired after a
+    /// takeover, so the resumed guest answers at once).
+    var inboundFrames: (@Sendable ([UInt8]) -> Void)? { get }
+    /// A replicated disk records its writes (for the next checkpoint) only while `holding` says
+    /// output is held for a secondary; wired by whoever gives the guest its output port.
+    func collectDiskWrites(while holding: @escaping @Sendable () -> Bool)
 }
 
 /// The parts of one capture while the vCPUs were stopped.
@@ -61,6 +70,9 @@ extension ProtectedGuest {
     public var platform: GuestPlatform { GuestPlatform() }
     public var statusReport: [String: String] { [:] }
     public var lastCaptureParts: CaptureParts? { nil }
+    public var takeoverFacts: [String: JSONValue] { [:] }
+    public var inboundFrames: (@Sendable ([UInt8]) -> Void)? { nil }
+    public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {}
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is

@@ -20,6 +20,17 @@ public final class SimulatedVM: ProtectedGuest, @unchecked Sendable {
     public var pageCount: Int { guest.memory.pageCount }
     public var progressCounter: UInt64 { guest.memory.loadU64(at: SimulatedGuest.counterAddress) }
     public var statusReport: [String: String] { ["guest": "simulated"] }
+    /// For a guest resumed from a checkpoint: the output history that checkpoint stands behind,
+    /// read before the guest ran on (the demo checks the resumed guest against it).
+    public var resumedHistory: TestGuestHistory?
+
+    public var takeoverFacts: [String: JSONValue] {
+        guard let h = resumedHistory else { return [:] }
+        return ["outputSequence": .int(h.outputSequence),
+                "recentOutputs": .array(h.recent.map { .array([.int($0.sequence), .int($0.counter)]) }),
+                "pendingOutput": h.pendingSequence.map { .int($0) } ?? .null,
+                "seed": .int(guest.workload.seed)]
+    }
 
     /// Boots a new simulated guest (paused until `start`).
     public convenience init(workload: SimulatedWorkload, output: any GuestOutputPort) throws(GeminusError) {
@@ -127,7 +138,9 @@ public struct SimulatedStandbyHost: StandbyHost {
     public func checkHealth() -> [String: String] { ["guest": "simulated", "standby": "ready"] }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
+        let history = TestGuestHistory(memory: memory, deviceState: deviceState)
         let vm = try SimulatedVM(guest: SimulatedGuest(memory: memory, deviceState: deviceState), output: output)
+        vm.resumedHistory = history
         vm.start()
         return vm
     }

@@ -5,6 +5,7 @@ import GeminusCore
 import GeminusHypervisor
 import GeminusLibvirt
 import GeminusLibvirtGuest
+import GeminusNode
 import GeminusQEMU
 import GeminusReplication
 import Logging
@@ -312,7 +313,8 @@ struct Agent: ParsableCommand {
         if let carried = run.carried {
             (vm, port) = (carried.guest, carried.port)
         } else {
-            port = HeldOutputPort(limitBytes: outputLimitBytes, sink: output.sink, network: output.network, generation: run.generation, openEpoch: Epoch(1))
+            port = HeldOutputPort(limitBytes: outputLimitBytes, destination: AgentOutputDestination(sink: output.sink, network: output.network),
+                                  generation: run.generation, openEpoch: Epoch(1))
             vm = try startGuest(port: port, network: output.network, logger: logger, events: events)
         }
         // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
@@ -355,42 +357,21 @@ struct Agent: ParsableCommand {
         let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status, witness: arbitrated.1)
         stopper.onSignal { secondary.stop() }
         let limit = outputLimitBytes
-        let ports = PortBox()
-        guard let (takeover, guest) = secondary.run(deadlineNanos: deadline, output: { generation, epoch in
-            let p = HeldOutputPort(limitBytes: limit, sink: output.sink, network: output.network, generation: generation, openEpoch: epoch.next)
-            ports.port = p
-            return p
+        let destination = AgentOutputDestination(sink: output.sink, network: output.network)
+        guard let takeover = secondary.run(deadlineNanos: deadline, makePort: { generation, epoch in
+            HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
         }) else {
             cleanup()
             return false
         }
-        var report: [String: Any] = [
-            "fromEpoch": takeover.fromEpoch.rawValue, "generation": takeover.generation.rawValue,
-            "counter": takeover.counter, "resumeMicros": takeover.resumeMicros, "planned": takeover.planned,
-        ]
-        if let sim = guest as? SimulatedVM {
-            report["outputSequence"] = takeover.outputSequence
-            report["recentOutputs"] = takeover.recentOutputs.map { [$0.sequence, $0.counter] }
-            report["pendingOutput"] = takeover.pendingOutputSequence ?? NSNull()
-            report["seed"] = sim.guest.workload.seed
-        }
-        if let q = guest as? QEMUGuest {
-            report["guestPid"] = Int(q.process.pid)
-            if let p = ports.port { q.disk?.export.collect { [p] in p.isHolding } }
-            if let nic = q.nic {
-                output.network?.deliverInbound(to: { nic.deliver($0) })
-                report["announceMicros"] = ((standby as? QEMUStandby)?.lastResumeTimings?.announceNanos ?? 0) / 1000
-            }
-        }
-        if let l = guest as? LibvirtGuest {
-            report["guestPid"] = l.qemuPID.map { Int($0) } ?? NSNull()
-            report["domain"] = l.domainName
-        }
-        events.emit("took-over", report)
+        let guest = takeover.guest
+        guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
+        if let inbound = guest.inboundFrames { output.network?.deliverInbound(to: inbound) }
+        events.emit("took-over", takeover.report.mapValues(\.any))
         // Carry on as the primary, protected by --peer if given (after a planned switchover the
         // old primary follows there); otherwise the VM runs unprotected, reported loudly.
         status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
-        run = RoleRun(role: .primary, generation: takeover.generation, carried: (guest, ports.port!, takeover.fromEpoch),
+        run = RoleRun(role: .primary, generation: takeover.generation, carried: (guest, takeover.port, takeover.fromEpoch),
                       serial: run.serial + 1)
         return true
     }
@@ -434,9 +415,4 @@ final class StopOnSignal: @unchecked Sendable {
 struct OutputRoute {
     var sink: OutputSink?
     var network: HostNetwork?
-}
-
-/// Hands the output port created inside the takeover closure back to the caller.
-final class PortBox: @unchecked Sendable {
-    var port: HeldOutputPort?
 }

@@ -1,0 +1,17 @@
+import GeminusCore
+import GeminusHypervisor
+
+// What the hypervisor seam asks of a QEMU guest beyond the checkpoint cycle: a takeover's
+// report, the NIC's inbound path, and when its disk records writes.
+extension QEMUGuest {
+    public var takeoverFacts: [String: JSONValue] { ["guestPid": .int(Int(process.pid))] }
+
+    public var inboundFrames: (@Sendable ([UInt8]) -> Void)? {
+        guard let nic else { return nil }
+        return { nic.deliver($0) }
+    }
+
+    public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {
+        disk?.export.collect(while: holding)
+    }
+}
