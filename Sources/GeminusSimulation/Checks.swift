@@ -1,5 +1,6 @@
 import GeminusCore
 import GeminusHypervisor
+import GeminusNode
 import GeminusReplication
 
 /// The world outside the pair: every packet a client received, whichever copy sent it. Two
@@ -33,6 +34,7 @@ struct OutputObserver {
 extension PairSimulator {
     /// S2 at the moment output leaves the primary.
     func checkRelease(_ packet: OutputPacket, byPrimary p: PrimaryNode, held: Bool) {
+        let generation = p.generation
         if let earlier = observer.record(packet, from: .primary, held: held) {
             let message = "the primary released output #\(packet.sequence) (counter \(packet.counter)), but the \(earlier.source.rawValue) copy already sent #\(packet.sequence) with counter \(earlier.counter)"
             if splitBrainIsKnownGap { knownGap(.s2, message, onceAs: "s2-conflict") } else { violate(.s2, message, onceAs: "s2-conflict") }
@@ -42,7 +44,7 @@ extension PairSimulator {
             // acknowledged (the resumed guest stands behind it); anything beyond that history
             // is output the new primary will contradict.
             if packet.sequence > contained {
-                let message = "the deposed primary (generation \(p.machine.generation)) released output #\(packet.sequence), beyond #\(contained) that the resumed guest stands behind"
+                let message = "the deposed primary (generation \(generation)) released output #\(packet.sequence), beyond #\(contained) that the resumed guest stands behind"
                 if splitBrainIsKnownGap && !held { knownGap(.s2, message, onceAs: "s2-deposed") } else { violate(.s2, message, onceAs: "s2-deposed") }
             }
             return
@@ -64,34 +66,36 @@ extension PairSimulator {
     }
 
     /// S3 at a commit: the replica is the guest exactly as captured at that epoch.
-    func checkCommit(_ e: Epoch, _ stats: Replica.CommitStats, _ s: SecondaryNode) {
-        if s.commitsThisIncarnation == 1 && !stats.isFull {
+    func checkCommit(_ e: Epoch, isFull: Bool, _ s: SimSecondaryHost) {
+        guard let replica = s.replica else { return }
+        if s.commitsThisIncarnation == 1 && !isFull {
             violate(.s3, "the first checkpoint secondary incarnation \(s.incarnation) committed (epoch \(e)) was a delta, not a full epoch", onceAs: "s3-first-delta-\(s.incarnation)")
         }
         guard let cap = captured[e] else {
             violate(.s3, "the secondary committed epoch \(e), which the primary never captured", onceAs: "s3-uncaptured")
             return
         }
-        if digest(s.replica.memory) != cap.memoryDigest || digest(s.replica.committedDeviceState) != cap.deviceStateDigest {
+        if digest(replica.memory) != cap.memoryDigest || digest(replica.committedDeviceState) != cap.deviceStateDigest {
             violate(.s3, "after committing epoch \(e) the replica differs from the guest as captured at epoch \(e)", onceAs: "s3-commit")
         }
-        committedOutputHighWater = max(committedOutputHighWater, s.replica.memory.loadU64(at: SimulatedGuest.outputSequenceAddress))
+        committedOutputHighWater = max(committedOutputHighWater, replica.memory.loadU64(at: SimulatedGuest.outputSequenceAddress))
         // Commits only move forward, so older captures can never be needed again.
         captured = captured.filter { $0.key >= e }
     }
 
     /// S3 after any frame reached the replica: it still equals the last committed capture.
-    func checkReplica(_ s: SecondaryNode) {
-        let e = s.replica.committedEpoch
+    func checkReplica(_ s: SimSecondaryHost) {
+        guard let replica = s.replica else { return }
+        let e = replica.committedEpoch
         guard e != .none, let cap = captured[e] else { return }
-        if digest(s.replica.memory) != cap.memoryDigest || digest(s.replica.committedDeviceState) != cap.deviceStateDigest {
+        if digest(replica.memory) != cap.memoryDigest || digest(replica.committedDeviceState) != cap.deviceStateDigest {
             violate(.s3, "the replica no longer equals epoch \(e) as captured, though nothing newer was committed (a mix of epochs)", onceAs: "s3-mix")
         }
     }
 
     /// At the takeover: the resumed guest continues from the committed capture and stands
     /// behind every output released so far.
-    func checkTakeover(_ s: SecondaryNode, _ guest: SimulatedGuest, from: Epoch) {
+    func checkTakeover(_ s: SimSecondaryHost, _ guest: SimulatedGuest, from: Epoch) {
         if primary != nil && config.arbitration == .none {
             // The old primary still lives: without arbitration, an isolation fault explains it.
             let slack = config.secondary.takeoverAfterNanos + maxDelayToSecondary + 2 * config.heartbeatNanos
@@ -144,18 +148,25 @@ extension PairSimulator {
         return max(f.delayMinNanos, f.delayMaxNanos) + (f.reorderPerMillion > 0 ? 5_000_000 : 0) + 1_000_000
     }
 
+    /// A full epoch on the wire: every page raw with its record, the device state, and framing.
+    var maxEpochWireBytes: Int {
+        let pages = primaryPageCount
+        let frames = pages * GuestPage.size / config.maxFramePayload + 64
+        return pages * (GuestPage.size + PageRecordHeader.size) + (64 << 10) + frames * FrameHeader.size
+    }
+
     /// The checks that hold at every step.
     func checkAfterStep() {
         // S1: at most one running copy.
-        let primaryRuns = primary.map { $0.frozenUntilNanos == nil } ?? false
+        let primaryRuns = primary.map { !$0.isFrozen } ?? false
         if primaryRuns && isTakenOver {
-            let message = "two running copies: the old primary (generation \(primary!.machine.generation)) runs on after the secondary took over at \(formatMillis(takeoverAtNanos ?? 0).trimmed())"
+            let message = "two running copies: the old primary (generation \(primary!.generation)) runs on after the secondary took over at \(formatMillis(takeoverAtNanos ?? 0).trimmed())"
             if splitBrainIsKnownGap { knownGap(.s1, message, onceAs: "s1") } else { violate(.s1, message, onceAs: "s1") }
         }
         // L1: failover within its bound once the primary is lost.
         if let lost = primaryLostAtNanos, secondaryCouldResumeAtLoss, !isTakenOver, !cannotTakeOverReported,
            let s = secondary, s.incarnation == incarnationAtLoss {
-            if primary?.frozenUntilNanos == nil && primary != nil {
+            if primary.map({ !$0.isFrozen }) ?? false {
                 // It thawed before the secondary gave up on it: it was never lost for good.
                 primaryLostAtNanos = nil
             } else if let from = l1ClockStart(lost) {
@@ -172,20 +183,21 @@ extension PairSimulator {
             }
         }
         // Limits: nothing grows without bound.
-        if let p = primary {
-            if p.queue.heldBytes > config.outputLimitBytes + OutputPacket.size {
-                violate(.bounds, "output queue holds \(p.queue.heldBytes) bytes, limit \(config.outputLimitBytes)", onceAs: "bounds-output")
+        if let p = primary, let node = p.node {
+            let held = node.port.snapshot.heldBytes
+            if held > config.outputLimitBytes + OutputPacket.size {
+                violate(.bounds, "output queue holds \(held) bytes, limit \(config.outputLimitBytes)", onceAs: "bounds-output")
             }
-            let sendLimit = (config.primary.maxEpochsInFlight + 1) * p.maxEpochWireBytes
-            if p.sendQueueBytes > sendLimit {
-                violate(.bounds, "primary send queue holds \(p.sendQueueBytes) bytes, over \(sendLimit) (\(config.primary.maxEpochsInFlight + 1) full epochs)", onceAs: "bounds-send")
+            let sendLimit = (config.primary.maxEpochsInFlight + 1) * maxEpochWireBytes
+            if let l = p.link, l.sendQueueBytes > sendLimit {
+                violate(.bounds, "primary send queue holds \(l.sendQueueBytes) bytes, over \(sendLimit) (\(config.primary.maxEpochsInFlight + 1) full epochs)", onceAs: "bounds-send")
             }
-            if p.decoder.bufferedBytes > FrameHeader.size + FrameHeader.maxPayloadBytes + config.linkCapacityBytes {
-                violate(.bounds, "primary frame decoder buffers \(p.decoder.bufferedBytes) bytes", onceAs: "bounds-decoder-p")
+            if let l = p.link, l.decoder.bufferedBytes > FrameHeader.size + FrameHeader.maxPayloadBytes + config.linkCapacityBytes {
+                violate(.bounds, "primary frame decoder buffers \(l.decoder.bufferedBytes) bytes", onceAs: "bounds-decoder-p")
             }
         }
-        if let s = secondary, s.decoder.bufferedBytes > FrameHeader.size + FrameHeader.maxPayloadBytes + config.linkCapacityBytes {
-            violate(.bounds, "secondary frame decoder buffers \(s.decoder.bufferedBytes) bytes", onceAs: "bounds-decoder-s")
+        if let s = secondary, let l = s.link, l.decoder.bufferedBytes > FrameHeader.size + FrameHeader.maxPayloadBytes + config.linkCapacityBytes {
+            violate(.bounds, "secondary frame decoder buffers \(l.decoder.bufferedBytes) bytes", onceAs: "bounds-decoder-s")
         }
         for link in [toSecondary, toPrimary] where link.queuedBytes > link.capacityBytes + FrameHeader.size + config.maxFramePayload {
             violate(.bounds, "link \(link.name) holds \(link.queuedBytes) bytes, capacity \(link.capacityBytes)", onceAs: "bounds-\(link.name)")

@@ -1,13 +1,14 @@
 import GeminusCore
 import GeminusHypervisor
+import GeminusNode
 import GeminusReplication
 
-/// The whole pair in one process, deterministic under one seed: the real `PrimaryMachine` and
-/// `SecondaryMachine`, the real `CheckpointEncoder`, `FrameDecoder`, `Replica` and
-/// `OutputQueue`, a `SimulatedGuest`, two `SimulatedLink`s, a `SimulatedClock` and an output
-/// observer. What the agents do around the machines (dialling, heartbeats, turning frames into
-/// events) is done here the way `PrimaryAgent` and `SecondaryAgent` do it, with no threads and
-/// no real time, so the same seed gives the same run byte for byte.
+/// The whole pair in one process, deterministic under one seed: the real `PrimaryNode` and
+/// `SecondaryNode` (the very drivers the agents step, with their machines, encoder, replica and
+/// output-commit port) over the world's side of their seams (`SimulatedSeams.swift`): a
+/// `SimulatedGuest` stepped by the world, two `SimulatedLink`s, a `SimulatedClock`, a model of
+/// the witness, and an output observer. No threads and no real time, so the same seed gives the
+/// same run byte for byte.
 ///
 /// The pair's witness (`SimulatedWitness`, a model of the three-node Corosync cluster) feeds the
 /// real arbitration: `PrimaryLease` on the primary, the takeover gate of `SecondaryMachine`.
@@ -32,8 +33,8 @@ public final class PairSimulator {
     /// counts from then: before it, no takeover is allowed).
     var secondaryWithWitnessSinceNanos: UInt64? = 0
     var nextFault = 0
-    var primary: PrimaryNode?
-    var secondary: SecondaryNode?
+    var primary: SimPrimaryHost?
+    var secondary: SimSecondaryHost?
     /// What the primary captured at each epoch: what the replica must equal once it commits it.
     var captured: [Epoch: CapturedState] = [:]
     var observer = OutputObserver()
@@ -100,10 +101,6 @@ public final class PairSimulator {
         toPrimary = SimulatedLink(name: "secondary>primary", capacityBytes: config.linkCapacityBytes)
         toSecondary.faults = toSecondaryFaults
         toPrimary.faults = toPrimaryFaults
-        let workload = SimulatedWorkload(ramMiB: config.guestRamMiB, dirtyPagesPerSecond: config.dirtyPagesPerSecond,
-                                         outputsPerSecond: config.outputsPerSecond, seed: config.seed)
-        primary = try PrimaryNode(config: config, workload: workload)
-        secondary = try SecondaryNode(config: config, pageCount: workload.pageCount, generation: Generation(1), incarnation: 1)
         readBudget = config.secondaryReadBytesPerStep
         note("world", "seed \(config.seed), guest \(config.guestRamMiB) MiB, epoch every \(config.primary.epochIntervalNanos / 1_000_000) ms, takeover after \(config.secondary.takeoverAfterNanos / 1_000_000) ms of silence", notable: true)
         if let t = config.arbitration.timings {
@@ -112,6 +109,8 @@ public final class PairSimulator {
             note("world", "no arbitration: partitions can run the VM twice", notable: true)
         }
         if !kinds.isEmpty { note("world", "faults: \(kinds.sorted().map(\.rawValue).joined(separator: ","))", notable: true) }
+        primary = try makePrimary()
+        secondary = makeSecondary(incarnation: 1)
     }
 
     var readBudget: Int?
@@ -119,8 +118,8 @@ public final class PairSimulator {
     public var isTakenOver: Bool { secondary?.resumed != nil }
     public var primaryIsAlive: Bool { primary != nil }
     public var secondaryIsAlive: Bool { secondary != nil }
-    public var primaryProtection: PrimaryMachine.Protection? { primary?.machine.protection }
-    public var secondaryState: SecondaryMachine.State? { secondary?.machine.state }
+    public var primaryProtection: PrimaryMachine.Protection? { primary?.node?.machine.protection }
+    public var secondaryState: SecondaryMachine.State? { secondary?.node.machine.state }
 
     /// What backpressure did: epochs deferred, guest steps stalled on a full output queue, and
     /// the largest the primary's send queue and the primary→secondary link ever were.
@@ -151,7 +150,7 @@ public final class PairSimulator {
             inject(schedule[nextFault].what)
             nextFault += 1
         }
-        if isolationActive || (primary?.frozenUntilNanos != nil) { lastIsolationNanos = now }
+        if isolationActive || (primary?.isFrozen ?? false) { lastIsolationNanos = now }
         stepWitness()
         stepPrimary()
         stepSecondary()
@@ -192,6 +191,7 @@ public final class PairSimulator {
             guard let s = secondary, s.resumed == nil else { return }
             count("secondary-crash")
             note("secondary", "CRASHED (incarnation \(s.incarnation))", notable: true)
+            s.isAlive = false
             secondary = nil
             witness?.setRunning(.secondary, false)
             crashedSecondaryIncarnation = s.incarnation
@@ -200,7 +200,7 @@ public final class PairSimulator {
             // A restarted secondary has nothing: no replica, no connection. It keeps only the
             // pair's generation (its configuration), so the primary must resync with a full epoch.
             crashedSecondaryIncarnation += 1
-            secondary = try! SecondaryNode(config: config, pageCount: primaryPageCount, generation: Generation(1), incarnation: crashedSecondaryIncarnation)
+            secondary = makeSecondary(incarnation: crashedSecondaryIncarnation)
             witness?.setRunning(.secondary, true, fresh: true)
             note("secondary", "restarted empty (incarnation \(crashedSecondaryIncarnation))", notable: true)
         case .partition(let oneWay):
@@ -246,7 +246,7 @@ public final class PairSimulator {
             witness?.setCut(.secondary, .witness, false)
             note("world", "heal witness", notable: true)
         case .freezePrimary(let forNanos):
-            guard let p = primary, p.frozenUntilNanos == nil else { return }
+            guard let p = primary, !p.isFrozen else { return }
             p.armedFreezeNanos = forNanos
             note("world", "primary will freeze for \(forNanos / 1_000_000) ms at its next send", notable: true)
         case .slowSecondary(let bytes):
@@ -280,22 +280,13 @@ public final class PairSimulator {
 
     func count(_ what: String) { faultsInjected[what, default: 0] += 1 }
 
-    func crashPrimary(_ why: String) {
-        guard let p = primary else { return }
-        count("primary-crash:\(p.armedCrash?.rawValue ?? "now")")
-        note("primary", "CRASHED \(why)", notable: true)
-        primary = nil
-        witness?.setRunning(.primary, false)
-        lostPrimary()
-    }
-
     func lostPrimary() {
         guard primaryLostAtNanos == nil else { return }
         primaryLostAtNanos = now
         // A secondary that already judged this silence (it said it cannot take over before the
         // primary was finally lost, seed 3984) has said all it will: that report stands.
-        if case .primarySilent? = secondary?.machine.state {} else { cannotTakeOverReported = false }
-        secondaryCouldResumeAtLoss = secondary.map { $0.replica.hasBaseImage && $0.resumed == nil } ?? false
+        if case .primarySilent? = secondary?.node.machine.state {} else { cannotTakeOverReported = false }
+        secondaryCouldResumeAtLoss = secondary.map { ($0.replica?.hasBaseImage ?? false) && $0.resumed == nil } ?? false
         incarnationAtLoss = secondary?.incarnation ?? 0
     }
 

@@ -278,30 +278,22 @@ struct SimulatedWitness {
 }
 
 extension PairSimulator {
-    /// Moves the modelled cluster on and hands each changed view to the node that sees it, as
-    /// the agents' cluster glue does.
+    /// Moves the modelled cluster on and publishes each changed view to the node that sees it
+    /// (through its witness link, as the agents' cluster glue does); the primary's lease sees it
+    /// at once, as the fence watch's thread would.
     func stepWitness() {
         guard var w = witness else { return }
         let changed = w.advance(now: now, rng: &witnessRandom)
         witness = w
         let sw = w.secondaryCanHoldTheWitness && secondary != nil
         if !sw { secondaryWithWitnessSinceNanos = nil } else if secondaryWithWitnessSinceNanos == nil { secondaryWithWitnessSinceNanos = now }
-        if changed.contains(.primary), let p = primary, p.frozenUntilNanos == nil {
+        if changed.contains(.primary), let p = primary, !p.isFrozen, let link = p.witnessLink {
             let view = w.view(of: .primary)
-            note("primary", "witness view: \(view)", notable: true)
-            var fenced = false
-            if var l = p.lease {
-                let actions = l.handle(.view(view, nowNanos: now))
-                p.lease = l
-                fenced = leaseActions(actions, p)
-            }
-            // (A fenced primary is gone; the secondary's view of the same moment still counts.)
-            if !fenced { primaryPerform(p.machine.handle(.witness(view, nowNanos: now)), p) }
+            link.view = (view, (link.view?.version ?? 0) + 1)
+            if let lease = p.lease { _ = leaseActions(lease.lease.handle(.view(view, nowNanos: now)), p) }
         }
-        if changed.contains(.secondary), let s = secondary, s.resumed == nil {
-            let view = w.view(of: .secondary)
-            note("secondary", "witness view: \(view)", notable: true)
-            secondaryPerform(s.machine.handle(.witness(view, nowNanos: now)), s)
+        if changed.contains(.secondary), let s = secondary, s.resumed == nil, let link = s.witnessLink {
+            link.view = (w.view(of: .secondary), (link.view?.version ?? 0) + 1)
         }
     }
 
@@ -314,28 +306,22 @@ extension PairSimulator {
     }
 
     /// The fence watch's tick; true when the primary fenced itself.
-    func tickLease(_ p: PrimaryNode) -> Bool {
-        guard var l = p.lease else { return false }
-        var actions: [PrimaryLease.Action] = []
-        // The epoch loop tells the watch (`FenceWatch.releaseSoleCopy`); arming is at the dial.
-        if p.machine.soleCopy && !l.soleCopy { actions += l.handle(.soleCopy(true, nowNanos: now)) }
+    func tickLease(_ p: SimPrimaryHost) -> Bool {
+        guard let l = p.lease else { return false }
         // The agent republishes every 100 ms; scaled to this cluster's timings, every 10 ms.
-        if let w = witness, w.ringWorks(.primary), now % 10_000_000 == 0 { _ = l.handle(.ownDelivery(atNanos: now)) }
-        actions += l.handle(.tick(nowNanos: now))
-        p.lease = l
-        return leaseActions(actions, p)
+        if let w = witness, w.ringWorks(.primary), now % 10_000_000 == 0 { _ = l.lease.handle(.ownDelivery(atNanos: now)) }
+        return leaseActions(l.lease.handle(.tick(nowNanos: now)), p)
     }
 
-    func leaseActions(_ actions: [PrimaryLease.Action], _ p: PrimaryNode) -> Bool {
+    /// A self-fence runs the node's own procedure (held output dropped, guest stopped for good,
+    /// the witness told); the host's Corosync runs on, but nothing of its guest does.
+    func leaseActions(_ actions: [PrimaryLease.Action], _ p: SimPrimaryHost) -> Bool {
         for case .selfFence(let reason) in actions {
-            // The agent stops the guest for good and drops what it holds: nothing of it leaves.
-            selfFences += 1
+            guard p.isAlive else { return true }
             count("self-fence")
-            note("primary", "SELF-FENCED (generation \(p.machine.generation)): \(reason); \(p.queue.heldCount) held packets dropped", notable: true)
-            primary = nil
-            // The host's Corosync runs on: it stays in the cluster, and the agent stays fenced,
-            // saying its guest stopped (`stayFenced`).
-            witness?.announceStopped(p.machine.generation, now: now)
+            p.node?.selfFence(reason: reason)
+            p.isAlive = false
+            if primary === p { primary = nil }
             lostPrimary()
             return true
         }

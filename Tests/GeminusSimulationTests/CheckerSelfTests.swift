@@ -28,19 +28,27 @@ import GeminusHypervisor
     /// S2: output leaves while the VM is protected, without waiting for its epoch's ack.
     @Test func s2CatchesOutputReleasedBeforeItsAck() throws {
         let sim = try protectedPair()
-        let p = try #require(sim.primary)
-        _ = p.queue.setMode(.passThrough)
+        let p = try #require(sim.primary?.node)
+        // Held output leaves and the port passes output straight on, while the node still
+        // calls the VM protected.
+        p.port.releaseAll()
         sim.run(forNanos: 50_000_000)
         #expect(sim.result().violations.contains { $0.promise == .s2 }, "\(sim.result().violations)")
     }
 
     /// bounds: a queue over its limit is named.
-    @Test func boundsCatchAnOverfullOutputQueue() throws {
+    @Test func boundsCatchAnOverfullSendQueue() throws {
         let sim = try protectedPair()
         let p = try #require(sim.primary)
-        // A queue with a limit far above the configured one, filled past the configured one.
-        p.queue = OutputQueue(limitBytes: 1 << 30, mode: .holding, openEpoch: p.queue.openEpoch)
-        for _ in 0..<4096 { _ = p.queue.append(OutputPacket(sequence: 1, counter: 1, seed: 1).encoded(), bytes: 24) }
+        let link = try #require(p.link)
+        // The host hangs (nothing drains its socket buffer) with more queued than the machine's
+        // window of epochs could ever put there.
+        p.frozenUntilNanos = .max
+        let frame = FrameCodec.encode(FrameHeader(kind: .pages, generation: Generation(1), epoch: Epoch(1)), payload: [UInt8](repeating: 1, count: 60_000))
+        while link.sendQueueBytes <= (sim.config.primary.maxEpochsInFlight + 1) * sim.maxEpochWireBytes {
+            link.sendQueue.append((frame, nil))
+            link.sendQueueBytes += frame.count
+        }
         sim.step()
         #expect(sim.result().violations.contains { $0.promise == .bounds }, "\(sim.result().violations)")
     }
