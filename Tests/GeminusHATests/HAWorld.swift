@@ -82,9 +82,10 @@ final class HAWorld {
             if w[2] == "fails" { fenceFails.insert(w[1]) } else { fenceFails.remove(w[1]) }
         case ("start", 5) where w[2] == "fails":
             startFails.insert("\(w[1])@\(w[4])")
-        case ("spare", 3):
-            // An operator on the coordinator (any quorate node would do).
-            let i = nodes.indices.first { nodes[$0].ha.manager.isCoordinator }!
+        case ("spare", 3), ("spare", 5) where w[3] == "at":
+            // `spare NODE on|off [at NODE]`: an operator on that node, by default the coordinator
+            // (any quorate node would do).
+            let i = w.count == 5 ? try index(w[4]) : nodes.indices.first { nodes[$0].ha.manager.isCoordinator }!
             deliver(i, .spareRequest(node: w[1], on: w[2] == "on"))
             settle(forMillis: 100)
         case ("wait", 2):
