@@ -92,11 +92,12 @@ public struct HAStatus: Codable, Sendable, Equatable {
     public var members: [Member]
     public var fenced: [String]
     public var recovery: [RecoveryEntry]
-    /// How often the agent's inbox was full (zero in a healthy agent).
-    public var inboxOverflow: HAInbox.Overflow
+    /// How often the agent's inbox was full (zero in a healthy agent; nil from a writer that
+    /// does not count it).
+    public var inboxOverflow: HAInbox.Overflow?
 
     public init(node: String, nodeID: UInt32, quorate: Bool, quorumChangedAgoMillis: UInt64, coordinator: String?, members: [Member],
-                fenced: [String], recovery: [RecoveryEntry], inboxOverflow: HAInbox.Overflow) {
+                fenced: [String], recovery: [RecoveryEntry], inboxOverflow: HAInbox.Overflow?) {
         self.node = node
         self.nodeID = nodeID
         self.quorate = quorate

@@ -99,6 +99,9 @@ struct HAStatus: ParsableCommand {
             let vms = m.vms.map { "\($0.name)(\($0.kind.rawValue), \($0.ramMiB) MiB\($0.state == .starting ? ", starting" : ""))" }
             print("  \(m.name)\(m.spare ? " [spare]" : ""): \(ram); \(vms.isEmpty ? "no VMs" : vms.joined(separator: " "))")
         }
+        if let o = s.inboxOverflow, o != HAInbox.Overflow() {
+            print("  the agent's inbox was full: \(o.scansSuperseded) scans superseded, \(o.producerWaits) inputs waited for room (is its loop stuck?)")
+        }
         for e in s.recovery {
             let what: String
             switch e.phase {
