@@ -143,13 +143,13 @@ struct NodeSpare: ParsableCommand {
             }
             let want = state == .on
             try HARequest(spareNode: node, on: want).submit(stateDir: dir.stateDir)
-            let deadline = Date().addingTimeInterval(Double(timeoutMillis) / 1000)
-            while Date() < deadline {
+            let deadline = Monotonic.nanos() + UInt64(timeoutMillis) * 1_000_000
+            while Monotonic.nanos() < deadline {
                 if let now = try? HAStatusFile.read(stateDir: dir.stateDir), now.members.first(where: { $0.name == node })?.spare == want {
                     print("node \(node) is \(want ? "a spare" : "an ordinary node") now")
                     return
                 }
-                Thread.sleep(forTimeInterval: 0.1)
+                Monotonic.sleep(nanos: 100_000_000)
             }
             throw GeminusError(.timeout, "the HA agent did not apply `spare \(node) \(state.rawValue)` within \(timeoutMillis) ms",
                                fix: "see the agent's log; is it quorate?")
