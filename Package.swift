@@ -67,6 +67,12 @@ let package = Package(
             dependencies: ["GeminusCluster", "GeminusCore"]
         ),
         .target(
+            // The HA node's real world: Corosync, libvirt, fence agents, the status file and
+            // request files. Apart from GeminusHA so that the HA logic and its tests need none of them.
+            name: "GeminusHAHost",
+            dependencies: ["GeminusHA", "GeminusCluster", "GeminusLibvirt", "GeminusCore", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
             name: "GeminusTransport",
             dependencies: ["GeminusCore", "CLibCrypto", .product(name: "Logging", package: "swift-log")]
         ),
@@ -102,7 +108,7 @@ let package = Package(
             dependencies: [
                 "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
-                "GeminusCluster", "GeminusHA",
+                "GeminusCluster", "GeminusHA", "GeminusHAHost",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -140,7 +146,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusHATests",
-            dependencies: ["GeminusHA", "GeminusCluster", "GeminusCore"],
+            dependencies: ["GeminusHA", "GeminusHAHost", "GeminusCluster", "GeminusCore"],
             // Read from the source tree by ScenarioTests (and rewritten there on request).
             exclude: ["scenarios"]
         ),

@@ -3,7 +3,9 @@ import Foundation
 import GeminusCluster
 import GeminusCore
 import GeminusHA
+import GeminusHAHost
 import GeminusLibvirt
+import Logging
 
 /// `geminus ha …`: the HA path (restart on a surviving node after fencing) for VMs without CA.
 struct HA: ParsableCommand {
@@ -88,9 +90,7 @@ struct HAStatus: ParsableCommand {
         let s: HAStatusFile
         do { s = try HAStatusFile.read(stateDir: state.stateDir) } catch { throw operatorFailure(error) }
         if json {
-            let e = JSONEncoder()
-            e.outputFormatting = [.sortedKeys, .prettyPrinted]
-            print(String(decoding: try e.encode(s), as: UTF8.self))
+            print(String(decoding: try s.encoded(), as: UTF8.self))
             return
         }
         print("node \(s.node) (id \(s.nodeID)): \(s.quorate ? "quorate" : "NOT QUORATE") for \(s.quorumChangedAgoMillis / 1000) s; coordinator \(s.coordinator ?? "none")")
@@ -98,6 +98,9 @@ struct HAStatus: ParsableCommand {
             let ram = m.ramTotalMiB.map { "\(m.ramFreeMiB ?? 0)/\($0) MiB free" } ?? "no report yet"
             let vms = m.vms.map { "\($0.name)(\($0.kind.rawValue), \($0.ramMiB) MiB\($0.state == .starting ? ", starting" : ""))" }
             print("  \(m.name)\(m.spare ? " [spare]" : ""): \(ram); \(vms.isEmpty ? "no VMs" : vms.joined(separator: " "))")
+        }
+        if let o = s.inboxOverflow, o != HAInbox.Overflow() {
+            print("  the agent's inbox was full: \(o.scansSuperseded) scans superseded, \(o.producerWaits) inputs waited for room (is its loop stuck?)")
         }
         for e in s.recovery {
             let what: String
@@ -139,16 +142,14 @@ struct NodeSpare: ParsableCommand {
                                    fix: "check `corosync-quorumtool -s`; run the command on a node of the quorate partition")
             }
             let want = state == .on
-            let req = try JSONEncoder().encode(HARequest(spareNode: node, on: want))
-            let path = HAStatusFile.requestsDir(stateDir: dir.stateDir) + "/spare-\(UUID().uuidString).json"
-            try req.write(to: URL(fileURLWithPath: path), options: .atomic)
-            let deadline = Date().addingTimeInterval(Double(timeoutMillis) / 1000)
-            while Date() < deadline {
+            try HARequest(spareNode: node, on: want).submit(stateDir: dir.stateDir)
+            let deadline = Monotonic.nanos() + UInt64(timeoutMillis) * 1_000_000
+            while Monotonic.nanos() < deadline {
                 if let now = try? HAStatusFile.read(stateDir: dir.stateDir), now.members.first(where: { $0.name == node })?.spare == want {
                     print("node \(node) is \(want ? "a spare" : "an ordinary node") now")
                     return
                 }
-                Thread.sleep(forTimeInterval: 0.1)
+                Monotonic.sleep(nanos: 100_000_000)
             }
             throw GeminusError(.timeout, "the HA agent did not apply `spare \(node) \(state.rawValue)` within \(timeoutMillis) ms",
                                fix: "see the agent's log; is it quorate?")
@@ -185,9 +186,11 @@ struct HAAgent: ParsableCommand {
     @Option(help: "How often libvirt is scanned for this node's VMs.") var scanIntervalMillis = 500
     @Option(help: "The CPG group the agents meet in.") var group = "geminus-ha"
     @Option(help: "Stop after this many seconds (tests).") var durationSeconds: Double?
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
     @OptionGroup var state: HAStateDirOption
 
     func validate() throws {
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown --log-level '\(logLevel)'") }
         guard (0...1000).contains(overcommitPercent) else { throw ValidationError("--overcommit-percent must be 0...1000") }
         guard fenceTimeoutMillis >= 100 else { throw ValidationError("--fence-timeout-millis must be at least 100") }
         guard scanIntervalMillis >= 50 && scanIntervalMillis <= 60_000 else { throw ValidationError("--scan-interval-millis must be 50...60000") }
@@ -195,15 +198,30 @@ struct HAAgent: ParsableCommand {
     }
 
     func run() throws {
+        let level = Logger.Level(rawValue: logLevel)!
+        LoggingSystem.bootstrap { _ in HALogHandler(logLevel: level) }
         do {
             var config = HAConfig(overcommitPercent: overcommitPercent, fenceRetryMillis: UInt64(fenceRetryMillis),
                                   placementRetryMillis: UInt64(placementRetryMillis), selfFenceAfterMillis: UInt64(selfFenceAfterMillis))
             config.recoveryEntriesMax = 4096
-            let runtime = try HAAgentRuntime(options: .init(
+            let env = try HAHostEnvironment(options: .init(
                 uri: uri, domainPrefix: domainPrefix, ramMiB: ramMib, fenceConfig: fenceConfig, fenceTimeoutMillis: fenceTimeoutMillis,
-                stateDir: state.stateDir, scanIntervalMillis: scanIntervalMillis, group: group, config: config,
-                expectedNode: node, durationSeconds: durationSeconds))
-            try runtime.run()
+                stateDir: state.stateDir, scanIntervalMillis: scanIntervalMillis, group: group, expectedNode: node),
+                logger: Logger(label: "geminus.ha"))
+            defer { env.close() }
+            let ha = HANode(node: env.localNode, config: config, env: env)
+            env.log(.info, "HA agent up: node \(env.localNode.name) (id \(env.localNode.id)), libvirt \(uri)\(domainPrefix.isEmpty ? "" : ", domains \(domainPrefix)*"), group \(group)")
+            env.startThreads()
+            let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) }
+            while deadline.map({ Monotonic.nanos() < $0 }) ?? true {
+                env.inbox.wait(timeoutMillis: 100)
+                do { try ha.step() } catch {
+                    // The cluster is lost: the node has stopped what it must and said so; give
+                    // the status a moment to be read, then exit with the reason.
+                    Monotonic.sleep(nanos: 500_000_000)
+                    throw error
+                }
+            }
         } catch {
             throw operatorFailure(error)
         }

@@ -4,21 +4,11 @@ import GeminusCore
 @testable import GeminusHA
 
 /// A simulated cluster of HA nodes driven by a scenario script: the simulated Corosync, one
-/// `HAManager` per node, simulated hypervisors (VM lists and RAM), simulated fence agents that
-/// power nodes off, and a simulated clock. Everything that happens goes into `log`.
+/// `HANode` per host (the same driver `geminus ha agent` runs) over a `SimHost` environment,
+/// simulated hypervisors (VM lists and RAM), simulated fence agents that power nodes off, and a
+/// simulated clock. Everything that happens goes into `log`.
 final class HAWorld {
-    struct SimNode {
-        var node: ClusterNode
-        var ramTotalMiB: Int
-        var member: SimulatedClusterMember?
-        var manager: HAManager
-        /// VMs physically running on this host (a cut-off host keeps running them).
-        var vms: [VMReport] = []
-        var powered = true
-        var lastScan: [VMReport]?
-    }
-
-    var nodes: [SimNode] = []
+    var nodes: [SimHost] = []
     var cluster: SimulatedCluster!
     var config = HAConfig()
     var nowMillis: UInt64 = 0
@@ -28,7 +18,7 @@ final class HAWorld {
     var fenceMillis: UInt64 = 1000
     var startMillis: UInt64 = 500
     /// Actions in flight: (due time, node index, event).
-    var timed: [(at: UInt64, node: Int, event: HAEvent)] = []
+    var timed: [(at: UInt64, node: Int, event: HAInput)] = []
     var started = false
 
     static let stepMillis: UInt64 = 100
@@ -51,13 +41,12 @@ final class HAWorld {
             let names = w.dropFirst().prefix { $0 != "ram" }
             let ram = int("ram") ?? 16384
             for (i, n) in names.enumerated() {
-                let node = ClusterNode(id: ClusterNodeID(i + 1), name: n)
-                nodes.append(SimNode(node: node, ramTotalMiB: ram, manager: HAManager(node: node, config: config)))
+                nodes.append(SimHost(world: self, index: i, node: ClusterNode(id: ClusterNodeID(i + 1), name: n), ramTotalMiB: ram))
             }
             cluster = SimulatedCluster(nodes: nodes.map(\.node))
         case ("overcommit", 2):
             config.overcommitPercent = Int(w[1])!
-            for i in nodes.indices { nodes[i].manager.config = config }
+            for i in nodes.indices { nodes[i].ha.config = config }
         case ("node", 4) where w[2] == "ram":
             nodes[try index(w[1])].ramTotalMiB = Int(w[3])!
         case ("vm", _):
@@ -78,7 +67,7 @@ final class HAWorld {
             nodes[i].powered = true
             nodes[i].vms = []
             nodes[i].lastScan = nil
-            nodes[i].manager = HAManager(node: nodes[i].node, config: config)
+            nodes[i].boot()
             cluster.reconnect(nodes[i].node)
             nodes[i].member = cluster.join(nodes[i].node)
             say("\(w[1]) boots and rejoins")
@@ -93,10 +82,11 @@ final class HAWorld {
             if w[2] == "fails" { fenceFails.insert(w[1]) } else { fenceFails.remove(w[1]) }
         case ("start", 5) where w[2] == "fails":
             startFails.insert("\(w[1])@\(w[4])")
-        case ("spare", 3):
-            // An operator on the coordinator (any quorate node would do).
-            let i = nodes.indices.first { nodes[$0].manager.isCoordinator }!
-            apply(i, .setSpare(node: w[1], on: w[2] == "on"))
+        case ("spare", 3), ("spare", 5) where w[3] == "at":
+            // `spare NODE on|off [at NODE]`: an operator on that node, by default the coordinator
+            // (any quorate node would do).
+            let i = w.count == 5 ? try index(w[4]) : nodes.indices.first { nodes[$0].ha.manager.isCoordinator }!
+            deliver(i, .spareRequest(node: w[1], on: w[2] == "on"))
             settle(forMillis: 100)
         case ("wait", 2):
             let t = w[1]
@@ -124,8 +114,8 @@ final class HAWorld {
 
     // MARK: The loop
 
-    /// Runs the world for `ms` of simulated time in steps: deliver cluster events, due results
-    /// and a tick to every powered node, performing what the managers ask.
+    /// Runs the world for `ms` of simulated time in steps: deliver cluster events, scans and due
+    /// results to every powered node until nothing moves, then let time pass on each.
     func settle(forMillis ms: UInt64) {
         let end = nowMillis + ms
         repeat {
@@ -137,22 +127,16 @@ final class HAWorld {
                 rounds += 1
                 precondition(rounds < 1000, "the cluster does not settle")
                 for i in nodes.indices where nodes[i].powered {
-                    let vms = nodes[i].vms
-                    if nodes[i].lastScan != vms {
-                        nodes[i].lastScan = vms
-                        let used = vms.reduce(0) { $0 + $1.ramMiB }
-                        apply(i, .localScan(vms: vms, ramTotalMiB: nodes[i].ramTotalMiB, ramFreeMiB: nodes[i].ramTotalMiB - used))
-                        busy = true
+                    let h = nodes[i]
+                    if h.lastScan != h.vms {
+                        h.lastScan = h.vms
+                        h.inbox.append(.scan(HostScan(vms: h.vms, ramTotalMiB: h.ramTotalMiB, ramCommittedMiB: h.vms.reduce(0) { $0 + $1.ramMiB })))
                     }
-                    while let m = nodes[i].member, let e = try? m.nextEvent(timeoutMillis: 0) {
-                        busy = true
-                        switch e {
-                        case .membership(let mm): apply(i, .membership(mm))
-                        case .quorum(let q): apply(i, .quorum(q))
-                        case .published(let from, let bytes):
-                            apply(i, .report(from: from, try! NodeReport.decode(bytes)))
-                        }
-                    }
+                    // The cluster's events as they come, including those this node causes while
+                    // it handles them (its own publishes): Corosync's agreed order.
+                    h.readsCluster = true
+                    if drain(i) > 0 { busy = true }
+                    h.readsCluster = false
                 }
                 let due = timed.filter { $0.at <= nowMillis }
                 timed.removeAll { $0.at <= nowMillis }
@@ -164,11 +148,11 @@ final class HAWorld {
                     if case .startDone(let vm, true, _) = d.event, let v = startingVM[vm] {
                         nodes[d.node].vms.append(v)
                     }
-                    apply(d.node, d.event)
+                    deliver(d.node, d.event)
                 }
                 checkOneCopy()
             }
-            for i in nodes.indices where nodes[i].powered { apply(i, .tick) }
+            for i in nodes.indices where nodes[i].powered { nodes[i].ha.tick() }
             if nowMillis >= end { break }
             nowMillis += Self.stepMillis
         } while true
@@ -176,28 +160,18 @@ final class HAWorld {
 
     var startingVM: [String: VMReport] = [:]
 
-    func apply(_ i: Int, _ event: HAEvent) {
-        let name = nodes[i].node.name
-        for a in nodes[i].manager.handle(event, nowMillis: nowMillis) {
-            switch a {
-            case .log(let level, let text):
-                say("\(name) " + (level == .info ? "" : "\(level): ") + text)
-            case .publish(let r):
-                try? nodes[i].member?.publish(r.encoded())
-            case .fence(let target):
-                let ok = !fenceFails.contains(target)
-                say("\(name) runs the fence agent for \(target)")
-                timed.append((nowMillis + fenceMillis, i, .fenceDone(node: target, confirmed: ok, detail: ok ? "fence agent exit 0" : "fence agent exit 1")))
-            case .start(let v):
-                let ok = !startFails.contains("\(v.name)@\(name)")
-                var running = v
-                running.state = .running
-                startingVM[v.name] = running
-                timed.append((nowMillis + startMillis, i, .startDone(vm: v.name, ok: ok, detail: ok ? "started" : "libvirt: cannot start")))
-            case .stop(let names):
-                nodes[i].vms.removeAll { names.contains($0.name) }
-                say("\(name) hypervisor stops \(names.joined(separator: ", "))")
-            }
+    /// Hands `input` to node `i` at once.
+    func deliver(_ i: Int, _ input: HAInput) {
+        nodes[i].inbox.append(input)
+        drain(i)
+    }
+
+    @discardableResult
+    private func drain(_ i: Int) -> Int {
+        do { return try nodes[i].ha.drain() } catch {
+            // Only a node whose cluster connection failed: the world powers such nodes off
+            // before they could read it.
+            preconditionFailure("\(nodes[i].node.name) lost the cluster: \(error)")
         }
     }
 
@@ -215,6 +189,77 @@ final class HAWorld {
             }
         }
     }
+}
+
+/// One simulated host: its hypervisor, its fence device as the world runs it, its cluster
+/// connection, and the `HANode` that runs on it with this host as its environment.
+final class SimHost: HAEnvironment {
+    unowned let world: HAWorld
+    let index: Int
+    let node: ClusterNode
+    var ramTotalMiB: Int
+    var member: SimulatedClusterMember?
+    private(set) var ha: HANode!
+    /// VMs physically running on this host (a cut-off host keeps running them).
+    var vms: [VMReport] = []
+    var powered = true
+    var lastScan: [VMReport]?
+    /// Inputs the world delivered and the node has not read yet.
+    var inbox: [HAInput] = []
+    /// Whether `nextInput` also reads the cluster connection (the world says when).
+    var readsCluster = false
+    private(set) var lastStatus: HAStatus?
+
+    init(world: HAWorld, index: Int, node: ClusterNode, ramTotalMiB: Int) {
+        self.world = world
+        self.index = index
+        self.node = node
+        self.ramTotalMiB = ramTotalMiB
+        boot()
+    }
+
+    /// A fresh agent, as after the host (re)boots.
+    func boot() {
+        ha = HANode(node: node, config: world.config, env: self)
+        inbox = []
+    }
+
+    var nowMillis: UInt64 { world.nowMillis }
+
+    func nextInput() -> HAInput? {
+        if !inbox.isEmpty { return inbox.removeFirst() }
+        guard readsCluster, let m = member else { return nil }
+        do { return try m.nextEvent(timeoutMillis: 0).map(HAInput.cluster) } catch let e as GeminusError {
+            return .clusterLost(e)
+        } catch {
+            return .clusterLost(GeminusError(.connectionFailed, "\(error)"))
+        }
+    }
+
+    func publish(_ state: [UInt8]) throws { try member?.publish(state) }
+
+    func fence(node target: String) {
+        let ok = !world.fenceFails.contains(target)
+        world.say("\(node.name) runs the fence agent for \(target)")
+        world.timed.append((world.nowMillis + world.fenceMillis, index,
+                            .fenceDone(node: target, confirmed: ok, detail: ok ? "fence agent exit 0" : "fence agent exit 1")))
+    }
+
+    func start(_ v: VMReport) {
+        let ok = !world.startFails.contains("\(v.name)@\(node.name)")
+        var running = v
+        running.state = .running
+        world.startingVM[v.name] = running
+        world.timed.append((world.nowMillis + world.startMillis, index, .startDone(vm: v.name, ok: ok, detail: ok ? "started" : "libvirt: cannot start")))
+    }
+
+    func stop(vm: String) throws { vms.removeAll { $0.name == vm } }
+
+    func log(_ level: HALogLevel, _ text: String) {
+        world.say("\(node.name) " + (level == .info ? "" : "\(level): ") + text)
+    }
+
+    func publishStatus(_ status: HAStatus) { lastStatus = status }
 }
 
 struct ScenarioError: Error, CustomStringConvertible {
