@@ -50,6 +50,12 @@ let package = Package(
             dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt"]
         ),
         .target(
+            // Fixtures and harnesses for tests and `geminus demo`, never for production targets:
+            // the tiny test guest as two libvirt domains, and agents run as child processes.
+            name: "GeminusTestSupport",
+            dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU"]
+        ),
+        .target(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
             // downtime beside them, and the scaling of the dirty-page part with guest RAM.
             name: "GeminusBench",
@@ -109,6 +115,8 @@ let package = Package(
                 "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
                 "GeminusCluster", "GeminusHA", "GeminusHAHost",
+                // Only for `geminus demo` (DemoRun.swift): the test guest's domains, agent processes.
+                "GeminusTestSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -157,7 +165,7 @@ let package = Package(
         .testTarget(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
-            dependencies: ["geminus", "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest",
+            dependencies: ["geminus", "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest", "GeminusTestSupport",
                            "GeminusCluster", "GeminusReplication"]
         ),
     ],

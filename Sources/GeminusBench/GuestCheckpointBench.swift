@@ -63,14 +63,13 @@ public struct GuestCheckpointBench: Sendable {
     /// One run: a fresh QEMU whose guest writes `pagesPerLoop` pages over and over (so about
     /// that many pages per epoch), checkpointed `epochs` times at the interval.
     public func run(_ method: Method, pagesPerLoop: Int) throws(GeminusError) -> Result {
-        var config = QEMUGuestConfig.standard(tag: "geminus-bench-\(getpid())-\(method.rawValue)-\(pagesPerLoop)", ramMiB: ramMiB,
+        let config = QEMUGuestConfig.standard(tag: "geminus-bench-\(getpid())-\(method.rawValue)-\(pagesPerLoop)", ramMiB: ramMiB,
                                               kernelPath: kernelPath, append: "pages=\(pagesPerLoop) \(guestOptions)")
-        if method == .writeTracking { config.preloadWriteTracking(library: try WriteTrackingPreload.require()) }
-        let guest = try QEMUGuest.launch(config)
+        let tracking = method == .writeTracking
+        let guest = try QEMUGuest.launch(config, counterAddress: QEMUGuest.tinyGuestCounterAddress,
+                                         dirtyPages: tracking ? DirtyPagePolicy(method: .tracking) : .compare,
+                                         preload: tracking ? .library(try WriteTrackingPreload.require()) : .asConfigured).guest
         defer { guest.shutdown() }
-        if method == .writeTracking {
-            guest.useFinder(try WriteTrackingFinder(qemuPID: guest.process.pid, ramFilePath: config.ramFilePath))
-        }
         try Self.waitForBoot(guest)
         let encoder = try CheckpointEncoder(pageCount: guest.pageCount)
         let secondary = try LoopbackSecondary(pageCount: guest.pageCount)

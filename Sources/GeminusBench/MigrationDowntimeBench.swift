@@ -52,7 +52,7 @@ public struct MigrationDowntimeBench: Sendable {
         let socket = NSTemporaryDirectory() + "/\(tag).mig"
         unlink(socket)
         defer { unlink(socket) }
-        let guest = try QEMUGuest.launch(source)
+        let guest = try QEMUGuest.launch(source, counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         unlink(target.ramFilePath)
         let destination = try QEMULauncher.start(target)

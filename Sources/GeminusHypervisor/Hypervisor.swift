@@ -1,7 +1,8 @@
 import GeminusCore
 
-/// The VM as the primary's epoch loop sees it. Implemented by the simulated VM here and by the
-/// libvirt/QEMU domain later; nothing above this seam knows which it drives.
+/// The VM as the primary's epoch loop sees it. Implemented by the simulated VM here, by a QEMU
+/// the agent starts (`QEMUGuest`) and by a libvirt domain (`LibvirtGuest`); nothing above this
+/// seam knows which it drives.
 public protocol ProtectedGuest: AnyObject, Sendable {
     var pageCount: Int { get }
     /// Stops the vCPUs and device emulation, so memory and device state hold still.

@@ -7,28 +7,6 @@ import GeminusQEMU
 import Glibc
 #endif
 
-/// The private QMP socket of a domain, beside libvirt's own monitor. The agent drives the
-/// checkpoint cycle over it: stop/save/cont take about 2 ms there against 20 ms through
-/// libvirt's QMP passthrough.
-public enum PrivateQMP {
-    public static var directory: String { CAEnrollmentCheck.privateQMPDirectory }
-
-    /// /run/geminus/qmp/<name>.sock
-    public static func socketPath(domain: String) -> String {
-        CAEnrollmentCheck.privateQMPSocketPath(domain: domain)
-    }
-
-    /// The `<qemu:commandline>` arguments that create the socket.
-    public static func arguments(domain: String) -> [String] {
-        CAEnrollmentCheck.privateQMPArguments(domain: domain)
-    }
-
-    /// Creates the directory so QEMU (libvirt's unprivileged user) can create its socket there.
-    public static func ensureDirectory(qemuUser: String = "libvirt-qemu") throws(GeminusError) {
-        try CAEnrollmentCheck.ensurePrivateQMPDirectory(qemuUser: qemuUser)
-    }
-}
-
 /// The platform facts of a libvirt domain definition that a checkpoint depends on. libvirt
 /// expands a machine alias at define time (`pc` becomes `pc-i440fx-7.2`), so two hosts'
 /// definitions compare by the real machine type. The emulator's path is left out (hosts may
@@ -73,7 +51,8 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public let connection: LibvirtConnection
     public let domain: LibvirtDomain
     public let domainName: String
-    public let counterAddress: Int
+    /// Where the guest keeps its progress counter (nil: it keeps none; `progressCounter` is 0).
+    public let counterAddress: Int?
     public let checkpointer: QMPCheckpointer
     private let deviceStateFD: DeviceStateFD
     private let ramPath: String
@@ -83,7 +62,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     private var released = false
 
     init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
-         counterAddress: Int, finder: any DirtyPageFinder, platform: GuestPlatform? = nil) throws(GeminusError) {
+         counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil) throws(GeminusError) {
         self.connection = connection
         self.domain = domain
         self.domainName = domain.name
@@ -99,9 +78,9 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     }
 
     /// Attaches to a RUNNING libvirt domain whose definition has the private QMP socket and
-    /// shared file memory.
-    public static func attach(connection: LibvirtConnection, domainName: String,
-                              counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+    /// shared file memory. `counterAddress`: where the guest keeps its progress counter, nil if
+    /// it keeps none.
+    public static func attach(connection: LibvirtConnection, domainName: String, counterAddress: Int?,
                               dirtyPages: DirtyPagePolicy = .compare, fallback: (GeminusError) -> Void = { _ in },
                               timeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
         let domain = try libvirt { try connection.lookupDomain(named: domainName, timeout: timeout) }
@@ -162,7 +141,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public var ramFilePath: String { ramPath }
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
     public var pageCount: Int { memory.pageCount }
-    public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+    public var progressCounter: UInt64 { counterAddress.map { memory.loadU64(at: $0) } ?? 0 }
     public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     public var statusReport: [String: String] {
         checkpointer.dirtyPageReport.merging(["guest": "libvirt", "domain": domainName]) { _, new in new }

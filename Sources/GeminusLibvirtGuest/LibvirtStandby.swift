@@ -20,7 +20,8 @@ import Glibc
 public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     public let connection: LibvirtConnection
     public let domainName: String
-    public let counterAddress: Int
+    /// Where the guest keeps its progress counter (nil: it keeps none).
+    public let counterAddress: Int?
     /// Bound on each libvirt call and on connecting QMP (seconds).
     public let timeout: Double
 
@@ -41,7 +42,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     /// Told why write tracking could not be had for the resumed guest (`.auto` only).
     public let trackingFallback: @Sendable (GeminusError) -> Void
 
-    public init(connection: LibvirtConnection, domainName: String, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+    public init(connection: LibvirtConnection, domainName: String, counterAddress: Int?,
                 dirtyPages: DirtyPagePolicy = .compare, trackingFallback: @escaping @Sendable (GeminusError) -> Void = { _ in }) {
         self.connection = connection
         self.dirtyPages = dirtyPages

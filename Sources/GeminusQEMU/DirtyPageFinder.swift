@@ -5,7 +5,8 @@ import Glibc
 
 /// Finds the guest pages written since the previous call and copies them into a buffer. Called
 /// only while the vCPUs are stopped. Two methods (DESIGN.md): compare against a shadow copy
-/// (here), or write tracking with userfaultfd + PAGEMAP_SCAN (later).
+/// (`ShadowCompareFinder`, here), or write tracking with userfaultfd + PAGEMAP_SCAN
+/// (`WriteTrackingFinder`, checked against compare by `VerifyingFinder`).
 public protocol DirtyPageFinder: AnyObject {
     /// The method's name as `geminus status` and the benchmark show it ("compare", ...).
     var methodName: String { get }

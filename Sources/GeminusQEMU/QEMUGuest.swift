@@ -29,8 +29,9 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public let qmp: QMPClient
     /// The guest's RAM, mapped from its RAM file.
     public let memory: PageMemory
-    /// Guest-physical address of the guest's progress counter (u64).
-    public let counterAddress: Int
+    /// Guest-physical address of the guest's progress counter (u64); nil for a guest that keeps
+    /// none (then `progressCounter` is 0).
+    public let counterAddress: Int?
     /// Where QEMU writes the device state at each capture.
     public let deviceStatePath: String
     /// Whether `shutdown` deletes the RAM file.
@@ -47,10 +48,13 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// The replicated disk (QEMU started with `disk`), else nil.
     public let disk: ReplicatedDisk?
 
+    /// Where the tiny test guest (Tools/guest) keeps its progress counter. No signature defaults
+    /// to it: callers that run the tiny guest (tests, bench, demo, and the agent's
+    /// `--counter-address` default) pass it.
     public static let tinyGuestCounterAddress = 0x200008
 
     public var pageCount: Int { memory.pageCount }
-    public var progressCounter: UInt64 { memory.loadU64(at: counterAddress) }
+    public var progressCounter: UInt64 { counterAddress.map { memory.loadU64(at: $0) } ?? 0 }
     public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     /// Chooses the dirty-page method once QEMU runs (write tracking needs its pid); before the
     /// first capture, which is full.
@@ -70,8 +74,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public var lastTimings: CaptureTimings? { checkpointer.lastTimings }
 
     /// Wraps a running QEMU (its QMP already connected, its RAM file mapped).
-    public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory,
-                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
+    public init(process: QEMUProcess, qmp: QMPClient, memory: PageMemory, counterAddress: Int?,
                 finder: any DirtyPageFinder = ShadowCompareFinder(), ownsRAMFile: Bool = true, serial: SerialOutput? = nil,
                 nic: GuestNIC? = nil, disk: ReplicatedDisk? = nil) {
         self.serial = serial
@@ -86,10 +89,60 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         checkpointer = QMPCheckpointer(qmp: qmp, memory: memory, target: .file(deviceStatePath), finder: finder)
     }
 
-    /// Starts a fresh guest: deletes a stale RAM file, starts QEMU, connects QMP and maps RAM.
-    public static func launch(_ config: QEMUGuestConfig, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                              finder: any DirtyPageFinder = ShadowCompareFinder()) throws(GeminusError) -> QEMUGuest {
+    /// Where QEMU gets the write-tracking preload library from (`launch`'s `preload`).
+    public enum Preload: Sendable {
+        /// As `config` says: it carries the library already (`preloadWriteTracking`), or QEMU
+        /// runs without it.
+        case asConfigured
+        /// This library is added to QEMU's `LD_PRELOAD`. nil (not found): with `.auto`, capture
+        /// uses the compare method and `fallback` hears why once; with `.tracking` it is an error.
+        case library(String?)
+    }
+
+    /// Starts a fresh guest (the one way to start one that is not a standby): deletes a stale
+    /// RAM file, starts QEMU, connects QMP, maps RAM, then chooses the dirty-page finder by
+    /// `dirtyPages` once QEMU runs (write tracking needs its pid).
+    ///
+    /// - `counterAddress`: where the guest keeps its progress counter, nil if it keeps none.
+    /// - `dirtyPages`: compare (the default), write tracking, or tracking when possible. With
+    ///   `.auto`, a guest that cannot be tracked gets the compare method and `fallback` hears why;
+    ///   with `.tracking` that is an error and QEMU is stopped again.
+    /// - `preload`: where the write-tracking library comes from (see `Preload`).
+    /// `finder` tells which method was chosen.
+    public static func launch(_ config: QEMUGuestConfig, counterAddress: Int?, dirtyPages: DirtyPagePolicy = .compare,
+                              preload: Preload = .asConfigured, fallback: (GeminusError) -> Void = { _ in })
+        throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
         precondition(!config.incomingDefer, "launch a standby through QEMUStandby")
+        var config = config
+        var dirtyPages = dirtyPages
+        if case .library(let library) = preload {
+            if let library {
+                config.preloadWriteTracking(library: library)
+            } else if dirtyPages.method != .compare {
+                // No library: say why once (the kernel first, as the finder would), and do not
+                // look for a descriptor QEMU cannot have.
+                do throws(GeminusError) { _ = try WriteTrackingPreload.require() } catch {
+                    let why = WriteTrackingFinder.probe() ?? error
+                    if dirtyPages.method == .tracking { throw why }
+                    fallback(why)
+                    dirtyPages.method = .compare
+                }
+            }
+        }
+        let guest = try start(config, counterAddress: counterAddress)
+        do throws(GeminusError) {
+            let finder = try dirtyPages.makeFinder(qemuPID: guest.process.pid, ramFilePath: config.ramFilePath, fallback: fallback)
+            guest.useFinder(finder)
+            return (guest, finder)
+        } catch {
+            guest.shutdown()
+            throw error
+        }
+    }
+
+    /// QEMU started, QMP connected, RAM mapped; captures with the compare method until `launch`
+    /// chooses the finder.
+    private static func start(_ config: QEMUGuestConfig, counterAddress: Int?) throws(GeminusError) -> QEMUGuest {
         unlink(config.ramFilePath)
         // The NIC's socket and the disk's export listen before QEMU starts and connects.
         var nic: GuestNIC?
@@ -112,7 +165,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
             // QEMU creates and sizes the RAM file before it opens the QMP socket.
             let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
             let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
-            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, finder: finder, serial: serial, nic: nic, disk: disk)
+            return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, serial: serial, nic: nic, disk: disk)
         } catch {
             nic?.stop()
             disk?.stop()

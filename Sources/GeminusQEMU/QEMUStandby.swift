@@ -49,7 +49,8 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     /// Told why write tracking could not be had for the resumed guest.
     public let trackingFallback: @Sendable (GeminusError) -> Void
     public let hot: Bool
-    public let counterAddress: Int
+    /// Where the guest keeps its progress counter (nil: it keeps none).
+    public let counterAddress: Int?
     public let deviceStatePath: String
     public let transport: IncomingTransport
 
@@ -67,7 +68,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
     /// `config` names this host's files; its `incomingDefer` is forced on. With `hot`, QEMU
     /// is started by `makeReplicaMemory` and waits for the device state.
     public init(config: QEMUGuestConfig, hot: Bool = true, transport: IncomingTransport = .fdPipe,
-                counterAddress: Int = QEMUGuest.tinyGuestCounterAddress, dirtyPages: DirtyPagePolicy = .compare,
+                counterAddress: Int?, dirtyPages: DirtyPagePolicy = .compare,
                 trackingFallback: @escaping @Sendable (GeminusError) -> Void = { _ in }) {
         self.dirtyPages = dirtyPages
         self.trackingFallback = trackingFallback

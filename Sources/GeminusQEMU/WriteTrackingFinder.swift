@@ -22,31 +22,6 @@ public enum WriteTrackingReprotect: String, Sendable, CaseIterable {
     case returnedRanges = "returned-ranges"
 }
 
-/// A mapping of the guest RAM file in QEMU's address space, as /proc/PID/maps shows it (adjacent
-/// lines of the same file with contiguous offsets merged: the kernel may split one mapping).
-public struct RAMMapping: Equatable, Sendable, CustomStringConvertible {
-    public var start: UInt64
-    public var length: UInt64
-    /// Offset in the RAM file of `start`.
-    public var fileOffset: UInt64
-    public var deviceMajor: UInt32
-    public var deviceMinor: UInt32
-    public var inode: UInt64
-    /// Number of /proc/PID/maps lines merged into this one. Not part of equality: registering
-    /// a range merges or splits VMAs without changing what is mapped.
-    public var pieces: Int
-
-    public static func == (a: RAMMapping, b: RAMMapping) -> Bool {
-        a.start == b.start && a.length == b.length && a.fileOffset == b.fileOffset
-            && a.deviceMajor == b.deviceMajor && a.deviceMinor == b.deviceMinor && a.inode == b.inode
-    }
-
-    public var end: UInt64 { start + length }
-    public var description: String {
-        "0x\(String(start, radix: 16))-0x\(String(end, radix: 16)) (\(length >> 20) MiB, file offset \(fileOffset), inode \(inode), \(pieces) piece\(pieces == 1 ? "" : "s"))"
-    }
-}
-
 /// Counters and the last epoch's timings, for `geminus status`, logs and the benchmark.
 public struct WriteTrackingStats: Sendable, Equatable {
     /// Calls to `collect`.
@@ -72,55 +47,6 @@ public struct WriteTrackingStats: Sendable, Equatable {
     public var lastFullCopyNanos: UInt64 = 0
 }
 
-/// Where the preload library QEMU needs for write tracking is (Tools/uffd-preload/build.sh).
-public enum WriteTrackingPreload {
-    public static let fileName = "libgeminus-uffd-preload.so"
-    /// Overrides the search: the library's full path.
-    public static let environmentVariable = "GEMINUS_UFFD_PRELOAD"
-    public static let buildHint = "build it with Tools/uffd-preload/build.sh (prints its path) and install it where QEMU's user can read it: install -D -m 0644 \"$(Tools/uffd-preload/build.sh)\" /usr/local/lib/geminus/\(fileName)"
-
-    /// The directories searched, in order, after `GEMINUS_UFFD_PRELOAD`: beside this process's
-    /// executable and up to two levels above it (a swift build tree keeps it in
-    /// .build/geminus-uffd-preload/, the executables in .build/<triple>/<config>/), then the
-    /// install locations.
-    public static func searchDirectories() -> [String] {
-        var dirs: [String] = []
-        if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
-            var url = URL(fileURLWithPath: exe).deletingLastPathComponent()
-            for _ in 0..<3 {
-                dirs.append(url.path)
-                dirs.append(url.appendingPathComponent("geminus-uffd-preload").path)
-                url.deleteLastPathComponent()
-            }
-        }
-        dirs += ["/usr/local/lib/geminus", "/usr/lib/geminus"]
-        return dirs
-    }
-
-    /// The library's path, or nil when it is nowhere to be found.
-    public static func locate() -> String? {
-        if let p = ProcessInfo.processInfo.environment[environmentVariable], !p.isEmpty {
-            return access(p, R_OK) == 0 ? p : nil
-        }
-        for d in searchDirectories() {
-            let p = d + "/" + fileName
-            if access(p, R_OK) == 0 { return p }
-        }
-        return nil
-    }
-
-    /// The library's path, or an error saying how to get it.
-    public static func require() throws(GeminusError) -> String {
-        guard let p = locate() else {
-            let env = ProcessInfo.processInfo.environment[environmentVariable]
-            throw GeminusError(.io, env.map { "\(environmentVariable)=\($0) is not a readable file" }
-                                        ?? "the write-tracking preload library \(fileName) was not found (searched \(searchDirectories().joined(separator: ", ")))",
-                               fix: buildHint + ", or set \(environmentVariable) to its path")
-        }
-        return p
-    }
-}
-
 /// The "write tracking" method (DESIGN.md, notes/write-tracking.md): QEMU's guest RAM mapping is
 /// registered with a userfaultfd that lives in QEMU (created there by the preload library) in
 /// asynchronous write-protect mode, so the kernel notes each first write to a page without
@@ -138,6 +64,11 @@ public enum WriteTrackingPreload {
 ///
 /// `memory` given to `collect` must be this agent's mapping of the same RAM file (page index =
 /// file offset / 4096). Call `collect` only while QEMU is stopped.
+///
+/// The parts, one file each: the preload library QEMU must load (WriteTrackingPreload.swift),
+/// the kernel probe (WriteTrackingKernelProbe.swift), the devices tracking cannot see
+/// (UntrackableDevices.swift), taking QEMU's userfaultfd (UserfaultfdTheft.swift) and reading
+/// QEMU's mapping of the RAM file (ProcMapsReader.swift). This file registers, scans and copies.
 public final class WriteTrackingFinder: DirtyPageFinder {
     public let pid: Int32
     public let ramFilePath: String
@@ -155,7 +86,6 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     private let uffd: Int32
     private let pagemapFD: Int32
     private let ramFD: Int32
-    private let deviceMajor: UInt32, deviceMinor: UInt32, inode: UInt64
     private var needsFull = true
     /// Why the next collect must be full (logged in stats when it happens).
     private var pendingResyncReason: String?
@@ -165,16 +95,13 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     /// Ranges of the current epoch, collected before anything is copied so a failed scan leaves
     /// the buffer untouched. Bounded by the buffer's free pages (every range holds >= 1 page).
     private var ranges: [(start: UInt64, end: UInt64)] = []
-    /// /proc/PID/maps, kept open for PROCMAP_QUERY.
-    private let mapsFD: Int32
+    /// Where QEMU maps the RAM file (ProcMapsReader.swift), read in every pause.
+    private let maps: ProcMapsReader
     /// Internal so tests can force the text parser (the path of kernels before 6.11).
-    var useProcmapQuery = true
-    /// PROCMAP_QUERY results: the RAM file's VMAs (one, normally; more means split or mapped twice).
-    private let vmas: UnsafeMutablePointer<geminus_file_vma>
-    static let vmaCapacity = 256
-    /// /proc/PID/maps read buffer; grows (to `mapsLimit`) only if QEMU has a large map.
-    private var mapsBuffer = [UInt8](repeating: 0, count: 256 << 10)
-    static let mapsLimit = 16 << 20
+    var useProcmapQuery: Bool {
+        get { maps.useProcmapQuery }
+        set { maps.useProcmapQuery = newValue }
+    }
 
     /// Tracks the QEMU process `qemuPID`, whose guest RAM is the file `ramFilePath` (QEMU's
     /// `mem-path`), through the userfaultfd the preload library created in it. Registers the
@@ -236,26 +163,23 @@ public final class WriteTrackingFinder: DirtyPageFinder {
                                     fix: "run the agent as root or as QEMU's user, and check that QEMU (pid \(pid)) still runs"))
         }
         fds.append(pagemap)
-        let maps = open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC)
-        guard maps >= 0 else {
-            throw fail(GeminusError(.hypervisor, "cannot open /proc/\(pid)/maps: \(WriteTrackingFinder.errnoText(errno))",
-                                    fix: "run the agent as root or as QEMU's user, and check that QEMU (pid \(pid)) still runs"))
+        // glibc's dev_t encoding (gnu_dev_major/minor are macros Swift does not import).
+        let dev = UInt64(st.st_dev)
+        do throws(GeminusError) {
+            maps = try ProcMapsReader(pid: pid, deviceMajor: UInt32(truncatingIfNeeded: ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)),
+                                      deviceMinor: UInt32(truncatingIfNeeded: (dev & 0xff) | ((dev >> 12) & ~0xff)),
+                                      inode: UInt64(st.st_ino))
+        } catch {
+            throw fail(error)
         }
-        self.mapsFD = maps
         self.pid = pid
         self.ramFilePath = ramFilePath
         self.reprotect = reprotect
         self.uffd = userfaultfd
         self.pagemapFD = pagemap
         self.ramFD = ramFD
-        // glibc's dev_t encoding (gnu_dev_major/minor are macros Swift does not import).
-        let dev = UInt64(st.st_dev)
-        deviceMajor = UInt32(truncatingIfNeeded: ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff))
-        deviceMinor = UInt32(truncatingIfNeeded: (dev & 0xff) | ((dev >> 12) & ~0xff))
-        inode = UInt64(st.st_ino)
         mapping = RAMMapping(start: 0, length: 0, fileOffset: 0, deviceMajor: 0, deviceMinor: 0, inode: 0, pieces: 0)
         vec = .allocate(capacity: WriteTrackingFinder.vecCapacity)
-        vmas = .allocate(capacity: WriteTrackingFinder.vmaCapacity)
 
         // UFFDIO_API once per descriptor: EINVAL after the kernel probe passed means an earlier
         // agent configured it already (agent restart); the verify scan below checks that it is
@@ -280,110 +204,7 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         close(uffd)
         close(pagemapFD)
         close(ramFD)
-        close(mapsFD)
         vec.deallocate()
-        vmas.deallocate()
-    }
-
-    // MARK: kernel support
-
-    private static let probeResult: Int32 = geminus_write_tracking_probe()
-
-    /// Whether this kernel has asynchronous write-protect and PAGEMAP_SCAN (Linux 6.7+), tried
-    /// once per process on a scratch mapping. Nil when it works, else the reason.
-    public static func probe() -> GeminusError? {
-        let r = probeResult
-        if r == 1 { return nil }
-        let why: String
-        switch -r {
-        case ENOSYS: why = "this kernel has no userfaultfd (CONFIG_USERFAULTFD off)"
-        case EPERM: why = "userfaultfd is not permitted here (seccomp, or vm.unprivileged_userfaultfd=0 on a kernel before 5.11)"
-        case EINVAL, ENOTTY:
-            why = "this kernel lacks asynchronous userfaultfd write-protect or PAGEMAP_SCAN (\(errnoText(-r)))"
-        default: why = "the write-tracking self-test failed: \(errnoText(-r))"
-        }
-        var u = utsname()
-        uname(&u)
-        let release = withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        return GeminusError(.hypervisor, "write tracking is unavailable on Linux \(release): \(why)",
-                            fix: "write tracking needs Linux 6.7+ with CONFIG_USERFAULTFD and CONFIG_PTE_MARKER_UFFD_WP; use the compare method (ShadowCompareFinder) on this host")
-    }
-
-    public static func checkKernelSupport() throws(GeminusError) {
-        if let e = probe() { throw e }
-    }
-
-    // MARK: devices that defeat tracking
-
-    /// Device models that change guest RAM in ways the tracked mapping never sees, matched in the
-    /// arguments of -device, -netdev, -object and -chardev (plain or JSON syntax).
-    public static let untrackableDeviceMarkers: [(marker: String, why: String)] = [
-        ("virtio-balloon", "balloon inflation and free-page reporting discard guest pages by hole punching, which is not reported"),
-        ("virtio-mem", "virtio-mem unplugs guest memory by discarding it"),
-        ("vhost-user", "a vhost-user backend writes guest RAM through its own mapping"),
-        ("vfio", "a VFIO device writes guest RAM by DMA"),
-    ]
-
-    /// The arguments of `argv` (QEMU's command line) naming a device in `untrackableDeviceMarkers`.
-    public static func untrackableDevices(inArguments argv: [String]) -> [(argument: String, why: String)] {
-        var out: [(String, String)] = []
-        for (i, a) in argv.enumerated() where i > 0 && ["-device", "-netdev", "-object", "-chardev"].contains(argv[i - 1]) {
-            if let m = WriteTrackingFinder.untrackableDeviceMarkers.first(where: { a.contains($0.marker) }) { out.append((a, m.why)) }
-        }
-        return out
-    }
-
-    /// QEMU's argv, from /proc/PID/cmdline.
-    static func commandLine(of pid: Int32) throws(GeminusError) -> [String] {
-        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"), !data.isEmpty else {
-            throw GeminusError(.hypervisor, "cannot read /proc/\(pid)/cmdline", fix: "check that QEMU (pid \(pid)) still runs and the agent runs as root")
-        }
-        return data.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }
-    }
-
-    // MARK: taking QEMU's descriptor
-
-    /// The descriptor numbers of `pid` that are userfaultfds.
-    public static func userfaultfdNumbers(of pid: Int32) throws(GeminusError) -> [Int32] {
-        let dir = "/proc/\(pid)/fd"
-        let names: [String]
-        do { names = try FileManager.default.contentsOfDirectory(atPath: dir) } catch {
-            throw GeminusError(.hypervisor, "cannot list \(dir): \(error.localizedDescription)",
-                               fix: "check that QEMU (pid \(pid)) runs and that the agent runs as root or as QEMU's user")
-        }
-        var found: [Int32] = []
-        var link = [CChar](repeating: 0, count: 256)
-        for name in names {
-            guard let n = Int32(name) else { continue }
-            let len = readlink("\(dir)/\(name)", &link, link.count - 1)
-            guard len > 0 else { continue }
-            let target = link.withUnsafeBufferPointer { String(decoding: UnsafeRawBufferPointer($0).prefix(len), as: UTF8.self) }
-            if target == "anon_inode:[userfaultfd]" { found.append(n) }
-        }
-        return found.sorted()
-    }
-
-    static func takeUserfaultfd(of pid: Int32) throws(GeminusError) -> Int32 {
-        let numbers = try userfaultfdNumbers(of: pid)
-        guard let number = numbers.first else {
-            throw GeminusError(.hypervisor,
-                               "QEMU (pid \(pid)) has no userfaultfd: QEMU was not started with the preload library \(WriteTrackingPreload.fileName), or the library could not create one (its reason is on QEMU's stderr)",
-                               fix: "start QEMU with LD_PRELOAD=<path of \(WriteTrackingPreload.fileName)> (libvirt: <qemu:env name='LD_PRELOAD' value='…'/> in the domain's qemu:commandline); \(WriteTrackingPreload.buildHint); until then the compare method is used")
-        }
-        // Several would mean something else in QEMU uses userfaultfd too (postcopy): the
-        // preload's is created first, before QEMU's main, so it has the lowest number.
-        let pidfd = geminus_pidfd_open(pid)
-        guard pidfd >= 0 else {
-            throw GeminusError(.hypervisor, "pidfd_open(\(pid)) failed: \(errnoText(-pidfd))",
-                               fix: -pidfd == ENOSYS ? "write tracking needs Linux 6.7+" : "check that QEMU (pid \(pid)) still runs")
-        }
-        defer { close(pidfd) }
-        let fd = geminus_pidfd_getfd(pidfd, number)
-        guard fd >= 0 else {
-            throw GeminusError(.hypervisor, "cannot take QEMU's userfaultfd (pid \(pid), fd \(number)) with pidfd_getfd: \(errnoText(-fd))",
-                               fix: -fd == EPERM ? "run the agent as root (pidfd_getfd needs ptrace access to QEMU)" : "write tracking needs Linux 5.6+ for pidfd_getfd and 6.7+ overall")
-        }
-        return fd
     }
 
     // MARK: the mapping
@@ -391,10 +212,10 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     /// QEMU's mapping of the RAM file now. Throws when there is none, or more than one region
     /// (a second mapping's writes would not be tracked), or it is not shared and writable.
     public func currentMapping() throws(GeminusError) -> RAMMapping {
-        let regions = try readMappings()
+        let regions = try maps.mappings()
         guard regions.count == 1, let m = regions.first else {
             if regions.isEmpty {
-                throw GeminusError(.hypervisor, "process \(pid) has no mapping of the RAM file \(ramFilePath) (inode \(inode))",
+                throw GeminusError(.hypervisor, "process \(pid) has no mapping of the RAM file \(ramFilePath) (inode \(maps.inode))",
                                    fix: "give the RAM file this QEMU maps (qom-get /objects/pc.ram mem-path); a RAM file replaced on disk after QEMU started is a different file")
             }
             throw GeminusError(.hypervisor, "process \(pid) maps the RAM file \(ramFilePath) in \(regions.count) separate regions (\(regions.map(\.description).joined(separator: "; "))): writes through all but one would be missed",
@@ -403,118 +224,7 @@ public final class WriteTrackingFinder: DirtyPageFinder {
         return m
     }
 
-    /// The RAM file's shared writable mappings in the process, adjacent VMAs with contiguous
-    /// file offsets merged. It runs in every pause: PROCMAP_QUERY (Linux 6.11+, one ioctl per
-    /// file-backed VMA) when the kernel has it, else the text of /proc/PID/maps.
-    private func readMappings() throws(GeminusError) -> [RAMMapping] {
-        if useProcmapQuery {
-            let n = geminus_file_vmas(mapsFD, deviceMajor, deviceMinor, inode, vmas, WriteTrackingFinder.vmaCapacity)
-            if n >= 0 {
-                var out: [RAMMapping] = []
-                for k in 0..<n where vmas[k].shared_writable != 0 {
-                    let v = vmas[k]
-                    if var last = out.last, last.end == v.start, last.fileOffset + last.length == v.file_offset {
-                        last.length += v.end - v.start
-                        last.pieces += 1
-                        out[out.count - 1] = last
-                    } else {
-                        out.append(RAMMapping(start: v.start, length: v.end - v.start, fileOffset: v.file_offset, deviceMajor: deviceMajor,
-                                              deviceMinor: deviceMinor, inode: inode, pieces: 1))
-                    }
-                }
-                return out
-            }
-            guard n == -Int(ENOTTY) || n == -Int(EINVAL) else {
-                throw GeminusError(n == -Int(ENOSPC) ? .resourceExhausted : .hypervisor,
-                                   "cannot list the mappings of process \(pid) (PROCMAP_QUERY): \(WriteTrackingFinder.errnoText(Int32(-n)))",
-                                   fix: n == -Int(ENOSPC) ? "the RAM file is mapped in more than \(WriteTrackingFinder.vmaCapacity) pieces: use the compare method"
-                                                          : "check that QEMU (pid \(pid)) still runs")
-            }
-            useProcmapQuery = false  // an older kernel: parse the text from now on
-        }
-        return try parseMapsText()
-    }
 
-    /// Parses /proc/PID/maps for the lines of the RAM file (device and inode), merging adjacent
-    /// lines with contiguous file offsets. Plain syscalls and byte parsing: it runs in a pause.
-    private func parseMapsText() throws(GeminusError) -> [RAMMapping] {
-        let path = "/proc/\(pid)/maps"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            throw GeminusError(.hypervisor, "cannot open \(path): \(WriteTrackingFinder.errnoText(errno))", fix: "check that QEMU (pid \(pid)) still runs")
-        }
-        defer { close(fd) }
-        var used = 0
-        while true {
-            if used == mapsBuffer.count {
-                guard mapsBuffer.count < WriteTrackingFinder.mapsLimit else {
-                    throw GeminusError(.resourceExhausted, "\(path) is larger than \(WriteTrackingFinder.mapsLimit >> 20) MiB", fix: "use the compare method for this VM")
-                }
-                mapsBuffer += [UInt8](repeating: 0, count: mapsBuffer.count)
-            }
-            let n = mapsBuffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + used, $0.count - used) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else {
-                throw GeminusError(.hypervisor, "cannot read \(path): \(WriteTrackingFinder.errnoText(errno))", fix: "check that QEMU (pid \(pid)) still runs")
-            }
-            if n == 0 { break }
-            used += n
-        }
-        var out: [RAMMapping] = []
-        mapsBuffer.withUnsafeBufferPointer { b in
-            var i = 0
-            while i < used {
-                var j = i
-                while j < used && b[j] != 0x0A { j += 1 }
-                if let m = parseMapsLine(b, i, j) {
-                    if var last = out.last, last.end == m.start, last.fileOffset + last.length == m.fileOffset {
-                        last.length += m.length
-                        last.pieces += 1
-                        out[out.count - 1] = last
-                    } else {
-                        out.append(m)
-                    }
-                }
-                i = j + 1
-            }
-        }
-        return out
-    }
-
-    /// One maps line `start-end perms offset major:minor inode path`, if it is the RAM file
-    /// (and shared writable: a private or read-only mapping of it cannot be guest RAM).
-    private func parseMapsLine(_ b: UnsafeBufferPointer<UInt8>, _ from: Int, _ to: Int) -> RAMMapping? {
-        var i = from
-        func hex(until stop: UInt8) -> UInt64? {
-            var v: UInt64 = 0
-            var any = false
-            while i < to, b[i] != stop {
-                let c = b[i]
-                let d: UInt64
-                switch c {
-                case 0x30...0x39: d = UInt64(c - 0x30)
-                case 0x61...0x66: d = UInt64(c - 0x61 + 10)
-                default: return nil
-                }
-                v = v << 4 | d
-                any = true
-                i += 1
-            }
-            guard any, i < to else { return nil }
-            i += 1
-            return v
-        }
-        guard let start = hex(until: 0x2D), let end = hex(until: 0x20), i + 5 <= to else { return nil }
-        let perms = (b[i], b[i + 1], b[i + 3])
-        i += 5
-        guard let offset = hex(until: 0x20), let major = hex(until: 0x3A), let minor = hex(until: 0x20) else { return nil }
-        var ino: UInt64 = 0
-        while i < to, b[i] >= 0x30, b[i] <= 0x39 { ino = ino * 10 + UInt64(b[i] - 0x30); i += 1 }
-        guard ino == inode, UInt32(truncatingIfNeeded: major) == deviceMajor, UInt32(truncatingIfNeeded: minor) == deviceMinor,
-              perms == (0x72, 0x77, 0x73) else { return nil }  // "rw" and "s"
-        return RAMMapping(start: start, length: end - start, fileOffset: offset, deviceMajor: deviceMajor,
-                          deviceMinor: deviceMinor, inode: ino, pieces: 1)
-    }
 
     /// Registers `m` with the userfaultfd and checks, with a non-protecting scan, that the kernel
     /// treats all of it as async write-protect (EPERM otherwise).
@@ -728,59 +438,4 @@ public final class WriteTrackingFinder: DirtyPageFinder {
     }
 
     static func errnoText(_ e: Int32) -> String { "\(String(cString: strerror(e))) (errno \(e))" }
-}
-
-extension QEMUGuestConfig {
-    /// Has QEMU load the write-tracking preload library (`WriteTrackingPreload.locate()`).
-    /// An `LD_PRELOAD` already in the environment is kept after it.
-    public mutating func preloadWriteTracking(library: String) {
-        let existing = environment["LD_PRELOAD"] ?? ProcessInfo.processInfo.environment["LD_PRELOAD"] ?? ""
-        environment["LD_PRELOAD"] = existing.isEmpty ? library : "\(library) \(existing)"
-    }
-}
-
-extension QEMUGuest {
-    /// Starts a fresh guest like `launch` and chooses its dirty-page finder by `dirtyPages`
-    /// once QEMU runs (write tracking needs its pid). `config` must already carry the preload
-    /// library for tracking (`preloadWriteTracking`). With `.auto`, a guest that cannot be
-    /// tracked gets the compare method and `fallback` hears why; with `.tracking` that is an
-    /// error and QEMU is stopped again.
-    public static func launch(_ config: QEMUGuestConfig, counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                              dirtyPages: DirtyPagePolicy, fallback: (GeminusError) -> Void)
-        throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
-        let guest = try launch(config, counterAddress: counterAddress)
-        do throws(GeminusError) {
-            let finder = try dirtyPages.makeFinder(qemuPID: guest.process.pid, ramFilePath: config.ramFilePath, fallback: fallback)
-            guest.useFinder(finder)
-            return (guest, finder)
-        } catch {
-            guest.shutdown()
-            throw error
-        }
-    }
-
-    /// Starts a fresh guest like `launch`, with the preload library, and captures with write
-    /// tracking (wrapped in `VerifyingFinder` when `verify`). When tracking cannot be set up
-    /// (old kernel, library missing, ...) it uses `ShadowCompareFinder` and calls `fallback`
-    /// once with the reason, so the caller logs one line. `finder` tells which.
-    public static func launchTracked(_ config: QEMUGuestConfig, preloadLibrary: String? = WriteTrackingPreload.locate(),
-                                     reprotect: WriteTrackingReprotect = .inScan, verify: Bool = false,
-                                     allowUntrackableDevices: Bool = false,
-                                     counterAddress: Int = QEMUGuest.tinyGuestCounterAddress,
-                                     fallback: (GeminusError) -> Void) throws(GeminusError) -> (guest: QEMUGuest, finder: any DirtyPageFinder) {
-        var config = config
-        var policy = DirtyPagePolicy(method: .auto, verify: verify, reprotect: reprotect)
-        policy.allowUntrackableDevices = allowUntrackableDevices
-        if let lib = preloadLibrary {
-            config.preloadWriteTracking(library: lib)
-        } else {
-            // No library: say why once (the kernel first, as the finder would), and do not look
-            // for a descriptor QEMU cannot have.
-            do throws(GeminusError) { _ = try WriteTrackingPreload.require() } catch {
-                fallback(WriteTrackingFinder.probe() ?? error)
-                policy.method = .compare
-            }
-        }
-        return try launch(config, counterAddress: counterAddress, dirtyPages: policy, fallback: fallback)
-    }
 }

@@ -1,9 +1,9 @@
 import ArgumentParser
 import Foundation
-import GeminusAgent
 import GeminusCore
 import GeminusHypervisor
-import GeminusLibvirtGuest
+import GeminusQEMU
+import GeminusTestSupport
 import GeminusTransport
 
 /// The demo's script: start, watch, kill, check.
@@ -55,6 +55,8 @@ final class DemoRun {
                     "--status-socket", dir.appendingPathComponent("\(role).sock").path]
         if mode != .simulated {
             args += ["--dirty-pages", s.dirtyPages.rawValue] + (s.verifyTracking ? ["--verify-tracking"] : [])
+            // The tiny test guest keeps its progress counter here (the checks read it).
+            args += ["--counter-address", "\(QEMUGuest.tinyGuestCounterAddress)"]
         }
         switch mode {
         // A console line every 4096 iterations (unless the operator chose): the output checked.

@@ -60,7 +60,7 @@ struct Enroll: ParsableCommand {
                 }
                 _ = try conn.defineDomain(xml: fixed)
                 // QEMU creates the private QMP socket there at the domain's next start.
-                if automatic.contains(where: { $0.code == .privateQMP }) { try? CAEnrollmentCheck.ensurePrivateQMPDirectory() }
+                if automatic.contains(where: { $0.code == .privateQMP }) { try? PrivateQMP.ensureDirectory() }
                 xml = try conn.xml(of: dom, .persistent)
                 check = CAEnrollmentCheck(xml: xml)
                 say("updated the definition of '\(domain)'")

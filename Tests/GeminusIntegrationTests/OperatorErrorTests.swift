@@ -1,5 +1,5 @@
 import Foundation
-import GeminusAgent
+import GeminusTestSupport
 import Testing
 
 /// Bad input from an operator gets a message that names the cause and the fix, and exit 1.

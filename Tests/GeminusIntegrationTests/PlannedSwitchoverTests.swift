@@ -1,6 +1,5 @@
 import Foundation
-import GeminusAgent
-import GeminusLibvirtGuest
+import GeminusTestSupport
 import Testing
 #if canImport(Glibc)
 import Glibc

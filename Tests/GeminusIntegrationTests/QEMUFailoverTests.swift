@@ -1,5 +1,5 @@
 import Foundation
-import GeminusAgent
+import GeminusTestSupport
 import Testing
 
 /// The test guest built from `Tools/guest-tiny`, or why it cannot be had.

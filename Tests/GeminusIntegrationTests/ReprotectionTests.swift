@@ -1,5 +1,5 @@
 import Foundation
-import GeminusAgent
+import GeminusTestSupport
 import Testing
 
 /// The secondary dies and a new one starts on the same address: the primary must say it lost

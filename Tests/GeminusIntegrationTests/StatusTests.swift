@@ -1,6 +1,5 @@
 import Foundation
-import GeminusAgent
-import GeminusLibvirtGuest
+import GeminusTestSupport
 import Testing
 
 /// A secondary listening on a free loopback port and a primary connected to it, each with its

@@ -75,7 +75,7 @@ struct LibvirtGuestTests {
         let domain = try conn.defineDomain(xml: xml)
         try conn.start(domain)
 
-        let guest = try LibvirtGuest.attach(connection: conn, domainName: name)
+        let guest = try LibvirtGuest.attach(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         var detached = false
         defer { if !detached { guest.shutdown() } }
         #expect(guest.domainName == name)
@@ -122,7 +122,7 @@ struct LibvirtGuestTests {
         #expect(guest.progressCounter > a, "still running after detach")
 
         // Attaching again works (the stale device-state fdset is removed first); shutdown destroys.
-        let again = try LibvirtGuest.attach(connection: conn, domainName: name)
+        let again = try LibvirtGuest.attach(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         try again.pause()
         try again.capture(full: true, into: buffer)
         try again.resume()
@@ -144,7 +144,7 @@ struct LibvirtGuestTests {
         }
         let xml = LibvirtEnv.domainXML(name: name, kernel: kernel, serialPath: LibvirtEnv.workDirectory + "/\(name).serial")
         let domain = try conn.defineDomain(xml: xml)
-        #expect { try LibvirtGuest.attach(connection: conn, domainName: name, timeout: 1) } throws: {
+        #expect { try LibvirtGuest.attach(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress, timeout: 1) } throws: {
             ($0 as? GeminusError)?.message.contains("is not running") == true
         }
         // Without the private socket: refused with the enrolment fix. (Redefined from libvirt's
@@ -158,7 +158,7 @@ struct LibvirtGuestTests {
         let persistent = try conn.xml(of: domain, .persistent)
         #expect(CAEnrollmentCheck(xml: persistent).problems.map(\.code) == [.privateQMP])
         try conn.start(domain)
-        #expect { try LibvirtGuest.attach(connection: conn, domainName: name, timeout: 0.5) } throws: {
+        #expect { try LibvirtGuest.attach(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress, timeout: 0.5) } throws: {
             ($0 as? GeminusError)?.fix?.contains("geminus enroll \(name) --peer HOST --prepare") == true
         }
         // prepare() puts it back; libvirt accepts the result and the check passes on its XML.
@@ -167,7 +167,7 @@ struct LibvirtGuestTests {
         _ = try conn.defineDomain(xml: prepared)
         #expect(CAEnrollmentCheck(xml: try conn.xml(of: domain, .persistent)).problems == [])
         try conn.start(domain)
-        let guest = try LibvirtGuest.attach(connection: conn, domainName: name)
+        let guest = try LibvirtGuest.attach(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         guest.shutdown()
     }
 
@@ -188,10 +188,10 @@ struct LibvirtGuestTests {
         let domainB = try conn.defineDomain(xml: LibvirtEnv.domainXML(name: nameB, kernel: kernel, serialPath: LibvirtEnv.workDirectory + "/\(nameB).serial", pages: 64))
         let definitionB = try conn.xml(of: domainB, .persistent)
         try conn.start(domainA)
-        let primary = try LibvirtGuest.attach(connection: conn, domainName: nameA)
+        let primary = try LibvirtGuest.attach(connection: conn, domainName: nameA, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         defer { primary.shutdown() }
 
-        let standby = LibvirtStandby(connection: conn, domainName: nameB)
+        let standby = LibvirtStandby(connection: conn, domainName: nameB, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         defer { standby.cleanup() }
         #expect(standby.expectedPageCount == primary.pageCount)
         #expect(!standby.isStandbyReady)
@@ -287,7 +287,7 @@ struct LibvirtGuestTests {
             try? conn.close()
         }
         let domain = try conn.defineDomain(xml: LibvirtEnv.domainXML(name: name, kernel: kernel, serialPath: LibvirtEnv.workDirectory + "/\(name).serial"))
-        let standby = LibvirtStandby(connection: conn, domainName: name)
+        let standby = LibvirtStandby(connection: conn, domainName: name, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         #expect(throws: GeminusError.self) { try standby.makeReplicaMemory(pageCount: 1234) }
         _ = try standby.makeReplicaMemory(pageCount: 32 << 8)
         #expect(standby.isStandbyReady)
@@ -320,8 +320,8 @@ struct LibvirtGuestTests {
         let machine = try #require(primary.facts.first { $0.name == "machine type" }?.value)
         #expect(machine.hasPrefix("pc-i440fx-"), "libvirt did not expand 'pc': \(machine)")
         #expect(primary.facts.contains { $0.name == "QEMU version" && !$0.value.isEmpty })
-        #expect(LibvirtStandby(connection: conn, domainName: b).platform.differences(fromPrimary: primary) == [])
-        let refused = LibvirtStandby(connection: conn, domainName: c).platform.differences(fromPrimary: primary)
+        #expect(LibvirtStandby(connection: conn, domainName: b, counterAddress: QEMUGuest.tinyGuestCounterAddress).platform.differences(fromPrimary: primary) == [])
+        let refused = LibvirtStandby(connection: conn, domainName: c, counterAddress: QEMUGuest.tinyGuestCounterAddress).platform.differences(fromPrimary: primary)
         #expect(refused.count == 1 && refused.first?.hasPrefix("machine type: \(machine) on the primary, pc-q35-") == true, "\(refused)")
     }
 }

@@ -82,7 +82,7 @@ struct QMPClientFakeServerTests {
 struct QEMUGuestTests {
     @Test func qmpRoundTripAndErrors() throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "qmp"))
+        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "qmp"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         let status = try guest.qmp.execute("query-status") as? [String: Any]
         #expect(status?["status"] as? String == "running")
@@ -109,7 +109,7 @@ struct QEMUGuestTests {
 
     @Test func pauseFreezesTheCounterAndResumeUnfreezesIt() throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "pause"))
+        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "pause"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         try VMEnv.waitBooted(guest.memory)
         try guest.pause()
@@ -123,7 +123,7 @@ struct QEMUGuestTests {
 
     @Test func captureReturnsExactlyTheChangedPages() throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "capture"))
+        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "capture"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         try VMEnv.waitBooted(guest.memory)
         let buffer = CheckpointBuffer(limitPages: guest.pageCount)
@@ -174,11 +174,11 @@ struct QEMUGuestTests {
     @Test(arguments: [(true, IncomingTransport.fdPipe), (false, .fdPipe), (true, .execCat)])
     func replicateKillAndResumeOnStandby(hot: Bool, transport: IncomingTransport) throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let primary = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "primary"))
+        let primary = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "primary"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { primary.shutdown() }
         var standbyConfig = VMEnv.config(kernel: kernel, role: hot ? "hot" : "cold")
         standbyConfig.append = primary.process.config.append
-        let standby = QEMUStandby(config: standbyConfig, hot: hot, transport: transport)
+        let standby = QEMUStandby(config: standbyConfig, hot: hot, transport: transport, counterAddress: QEMUGuest.tinyGuestCounterAddress)
         defer { standby.cleanup() }
         let replica = try standby.makeReplicaMemory(pageCount: primary.pageCount)
         if hot { #expect(standby.standbyPID != nil) }
@@ -255,9 +255,10 @@ struct QEMUGuestTests {
     /// a hot standby QEMU already maps), then failover from the replica's committed state.
     @Test func replicateThroughTheWireFormatAndFailOver() throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let primary = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wprimary", append: "pages=200"))
+        let primary = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wprimary", append: "pages=200"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { primary.shutdown() }
-        let standby = QEMUStandby(config: VMEnv.config(kernel: kernel, role: "wstandby", append: "pages=200"), hot: true)
+        let standby = QEMUStandby(config: VMEnv.config(kernel: kernel, role: "wstandby", append: "pages=200"), hot: true,
+                                  counterAddress: QEMUGuest.tinyGuestCounterAddress)
         defer { standby.cleanup() }
         let replica = Replica(memory: try standby.makeReplicaMemory(pageCount: primary.pageCount))
         let encoder = try CheckpointEncoder(pageCount: primary.pageCount, maxFramePayload: 64 << 10)

@@ -17,7 +17,7 @@ struct ReplicatedDiskTests {
         config.addDisk(sizeBytes: 1 << 20)
         let disk = try #require(config.disk)
         defer { unlink(disk.path) }
-        let guest = try QEMUGuest.launch(config)
+        let guest = try QEMUGuest.launch(config, counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         try VMEnv.waitBooted(guest.memory)
         let replicated = try #require(guest.disk)

@@ -510,7 +510,8 @@ struct WriteTrackingQEMUTests {
         // The window moves a page every 16 iterations: hundreds of distinct pages per epoch.
         let config = VMEnv.config(kernel: kernel, role: "wt", append: "pages=128 walk=16")
         var fallbacks: [GeminusError] = []
-        let (guest, finder) = try QEMUGuest.launchTracked(config, preloadLibrary: preload, reprotect: reprotect, verify: true) { fallbacks.append($0) }
+        let (guest, finder) = try QEMUGuest.launch(config, counterAddress: QEMUGuest.tinyGuestCounterAddress,
+                                                  dirtyPages: DirtyPagePolicy(method: .auto, verify: true, reprotect: reprotect), preload: .library(preload)) { fallbacks.append($0) }
         defer { guest.shutdown() }
         #expect(fallbacks.isEmpty, "\(fallbacks)")
         let verifier = try #require(finder as? VerifyingFinder)
@@ -545,15 +546,16 @@ struct WriteTrackingQEMUTests {
 
     @Test func qemuWithoutThePreloadGivesAClearErrorAndFallsBack() throws {
         guard let kernel = VMEnv.requireGuest() else { return }
-        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wt-nopre"))
+        let guest = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wt-nopre"), counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
         defer { guest.shutdown() }
         do { _ = try WriteTrackingFinder(qemuPID: guest.process.pid, ramFilePath: guest.process.config.ramFilePath); Issue.record("tracking without the preload") } catch {
             #expect(error.code == .hypervisor)
             #expect(error.message.contains("QEMU (pid \(guest.process.pid)) has no userfaultfd: QEMU was not started with the preload library"))
         }
-        // launchTracked with a library that cannot load: QEMU runs, capture uses the compare method.
+        // Tracking with a library that cannot load: QEMU runs, capture uses the compare method.
         var fallbacks: [GeminusError] = []
-        let (g2, finder) = try QEMUGuest.launchTracked(VMEnv.config(kernel: kernel, role: "wt-bad"), preloadLibrary: "/nonexistent/\(WriteTrackingPreload.fileName)") { fallbacks.append($0) }
+        let (g2, finder) = try QEMUGuest.launch(VMEnv.config(kernel: kernel, role: "wt-bad"), counterAddress: QEMUGuest.tinyGuestCounterAddress,
+                                                   dirtyPages: DirtyPagePolicy(method: .auto), preload: .library("/nonexistent/\(WriteTrackingPreload.fileName)")) { fallbacks.append($0) }
         defer { g2.shutdown() }
         #expect(finder is ShadowCompareFinder)
         #expect(fallbacks.count == 1 && fallbacks.first?.message.contains("not started with the preload library") == true)
@@ -680,10 +682,10 @@ struct WriteTrackingBenchmarks {
                     let guest: QEMUGuest
                     if method == "tracking" {
                         var fallbacks: [GeminusError] = []
-                        guest = try QEMUGuest.launchTracked(config, preloadLibrary: preload) { fallbacks.append($0) }.guest
+                        guest = try QEMUGuest.launch(config, counterAddress: QEMUGuest.tinyGuestCounterAddress, dirtyPages: DirtyPagePolicy(method: .auto), preload: .library(preload)) { fallbacks.append($0) }.guest
                         #expect(fallbacks.isEmpty, "\(fallbacks)")
                     } else {
-                        guest = try QEMUGuest.launch(config)
+                        guest = try QEMUGuest.launch(config, counterAddress: QEMUGuest.tinyGuestCounterAddress).guest
                     }
                     defer { guest.shutdown() }
                     try VMEnv.waitBooted(guest.memory)
