@@ -43,7 +43,7 @@ public enum NodeEvent: Sendable {
     case selfFenced(vm: String, generation: Generation, reason: String, droppedPackets: Int, stopMicros: UInt64, guestStopped: Bool)
 
     // Secondary.
-    case listening(vm: String, address: String)
+    case listening(vm: String, host: String, port: Int)
     case primaryConnected(peer: String, generation: Generation, pages: UInt64)
     case primaryRefused(peer: String, generation: Generation, pairGeneration: Generation)
     case replicaUnavailable(pages: UInt64, String)
@@ -141,7 +141,7 @@ public enum NodeEvent: Sendable {
             return ["epoch": .int(e.rawValue), "pausedMicros": .int(paused), "generation": g.map { .int($0.rawValue) } ?? .null]
         case .selfFenced(_, _, let reason, let dropped, let micros, let stopped):
             return ["reason": .string(reason), "droppedPackets": .int(dropped), "stopMicros": .int(micros), "guestStopped": .bool(stopped)]
-        case .listening(let vm, let address): return ["vm": .string(vm), "address": .string(address)]
+        case .listening(let vm, let host, let port): return ["vm": .string(vm), "host": .string(host), "port": .int(port)]
         case .rejected(let e, let r, let detail, _): return ["epoch": .int(e.rawValue), "reason": .string(r.description), "detail": .string(detail)]
         case .committed(let e, let pages, _): return ["epoch": .int(e.rawValue), "pages": .int(pages)]
         case .handoverDeclined(let e, let reason): return ["epoch": .int(e.rawValue), "reason": .string(reason)]
@@ -192,7 +192,7 @@ public enum NodeEvent: Sendable {
         case .selfFenced(let vm, let g, let reason, let dropped, let micros, let stopped):
             return "SELF-FENCED \(vm) (generation \(g)): \(reason). The guest is stopped for good (in \(micros / 1000) ms) and \(dropped) held packets were dropped"
                 + (stopped ? "; the secondary may run it now" : "; the guest could not be confirmed stopped, so the witness is not told: check this host (QEMU still running?) and stop the guest by hand")
-        case .listening(let vm, let address): return "waiting for the primary of \(vm) on \(address)"
+        case .listening(let vm, let host, let port): return "waiting for the primary of \(vm) on \(host):\(port)"
         case .primaryConnected(let peer, let g, let pages): return "accepts the primary \(peer) (generation \(g), \(pages) pages)"
         case .primaryRefused(let peer, let g, let pair): return "refused primary \(peer): generation \(g) is older than the pair's \(pair)"
         case .replicaUnavailable(let pages, let m): return "cannot hold a replica of \(pages) pages: \(m)"

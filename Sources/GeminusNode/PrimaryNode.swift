@@ -195,7 +195,11 @@ public final class PrimaryNode {
 
     /// Stop at the next step (`finish` then detaches the guest).
     public func stop() {
-        if outcome == nil { outcome = .stopped; guest.detach() }
+        // A self-fence that came meanwhile (from the fence watch's thread) is how the role
+        // ended: the guest is stopped for good, and the agent must stay fenced, not just exit.
+        guard outcome == nil, !checkFenced() else { return }
+        outcome = .stopped
+        guest.detach()
     }
 
     /// The self-fence procedure: held output dropped first (from here on nothing leaves,
@@ -450,7 +454,7 @@ public final class PrimaryNode {
 
     /// `force`: the output is released unheld from now on (unprotected), so it cannot stall.
     private func resumeIfOutputHasRoom(force: Bool = false) {
-        guard let since = pausedForOutputSinceNanos, outcome == nil else { return }
+        guard let since = pausedForOutputSinceNanos, outcome == nil, !checkFenced() else { return }
         guest.drainOutput()
         guard force || !guest.outputStalled else { return }
         pausedForOutputSinceNanos = nil
