@@ -204,58 +204,27 @@ struct Agent: ParsableCommand {
         let stopper = StopOnSignal()
         let status = AgentStatus()
         status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
-        let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
             let network = try openHostNetwork(logger: Logger(label: "geminus.network"))
             defer { network?.stop() }
-            let output = OutputRoute(sink: sink, network: network)
-            var run = RoleRun(role: role)
             let server = try serveStatus(status)
             defer { server.close() }
             let arbitrated = try openArbitration(logger: Logger(label: "geminus.arbitration"), events: eventLog)
             defer { arbitrated.1?.stop() }
-            // A planned switchover swaps the roles: the old primary follows as the secondary
-            // (on --listen), the new primary protects the VM by connecting to it (--peer).
-            while true {
-                let logger = Logger(label: "geminus.\(run.role.rawValue)")
-                status.update(["role": run.role.rawValue, "state": "starting"])
-                eventLog.setRole(run.role.rawValue)
-                switch run.role {
-                case .primary:
-                    let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
-                                                 stopper: stopper, status: status, server: server)
-                    if case .selfFenced(let reason) = outcome {
-                        if let link = arbitrated.1 {
-                            stayFenced(link, generation: run.generation, logger: logger, stopper: stopper, deadline: deadline)
-                        }
-                        throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
-                                           fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
-                    }
-                    // This host's guest no longer runs: nothing from the network is for it.
-                    network?.deliverInbound(to: nil)
-                    guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
-                          Monotonic.nanos() < deadline else { return }
-                    run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
-                case .secondary:
-                    guard try runSecondary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
-                                           stopper: stopper, status: status), !stopper.fired, Monotonic.nanos() < deadline else { return }
-                }
-            }
+            let settings = AgentRuntime.Settings(
+                vmName: vm, keyPath: key, role: role == .primary ? .primary : .secondary,
+                listen: listen.map { ($0.host, $0.port) }, peer: peer.map { ($0.host, $0.port) },
+                primary: primaryMachineConfig(.none), takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000,
+                outputLimitBytes: outputLimitBytes, counterAddress: guestCounterAddress, traceEpochs: traceEpochs,
+                deadlineNanos: durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max)
+            try AgentRuntime(settings: settings, host: CLIGuestHost(agent: self), arbitration: arbitrated.0, witness: arbitrated.1,
+                             output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
+                             events: eventLog, stopper: stopper).run()
         } catch {
             eventLog.emit("error", ["message": "\(error)"])
             throw operatorFailure(error)
         }
-    }
-
-    /// What one stretch in one role starts from.
-    struct RoleRun {
-        var role: Role
-        var generation = Generation(1)
-        /// After a takeover: the running guest, its output port and the checkpoint it resumed from.
-        var carried: (guest: any ProtectedGuest, port: HeldOutputPort, resumedFrom: Epoch)?
-        /// Counts role changes, so each QEMU this process starts gets its own files.
-        var serial = 0
     }
 
     func primaryMachineConfig(_ arbitration: Arbitration) -> PrimaryMachine.Config {
@@ -265,7 +234,7 @@ struct Agent: ParsableCommand {
     }
 
     /// The guest this agent starts (or attaches to) as the first primary.
-    func startGuest(port: HeldOutputPort, network: HostNetwork?, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
+    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
         switch guest {
         case .simulated:
             let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
@@ -279,8 +248,6 @@ struct Agent: ParsableCommand {
                                          dirtyPages: dirtyPagePolicy(logger: logger, events: events),
                                          fallback: trackingFallback(logger: logger)).guest
             q.attachOutput(port)
-            if let nic = q.nic { network?.deliverInbound(to: { nic.deliver($0) }) }
-            q.disk?.export.collect { [port] in port.isHolding }
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
             events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
@@ -306,113 +273,30 @@ struct Agent: ParsableCommand {
         }
     }
 
-    func runPrimary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
-                    stopper: StopOnSignal, status: AgentStatus, server: StatusServer) throws -> PrimaryAgent.Outcome {
-        let port: HeldOutputPort
-        let vm: any ProtectedGuest
-        if let carried = run.carried {
-            (vm, port) = (carried.guest, carried.port)
-        } else {
-            port = HeldOutputPort(limitBytes: outputLimitBytes, destination: AgentOutputDestination(sink: output.sink, network: output.network),
-                                  generation: run.generation, openEpoch: Epoch(1))
-            vm = try startGuest(port: port, network: output.network, logger: logger, events: events)
-        }
-        // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
-        // a second running copy once the secondary takes over); an operator's domain stays.
-        defer { vm.detach() }
-        let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
-                                             keyPath: key, machine: primaryMachineConfig(arbitrated.0), generation: run.generation,
-                                             resumedFrom: run.carried?.resumedFrom ?? .none,
-                                             outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
-        if let link = arbitrated.1 { try awaitQuorum(link) }
-        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status, witness: arbitrated.1)
-        stopper.onSignal { agent.stop() }
-        server.onSwitchover { agent.requestSwitchover() }
-        defer { server.onSwitchover(nil) }
-        return agent.run(deadlineNanos: deadline)
-    }
-
-    /// Follows the primary; after a takeover, sets `run` up as the primary and returns true.
-    func runSecondary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
-                      stopper: StopOnSignal, status: AgentStatus) throws -> Bool {
-        let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
-                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000, arbitration: arbitrated.0),
-                                               counterAddress: guestCounterAddress, generation: run.generation)
-        let standby: any StandbyHost
-        var cleanup: () -> Void = {}
+    /// A standby for the secondary's role, of the guest kind chosen.
+    func makeStandby(serial: Int, logger: Logger, events: EventLog) throws -> (standby: any StandbyHost, cleanup: () -> Void) {
         switch guest {
         case .simulated:
-            standby = SimulatedStandbyHost()
+            return (SimulatedStandbyHost(), {})
         case .qemu:
-            let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress,
+            let q = QEMUStandby(config: qemuConfig("standby\(serial)"), hot: true, counterAddress: guestCounterAddress,
                                 dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            cleanup = q.cleanup
-            standby = q
+            return (q, q.cleanup)
         case .libvirt:
             let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
                                    dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            cleanup = l.cleanup
-            standby = l
+            return (l, l.cleanup)
         }
-        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status, witness: arbitrated.1)
-        stopper.onSignal { secondary.stop() }
-        let limit = outputLimitBytes
-        let destination = AgentOutputDestination(sink: output.sink, network: output.network)
-        guard let takeover = secondary.run(deadlineNanos: deadline, makePort: { generation, epoch in
-            HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
-        }) else {
-            cleanup()
-            return false
-        }
-        let guest = takeover.guest
-        guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
-        if let inbound = guest.inboundFrames { output.network?.deliverInbound(to: inbound) }
-        events.emit("took-over", takeover.report.mapValues(\.any))
-        // Carry on as the primary, protected by --peer if given (after a planned switchover the
-        // old primary follows there); otherwise the VM runs unprotected, reported loudly.
-        status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
-        run = RoleRun(role: .primary, generation: takeover.generation, carried: (guest, takeover.port, takeover.fromEpoch),
-                      serial: run.serial + 1)
-        return true
     }
 }
 
-/// SIGTERM and SIGINT end the agent through its normal path (stop the loop, shut the guest
-/// down), instead of the default of dying on the spot and leaving a QEMU behind.
-final class StopOnSignal: @unchecked Sendable {
-    private var sources: [DispatchSourceSignal] = []
-    private let lock = NSLock()
-    private var action: (@Sendable () -> Void)?
-    private var _fired = false
-    /// A signal arrived: no further role is started.
-    var fired: Bool { lock.withLock { _fired } }
-
-    init() {
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { [self] in
-                lock.lock()
-                let a = action
-                _fired = true
-                lock.unlock()
-                a?()
-            }
-            source.resume()
-            sources.append(source)
-        }
+/// The guest kinds of `geminus agent`, behind the runtime's seam.
+struct CLIGuestHost: GuestHost {
+    let agent: Agent
+    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
+        try agent.startGuest(port: port, logger: logger, events: events)
     }
-
-    /// Replaces what a signal does (the secondary hands over to its primary loop at takeover).
-    func onSignal(_ a: @escaping @Sendable () -> Void) {
-        lock.lock()
-        action = a
-        lock.unlock()
+    func makeStandby(serial: Int, logger: Logger, events: EventLog) throws -> (standby: any StandbyHost, cleanup: () -> Void) {
+        try agent.makeStandby(serial: serial, logger: logger, events: events)
     }
-}
-
-/// Where released output goes: console lines to the sink, NIC frames to the host's network.
-struct OutputRoute {
-    var sink: OutputSink?
-    var network: HostNetwork?
 }

@@ -44,40 +44,6 @@ extension Agent {
                                     "ringSilenceMillis": timings.ringSilenceNanos / 1_000_000])
         return (.witness(timings), link)
     }
-
-    /// After a self-fence: stays in the cluster, saying that this generation's guest stopped
-    /// (the fence watch announced it), until SIGTERM or the run's deadline. The witness records
-    /// it; the secondary hears it from the witness or, in a membership without the witness, from
-    /// this agent itself. Either lets it win the VM though this node is in the cluster (its
-    /// Corosync runs on). Exiting instead would leave such a secondary waiting for an operator,
-    /// and a supervisor restarting this agent as primary would boot a fresh guest.
-    func stayFenced(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, stopper: StopOnSignal, deadline: UInt64) {
-        logger.notice("telling the cluster that generation \(generation) of \(vm) stopped here; this agent stays fenced until stopped (then restart it as --role secondary)")
-        var said = Monotonic.nanos()
-        var recorded = false
-        while !stopper.fired && Monotonic.nanos() < deadline {
-            if !recorded, let g = link.current?.view.stoppedGeneration, g >= generation {
-                recorded = true
-                logger.notice("the witness recorded that generation \(generation) of \(vm) stopped here: its secondary may take it over")
-            }
-            if !recorded && Monotonic.nanos() - said > 30_000_000_000 {
-                said = Monotonic.nanos()
-                logger.warning("the witness does not know yet that \(vm) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); a secondary without word of it cannot take over")
-            }
-            Monotonic.sleep(nanos: 50_000_000)
-        }
-    }
-
-    /// A primary starts only inside a quorate partition: outside one it must not run the VM.
-    func awaitQuorum(_ link: ClusterWitnessLink, timeoutSeconds: Double = 15) throws {
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while Date() < deadline {
-            if let v = link.current?.view, v.quorate { return }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        throw GeminusError(.timeout, "this node is not quorate after \(Int(timeoutSeconds)) s (\(link.current.map { "\($0.view)" } ?? "no view from Corosync")), so it may not run \(vm) as primary",
-                           fix: "check that corosync runs on the peer and on the witness host and that they can reach this host (corosync-quorumtool -s)")
-    }
 }
 
 struct Witness: ParsableCommand {
