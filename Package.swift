@@ -53,7 +53,7 @@ let package = Package(
             // Fixtures and harnesses for tests and `geminus demo`, never for production targets:
             // the tiny test guest as two libvirt domains, and agents run as child processes.
             name: "GeminusTestSupport",
-            dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU"]
+            dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU", "GeminusNode"]
         ),
         .target(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration

@@ -163,7 +163,7 @@ public final class AgentRuntime {
         let guest = takeover.guest
         guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
         if let inbound = guest.inboundFrames { destination.network?.deliverInbound(to: inbound) }
-        events.emit("took-over", takeover.report.mapValues(\.any))
+        events.emit(.tookOver, takeover.report.mapValues(\.any))
         // Carry on as the primary, protected by --peer if given (after a planned switchover the
         // old primary follows there); otherwise the VM runs unprotected, reported loudly.
         status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])

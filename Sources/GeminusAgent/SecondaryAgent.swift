@@ -89,7 +89,7 @@ public final class SecondaryAgent: @unchecked Sendable {
                 var fields = node.statusReport().mapValues(\.any)
                 fields["listen"] = "\(settings.listenHost):\(listener.port)"
                 status.update(fields)
-                events.emit("progress", fields)
+                events.emit(.progress, fields)
             }
             if node.isDone { break }
             if !node.waitForInput(maxNanos: 1_000_000) { Monotonic.sleep(nanos: 1_000_000) }

@@ -95,7 +95,7 @@ final class AgentEventSink: NodeEventSink, @unchecked Sendable {
         case .critical: level = .critical
         }
         logger.log(level: level, "\(event.message)")
-        if let name = event.name { events.emit(name, event.fields.mapValues(\.any)) }
+        events.emit(event)
         also?(event)
     }
 }

@@ -82,36 +82,36 @@ public enum NodeEvent: Sendable {
     }
 
     /// The event's name on the JSON stream; nil for what only the log says.
-    public var name: String? {
+    public var name: EventName? {
         switch self {
-        case .primaryStarted: return "primary-started"
-        case .runningUnprotected, .unprotected: return "unprotected"
-        case .connected, .primaryConnected: return "connected"
-        case .linkLost: return "link-lost"
-        case .captured(_, _, _, _, _, let traced): return traced ? "checkpoint" : nil
-        case .finalCaptured: return "final-checkpoint"
-        case .captureFailed, .resumeFailed, .resumeFailedDown, .failed: return "error"
-        case .fullCopyProgress: return "full-sync-progress"
-        case .acknowledged(_, let traced): return traced ? "acknowledged" : nil
-        case .protected: return "protected"
-        case .peerLost: return "peer-lost"
-        case .resyncing: return "resync"
-        case .announceUnprotected: return "announce-unprotected"
-        case .switchoverRequested: return "switchover-requested"
-        case .switchoverRefused: return "switchover-refused"
-        case .switchoverAborted: return "switchover-aborted"
-        case .handoverSent: return "handover-sent"
-        case .handedOver: return "handed-over"
-        case .selfFenced: return "self-fenced"
-        case .listening: return "listening"
-        case .rejected: return "rejected"
-        case .committed(_, _, let full): return full ? "base-committed" : nil
-        case .handoverRequested: return "handover-requested"
-        case .handoverDeclined: return "handover-declined"
-        case .primaryLost: return "primary-lost"
-        case .cannotTakeOver: return "cannot-take-over"
-        case .awaitingArbitration: return "awaiting-arbitration"
-        case .witnessView: return "witness-view"
+        case .primaryStarted: return .primaryStarted
+        case .runningUnprotected, .unprotected: return .unprotected
+        case .connected, .primaryConnected: return .connected
+        case .linkLost: return .linkLost
+        case .captured(_, _, _, _, _, let traced): return traced ? .checkpoint : nil
+        case .finalCaptured: return .finalCheckpoint
+        case .captureFailed, .resumeFailed, .resumeFailedDown, .failed: return .error
+        case .fullCopyProgress: return .fullSyncProgress
+        case .acknowledged(_, let traced): return traced ? .acknowledged : nil
+        case .protected: return .protected
+        case .peerLost: return .peerLost
+        case .resyncing: return .resync
+        case .announceUnprotected: return .announceUnprotected
+        case .switchoverRequested: return .switchoverRequested
+        case .switchoverRefused: return .switchoverRefused
+        case .switchoverAborted: return .switchoverAborted
+        case .handoverSent: return .handoverSent
+        case .handedOver: return .handedOver
+        case .selfFenced: return .selfFenced
+        case .listening: return .listening
+        case .rejected: return .rejected
+        case .committed(_, _, let full): return full ? .baseCommitted : nil
+        case .handoverRequested: return .handoverRequested
+        case .handoverDeclined: return .handoverDeclined
+        case .primaryLost: return .primaryLost
+        case .cannotTakeOver: return .cannotTakeOver
+        case .awaitingArbitration: return .awaitingArbitration
+        case .witnessView: return .witnessView
         case .notProtectingYet, .transmitted, .fullCopyStarted, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
              .primaryRefused, .replicaUnavailable, .primaryBack, .tookOver: return nil
         }
@@ -213,4 +213,42 @@ public enum NodeEvent: Sendable {
         case .failed(let m): return m
         }
     }
+}
+
+/// The names of the events on the JSON stream (`--events`): what scripts, the demo and the
+/// tests wait for. One place, so a renamed event is a compile error, not a silent mismatch.
+public enum EventName: String, CaseIterable, Sendable, Codable {
+    case acknowledged = "acknowledged"
+    case announceUnprotected = "announce-unprotected"
+    case arbitration = "arbitration"
+    case awaitingArbitration = "awaiting-arbitration"
+    case baseCommitted = "base-committed"
+    case cannotTakeOver = "cannot-take-over"
+    case checkpoint = "checkpoint"
+    case connected = "connected"
+    case error = "error"
+    case finalCheckpoint = "final-checkpoint"
+    case fullSyncProgress = "full-sync-progress"
+    case guestStarted = "guest-started"
+    case handedOver = "handed-over"
+    case handoverDeclined = "handover-declined"
+    case handoverRequested = "handover-requested"
+    case handoverSent = "handover-sent"
+    case linkLost = "link-lost"
+    case listening = "listening"
+    case peerLost = "peer-lost"
+    case primaryLost = "primary-lost"
+    case primaryStarted = "primary-started"
+    case progress = "progress"
+    case protected = "protected"
+    case rejected = "rejected"
+    case resync = "resync"
+    case selfFenced = "self-fenced"
+    case switchoverAborted = "switchover-aborted"
+    case switchoverRefused = "switchover-refused"
+    case switchoverRequested = "switchover-requested"
+    case tookOver = "took-over"
+    case trackingMiss = "tracking-miss"
+    case unprotected = "unprotected"
+    case witnessView = "witness-view"
 }

@@ -183,7 +183,7 @@ struct Agent: ParsableCommand {
     func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
         DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
             logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
-            events.emit("tracking-miss", ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
+            events.emit(.trackingMiss, ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
                                           "epochsWithMisses": verification.epochsWithMisses])
         })
     }
@@ -222,7 +222,7 @@ struct Agent: ParsableCommand {
                              output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
                              events: eventLog, stopper: stopper).run()
         } catch {
-            eventLog.emit("error", ["message": "\(error)"])
+            eventLog.emit(.error, ["message": "\(error)"])
             throw operatorFailure(error)
         }
     }
@@ -249,13 +249,13 @@ struct Agent: ParsableCommand {
                                          fallback: trackingFallback(logger: logger)).guest
             q.attachOutput(port)
             logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
-            events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
+            events.emit(.guestStarted, ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
             return q
         case .libvirt:
             let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
                                             dirtyPages: dirtyPagePolicy(logger: logger, events: events), fallback: trackingFallback(logger: logger))
             logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
-            events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
+            events.emit(.guestStarted, ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
             reportEnrollment(of: l, logger: logger)
             return l
         }

@@ -39,7 +39,7 @@ extension Agent {
         let cluster = try CorosyncCluster(groupName: cpgGroup)
         let link = ClusterWitnessLink(cluster: cluster, vm: vm, peer: peerNodeId, logger: logger)
         logger.notice("arbitration by Corosync (token \(t.tokenMillis) ms, consensus \(t.consensusMillis) ms): a primary that loses quorum, or whose own messages go undelivered for \(timings.ringSilenceNanos / 1_000_000) ms, stops its guest within \(timings.selfFenceNanos / 1_000_000) ms; a secondary takes over \(timings.takeoverWaitNanos / 1_000_000) ms after winning")
-        events.emit("arbitration", ["engine": "corosync", "tokenMillis": t.tokenMillis, "consensusMillis": t.consensusMillis,
+        events.emit(.arbitration, ["engine": "corosync", "tokenMillis": t.tokenMillis, "consensusMillis": t.consensusMillis,
                                     "selfFenceMillis": timings.selfFenceNanos / 1_000_000, "takeoverWaitMillis": timings.takeoverWaitNanos / 1_000_000,
                                     "ringSilenceMillis": timings.ringSilenceNanos / 1_000_000])
         return (.witness(timings), link)
