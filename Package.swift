@@ -15,7 +15,8 @@ let package = Package(
     ],
     targets: [
         // System libraries, found through pkg-config; `providers` names the Debian package
-        // so a missing library is reported with the command that installs it.
+        // so a missing library is reported with the command that installs it. Hints only: the
+        // list is Tools/packages.txt (its build group), which Tools/install-deps installs.
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
