@@ -17,6 +17,7 @@ final class FramedPeerLink: PeerLink {
     }
 
     var remoteAddress: String { connection.remoteAddress }
+    var peerHoldsCheckpoint: Bool { connection.peer.role == .secondary && connection.peer.committedEpoch != .none }
     var lastHeardNanos: UInt64 { connection.lastHeardNanos }
 
     func send(_ frame: [UInt8]) throws(GeminusError) {

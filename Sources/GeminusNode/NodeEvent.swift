@@ -22,6 +22,7 @@ public enum NodeEvent: Sendable {
     case finalCaptured(Epoch, counter: UInt64, pauseMicros: UInt64)
     case captureFailed(Epoch, String)
     case transmitted(Epoch, base: Epoch, frames: Int)
+    case liveCopied(Epoch, full: Bool, pages: Int, micros: UInt64, round: Int)
     case fullCopyStarted(Epoch, mib: Int)
     case fullCopyProgress(text: String, fields: [String: JSONValue])
     case acknowledged(Epoch, traced: Bool)
@@ -48,6 +49,7 @@ public enum NodeEvent: Sendable {
     case primaryRefused(peer: String, generation: Generation, pairGeneration: Generation)
     case replicaUnavailable(pages: UInt64, String)
     case committed(Epoch, pages: Int, full: Bool)
+    case liveCommitted(Epoch, pages: Int, full: Bool)
     case rejected(Epoch, RejectReason, detail: String, keeps: Epoch)
     case handoverRequested(vm: String, Epoch)
     case handoverDeclined(Epoch, reason: String)
@@ -65,7 +67,8 @@ public enum NodeEvent: Sendable {
     public var level: Level {
         switch self {
         case .captured(_, let full, _, _, _, _): return full ? .notice : .trace
-        case .transmitted, .acknowledged, .epochDeferred: return .trace
+        case .transmitted, .acknowledged, .epochDeferred, .liveCommitted: return .trace
+        case .liveCopied: return .info
         case .committed(_, _, let full): return full ? .notice : .trace
         case .primaryStarted, .connected, .primaryConnected, .listening, .witnessView, .primaryBack, .fullCopyProgress: return .notice
         case .fullCopyStarted, .switchoverRequested, .protected, .handoverSent, .handoverRequested: return .notice
@@ -112,6 +115,8 @@ public enum NodeEvent: Sendable {
         case .cannotTakeOver: return .cannotTakeOver
         case .awaitingArbitration: return .awaitingArbitration
         case .witnessView: return .witnessView
+        case .liveCopied: return .liveCopy
+        case .liveCommitted: return nil
         case .notProtectingYet, .transmitted, .fullCopyStarted, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
              .primaryRefused, .replicaUnavailable, .primaryBack, .tookOver: return nil
         }
@@ -128,6 +133,9 @@ public enum NodeEvent: Sendable {
         case .primaryConnected(let peer, let g, _): return ["peer": .string(peer), "generation": .int(g.rawValue)]
         case .linkLost(let reason): return ["reason": .string(reason)]
         case .captured(let e, let full, let counter, _, _, _): return ["epoch": .int(e.rawValue), "counter": .int(counter), "full": .bool(full)]
+        case .liveCopied(let e, let full, let pages, let micros, let round):
+            return ["epoch": .int(e.rawValue), "full": .bool(full), "pages": .int(pages), "micros": .int(micros), "round": .int(round)]
+        case .liveCommitted(let e, let pages, _): return ["epoch": .int(e.rawValue), "pages": .int(pages)]
         case .finalCaptured(let e, let counter, let pause):
             return ["epoch": .int(e.rawValue), "counter": .int(counter), "pauseMicros": .int(pause)]
         case .captureFailed(_, let m), .resumeFailed(_, let m), .resumeFailedDown(let m), .failed(let m): return ["message": .string(m)]
@@ -167,6 +175,9 @@ public enum NodeEvent: Sendable {
         case .finalCaptured(let e, let counter, let pause): return "final capture \(e) (counter \(counter), guest paused \(pause) us so far)"
         case .captureFailed(let e, let m): return "checkpoint \(e) failed: \(m); stopping"
         case .transmitted(let e, let base, let frames): return "send \(e) on \(base) (\(frames) frames)"
+        case .liveCopied(let e, let full, let pages, let micros, let round):
+            return "live copy round \(round) (epoch \(e)): \(full ? "all " : "")\(pages) pages copied while the guest ran, in \(micros / 1000) ms"
+        case .liveCommitted(let e, let pages, _): return "live round \(e) applied (\(pages) pages; not resumable until the pause that ends the copy commits)"
         case .fullCopyStarted(let e, let mib): return "full checkpoint \(e): sending \(mib) MiB of guest RAM to the secondary"
         case .fullCopyProgress(let text, _): return text
         case .acknowledged(let e, _): return "ack \(e)"
@@ -251,4 +262,5 @@ public enum EventName: String, CaseIterable, Sendable, Codable {
     case trackingMiss = "tracking-miss"
     case unprotected = "unprotected"
     case witnessView = "witness-view"
+    case liveCopy = "live-copy"
 }

@@ -20,3 +20,12 @@ extension QEMUGuest {
         disk?.export.collect(while: holding)
     }
 }
+
+extension QEMUGuest {
+    /// A replicated disk's first copy rides the full checkpoint: such a guest is copied paused.
+    public var supportsLiveCopy: Bool { disk == nil && checkpointer.findsWhileRunning }
+
+    public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        try checkpointer.captureLive(full: full, into: buffer)
+    }
+}
