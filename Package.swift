@@ -57,6 +57,12 @@ let package = Package(
             dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU", "GeminusNode"]
         ),
         .target(
+            // `geminus demo`'s script: two agent processes on loopback, the primary killed at a
+            // random moment, the checks (resumed checkpoint, output commit, failover bound, one copy).
+            name: "GeminusDemo",
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport", "GeminusTestSupport"]
+        ),
+        .target(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
             // downtime beside them, and the scaling of the dirty-page part with guest RAM.
             name: "GeminusBench",
@@ -115,9 +121,7 @@ let package = Package(
             dependencies: [
                 "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
-                "GeminusCluster", "GeminusHA", "GeminusHAHost",
-                // Only for `geminus demo` (DemoRun.swift): the test guest's domains, agent processes.
-                "GeminusTestSupport",
+                "GeminusCluster", "GeminusHA", "GeminusHAHost", "GeminusDemo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
