@@ -116,10 +116,17 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        .target(
+            // The guest kinds `geminus agent` can protect (simulated, QEMU it starts, a libvirt
+            // domain) behind the runtime's `GuestHost` seam.
+            name: "GeminusAgentGuests",
+            dependencies: ["GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt", "GeminusLibvirtGuest",
+                           .product(name: "Logging", package: "swift-log")]
+        ),
         .executableTarget(
             name: "geminus",
             dependencies: [
-                "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
+                "GeminusAgent", "GeminusAgentGuests", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
                 "GeminusCluster", "GeminusHA", "GeminusHAHost", "GeminusDemo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),

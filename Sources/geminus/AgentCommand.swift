@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import GeminusAgent
+import GeminusAgentGuests
 import GeminusCore
 import GeminusHypervisor
 import GeminusLibvirt
@@ -18,6 +19,10 @@ enum Role: String, ExpressibleByArgument, CaseIterable {
 /// the simulated guest.
 enum GuestKind: String, ExpressibleByArgument, CaseIterable {
     case simulated, qemu, libvirt
+}
+
+enum FirstCopy: String, ExpressibleByArgument, CaseIterable {
+    case live, paused
 }
 
 extension PageContent: ExpressibleByArgument {}
@@ -51,6 +56,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Primary: silence from the secondary, in milliseconds, after which the link is dropped.") var peerSilenceMillis = 150
     @Option(help: "Primary: after losing the secondary, hold output this long before running unprotected.") var unprotectAfterMillis = 300
     @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
+    @Option(help: "Primary: how the first copy to a secondary without a checkpoint is taken: live (rounds while the guest runs, then one short pause for what is still dirty) or paused (the whole RAM copied with the guest stopped). A secondary that holds a checkpoint always gets a paused copy, so its checkpoint stays whole until the new one commits.") var firstCopy = FirstCopy.live
     @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
     @Option(help: "QEMU guest: give the guest a NIC (ne2k_isa) bridged to this host interface; its frames leave only once their checkpoint is acknowledged, the MAC is announced after a takeover (docs/NETWORK.md). Needs CAP_NET_RAW.") var nicBridge: String?
@@ -136,61 +142,13 @@ struct Agent: ParsableCommand {
         try StatusServer(path: statusSocket ?? StatusServer.defaultPath(vm: vm), status: status)
     }
 
-    var guestCounterAddress: Int {
-        counterAddress ?? (guest == .simulated ? SimulatedGuest.counterAddress : QEMUGuest.tinyGuestCounterAddress)
-    }
-
-    var domainName: String { domain ?? vm }
-
-    func openLibvirt() throws -> LibvirtConnection {
-        // /run is emptied at boot; QEMU cannot start a protected domain without this directory.
-        try PrivateQMP.ensureDirectory()
-        do {
-            return try LibvirtConnection.open(uri: uri)
-        } catch let e as GeminusError {
-            var e = e
-            if e.fix == nil { e.fix = "start libvirtd (Tools/start-libvirt as root), or pass --uri" }
-            throw e
-        }
-    }
-
-    /// A QEMU the agent starts carries the write-tracking preload library when tracking may be
-    /// used and the library is found (`auto` without it falls back to compare, said once).
-    func qemuConfig(_ role: String) -> QEMUGuestConfig {
-        var c = QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
-        // The serial console is the guest's output: held until its checkpoint is acknowledged
-        // and sent to --output-sink like any packet; so is its NIC's (--nic-bridge).
-        c.serialSocketPath = c.serialLogPath + ".sock"
-        if nicBridge != nil { c.addNIC(mac: guestMAC) }
-        if let n = diskMib { c.addDisk(sizeBytes: UInt64(n) << 20) }
-        if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
-        return c
-    }
-
-    /// The guest NIC's MAC: the same on both hosts (the resumed guest keeps its device state).
-    var guestMAC: MACAddress { nicMac.flatMap { MACAddress($0) } ?? MACAddress.derived(from: vm) }
-
-    /// The guest's network on this host (`--nic-bridge`), opened once per agent process.
-    func openHostNetwork(logger: Logger) throws(GeminusError) -> HostNetwork? {
-        guard let nicBridge else { return nil }
-        let n = try HostNetwork(interface: nicBridge, guestMAC: guestMAC.bytes)
-        logger.info("guest NIC \(guestMAC) bridged to \(nicBridge): frames leave once their checkpoint is acknowledged")
-        return n
-    }
-
-    /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
-    /// critical and counted in the events, the VM stays protected (the missed pages are sent).
-    func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
-        DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
-            logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
-            events.emit(.trackingMiss, ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
-                                          "epochsWithMisses": verification.epochsWithMisses])
-        })
-    }
-
-    /// One log line when write tracking was asked for (`auto`) but cannot be had.
-    func trackingFallback(logger: Logger) -> @Sendable (GeminusError) -> Void {
-        { error in logger.notice("dirty pages by compare (O(guest RAM) per checkpoint), not write tracking: \(error.message)\(error.fix.map { "; to track writes: \($0)" } ?? "")") }
+    var guestChoice: AgentGuests.Choice {
+        AgentGuests.Choice(kind: AgentGuests.Kind(rawValue: guest.rawValue)!, vmName: vm, ramMiB: ramMib,
+                           workload: SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
+                                                       content: content, outputsPerSecond: outputsPerSecond, seed: seed),
+                           kernel: kernel, append: append, counterAddress: counterAddress, dirtyPages: dirtyPages,
+                           verifyTracking: verifyTracking, trackingReprotect: trackingReprotect, nicBridge: nicBridge, nicMAC: nicMac,
+                           diskMiB: diskMib, domain: domain, uri: uri, intervalMillis: intervalMillis)
     }
 
     func run() throws {
@@ -206,7 +164,8 @@ struct Agent: ParsableCommand {
         status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
-            let network = try openHostNetwork(logger: Logger(label: "geminus.network"))
+            let guests = AgentGuests(guestChoice)
+            let network = try guests.openHostNetwork(logger: Logger(label: "geminus.network"))
             defer { network?.stop() }
             let server = try serveStatus(status)
             defer { server.close() }
@@ -216,9 +175,9 @@ struct Agent: ParsableCommand {
                 vmName: vm, keyPath: key, role: role == .primary ? .primary : .secondary,
                 listen: listen.map { ($0.host, $0.port) }, peer: peer.map { ($0.host, $0.port) },
                 primary: primaryMachineConfig(.none), takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000,
-                outputLimitBytes: outputLimitBytes, counterAddress: guestCounterAddress, traceEpochs: traceEpochs,
+                outputLimitBytes: outputLimitBytes, counterAddress: guests.choice.guestCounterAddress, traceEpochs: traceEpochs,
                 deadlineNanos: durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max)
-            try AgentRuntime(settings: settings, host: CLIGuestHost(agent: self), arbitration: arbitrated.0, witness: arbitrated.1,
+            try AgentRuntime(settings: settings, host: guests, arbitration: arbitrated.0, witness: arbitrated.1,
                              output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
                              events: eventLog, stopper: stopper).run()
         } catch {
@@ -230,73 +189,7 @@ struct Agent: ParsableCommand {
     func primaryMachineConfig(_ arbitration: Arbitration) -> PrimaryMachine.Config {
         PrimaryMachine.Config(epochIntervalNanos: UInt64(intervalMillis) * 1_000_000, maxEpochsInFlight: maxInFlight,
                               peerSilenceNanos: UInt64(peerSilenceMillis) * 1_000_000,
-                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000, arbitration: arbitration)
-    }
-
-    /// The guest this agent starts (or attaches to) as the first primary.
-    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
-        switch guest {
-        case .simulated:
-            let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
-                                             content: content, outputsPerSecond: outputsPerSecond, seed: seed)
-            try workload.validate()
-            let sim = try SimulatedVM(workload: workload, output: port)
-            sim.start()
-            return sim
-        case .qemu:
-            let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress,
-                                         dirtyPages: dirtyPagePolicy(logger: logger, events: events),
-                                         fallback: trackingFallback(logger: logger)).guest
-            q.attachOutput(port)
-            logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
-            events.emit(.guestStarted, ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
-            return q
-        case .libvirt:
-            let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
-                                            dirtyPages: dirtyPagePolicy(logger: logger, events: events), fallback: trackingFallback(logger: logger))
-            logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
-            events.emit(.guestStarted, ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
-            reportEnrollment(of: l, logger: logger)
-            return l
-        }
-    }
-
-    /// The enrolment recorded by `geminus enroll` is the operator's statement of intent: say
-    /// when the agent protects a domain without one, or with another interval than recorded.
-    func reportEnrollment(of guest: LibvirtGuest, logger: Logger) {
-        guard let enrollment = (try? guest.connection.readEnrollment(of: guest.domain)) ?? nil else {
-            logger.warning("domain \(domainName) is not enrolled for CA (no <geminus:enrollment> in its metadata): protecting it anyway; record it with `geminus enroll \(domainName) --peer HOST`")
-            return
-        }
-        if enrollment.intervalMilliseconds != intervalMillis {
-            logger.notice("domain \(domainName) was enrolled with a \(enrollment.intervalMilliseconds) ms interval; this agent checkpoints every \(intervalMillis) ms (--interval-millis)")
-        }
-    }
-
-    /// A standby for the secondary's role, of the guest kind chosen.
-    func makeStandby(serial: Int, logger: Logger, events: EventLog) throws -> (standby: any StandbyHost, cleanup: () -> Void) {
-        switch guest {
-        case .simulated:
-            return (SimulatedStandbyHost(), {})
-        case .qemu:
-            let q = QEMUStandby(config: qemuConfig("standby\(serial)"), hot: true, counterAddress: guestCounterAddress,
-                                dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            return (q, q.cleanup)
-        case .libvirt:
-            let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
-                                   dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            return (l, l.cleanup)
-        }
-    }
-}
-
-/// The guest kinds of `geminus agent`, behind the runtime's seam.
-struct CLIGuestHost: GuestHost {
-    let agent: Agent
-    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
-        try agent.startGuest(port: port, logger: logger, events: events)
-    }
-    func makeStandby(serial: Int, logger: Logger, events: EventLog) throws -> (standby: any StandbyHost, cleanup: () -> Void) {
-        try agent.makeStandby(serial: serial, logger: logger, events: events)
+                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000, arbitration: arbitration,
+                              liveFirstCopy: firstCopy == .live)
     }
 }
