@@ -255,8 +255,8 @@ public final class DemoRun {
         let old = packets.filter { $0.generation < generation }
         let new = packets.filter { $0.generation == generation }
         let highestOld = old.map(\.packet.sequence).max() ?? 0
-        let beyond = old.filter { $0.packet.sequence > outputSequence }
-        let mismatched = old.filter { seen in ring[seen.packet.sequence].map { $0 != seen.packet.counter } ?? false }
+        let verdict = ReleasedOutputCheck.judge(old.map(\.packet), outputSequence: outputSequence, history: ring)
+        let (beyond, mismatched) = (verdict.beyond, verdict.mismatched)
         let forged = packets.filter { $0.packet.check != OutputPacket.checkValue(sequence: $0.packet.sequence, counter: $0.packet.counter, seed: seed) }
         summary.check("no output released ahead of its checkpoint (S2)",
                       !old.isEmpty && beyond.isEmpty && mismatched.isEmpty && forged.isEmpty && malformed == 0,
