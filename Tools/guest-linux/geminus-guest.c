@@ -12,6 +12,8 @@
  *   milliseconds (default 1000), SEQ = 1, 2, ...
  * - geminus.pages=N (default 0): the counter thread also writes the counter into one of N
  *   extra locked pages per increment, round-robin (a larger, steadily dirtied working set).
+ * - geminus.counter_us=U (default 0 = spin): sleep U microseconds between increments (an
+ *   almost idle guest: the counter still grows, the vCPU no longer keeps a host core busy).
  * - geminus.log_s=S (default 0 = off): print `counter=... requests=... sent=...` every S s.
  * - A TCP transaction service on geminus.txn_port (default 7000; txn.c has the protocol): a
  *   balance in RAM, each transaction appended to a log on the virtio disk (a raw ring of
@@ -58,6 +60,7 @@ static struct status *st;
 #include "txn.c"
 static volatile uint64_t *extra;
 static uint64_t npages;
+static long counter_us; /* geminus.counter_us: sleep this long between increments (0: spin) */
 
 static uint64_t virt_to_phys(const void *p)
 {
@@ -80,6 +83,18 @@ static void *counter_thread(void *arg)
     struct sched_param sp = {0};
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     uint64_t c = st->counter, i = 0;
+    if (counter_us > 0) {
+        struct timespec d = {counter_us / 1000000, (counter_us % 1000000) * 1000};
+        for (;;) {
+            st->counter = ++c;
+            if (npages) {
+                extra[i * 512] = c;
+                if (++i == npages)
+                    i = 0;
+            }
+            nanosleep(&d, NULL);
+        }
+    }
     if (npages) {
         for (;;) {
             st->counter = ++c;
@@ -140,6 +155,7 @@ int main(void)
     long every_ms = (v = param(cmdline, "geminus.every_ms")) ? atol(v) : 1000;
     long log_s = (v = param(cmdline, "geminus.log_s")) ? atol(v) : 0;
     npages = (v = param(cmdline, "geminus.pages")) ? strtoull(v, NULL, 0) : 0;
+    counter_us = (v = param(cmdline, "geminus.counter_us")) ? atol(v) : 0;
     struct sockaddr_in sink = {0};
     int have_sink = 0;
     if ((v = param(cmdline, "geminus.sink"))) {

@@ -134,6 +134,7 @@ def run(args):
     tag = rnd.getrandbits(31) << 32
     out = open(args.out, "w", buffering=1)
     t0 = time.monotonic()
+    out.write(json.dumps({"event": "start", "wall": time.time(), "tag": tag}) + "\n")
     deadline = t0 + args.seconds if args.seconds > 0 else float("inf")
     conn = None
     acked = {}
@@ -232,10 +233,10 @@ def run(args):
         ok = False
     summary["ok"] = ok
     text = json.dumps(summary)
-    print(text)
     if args.summary:
         with open(args.summary, "w") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(dict(summary, lost_ids=lost if "lost" in summary else [])) + "\n")
+    print(text)
     return 0 if ok else 1
 
 
