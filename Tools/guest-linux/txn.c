@@ -265,6 +265,12 @@ static void disk_open(const char *path)
 {
     disk_fd = open(path, O_RDWR | O_DIRECT | O_SYNC);
     disk_mode = 2;
+    int ro = 0;
+    if (disk_fd >= 0 && ioctl(disk_fd, BLKROGET, &ro) == 0 && ro) { /* <readonly/>: open succeeds, writes fail */
+        close(disk_fd);
+        disk_fd = -1;
+        errno = EROFS;
+    }
     if (disk_fd < 0 && (errno == EROFS || errno == EACCES)) {
         disk_fd = open(path, O_RDONLY | O_DIRECT);
         disk_mode = 1;
