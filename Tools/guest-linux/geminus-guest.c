@@ -27,7 +27,7 @@
  *   0x40 layout version (2)
  *   0x48 txn seq (last applied)  0x50 txn balance (signed)  0x58 txn applied count
  *   0x60 disk checks run         0x68 disk mismatches seen  0x70 disk mode (0 none, 1 ro, 2 rw)
- *   0x78 disk records found ahead of RAM (written by a copy of this guest RAM does not know)
+ *   0x78 disk records newer than RAM at the latest check (written by a copy RAM does not know)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

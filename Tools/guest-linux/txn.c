@@ -27,8 +27,9 @@
  *   - every geminus.check_s seconds (default 1; 0 = off) the last DISK_CHECK_WINDOW records must
  *     be on disk as RAM has them and the next DISK_CHECK_WINDOW sectors must hold no newer one;
  *   - CHECK does the same over the whole ring.
- * Each mismatch is printed on the console (`geminus-txn: DISK MISMATCH ...`) and counted in
- * the status page and in STATUS. A read-only disk (<readonly/>) gives disk=ro: the log is kept
+ * Each mismatch is counted in the status page and in STATUS (`mismatches`, cumulative; `ahead`
+ * is how many newer records the latest check found) and printed on the console
+ * (`geminus-txn: DISK MISMATCH ...`: the first ten, then at every power of two). A read-only disk (<readonly/>) gives disk=ro: the log is kept
  * in RAM only and nothing is checked; no disk gives disk=none.
  */
 #include <linux/fs.h>
@@ -84,10 +85,11 @@ static void problem(const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(last_problem, sizeof last_problem, fmt, ap);
     va_end(ap);
-    st->disk_mismatches++;
-    printf("geminus-txn: DISK MISMATCH %s (mismatches=%llu)\n", last_problem,
-           (unsigned long long)st->disk_mismatches);
-    fflush(stdout);
+    uint64_t n = ++st->disk_mismatches;
+    if (n <= 10 || (n & (n - 1)) == 0) { /* the first ten, then at powers of two */
+        printf("geminus-txn: DISK MISMATCH %s (mismatches=%llu)\n", last_problem, (unsigned long long)n);
+        fflush(stdout);
+    }
 }
 
 static uint64_t slot_of(uint64_t seq) { return 1 + (seq - 1) % slots; }
@@ -193,7 +195,7 @@ static int for_slots(uint64_t from, uint64_t to, slot_fn fn)
     return 0;
 }
 
-static uint64_t check_ram_seq, check_bad;
+static uint64_t check_ram_seq, check_bad, check_ahead_n;
 static void check_behind(uint64_t seq, const struct rec *r)
 {
     const struct tx *t = tx_at(seq);
@@ -212,7 +214,7 @@ static void check_ahead(uint64_t seq, const struct rec *r)
 {
     (void)seq;
     if (rec_valid(r) && r->seq > check_ram_seq) {
-        st->disk_ahead++;
+        check_ahead_n++;
         if (!check_bad++)
             problem("disk holds seq %llu (id=%llu balance=%lld) but RAM ends at seq %llu",
                     (unsigned long long)r->seq, (unsigned long long)r->id, (long long)r->balance,
@@ -230,13 +232,14 @@ static int txn_check(uint64_t window, int verbose)
     uint64_t behind = txcount < w ? txcount : w;
     uint64_t ahead = window ? (w < slots - behind ? w : slots - behind) : slots - behind;
     check_ram_seq = last;
-    check_bad = 0;
+    check_bad = check_ahead_n = 0;
     st->disk_checks++;
     uint64_t before = st->disk_mismatches;
     if (behind)
         for_slots(last - behind + 1, last, check_behind);
     if (ahead)
         for_slots(last + 1, last + ahead, check_ahead);
+    st->disk_ahead = check_ahead_n;
     if (verbose || st->disk_mismatches != before) {
         printf("geminus-txn: check of %llu records and %llu slots ahead: %s\n",
                (unsigned long long)behind, (unsigned long long)ahead,
@@ -366,7 +369,6 @@ static struct tx *txn_apply(uint64_t id, int64_t amount)
         if (read_sectors(s, 1) == 0) {
             const struct rec *old = (const struct rec *)iobuf;
             if (rec_valid(old) && old->seq >= seq) {
-                st->disk_ahead++;
                 problem("about to write seq %llu but disk already holds seq %llu (id=%llu "
                         "balance=%lld): disk ahead of RAM", (unsigned long long)seq,
                         (unsigned long long)old->seq, (unsigned long long)old->id,
