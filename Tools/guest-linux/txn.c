@@ -389,7 +389,7 @@ static struct tx *txn_apply(uint64_t id, int64_t amount)
     return &txlog[txcount - 1];
 }
 
-struct client { int fd; size_t len; char buf[512]; };
+struct client { int fd; size_t len; uint64_t last_ms; char buf[512]; };
 static struct client clients[MAX_CLIENTS];
 static int listen_fd = -1;
 
@@ -531,6 +531,7 @@ static void txn_poll(struct pollfd *pfd, int n)
         }
         if (r < 0)
             continue;
+        c->last_ms = txn_ms();
         c->len += (size_t)r;
         c->buf[c->len] = 0;
         char *line = c->buf, *nl;
@@ -560,12 +561,16 @@ static void txn_poll(struct pollfd *pfd, int n)
             for (int i = 0; i < MAX_CLIENTS; i++)
                 if (clients[i].fd < 0)
                     c = &clients[i];
-            if (!c) { /* full: the oldest client makes room (clients that vanished in a failover) */
+            if (!c) { /* full: the longest idle client makes room (e.g. one that vanished in a failover) */
                 c = &clients[0];
+                for (int i = 1; i < MAX_CLIENTS; i++)
+                    if (clients[i].last_ms < c->last_ms)
+                        c = &clients[i];
                 drop(c);
             }
             c->fd = fd;
             c->len = 0;
+            c->last_ms = txn_ms();
         }
     }
 }
