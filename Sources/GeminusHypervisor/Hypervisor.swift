@@ -1,9 +1,12 @@
 import GeminusCore
 
-/// The VM as the primary's epoch loop sees it. Implemented by the simulated VM here, by a QEMU
-/// the agent starts (`QEMUGuest`) and by a libvirt domain (`LibvirtGuest`); nothing above this
-/// seam knows which it drives.
-public protocol ProtectedGuest: AnyObject, Sendable {
+/// The VM as the primary's epoch loop sees it. Implemented by the simulated VM, by a QEMU the
+/// agent starts (`QEMUGuest`) and by a libvirt domain (`LibvirtGuest`); nothing above this seam
+/// knows which it drives. Four small parts, each what one concern of the node needs.
+public typealias ProtectedGuest = CheckpointedGuest & GuestLifecycle & GuestDevices & GuestReports
+
+/// What the epoch loop pauses and copies.
+public protocol CheckpointedGuest: AnyObject, Sendable {
     var pageCount: Int { get }
     /// Stops the vCPUs and device emulation, so memory and device state hold still.
     func pause() throws(GeminusError)
@@ -11,8 +14,24 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// While paused: copies every page written since the previous capture (every page when
     /// `full`) and the device state into `buffer`, and starts a new written set.
     func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
+    /// Whether `captureLive` copies without pausing (a round of the live first copy). A guest
+    /// that cannot (a replicated disk whose first copy rides the full checkpoint; a verifying
+    /// finder, whose comparison would race the running guest) gets its first copy paused.
+    var supportsLiveCopy: Bool { get }
+    /// While the guest runs: copies every page (when `full`) or those written since the last
+    /// capture into `buffer`, marked live (`isLive`, no device state), and starts a new written
+    /// set. A page the guest writes during the copy may be torn here; it is written again, so
+    /// the next capture carries it whole.
+    func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
     /// The guest's own progress counter (the test guests keep one in RAM), for reports.
     var progressCounter: UInt64 { get }
+    /// How the last capture's time divided (nil when the guest does not measure it): the
+    /// benchmark and status show the parts of the pause, not only its sum.
+    var lastCaptureParts: CaptureParts? { get }
+}
+
+/// How the guest ends here: stopped for good, or let go.
+public protocol GuestLifecycle: AnyObject, Sendable {
     /// Stops the guest for good: it must not run again here (handed over, or a guest the
     /// agent started itself and takes down with it).
     func shutdown()
@@ -24,34 +43,34 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     /// started is stopped (`shutdown`), a libvirt domain the operator runs is left running
     /// (unprotected) with its vCPUs resumed. Idempotent.
     func detach()
-    /// What its checkpoints are valid for (machine type, emulator, sizes); empty = not known.
-    var platform: GuestPlatform { get }
-    /// What `geminus status` shows about the guest itself: its kind, domain, the dirty-page
-    /// method in use. Cheap (no I/O): read at every progress report.
-    var statusReport: [String: String] { get }
-    /// How the last capture's time divided (nil when the guest does not measure it): the
-    /// benchmark and status show the parts of the pause, not only its sum.
-    var lastCaptureParts: CaptureParts? { get }
+}
+
+/// The guest's devices that produce output or take input outside the checkpoint stream.
+public protocol GuestDevices: AnyObject, Sendable {
+    /// Whether output the guest produced waits for room in the output port and the device would
+    /// lose it if the guest ran on (a NIC whose backend queue is finite). Devices that stall
+    /// the guest themselves (a serial port) do not count.
     var outputStalled: Bool { get }
+    /// Takes into the output port what the guest's devices produced so far (as at a pause).
     func drainOutput()
-    /// Whether `captureLive` copies without pausing (a round of the live first copy). A guest
-    /// that cannot (a replicated disk whose first copy rides the full checkpoint; a verifying
-    /// finder, whose comparison would race the running guest) gets its first copy paused.
-    var supportsLiveCopy: Bool { get }
-    /// While the guest runs: copies every page (when `full`) or those written since the last
-    /// capture into `buffer`, marked live (`isLive`, no device state), and starts a new written
-    /// set. A page the guest writes during the copy may be torn here; it is written again, so
-    /// the next capture carries it whole.
-    func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
-    /// What a takeover report says about the guest just resumed (its process, its domain; a test
-    /// guest adds the output history its checkpoint stands behind). Read once, right after resume.
-    var takeoverFacts: [String: JSONValue] { get }
     /// Where frames from the host's network for this guest go, if it has a NIC (wired after a
     /// takeover, so the resumed guest answers at once).
     var inboundFrames: (@Sendable ([UInt8]) -> Void)? { get }
     /// A replicated disk records its writes (for the next checkpoint) only while `holding` says
     /// output is held for a secondary; wired by whoever gives the guest its output port.
     func collectDiskWrites(while holding: @escaping @Sendable () -> Bool)
+}
+
+/// What the guest says about itself.
+public protocol GuestReports: AnyObject, Sendable {
+    /// What its checkpoints are valid for (machine type, emulator, sizes); empty = not known.
+    var platform: GuestPlatform { get }
+    /// What `geminus status` shows about the guest itself: its kind, domain, the dirty-page
+    /// method in use. Cheap (no I/O): read at every progress report.
+    var statusReport: [String: String] { get }
+    /// What a takeover report says about the guest just resumed (its process, its domain; a test
+    /// guest adds the output history its checkpoint stands behind). Read once, right after resume.
+    var takeoverFacts: [String: JSONValue] { get }
 }
 
 /// The parts of one capture while the vCPUs were stopped.
@@ -67,20 +86,8 @@ public struct CaptureParts: Sendable, Equatable {
     }
 }
 
-extension ProtectedGuest {
-    public func detach() { shutdown() }
-    /// Whether output the guest produced waits for room in the output port and the device would
-    /// lose it if the guest ran on (a NIC whose backend queue is finite). Devices that stall
-    /// the guest themselves (a serial port) do not count.
-    public var outputStalled: Bool { false }
-    /// Takes into the output port what the guest's devices produced so far (as at a pause).
-    public func drainOutput() {}
-    /// Unknown unless the guest says: never claim a stop that was not checked.
-    public var stoppedForGood: Bool { false }
-    public var platform: GuestPlatform { GuestPlatform() }
-    public var statusReport: [String: String] { [:] }
+extension CheckpointedGuest {
     public var lastCaptureParts: CaptureParts? { nil }
-    public var takeoverFacts: [String: JSONValue] { [:] }
     public var supportsLiveCopy: Bool { false }
     /// Without a live path: a paused copy, so the round is exact (and the guest feels it).
     public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
@@ -95,8 +102,25 @@ extension ProtectedGuest {
         buffer.deviceState = []
         buffer.isLive = true
     }
+}
+
+extension GuestLifecycle {
+    public func detach() { shutdown() }
+    /// Unknown unless the guest says: never claim a stop that was not checked.
+    public var stoppedForGood: Bool { false }
+}
+
+extension GuestDevices {
+    public var outputStalled: Bool { false }
+    public func drainOutput() {}
     public var inboundFrames: (@Sendable ([UInt8]) -> Void)? { nil }
     public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {}
+}
+
+extension GuestReports {
+    public var platform: GuestPlatform { GuestPlatform() }
+    public var statusReport: [String: String] { [:] }
+    public var takeoverFacts: [String: JSONValue] { [:] }
 }
 
 /// Where guest output (network packets) goes. `offer` returns false when the output buffer is
