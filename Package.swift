@@ -51,16 +51,17 @@ let package = Package(
             dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt"]
         ),
         .target(
-            // Fixtures and harnesses for tests and `geminus demo`, never for production targets:
-            // the tiny test guest as two libvirt domains, and agents run as child processes.
+            // Fixtures and harnesses for tests, `geminus demo` and `geminus bench`, never for production
+            // targets: the tiny test guest (built, and as two libvirt domains), agents as child processes.
             name: "GeminusTestSupport",
             dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU", "GeminusNode"]
         ),
         .target(
             // `geminus demo`'s script: two agent processes on loopback, the primary killed at a
-            // random moment, the checks (resumed checkpoint, output commit, failover bound, one copy).
+            // random moment, the checks (resumed checkpoint, output commit, failover bound, one copy);
+            // libvirtd started by the source tree's Tools/ scripts when it does not answer.
             name: "GeminusDemo",
-            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport", "GeminusTestSupport"]
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport", "GeminusLibvirt", "GeminusTestSupport"]
         ),
         .target(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
@@ -128,7 +129,7 @@ let package = Package(
             dependencies: [
                 "GeminusAgent", "GeminusAgentGuests", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
-                "GeminusCluster", "GeminusHA", "GeminusHAHost", "GeminusDemo",
+                "GeminusCluster", "GeminusHA", "GeminusHAHost", "GeminusDemo", "GeminusTestSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import GeminusBench
 import GeminusQEMU
+import GeminusTestSupport
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -71,7 +72,7 @@ struct Bench: ParsableCommand {
         } else {
             switch TestGuestLocator.tinyGuest(say: say) {
             case .success(let p): guestKernel = p
-            case .failure(let e): throw e
+            case .failure(let e): throw operatorFailure(e)
             }
         }
         guard QEMULauncher.locate("qemu-system-x86_64") != nil else {

@@ -42,32 +42,12 @@ struct Demo: ParsableCommand {
         if qemu && kernel == nil { throw ValidationError("--qemu needs --kernel PATH; Tools/demo --qemu builds the test guest and passes it") }
     }
 
-    /// The mode asked for, or (by default) libvirt when it can be had, else simulated and why.
-    func chooseMode(say: (String) -> Void) throws -> (DemoMode, kernel: String?, fallback: String?) {
-        if simulated { return (.simulated, nil, nil) }
-        if qemu { return (.qemu, kernel, nil) }
-        var why = LibvirtSetup.ensure(uri: uri, say: say)
-        var guest = kernel
-        if why == nil && guest == nil {
-            switch TestGuestLocator.tinyGuest(say: say) {
-            case .success(let path): guest = path
-            case .failure(let reason): why = reason.description
-            }
-        }
-        if let why {
-            if libvirt { throw OperatorError(description: "cannot run the libvirt demo: \(why)") }
-            say("NOTE: replicating the SIMULATED VM instead of a real one: \(why)")
-            return (.simulated, nil, why)
-        }
-        return (.libvirt, guest, nil)
-    }
-
     func run() throws {
         let say: (String) -> Void = { line in
             // Unbuffered, so progress shows live even through a pipe.
             (json ? FileHandle.standardError : FileHandle.standardOutput).write(Data((line + "\n").utf8))
         }
-        let (mode, guestKernel, fallback) = try chooseMode(say: say)
+        let (mode, guestKernel, fallback) = try DemoMode.choose(simulated: simulated, qemu: qemu, libvirt: libvirt, kernel: kernel, uri: uri, say: say)
         let settings = DemoSettings(mode: mode, kernel: guestKernel, agentExecutable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath(),
                                     append: append, uri: uri, durationSeconds: durationSeconds, intervalMillis: intervalMillis,
                                     takeoverAfterMillis: takeoverAfterMillis, ramMib: ramMib, dirtyRate: dirtyRate,

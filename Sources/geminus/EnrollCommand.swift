@@ -33,38 +33,22 @@ struct Enroll: ParsableCommand {
 
     func run() throws {
         do {
-            let conn = try LibvirtConnection.open(uri: uri)
-            defer { try? conn.close() }
-            let dom = try conn.lookupDomain(named: domain)
-            var xml = try conn.xml(of: dom, .persistent)
-            var check = CAEnrollmentCheck(xml: xml)
-            // Write tracking needs QEMU started with the agent's preload library; without it the
-            // agent compares all of RAM at every checkpoint (correct, but O(guest RAM)).
-            let library = WriteTrackingPreload.locate()
-            let addsTracking = library != nil && CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml) != library
-            if (!check.canProtect || addsTracking) && prepare {
-                let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
-                let remaining = CAEnrollmentCheck(xml: fixed)
-                let automatic = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
-                guard !automatic.isEmpty || addsTracking else {
-                    throw operatorFailure(check.error!)
-                }
+            let enrollment = try DomainEnrollment(uri: uri, domain: domain)
+            defer { enrollment.close() }
+            if prepare, let change = try enrollment.preparation(writeTrackingLibrary: WriteTrackingPreload.locate()) {
                 say("--prepare will change the persistent definition of '\(domain)':")
-                for p in automatic { say("  - \(p.message): \(p.fix)") }
-                if addsTracking, let library {
+                for p in change.fixes { say("  - \(p.message): \(p.fix)") }
+                if let library = change.addsWriteTracking {
                     say("  - write tracking: QEMU starts with LD_PRELOAD=\(library), so each checkpoint copies the pages written instead of comparing all of guest RAM")
                 }
                 say("The change takes effect at the next start of '\(domain)'.")
                 guard yes || confirm("Apply? [y/N] ") else {
                     throw OperatorError(description: "nothing changed: not confirmed (use --yes when not interactive)")
                 }
-                _ = try conn.defineDomain(xml: fixed)
-                // QEMU creates the private QMP socket there at the domain's next start.
-                if automatic.contains(where: { $0.code == .privateQMP }) { try? PrivateQMP.ensureDirectory() }
-                xml = try conn.xml(of: dom, .persistent)
-                check = CAEnrollmentCheck(xml: xml)
+                try enrollment.apply(change)
                 say("updated the definition of '\(domain)'")
             }
+            let check = enrollment.check
             guard check.canProtect else {
                 if json { printJSON(["domain": domain, "enrolled": false, "problems": check.problems.map { ["code": $0.code.rawValue, "message": $0.message, "fix": $0.fix] }]) }
                 var lines = ["domain '\(domain)' cannot be protected in CA mode:"]
@@ -72,17 +56,16 @@ struct Enroll: ParsableCommand {
                 if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket)") }
                 throw OperatorError(description: lines.joined(separator: "\n"))
             }
-            let enrollment = GeminusEnrollment(peer: peerAddress, intervalMilliseconds: intervalMillis, state: .enrolled)
-            try conn.writeEnrollment(enrollment, of: dom)
-            let preload = CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml)
+            let enrolled = try enrollment.enroll(peer: peerAddress, intervalMilliseconds: intervalMillis)
+            let preload = enrollment.writeTrackingPreload
             let dirtyPages = preload.map { "write tracking (QEMU starts with LD_PRELOAD=\($0))" }
                 ?? "compare (all of guest RAM at every checkpoint): for write tracking, \(WriteTrackingPreload.buildHint), then `geminus enroll \(domain) --peer \(peer) --prepare` again"
             if json {
-                printJSON(["domain": domain, "enrolled": true, "peer": enrollment.peer, "intervalMillis": intervalMillis,
+                printJSON(["domain": domain, "enrolled": true, "peer": enrolled.peer, "intervalMillis": intervalMillis,
                            "machineType": check.facts.machineType ?? "", "memoryKiB": check.facts.memoryKiB ?? 0,
                            "writeTrackingPreload": preload ?? ""])
             } else {
-                say("enrolled '\(domain)' for CA: peer \(enrollment.peer), checkpoint every \(intervalMillis) ms (machine \(check.facts.machineType ?? "?"), \((check.facts.memoryKiB ?? 0) / 1024) MiB)")
+                say("enrolled '\(domain)' for CA: peer \(enrolled.peer), checkpoint every \(intervalMillis) ms (machine \(check.facts.machineType ?? "?"), \((check.facts.memoryKiB ?? 0) / 1024) MiB)")
                 say("dirty pages: \(dirtyPages)")
                 say("the peer must offer the same machine type and emulator; the agents compare them when they connect")
             }
@@ -108,13 +91,7 @@ struct Unenroll: ParsableCommand {
 
     func run() throws {
         do {
-            let conn = try LibvirtConnection.open(uri: uri)
-            defer { try? conn.close() }
-            let dom = try conn.lookupDomain(named: domain)
-            guard try conn.readEnrollment(of: dom) != nil else {
-                throw OperatorError(description: "domain '\(domain)' is not enrolled; nothing to remove")
-            }
-            try conn.removeEnrollment(of: dom)
+            try DomainEnrollment.unenroll(uri: uri, domain: domain)
             print("removed the enrolment of '\(domain)'")
         } catch {
             throw operatorFailure(error)

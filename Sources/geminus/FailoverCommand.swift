@@ -19,24 +19,16 @@ struct Failover: ParsableCommand {
     @Flag(help: "Print the outcome as JSON.") var json = false
 
     func run() throws {
-        let path = socket ?? StatusServer.defaultPath(vm: vm)
-        guard let status = StatusServer.query(path: path) else {
-            throw OperatorError(description: "no Geminus agent for '\(vm)' answers on \(path)\n  fix: run this on the host of the VM's primary agent, or pass its --socket")
-        }
-        guard status["role"] as? String == "primary" else {
-            throw OperatorError(description: "the agent on \(path) is the \(status["role"] as? String ?? "unknown") for '\(vm)', not its primary\n  fix: run `geminus failover \(vm)` on the primary's host")
-        }
-        guard let result = StatusServer.query(path: path, request: .switchover, timeoutMillis: (timeoutSeconds + 5) * 1000) else {
-            throw OperatorError(description: "the agent on \(path) gave no answer within \(timeoutSeconds) s; see its log and `geminus status \(vm)`")
-        }
+        let result: StatusClient.SwitchoverAnswer
+        do { result = try StatusClient.switchover(vm: vm, socket: socket, timeoutSeconds: timeoutSeconds) } catch { throw operatorFailure(error) }
         if json {
-            let data = try JSONSerialization.data(withJSONObject: result, options: [.sortedKeys])
+            let data = try JSONSerialization.data(withJSONObject: result.json, options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
-            var line = result["message"] as? String ?? "no message"
-            if let us = result["guestPausedMicros"] as? Int { line += String(format: " (guest paused %.1f ms)", Double(us) / 1000) }
+            var line = result.message ?? "no message"
+            if let us = result.guestPausedMicros { line += String(format: " (guest paused %.1f ms)", Double(us) / 1000) }
             print(line)
         }
-        guard result["ok"] as? Bool == true else { throw ExitCode(1) }
+        guard result.handedOver else { throw ExitCode(1) }
     }
 }

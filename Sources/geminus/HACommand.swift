@@ -1,6 +1,5 @@
 import ArgumentParser
 import Foundation
-import GeminusCluster
 import GeminusCore
 import GeminusHA
 import GeminusHAHost
@@ -163,24 +162,10 @@ struct HAAgent: ParsableCommand {
             var config = HAConfig(overcommitPercent: overcommitPercent, fenceRetryMillis: UInt64(fenceRetryMillis),
                                   placementRetryMillis: UInt64(placementRetryMillis), selfFenceAfterMillis: UInt64(selfFenceAfterMillis))
             config.recoveryEntriesMax = 4096
-            let env = try HAHostEnvironment(options: .init(
+            try HAAgentRunner.run(options: .init(
                 uri: uri, domainPrefix: domainPrefix, ramMiB: ramMib, fenceConfig: fenceConfig, fenceTimeoutMillis: fenceTimeoutMillis,
                 stateDir: state.stateDir, scanIntervalMillis: scanIntervalMillis, group: group, expectedNode: node),
-                logger: Logger(label: "geminus.ha"))
-            defer { env.close() }
-            let ha = HANode(node: env.localNode, config: config, env: env)
-            env.log(.info, "HA agent up: node \(env.localNode.name) (id \(env.localNode.id)), libvirt \(uri)\(domainPrefix.isEmpty ? "" : ", domains \(domainPrefix)*"), group \(group)")
-            env.startThreads()
-            let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) }
-            while deadline.map({ Monotonic.nanos() < $0 }) ?? true {
-                env.inbox.wait(timeoutMillis: 100)
-                do { try ha.step() } catch {
-                    // The cluster is lost: the node has stopped what it must and said so; give
-                    // the status a moment to be read, then exit with the reason.
-                    Monotonic.sleep(nanos: 500_000_000)
-                    throw error
-                }
-            }
+                config: config, durationSeconds: durationSeconds)
         } catch {
             throw operatorFailure(error)
         }

@@ -12,41 +12,16 @@ struct Status: ParsableCommand {
     @Flag(help: "Print JSON (an array of the agents' status objects).") var json = false
 
     func run() throws {
-        let paths: [String]
-        if let socket {
-            paths = [socket]
-        } else {
-            let dir = StatusServer.defaultDirectory
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-            paths = names.filter { $0.hasSuffix(".sock") && (vm == nil || $0.hasPrefix("\(vm!).")) }.sorted().map { "\(dir)/\($0)" }
-        }
-        guard !paths.isEmpty else {
-            throw OperatorError(description: vm.map { "no Geminus agent for '\($0)' runs on this host (no socket in \(StatusServer.defaultDirectory))" }
-                                  ?? "no Geminus agent runs on this host (no socket in \(StatusServer.defaultDirectory))")
-        }
-        var all: [[String: Any]] = []
-        var worrying = false
-        for path in paths {
-            guard let s = StatusServer.query(path: path) else {
-                all.append(["socket": path, "state": "no-answer"])
-                worrying = true
-                continue
-            }
-            var entry = s
-            entry["socket"] = path
-            all.append(entry)
-            let state = s["state"] as? String ?? ""
-            if state == "unprotected" || state == "peer-lost" || state == "primary-silent" { worrying = true }
-            // A secondary whose standby cannot resume the VM is no protection either.
-            if (s["standby"] as? String)?.hasPrefix("DOWN") == true { worrying = true }
-        }
+        let survey: StatusClient.Survey
+        do { survey = StatusClient.survey(try StatusClient.sockets(vm: vm, socket: socket)) } catch { throw operatorFailure(error) }
+        let all = survey.entries
         if json {
             let data = try JSONSerialization.data(withJSONObject: all, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
             for s in all { print(line(s)) }
         }
-        if worrying { throw ExitCode(2) }
+        if survey.worrying { throw ExitCode(2) }
     }
 
     func line(_ s: [String: Any]) -> String {

@@ -1,8 +1,11 @@
 import Foundation
+import GeminusCore
 
-/// Finds and builds the tiny test guest from the source tree the binary was built in.
-enum TestGuestLocator {
-    static func tinyGuest(say: (String) -> Void) -> Result<String, OperatorError> {
+/// Finds and builds the tiny test guest from the source tree the binary was built in, for
+/// `geminus demo` and `geminus bench`.
+public enum TestGuestLocator {
+    /// The built guest's path, or why there is none.
+    public static func tinyGuest(say: (String) -> Void) -> Result<String, GeminusError> {
         var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
         var script: String?
         for _ in 0..<6 {
@@ -11,7 +14,7 @@ enum TestGuestLocator {
             dir.deleteLastPathComponent()
         }
         guard let script else {
-            return .failure(OperatorError(description: "no test guest: pass --kernel (Tools/guest-tiny/build.sh prints one), or run the demo from its source tree"))
+            return .failure(GeminusError(.invalidArgument, "no test guest: pass --kernel (Tools/guest-tiny/build.sh prints one), or run the demo from its source tree"))
         }
         say("building the test guest (\(script))")
         let p = Process()
@@ -19,12 +22,12 @@ enum TestGuestLocator {
         p.arguments = [script]
         let out = Pipe()
         p.standardOutput = out
-        do { try p.run() } catch { return .failure(OperatorError(description: "cannot run \(script): \(error)")) }
+        do { try p.run() } catch { return .failure(GeminusError(.io, "cannot run \(script): \(error)")) }
         let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
         p.waitUntilExit()
         let path = text.split(separator: "\n").last.map(String.init) ?? ""
         guard p.terminationStatus == 0, FileManager.default.fileExists(atPath: path) else {
-            return .failure(OperatorError(description: "\(script) failed (status \(p.terminationStatus)); it needs gcc and binutils"))
+            return .failure(GeminusError(.io, "\(script) failed (status \(p.terminationStatus)); it needs gcc and binutils"))
         }
         return .success(path)
     }

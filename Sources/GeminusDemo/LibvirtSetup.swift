@@ -11,9 +11,9 @@ import Glibc
 /// /dev/shm, /dev/kvm for the kvm group, virtlogd and libvirtd; machines here have no
 /// systemd). The scripts stay the one copy because Tools/test runs them before anything is
 /// built. Root only; each step says what it does.
-enum LibvirtSetup {
+public enum LibvirtSetup {
     /// Nil when libvirt answers at `uri` (after starting it if needed), else why it cannot.
-    static func ensure(uri: String, say: (String) -> Void) -> String? {
+    public static func ensure(uri: String, say: (String) -> Void) -> String? {
         if canConnect(uri) { return nil }
         guard uri == LibvirtConnection.defaultURI else { return "libvirt does not answer at \(uri)" }
         guard getuid() == 0 else {
@@ -35,7 +35,7 @@ enum LibvirtSetup {
 
     /// Tools/NAME of the source tree the binary was built in (.build/<triple>/debug/geminus is
     /// a few levels below it), as TestGuestLocator finds the test guest.
-    static func tool(_ name: String) -> String? {
+    public static func tool(_ name: String) -> String? {
         var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
         for _ in 0..<6 {
             let candidate = dir.appendingPathComponent("Tools/\(name)").path
@@ -45,13 +45,13 @@ enum LibvirtSetup {
         return nil
     }
 
-    static func canConnect(_ uri: String) -> Bool {
+    public static func canConnect(_ uri: String) -> Bool {
         guard let c = try? LibvirtConnection.open(uri: uri, timeout: 5) else { return false }
         try? c.close()
         return true
     }
 
-    static func locate(_ name: String) -> String? {
+    public static func locate(_ name: String) -> String? {
         for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] where FileManager.default.isExecutableFile(atPath: "\(dir)/\(name)") {
             return "\(dir)/\(name)"
         }
@@ -65,7 +65,7 @@ enum LibvirtSetup {
     /// no blocked signals, and its output goes to standard error, so that it cannot mix into the
     /// demo's JSON on standard output.
     @discardableResult
-    static func run(_ path: String, _ arguments: [String]) -> Int32 {
+    public static func run(_ path: String, _ arguments: [String]) -> Int32 {
         var actions = posix_spawn_file_actions_t()
         var attributes = posix_spawnattr_t()
         posix_spawn_file_actions_init(&actions)

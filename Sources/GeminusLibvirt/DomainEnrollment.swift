@@ -1,0 +1,87 @@
+import Foundation
+import GeminusCore
+
+/// `geminus enroll` and `geminus unenroll` against libvirt: a domain's persistent definition and
+/// its check for CA, the changes `--prepare` makes (planned first, applied after the operator
+/// agrees), and the enrolment record in the domain's metadata. The command asks and prints.
+public final class DomainEnrollment {
+    /// What `--prepare` changes in the persistent definition.
+    public struct Preparation: Sendable {
+        /// The definition after the change.
+        public var xml: String
+        /// The problems of the current definition the change fixes.
+        public var fixes: [CAEnrollmentCheck.Problem]
+        /// The write-tracking preload library QEMU starts with after the change, when the change adds it.
+        public var addsWriteTracking: String?
+    }
+
+    public let connection: LibvirtConnection
+    public let domain: LibvirtDomain
+    /// The persistent definition, and its check (both read again by `apply`).
+    public private(set) var xml: String
+    public private(set) var check: CAEnrollmentCheck
+
+    /// Opens `uri` and reads the persistent definition of the domain `name`.
+    public init(uri: String, domain name: String) throws {
+        connection = try LibvirtConnection.open(uri: uri)
+        do {
+            domain = try connection.lookupDomain(named: name)
+            xml = try connection.xml(of: domain, .persistent)
+        } catch {
+            try? connection.close()
+            throw error
+        }
+        check = CAEnrollmentCheck(xml: xml)
+    }
+
+    public func close() { try? connection.close() }
+
+    /// The LD_PRELOAD QEMU starts with (the write-tracking library), nil when none.
+    public var writeTrackingPreload: String? { CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml) }
+
+    /// What `--prepare` would change; nil when nothing needs to (the domain can be protected and
+    /// QEMU already starts with `writeTrackingLibrary`, or there is none). Write tracking needs
+    /// QEMU started with the agent's preload library; without it the agent compares all of RAM
+    /// at every checkpoint (correct, but O(guest RAM)). Throws the check's error when the domain
+    /// cannot be protected and the change would fix none of its problems.
+    public func preparation(writeTrackingLibrary library: String?) throws -> Preparation? {
+        let addsTracking = library != nil && writeTrackingPreload != library
+        guard !check.canProtect || addsTracking else { return nil }
+        let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
+        let remaining = CAEnrollmentCheck(xml: fixed)
+        let fixes = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
+        guard !fixes.isEmpty || addsTracking else { throw check.error! }
+        return Preparation(xml: fixed, fixes: fixes, addsWriteTracking: addsTracking ? library : nil)
+    }
+
+    /// Defines the prepared definition (it takes effect at the domain's next start) and reads it back.
+    public func apply(_ preparation: Preparation) throws {
+        _ = try connection.defineDomain(xml: preparation.xml)
+        // QEMU creates the private QMP socket there at the domain's next start.
+        if preparation.fixes.contains(where: { $0.code == .privateQMP }) { try? PrivateQMP.ensureDirectory() }
+        xml = try connection.xml(of: domain, .persistent)
+        check = CAEnrollmentCheck(xml: xml)
+    }
+
+    /// Records the enrolment (the peer as HOST:PORT, the checkpoint interval) in the domain's
+    /// metadata. Throws the check's error when the domain cannot be protected.
+    @discardableResult
+    public func enroll(peer: String, intervalMilliseconds: Int) throws -> GeminusEnrollment {
+        if let error = check.error { throw error }
+        let enrollment = GeminusEnrollment(peer: peer, intervalMilliseconds: intervalMilliseconds, state: .enrolled)
+        try connection.writeEnrollment(enrollment, of: domain)
+        return enrollment
+    }
+
+    /// Removes the enrolment of the domain `name` (its definition is otherwise left as it is);
+    /// refused when it has none.
+    public static func unenroll(uri: String, domain name: String) throws {
+        let conn = try LibvirtConnection.open(uri: uri)
+        defer { try? conn.close() }
+        let dom = try conn.lookupDomain(named: name)
+        guard try conn.readEnrollment(of: dom) != nil else {
+            throw GeminusError(.invalidArgument, "domain '\(name)' is not enrolled; nothing to remove")
+        }
+        try conn.removeEnrollment(of: dom)
+    }
+}
