@@ -100,7 +100,7 @@ struct Agent: ParsableCommand {
             throw ValidationError("--verify-tracking checks write tracking: it needs --guest qemu or libvirt and --dirty-pages auto or tracking")
         }
         if nicBridge != nil && guest != .qemu {
-            throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's network is not committed yet: docs/NETWORK.md)")
+            throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's held NICs and their bridges come from its enrolment, `geminus enroll --prepare`: docs/NETWORK.md)")
         }
         if nicMac != nil && nicBridge == nil { throw ValidationError("--nic-mac is for --nic-bridge") }
         if let n = diskMib {
@@ -206,8 +206,9 @@ struct Agent: ParsableCommand {
         status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
-            let network = try openHostNetwork(logger: Logger(label: "geminus.network"))
-            defer { network?.stop() }
+            let networks = guest == .libvirt ? try openLibvirtNetworks(logger: Logger(label: "geminus.network"))
+                : try openHostNetwork(logger: Logger(label: "geminus.network")).map { [$0] } ?? []
+            defer { for n in networks { n.stop() } }
             let server = try serveStatus(status)
             defer { server.close() }
             let arbitrated = try openArbitration(logger: Logger(label: "geminus.arbitration"), events: eventLog)
@@ -219,7 +220,7 @@ struct Agent: ParsableCommand {
                 outputLimitBytes: outputLimitBytes, counterAddress: guestCounterAddress, traceEpochs: traceEpochs,
                 deadlineNanos: durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max)
             try AgentRuntime(settings: settings, host: CLIGuestHost(agent: self), arbitration: arbitrated.0, witness: arbitrated.1,
-                             output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
+                             output: AgentOutputDestination(sink: sink, networks: networks), status: status, server: server,
                              events: eventLog, stopper: stopper).run()
         } catch {
             eventLog.emit(.error, ["message": "\(error)"])
@@ -257,6 +258,7 @@ struct Agent: ParsableCommand {
             logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
             events.emit(.guestStarted, ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
             reportEnrollment(of: l, logger: logger)
+            l.attachOutput(port)
             return l
         }
     }
