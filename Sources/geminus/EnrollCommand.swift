@@ -10,7 +10,9 @@ struct Enroll: ParsableCommand {
         discussion: """
         Reads the domain's persistent definition and lists everything that stops continuous \
         availability, with the change each needs. With --prepare it makes the changes it can (shared \
-        file-backed memory, no memory balloon, the agent's private QMP socket) to the persistent definition, after confirmation; they \
+        file-backed memory, no memory balloon, the agent's private QMP socket, each bridge or network \
+        interface moved to a loopback socket the agent holds its frames on, recorded with where it was \
+        attached) to the persistent definition, after confirmation; they \
         take effect at the domain's next start. An enrolable domain gets a <geminus:enrollment> element \
         in its <metadata> naming the peer and the checkpoint interval.
         """)
@@ -45,12 +47,17 @@ struct Enroll: ParsableCommand {
             if (!check.canProtect || addsTracking) && prepare {
                 let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
                 let remaining = CAEnrollmentCheck(xml: fixed)
-                let automatic = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
+                let automatic = check.problems.filter { p in !remaining.problems.contains { $0.message == p.message } }
                 guard !automatic.isEmpty || addsTracking else {
                     throw operatorFailure(check.error!)
                 }
                 say("--prepare will change the persistent definition of '\(domain)':")
                 for p in automatic { say("  - \(p.message): \(p.fix)") }
+                let held = (try? HeldInterfaces.find(inDomainXML: fixed))??.interfaces ?? []
+                let before = Set(((try? HeldInterfaces.find(inDomainXML: xml))??.interfaces ?? []).map(\.mac))
+                for i in held where !before.contains(i.mac) {
+                    say("  - interface \(i.mac) (\(i.model ?? "default model")) on \(i.attachment): QEMU listens on \(HeldInterfaces.loopback):\(i.port) for the agent, which releases its frames on \(i.attachment) once their checkpoint is acknowledged (`geminus unenroll` puts the interface back)")
+                }
                 if addsTracking, let library {
                     say("  - write tracking: QEMU starts with LD_PRELOAD=\(library), so each checkpoint copies the pages written instead of comparing all of guest RAM")
                 }
@@ -69,7 +76,7 @@ struct Enroll: ParsableCommand {
                 if json { printJSON(["domain": domain, "enrolled": false, "problems": check.problems.map { ["code": $0.code.rawValue, "message": $0.message, "fix": $0.fix] }]) }
                 var lines = ["domain '\(domain)' cannot be protected in CA mode:"]
                 for p in check.problems { lines.append("  - \(p.message)\n    fix: \(p.fix)") }
-                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket)") }
+                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket, bridge and network interfaces)") }
                 throw OperatorError(description: lines.joined(separator: "\n"))
             }
             let enrollment = GeminusEnrollment(peer: peerAddress, intervalMilliseconds: intervalMillis, state: .enrolled)
@@ -101,7 +108,7 @@ struct Enroll: ParsableCommand {
 }
 
 struct Unenroll: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Remove a domain's Geminus enrolment (its definition is otherwise left as it is).")
+    static let configuration = CommandConfiguration(abstract: "Remove a domain's Geminus enrolment and put back the network interfaces `enroll --prepare` moved (at the domain's next start); the rest of its definition is left as it is.")
 
     @Argument(help: "The libvirt domain.") var domain: String
     @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI
@@ -111,11 +118,23 @@ struct Unenroll: ParsableCommand {
             let conn = try LibvirtConnection.open(uri: uri)
             defer { try? conn.close() }
             let dom = try conn.lookupDomain(named: domain)
-            guard try conn.readEnrollment(of: dom) != nil else {
+            let enrolled = try conn.readEnrollment(of: dom) != nil
+            // The held interfaces first: without the enrolment record the agent would not know them.
+            // (`--prepare` records them even when the domain could not be enrolled yet.)
+            let xml = try conn.xml(of: dom, .persistent)
+            let hasHeld = try HeldInterfaces.find(inDomainXML: xml) != nil
+            guard enrolled || hasHeld else {
                 throw OperatorError(description: "domain '\(domain)' is not enrolled; nothing to remove")
             }
-            try conn.removeEnrollment(of: dom)
-            print("removed the enrolment of '\(domain)'")
+            let restored = try CAEnrollmentCheck.restoringInterfaces(xml)
+            if restored.restored > 0 || !restored.missing.isEmpty {
+                _ = try conn.defineDomain(xml: restored.xml)
+                print("restored \(restored.restored) network interface(s) of '\(domain)' as they were before enrolment (at its next start)\(restored.missing.isEmpty ? "" : "; recorded but no longer in the definition: \(restored.missing.joined(separator: ", "))")")
+            }
+            if enrolled {
+                try conn.removeEnrollment(of: dom)
+                print("removed the enrolment of '\(domain)'")
+            }
         } catch {
             throw operatorFailure(error)
         }
