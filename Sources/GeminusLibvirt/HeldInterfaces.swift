@@ -246,3 +246,22 @@ extension LibvirtConnection {
         }
     }
 }
+
+extension LibvirtConnection {
+    /// The loopback ports other domains of this connection hold for their interfaces (recorded
+    /// or in their live XML), for `enroll --prepare` to skip. Domains that cannot be read are
+    /// skipped: a clash still shows at start as QEMU's "Address already in use".
+    public func heldInterfacePorts(except name: String, timeout: Double? = nil) -> Set<Int> {
+        var ports: Set<Int> = []
+        for summary in (try? listDomains(timeout: timeout)) ?? [] where summary.name != name {
+            guard let d = try? lookupDomain(named: summary.name, timeout: timeout) else { continue }
+            for kind in [LibvirtXMLKind.persistent, .live] {
+                guard let xml = try? self.xml(of: d, kind, timeout: timeout), let root = try? CAEnrollmentCheck.parseDomain(xml) else { continue }
+                for i in root.child("devices")?.children("interface") ?? [] where i.attr("type") == "server" {
+                    if let p = i.child("source")?.attr("port").flatMap({ Int($0) }) { ports.insert(p) }
+                }
+            }
+        }
+        return ports
+    }
+}

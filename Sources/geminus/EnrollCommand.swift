@@ -45,7 +45,8 @@ struct Enroll: ParsableCommand {
             let library = WriteTrackingPreload.locate()
             let addsTracking = library != nil && CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: xml) != library
             if (!check.canProtect || addsTracking) && prepare {
-                let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
+                let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library,
+                                                          avoidingPorts: conn.heldInterfacePorts(except: domain))
                 let remaining = CAEnrollmentCheck(xml: fixed)
                 let automatic = check.problems.filter { p in !remaining.problems.contains { $0.message == p.message } }
                 guard !automatic.isEmpty || addsTracking else {
