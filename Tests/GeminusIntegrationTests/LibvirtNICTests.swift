@@ -15,9 +15,12 @@ import Glibc
 /// stopped (SIGSTOP: no acknowledgements, the primary keeps holding) nothing is released, and
 /// once it runs again the held frames come out at once; after the primary host dies (agent and
 /// QEMU SIGKILLed) the secondary's QEMU announces the MAC (RARP) and the guest's frames leave
-/// through the secondary, on the bridge recorded at enrolment.
+/// through the secondary, on the bridge recorded at enrolment. The domain has a second NIC on a
+/// second bridge (QEMU's, not driven by the guest): its frames cross the output port tagged, and
+/// its MAC is announced on its own bridge only.
 @Suite(.serialized) struct LibvirtNICTests {
     static let guestMAC: [UInt8] = [0x52, 0x54, 0x00, 0x6e, 0x69, 0x63]
+    static let secondMAC: [UInt8] = [0x52, 0x54, 0x00, 0x6e, 0x69, 0x64]
     static let sinkMAC: [UInt8] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x04]
     static let guestIP: [UInt8] = [10, 77, 0, 100]
     static let sinkIP: [UInt8] = [10, 77, 0, 4]
@@ -42,13 +45,18 @@ import Glibc
         guard let kernel = try TinyGuest.kernel() else { return }
         let tag = String(format: "%05x", getpid() & 0xfffff)
         let (bridge, port, observerEnd) = ("gnbr\(tag)", "gnv\(tag)a", "gnv\(tag)b")
-        defer { _ = Self.sh("ip link del \(port) 2>/dev/null; ip link del \(bridge) 2>/dev/null") }
-        guard Self.sh("ip link add \(bridge) type bridge && ip link set \(bridge) up && ip link add \(port) type veth peer name \(observerEnd) && ip link set \(port) master \(bridge) && ip link set \(port) up && ip link set \(observerEnd) up") == 0 else {
-            Issue.record("cannot create bridge \(bridge) and veth \(port)/\(observerEnd) (ip link): needs root and iproute2; set GEMINUS_SKIP_VM_TESTS=1 to skip")
-            return
+        let (bridge2, port2, observerEnd2) = ("gnbs\(tag)", "gnw\(tag)a", "gnw\(tag)b")
+        defer { _ = Self.sh("ip link del \(port) 2>/dev/null; ip link del \(bridge) 2>/dev/null; ip link del \(port2) 2>/dev/null; ip link del \(bridge2) 2>/dev/null") }
+        for (b, p, o) in [(bridge, port, observerEnd), (bridge2, port2, observerEnd2)] {
+            guard Self.sh("ip link add \(b) type bridge && ip link set \(b) up && ip link add \(p) type veth peer name \(o) && ip link set \(p) master \(b) && ip link set \(p) up && ip link set \(o) up") == 0 else {
+                Issue.record("cannot create bridge \(b) and veth \(p)/\(o) (ip link): needs root and iproute2; set GEMINUS_SKIP_VM_TESTS=1 to skip")
+                return
+            }
         }
-        let observer = try Observer(interface: observerEnd)
+        let observer = try Observer(interface: observerEnd, mac: Self.guestMAC)
         defer { observer.stop() }
+        let observer2 = try Observer(interface: observerEnd2, mac: Self.secondMAC)
+        defer { observer2.stop() }
 
         let s = try Scratch()
         defer { s.remove() }
@@ -56,11 +64,11 @@ import Glibc
         #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
         let hex = { (a: [UInt8]) in String(format: "0x%02x%02x%02x%02x", a[0], a[1], a[2], a[3]) }
         let append = "pages=16 net=1 ip=\(hex(Self.guestIP)) sink_ip=\(hex(Self.sinkIP)) sink_port=7777 send_every=16384"
-        let mac = Self.guestMAC.map { String(format: "%02x", $0) }.joined(separator: ":")
+        let text = { (m: [UInt8]) in m.map { String(format: "%02x", $0) }.joined(separator: ":") }
         let domains: TestGuestDomains
         do {
             domains = try TestGuestDomains(uri: "qemu:///system", prefix: "geminus-test-nic", directory: s.url, kernel: kernel,
-                                           append: append, ramMiB: 16, nic: (bridge, mac))
+                                           append: append, ramMiB: 16, nics: [(bridge, text(Self.guestMAC)), (bridge2, text(Self.secondMAC))])
         } catch {
             Issue.record("cannot define the test domains (is libvirtd running? Tools/start-libvirt as root): \(error); set GEMINUS_SKIP_VM_TESTS=1 to skip")
             return
@@ -69,7 +77,7 @@ import Glibc
         // Enrolment recorded the bridge and moved the interface to QEMU's loopback socket.
         let definition = try domains.connection.xml(of: try domains.connection.lookupDomain(named: domains.primary), .persistent)
         let record = try #require(try HeldInterfaces.find(inDomainXML: definition))
-        #expect(record.interfaces.map(\.attachment) == [.bridge(bridge)])
+        #expect(record.interfaces.map(\.attachment) == [.bridge(bridge), .bridge(bridge2)])
         #expect(definition.contains("type=\"server\"") || definition.contains("type='server'"))
         try domains.startPrimary()
 
@@ -119,18 +127,22 @@ import Glibc
         a.kill(SIGKILL)
         if let pid { kill(pid_t(pid), SIGKILL) }
         let took = try #require(b.wait(for: .tookOver, timeoutSeconds: 20), "no takeover: \(logs())")
-        #expect(took["nics"] as? Int == 1, "\(took)")
+        #expect(took["nics"] as? Int == 2, "\(took)")
         // The resumed guest's MAC is announced (RARP from QEMU's announce-self) and its frames
         // leave through the secondary's agent.
         #expect(observer.waitFor(timeoutSeconds: 5) { $0.contains { $0.at > marker && $0.etherType == 0x8035 } },
                 "no RARP announcement after the takeover: \(observer.summary)\n\(logs())")
         #expect(observer.waitFor(timeoutSeconds: 10) { $0.contains { $0.at > marker && $0.isDatagram } },
                 "no datagram from the resumed guest: \(observer.summary)\n\(logs())")
-        print("LibvirtNICTests: takeover \(took["fromEpoch"] ?? "?"), after it: \(observer.frames.filter { $0.at > marker }.count) frames, \(observer.frames.filter { $0.at > marker && $0.etherType == 0x8035 }.count) RARP; in all \(observer.summary)")
+        // The second NIC: announced on its own bridge, and nothing of the first NIC there.
+        #expect(observer2.waitFor(timeoutSeconds: 5) { $0.contains { $0.at > marker && $0.etherType == 0x8035 } },
+                "no RARP for the second NIC on \(bridge2): \(observer2.summary)\n\(logs())")
+        #expect(observer2.frames.allSatisfy { !$0.isDatagram }, "the first NIC's datagrams reached the second NIC's bridge")
+        print("LibvirtNICTests: takeover \(took["fromEpoch"] ?? "?"), after it: \(observer.frames.filter { $0.at > marker }.count) frames, \(observer.frames.filter { $0.at > marker && $0.etherType == 0x8035 }.count) RARP; in all \(observer.summary); second NIC: \(observer2.summary)")
     }
 }
 
-/// A raw socket on the observer's veth end: records the guest's frames and answers its ARP
+/// A raw socket on the observer's veth end: records the frames from `mac` and answers their ARP
 /// requests for the sink.
 final class Observer: @unchecked Sendable {
     struct Seen {
@@ -145,7 +157,10 @@ final class Observer: @unchecked Sendable {
     private var seen: [Seen] = []
     private var stopped = false
 
-    init(interface: String) throws {
+    let mac: [UInt8]
+
+    init(interface: String, mac: [UInt8]) throws {
+        self.mac = mac
         fd = geminus_packet_open(interface)
         guard fd >= 0 else { throw POSIXError(POSIXErrorCode(rawValue: -fd) ?? .EPERM) }
         let t = Thread { [self] in loop() }
@@ -180,7 +195,7 @@ final class Observer: @unchecked Sendable {
             guard poll(&p, 1, 100) > 0 else { continue }
             var outgoing: Int32 = 0
             let n = Int(buf.withUnsafeMutableBytes { geminus_packet_receive(fd, $0.baseAddress, $0.count, &outgoing) })
-            guard n >= 14, outgoing == 0, Array(buf[6..<12]) == LibvirtNICTests.guestMAC else { continue }
+            guard n >= 14, outgoing == 0, Array(buf[6..<12]) == mac else { continue }
             let f = Array(buf[0..<n])
             let type = Int(f[12]) << 8 | Int(f[13])
             // IPv4 UDP to the sink's port 7777.
