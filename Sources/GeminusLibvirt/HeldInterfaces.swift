@@ -234,9 +234,13 @@ extension LibvirtConnection {
     }
 
     /// Where each held interface of `domain` releases its frames on this host: its bridge, or
-    /// its libvirt network's bridge; in record order (empty when none is held).
+    /// its libvirt network's bridge; in record order (empty when none is held). The record of
+    /// the running domain when it runs (what its QEMU and the primary's NICs were started
+    /// with, even if the definition changed since), else of its definition (what a standby
+    /// starts from): the tags of the NICs and of the networks must agree.
     public func heldInterfaceBridges(of domain: LibvirtDomain, timeout: Double? = nil) throws -> [(interface: HeldInterface, bridge: String)] {
-        let xml = try self.xml(of: domain, .persistent, timeout: timeout)
+        let running = try isActive(domain, timeout: timeout)
+        let xml = try self.xml(of: domain, running ? .live : .persistent, timeout: timeout)
         guard let record = try HeldInterfaces.find(inDomainXML: xml) else { return [] }
         return try record.interfaces.map { i in
             switch i.attachment {
