@@ -106,7 +106,7 @@ public final class AgentRuntime {
                                        fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
                 }
                 // This host's guest no longer runs: nothing from the network is for it.
-                destination.network?.deliverInbound(to: nil)
+                destination.deliverInbound(to: nil)
                 guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
                 run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
             case .secondary:
@@ -125,7 +125,7 @@ public final class AgentRuntime {
             port = HeldOutputPort(limitBytes: settings.outputLimitBytes, destination: destination, generation: run.generation, openEpoch: Epoch(1))
             guest = try host.startGuest(port: port, logger: logger, events: events)
             guest.collectDiskWrites { [port] in port.isHolding }
-            if let inbound = guest.inboundFrames { destination.network?.deliverInbound(to: inbound) }
+            if let inbound = guest.inboundFrames { destination.deliverInbound(to: inbound) }
         }
         // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
         // a second running copy once the secondary takes over); an operator's domain stays.
@@ -162,7 +162,7 @@ public final class AgentRuntime {
         }
         let guest = takeover.guest
         guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
-        if let inbound = guest.inboundFrames { destination.network?.deliverInbound(to: inbound) }
+        if let inbound = guest.inboundFrames { destination.deliverInbound(to: inbound) }
         events.emit(.tookOver, takeover.report.mapValues(\.any))
         // Carry on as the primary, protected by --peer if given (after a planned switchover the
         // old primary follows there); otherwise the VM runs unprotected, reported loudly.

@@ -15,6 +15,9 @@ import Glibc
 public final class HostNetwork: @unchecked Sendable {
     public let interface: String
     public let guestMAC: [UInt8]
+    /// The NIC's tag when the guest has several (the first byte of its frames in the output
+    /// port and of those handed to the guest), nil for one NIC (`NICTag`).
+    public let tag: UInt8?
     private let fd: Int32
     private let lock = NSLock()
     private var inbound: (@Sendable ([UInt8]) -> Void)?
@@ -23,8 +26,9 @@ public final class HostNetwork: @unchecked Sendable {
     private var _sendFailures = 0
     private var _received = 0
 
-    public init(interface: String, guestMAC: [UInt8]) throws(GeminusError) {
+    public init(interface: String, guestMAC: [UInt8], tag: UInt8? = nil) throws(GeminusError) {
         precondition(guestMAC.count == 6)
+        self.tag = tag
         self.interface = interface
         self.guestMAC = guestMAC
         let r = geminus_packet_open(interface)
@@ -36,7 +40,7 @@ public final class HostNetwork: @unchecked Sendable {
                                    fix: "run the agent as root or give it CAP_NET_RAW")
             case ENODEV, ENXIO:
                 throw GeminusError(.invalidArgument, "no network interface '\(interface)' on this host (--nic-bridge)",
-                                   fix: "name the interface the guest's traffic should use (ip link)")
+                                   fix: "name the interface the guest's traffic should use (ip link); for an enrolled libvirt domain, the bridge its interface was attached to (its enrolment record)")
             default:
                 throw GeminusError(.io, "cannot open a raw socket on \(interface): \(String(cString: strerror(e)))")
             }
@@ -51,8 +55,11 @@ public final class HostNetwork: @unchecked Sendable {
 
     /// Incoming frames for the guest go to `deliver` from now on (nil: dropped, e.g. while this
     /// host's guest is a standby that does not run).
+    /// With a `tag`, each frame reaches `deliver` behind that byte.
     public func deliverInbound(to deliver: (@Sendable ([UInt8]) -> Void)?) {
-        lock.withLock { inbound = deliver }
+        let tagged: (@Sendable ([UInt8]) -> Void)?
+        if let deliver, let tag { tagged = { deliver([tag] + $0) } } else { tagged = deliver }
+        lock.withLock { inbound = tagged }
     }
 
     /// Sends one released frame on the interface. A send that fails (the interface is down, its

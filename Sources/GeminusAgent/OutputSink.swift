@@ -42,27 +42,51 @@ public final class OutputSink: @unchecked Sendable {
 }
 
 /// The real destination of released output: console lines to the `OutputSink`, frames to the
-/// host's network (`--nic-bridge`).
+/// host's network: one `HostNetwork` per guest NIC (`--nic-bridge`, or each held interface of an
+/// enrolled libvirt domain). With several, each frame starts with its NIC's tag (`NICTag`) and
+/// goes to the network of that tag; with one, frames are untagged.
 public struct AgentOutputDestination: OutputDestination {
     public let sink: OutputSink?
-    public let network: HostNetwork?
+    public let networks: [HostNetwork]
+    /// The first network (the only one of a QEMU guest the agent starts).
+    public var network: HostNetwork? { networks.first }
 
     public init(sink: OutputSink?, network: HostNetwork?) {
+        self.init(sink: sink, networks: network.map { [$0] } ?? [])
+    }
+
+    public init(sink: OutputSink?, networks: [HostNetwork]) {
         self.sink = sink
-        self.network = network
+        self.networks = networks
     }
 
     public func deliver(_ items: [GuestOutputItem], releasedThrough: Epoch?, generation: Generation) {
         for item in items {
             switch item {
             case .line(let p): sink?.send(p, generation: generation)
-            case .frame(let f): network?.transmit(f)
+            case .frame(let f): transmit(f)
             }
         }
     }
 
+    private func transmit(_ f: [UInt8]) {
+        if networks.count == 1, networks[0].tag == nil {
+            networks[0].transmit(f)
+        } else if let tag = f.first, let n = networks.first(where: { $0.tag == tag }) {
+            n.transmit(Array(f.dropFirst()))
+        }
+    }
+
+    /// Frames from each network go to `deliver` (tagged when there are several), nil: dropped
+    /// (this host's guest does not run).
+    public func deliverInbound(to deliver: (@Sendable ([UInt8]) -> Void)?) {
+        for n in networks { n.deliverInbound(to: deliver) }
+    }
+
     public var frameCounters: (sent: Int, failures: Int) {
-        guard let c = network?.counters else { return (0, 0) }
-        return (c.sent, c.sendFailures)
+        networks.reduce((0, 0)) { acc, n in
+            let c = n.counters
+            return (acc.0 + c.sent, acc.1 + c.sendFailures)
+        }
     }
 }

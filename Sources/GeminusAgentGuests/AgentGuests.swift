@@ -67,12 +67,39 @@ public struct AgentGuests: GuestHost {
 
     public init(_ choice: Choice) { self.choice = choice }
 
-    /// The guest's network on this host (`--nic-bridge`), opened once per agent process.
-    public func openHostNetwork(logger: Logger) throws(GeminusError) -> HostNetwork? {
-        guard let bridge = choice.nicBridge else { return nil }
-        let n = try HostNetwork(interface: bridge, guestMAC: choice.guestMAC.bytes)
-        logger.info("guest NIC \(choice.guestMAC) bridged to \(bridge): frames leave once their checkpoint is acknowledged")
-        return n
+    /// The guest's networks on this host, opened once per agent process: a QEMU guest's
+    /// `--nic-bridge`, or an enrolled libvirt domain's held interfaces (one raw socket per
+    /// interface on the bridge it was attached to, for a libvirt network that network's bridge
+    /// here; tagged when there are several). Empty without NICs.
+    public func openHostNetworks(logger: Logger) throws -> [HostNetwork] {
+        switch choice.kind {
+        case .simulated:
+            return []
+        case .qemu:
+            guard let bridge = choice.nicBridge else { return [] }
+            let n = try HostNetwork(interface: bridge, guestMAC: choice.guestMAC.bytes)
+            logger.info("guest NIC \(choice.guestMAC) bridged to \(bridge): frames leave once their checkpoint is acknowledged")
+            return [n]
+        case .libvirt:
+            let connection = try openLibvirt()
+            defer { try? connection.close() }
+            let domain = try connection.lookupDomain(named: choice.domainName)
+            let held = try connection.heldInterfaceBridges(of: domain)
+            var out: [HostNetwork] = []
+            do {
+                for (n, h) in held.enumerated() {
+                    guard let mac = MACAddress(h.interface.mac) else {
+                        throw GeminusError(.invalidArgument, "interface MAC '\(h.interface.mac)' in the record of \(choice.domainName) is not a MAC address")
+                    }
+                    out.append(try HostNetwork(interface: h.bridge, guestMAC: mac.bytes, tag: NICTag.tag(index: n, of: held.count)))
+                    logger.info("domain \(choice.domainName)'s NIC \(mac) (\(h.interface.model ?? "default model"), \(h.interface.attachment)) released on \(h.bridge): frames leave once their checkpoint is acknowledged")
+                }
+            } catch {
+                for n in out { n.stop() }
+                throw error
+            }
+            return out
+        }
     }
 
     public func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
@@ -96,6 +123,7 @@ public struct AgentGuests: GuestHost {
             logger.info("attached to domain \(choice.domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
             events.emit(.guestStarted, ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": choice.domainName])
             reportEnrollment(of: l, logger: logger)
+            l.attachOutput(port)
             return l
         }
     }

@@ -31,6 +31,11 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
         case vhostUser = "vhost-user"
         case vdpa = "vdpa"
         case hostdev = "hostdev"
+        /// A macvtap (`<interface type='direct'>`) interface: its frames cannot be held.
+        case directInterface = "direct-interface"
+        /// An interface whose frames leave unheld: `enroll --prepare` moves a bridge or network
+        /// interface to the agent's socket; other types cannot be held (docs/NETWORK.md).
+        case unheldInterface = "unheld-interface"
         case sharedMemoryDevice = "shmem"
         /// A writable disk: a libvirt domain's disks are not replicated (docs/DISKS.md).
         case unreplicatedDisk = "unreplicated-disk"
@@ -104,7 +109,7 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
         let who = facts.name.map { "domain '\($0)'" } ?? "the domain"
         let list = problems.map { "\($0.message) (fix: \($0.fix))" }.joined(separator: "; ")
         return GeminusError(.invalidArgument, "\(who) cannot be protected in CA mode: \(list)",
-                            fix: "`geminus enroll --prepare` fixes the memory backing, the balloon and the private QMP socket; the other changes are yours to make")
+                            fix: "`geminus enroll --prepare` fixes the memory backing, the balloon, the private QMP socket and moves bridge and network interfaces to the agent; the other changes are yours to make")
     }
 
     // MARK: Check (the rules: CAEnrollmentRules.swift)

@@ -21,7 +21,7 @@ extension CAEnrollmentCheck {
         Self.checkMemoryBacking(root, add)
         Self.checkBalloon(devices, add)
         Self.checkMemoryDevicesAndHotplug(root, devices, add)
-        Self.checkInterfaces(devices, add)
+        Self.checkInterfaces(root, devices, add)
         Self.checkDisks(devices, add)
         Self.checkVhostUserFilesystemsAndVideo(devices, add)
         Self.checkHostDevices(devices, add)
@@ -103,21 +103,41 @@ extension CAEnrollmentCheck {
         }
     }
 
-    /// Network interfaces that write guest RAM without going through QEMU's mapping.
-    static func checkInterfaces(_ devices: XMLElement?, _ add: Report) {
+    /// Network interfaces: none that writes guest RAM behind QEMU's back, and every one held
+    /// (its frames leave only once their checkpoint is acknowledged, docs/NETWORK.md): a bridge
+    /// or network interface until `enroll --prepare` moved its backend to the agent's socket.
+    static func checkInterfaces(_ root: XMLElement, _ devices: XMLElement?, _ add: Report) {
+        let record = (try? HeldInterfaces.find(in: root)) ?? nil
+        let name = root.child("name")?.text ?? "DOMAIN"
+        let prepare = "`geminus enroll \(name) --peer HOST --prepare`"
         for i in devices?.children("interface") ?? [] {
-            let mac = i.child("mac")?.attr("address").map { " \($0)" } ?? ""
-            switch i.attr("type") {
+            let macText = i.child("mac")?.attr("address")
+            let mac = macText.map { " \($0)" } ?? ""
+            let type = i.attr("type") ?? "?"
+            switch type {
             case "vhostuser":
-                add(.vhostUser, "interface\(mac) is vhost-user: its back end writes guest RAM without going through QEMU",
-                    "use an interface of type 'network' or 'bridge' (QEMU or vhost-net virtio) instead of type 'vhostuser'")
+                add(.vhostUser, "interface\(mac) is vhost-user: its back end writes guest RAM without going through QEMU, and sends its frames without the agent, so they cannot be held",
+                    "use an interface of type 'network' or 'bridge' (QEMU virtio-net) instead of type 'vhostuser', then \(prepare)")
             case "vdpa":
-                add(.vdpa, "interface\(mac) is vDPA: the device writes guest RAM by DMA",
-                    "use an interface of type 'network' or 'bridge' instead of type 'vdpa'")
+                add(.vdpa, "interface\(mac) is vDPA: the device writes guest RAM by DMA and sends frames in hardware, where they cannot be held",
+                    "use an interface of type 'network' or 'bridge' instead of type 'vdpa', then \(prepare)")
             case "hostdev":
-                add(.hostdev, "interface\(mac) passes a host PCI function through (VFIO): it writes guest RAM by DMA and does not exist on the secondary",
-                    "use an interface of type 'network' or 'bridge' instead of type 'hostdev'")
-            default: break
+                add(.hostdev, "interface\(mac) passes a host PCI function through (VFIO): it writes guest RAM by DMA, sends frames in hardware where they cannot be held, and does not exist on the secondary",
+                    "use an interface of type 'network' or 'bridge' instead of type 'hostdev', then \(prepare)")
+            case "direct":
+                let dev = i.child("source")?.attr("dev").map { " \($0)" } ?? ""
+                add(.directInterface, "interface\(mac) is macvtap on\(dev) (type 'direct'): its frames go from QEMU into the host NIC's macvtap queue, whose modes (vepa, private, passthrough) the agent's release on a bridge cannot reproduce, so they cannot be held",
+                    "put the host NIC\(dev) in a Linux bridge and use <interface type='bridge'><source bridge='BRIDGE'/> (keep <mac> and <model>), then \(prepare)")
+            case "bridge", "network":
+                let source = i.child("source")
+                let what = type == "bridge" ? source?.attr("bridge").map { "bridge \($0)" } : source?.attr("network").map { "network \($0)" }
+                add(.unheldInterface, "interface\(mac) on \(what ?? type) sends its frames straight to the network, unheld: after a failover clients may have seen replies from a state the secondary never received",
+                    "\(prepare) moves its backend to a socket the agent owns (model, MAC and PCI address stay) and records \(what ?? "its attachment") as where its frames are released")
+            case "server" where macText.flatMap({ record?.interface(mac: $0) }) != nil:
+                break
+            default:
+                add(.unheldInterface, "interface\(mac) of type '\(type)' is not one the agent can hold: only 'bridge' and 'network' interfaces are moved to the agent's socket by enrolment",
+                    "attach it to a Linux bridge (<interface type='bridge'>) or a libvirt network (<interface type='network'>), then \(prepare)")
             }
         }
     }

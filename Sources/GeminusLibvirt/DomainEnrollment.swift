@@ -13,6 +13,9 @@ public final class DomainEnrollment {
         public var fixes: [CAEnrollmentCheck.Problem]
         /// The write-tracking preload library QEMU starts with after the change, when the change adds it.
         public var addsWriteTracking: String?
+        /// Interfaces the change moves to a socket the agent owns (held output), with where their
+        /// frames are released.
+        public var heldInterfaces: [HeldInterface]
     }
 
     public let connection: LibvirtConnection
@@ -22,7 +25,10 @@ public final class DomainEnrollment {
     public private(set) var check: CAEnrollmentCheck
 
     /// Opens `uri` and reads the persistent definition of the domain `name`.
+    public let name: String
+
     public init(uri: String, domain name: String) throws {
+        self.name = name
         connection = try LibvirtConnection.open(uri: uri)
         do {
             domain = try connection.lookupDomain(named: name)
@@ -47,11 +53,15 @@ public final class DomainEnrollment {
     public func preparation(writeTrackingLibrary library: String?) throws -> Preparation? {
         let addsTracking = library != nil && writeTrackingPreload != library
         guard !check.canProtect || addsTracking else { return nil }
-        let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library)
+        let fixed = try CAEnrollmentCheck.prepare(xml, writeTrackingLibrary: library,
+                                                  avoidingPorts: connection.heldInterfacePorts(except: name))
         let remaining = CAEnrollmentCheck(xml: fixed)
         let fixes = check.problems.filter { p in !remaining.problems.contains { $0.code == p.code } }
         guard !fixes.isEmpty || addsTracking else { throw check.error! }
-        return Preparation(xml: fixed, fixes: fixes, addsWriteTracking: addsTracking ? library : nil)
+        let held = (try? HeldInterfaces.find(inDomainXML: fixed))??.interfaces ?? []
+        let before = Set(((try? HeldInterfaces.find(inDomainXML: xml))??.interfaces ?? []).map(\.mac))
+        return Preparation(xml: fixed, fixes: fixes, addsWriteTracking: addsTracking ? library : nil,
+                           heldInterfaces: held.filter { !before.contains($0.mac) })
     }
 
     /// Defines the prepared definition (it takes effect at the domain's next start) and reads it back.

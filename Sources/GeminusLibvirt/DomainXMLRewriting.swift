@@ -103,8 +103,13 @@ extension CAEnrollmentCheck {
     /// With `writeTrackingLibrary` (the agent's preload library, at a path QEMU's user can
     /// read), QEMU is also started with it in LD_PRELOAD, so the agent can track guest writes
     /// instead of comparing all of RAM at each checkpoint.
-    public static func prepare(_ xml: String, writeTrackingLibrary: String? = nil) throws -> String {
+    ///
+    /// Bridge and network interfaces move to the agent's socket (`holdInterfaces`,
+    /// InterfaceRewriting.swift); their loopback ports skip `avoidingPorts` (ports other domains
+    /// of this host use).
+    public static func prepare(_ xml: String, writeTrackingLibrary: String? = nil, avoidingPorts: Set<Int> = []) throws -> String {
         let root = try parseDomain(xml)
+        holdInterfaces(root, avoidingPorts: avoidingPorts)
         if let library = writeTrackingLibrary { setQEMUEnvironment(root, name: "LD_PRELOAD", value: library) }
 
         // <memoryBacking>: <source type='file'/> (unless hugepages and no source) and <access mode='shared'/>.

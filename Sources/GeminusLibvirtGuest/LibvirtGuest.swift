@@ -60,10 +60,13 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public let platform: GuestPlatform
     private let lock = NSLock()
     private var released = false
+    /// The held NICs (`<interface type='server'>` moved there by `enroll --prepare`), in record order.
+    public let nics: [GuestNIC]
 
     init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
-         counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil) throws(GeminusError) {
+         counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil, nics: [GuestNIC] = []) throws(GeminusError) {
         self.connection = connection
+        self.nics = nics
         self.domain = domain
         self.domainName = domain.name
         self.counterAddress = counterAddress
@@ -96,12 +99,18 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
             throw e
         }
         let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
+        var nics: [GuestNIC] = []
         do throws(GeminusError) {
+            // Each held interface's QEMU end listens on loopback; its frames are the guest's
+            // output from the first epoch on.
+            nics = try LibvirtNICs.open(xml: live)
+            try LibvirtNICs.awaitConnected(nics, domainName: domainName, timeout: timeout)
             let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)
             let finder = try dirtyPages.makeFinder(qemuPID: connection.qemuPid(of: domain), ramFilePath: path, fallback: fallback)
             return try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory, ramFilePath: path,
-                                    counterAddress: counterAddress, finder: finder)
+                                    counterAddress: counterAddress, finder: finder, nics: nics)
         } catch {
+            for n in nics { n.stop() }
             qmp.close()
             throw error
         }
@@ -144,10 +153,33 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public var progressCounter: UInt64 { counterAddress.map { memory.loadU64(at: $0) } ?? 0 }
     public var lastCaptureParts: CaptureParts? { checkpointer.lastCaptureParts }
     public var statusReport: [String: String] {
-        checkpointer.dirtyPageReport.merging(["guest": "libvirt", "domain": domainName]) { _, new in new }
+        var r = checkpointer.dirtyPageReport.merging(["guest": "libvirt", "domain": domainName]) { _, new in new }
+        if !nics.isEmpty { r["nic"] = nics.map(\.statusLine).joined(separator: "; ") }
+        return r
     }
 
-    public func pause() throws(GeminusError) { try checkpointer.pause() }
+    /// Pauses, then takes the NIC frames sent before the pause (`drain`), so that they belong
+    /// to the epoch being captured.
+    public func pause() throws(GeminusError) {
+        try checkpointer.pause()
+        drainOutput()
+    }
+
+    public func drainOutput() {
+        for n in nics { n.drain() }
+    }
+
+    /// The NICs' frames go to `port` from now on (held there until their epoch is acknowledged).
+    public func attachOutput(_ port: any GuestOutputPort) {
+        for n in nics { n.attach(port) }
+    }
+
+    /// A NIC's frames wait for room in the output port: the agent keeps the guest paused until
+    /// acknowledgements make room (as for a QEMU the agent starts).
+    public var outputStalled: Bool { nics.contains { $0.isStalled } }
+
+    public var inboundFrames: (@Sendable ([UInt8]) -> Void)? { LibvirtNICs.inbound(nics) }
+
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
@@ -157,6 +189,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     /// paused QEMU), then QMP is closed. Idempotent.
     public func shutdown() {
         guard markReleased() else { return }
+        for n in nics { n.stop() }
         qmp.close()
         if (try? connection.destroy(domain)) == nil, let pid {
             // libvirt did not answer: make sure this QEMU cannot run on.
@@ -177,6 +210,9 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     /// removed, QMP closed. Idempotent.
     public func detach() {
         guard markReleased() else { return }
+        // QEMU listens again once the agent's connection closes; the guest's frames then go
+        // nowhere until an agent connects (the domain is left running, unprotected).
+        for n in nics { n.stop() }
         if checkpointer.isPaused { try? checkpointer.resume() }
         deviceStateFD.unregister(from: qmp)
         qmp.close()

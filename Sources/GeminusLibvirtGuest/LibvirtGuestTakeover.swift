@@ -3,7 +3,7 @@ import GeminusHypervisor
 
 extension LibvirtGuest {
     public var takeoverFacts: [String: JSONValue] {
-        ["guestPid": qemuPID.map { .int(Int($0)) } ?? .null, "domain": .string(domainName)]
+        ["guestPid": qemuPID.map { .int(Int($0)) } ?? .null, "domain": .string(domainName), "nics": .int(nics.count)]
     }
 }
 

@@ -33,6 +33,8 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     private var started = false
     private var resumed = false
     private var _lastResume: ResumeTimings?
+    /// The standby QEMU's held NICs, connected while it waits; handed to the resumed guest.
+    private var nics: [GuestNIC] = []
     private let definedPages: Int?
     /// From this host's definition; compared with the primary's at the handshake.
     public let platform: GuestPlatform
@@ -108,7 +110,13 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
                                fix: "a standby starts from an inactive definition: `virsh destroy \(domainName)` if it is a leftover")
         }
         let definition = try libvirt { try connection.xml(of: d, .persistent, timeout: timeout) }
-        let xml = try libvirt { try Self.standbyXML(definition: definition, domainName: domainName) }
+        // Held NICs: this QEMU listens on free loopback ports of its own (the primary's may be
+        // taken on this host), and the agent connects to them while it waits.
+        let xml = try libvirt {
+            try HeldInterfaces.rebindingPorts(inDomainXML: try Self.standbyXML(definition: definition, domainName: domainName)) { held in
+                LibvirtNICs.freePort() ?? held.port
+            }
+        }
         unlink(PrivateQMP.socketPath(domain: domainName))
         let live = try libvirt { try connection.createTransient(xml: xml, paused: true, timeout: timeout) }
         domain = live
@@ -118,6 +126,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
             qmp = q
             pid = connection.qemuPid(of: live)
             try IncomingMigration.enableIgnoreShared(q)
+            nics = try LibvirtNICs.open(xml: xml)
             let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, create: false)
             ramPath = path
             guard memory.pageCount == pageCount else {
@@ -134,11 +143,13 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
-        try resumeGuest(memory: memory, deviceState: deviceState)
+        try resumeGuest(memory: memory, deviceState: deviceState, output: output)
     }
 
-    /// `resume` with the concrete type.
-    public func resumeGuest(memory: PageMemory, deviceState: [UInt8], migrationTimeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
+    /// `resume` with the concrete type. The held NICs' frames go to `output` from the resume on
+    /// (the announce-self RARPs first).
+    public func resumeGuest(memory: PageMemory, deviceState: [UInt8], output: (any GuestOutputPort)? = nil,
+                            migrationTimeout: Double = 10) throws(GeminusError) -> LibvirtGuest {
         lock.lock()
         defer { lock.unlock() }
         guard !resumed else { throw GeminusError(.internalInvariant, "this standby has already resumed its guest") }
@@ -163,6 +174,10 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
             t.polls = try IncomingMigration.waitCompleted(qmp, timeout: migrationTimeout)
             t.loadNanos = Monotonic.nanos() - t0
             t0 = Monotonic.nanos()
+            // The NICs carry the resumed guest's frames from its first instruction on (a NIC not
+            // connected yet loses the frames QEMU sends until it is: lost, never released early).
+            for n in nics { _ = n.waitConnected(timeout: 2) }
+            if let output { for n in nics { n.attach(output) } }
             t.contRetries = try IncomingMigration.contRetrying(qmp)
             t.contNanos = Monotonic.nanos() - t0
             // Switches learn the guest's MACs on this host (best effort: no NIC, no packets).
@@ -179,7 +194,8 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
-                                     counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform)
+                                     counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics)
+        nics = []
         resumed = true
         _lastResume = t
         self.qmp = nil
@@ -195,6 +211,8 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     }
 
     private func stopLocked() {
+        for n in nics { n.stop() }
+        nics = []
         qmp?.close()
         qmp = nil
         if !resumed, started {

@@ -67,6 +67,14 @@ public struct NICSetup: Sendable, Equatable {
 /// the host's network by the agent); frames from the network are handed to the guest at once
 /// (`deliver`). Epochs as for the console (`DeviceOutputPump`).
 ///
+/// One NIC path for every guest: a QEMU the agent starts connects to it over a unix socket
+/// (`-netdev stream`, `init(_:)`); an enrolled libvirt domain's QEMU listens on loopback TCP
+/// (`<interface type='server'>`, QEMU's `-netdev socket`) and this connects to it
+/// (`init(connectingTo:port:mac:tag:)`). Both carry each frame behind a 4-byte big-endian length.
+/// With a `tag` (a guest with several NICs) each frame offered to the port starts with that byte,
+/// so the release knows which host network it goes to (`NICTag` in GeminusLibvirt); `deliver`
+/// takes untagged frames.
+///
 /// Bounded, and never lossy on the way out: frames the full port refuses wait here (up to
 /// `maxWaitingBytes`) and the socket keeps being read, because QEMU loses frames once its own
 /// queue is full; meanwhile `isStalled` tells the agent to keep the guest paused after its next
@@ -77,7 +85,13 @@ public final class GuestNIC: @unchecked Sendable {
     /// A frame to the guest is dropped (as a full network queue would) when this much is
     /// already queued towards QEMU: the guest's receive ring is full and QEMU stopped reading.
     public static let maxQueuedTowardsGuest = 1 << 20
-    public let setup: NICSetup
+    /// The unix socket QEMU connects to (a QEMU the agent starts), nil when this connects to QEMU.
+    public let setup: NICSetup?
+    public let mac: MACAddress
+    /// The first byte of each frame offered to the port (several NICs), nil for untagged frames.
+    public let tag: UInt8?
+    /// Where QEMU is reached: the unix socket's path or `HOST:PORT`.
+    public let endpoint: String
     private let listener: Int32
     private let lock = NSLock()
     private let sendLock = NSLock()
@@ -90,39 +104,96 @@ public final class GuestNIC: @unchecked Sendable {
 
     /// Listens on the setup's socket (a stale file is replaced) before QEMU starts, and takes
     /// QEMU's connection when it comes.
-    public init(_ setup: NICSetup) throws(GeminusError) {
+    public init(_ setup: NICSetup, tag: UInt8? = nil) throws(GeminusError) {
         self.setup = setup
+        mac = setup.mac
+        self.tag = tag
+        endpoint = setup.socketPath
         listener = try UnixSocket.listen(path: setup.socketPath, what: "the NIC socket")
         let t = Thread { [weak self] in self?.acceptQEMU() }
         t.name = "geminus-nic-accept"
         t.start()
     }
 
+    /// Connects to a QEMU listening on `host:port` (`-netdev socket,listen=`), retrying every
+    /// 50 ms until it answers or `stop`: a standby's QEMU may still be starting. QEMU takes one
+    /// connection at a time and listens again when it closes.
+    public init(connectingTo host: String, port: Int, mac: MACAddress, tag: UInt8? = nil) {
+        setup = nil
+        self.mac = mac
+        self.tag = tag
+        endpoint = "\(host):\(port)"
+        listener = -1
+        let t = Thread { [weak self] in self?.connectQEMU(host: host, port: port) }
+        t.name = "geminus-nic-connect"
+        t.start()
+    }
+
     deinit {
-        close(listener)
+        if listener >= 0 { close(listener) }
         if connected >= 0 && pump == nil { close(connected) }
+    }
+
+    /// QEMU's end is connected (frames flow).
+    public var isConnected: Bool { lock.withLock { connected >= 0 && !closed } }
+
+    /// Waits up to `timeout` seconds for QEMU's end; false if it did not come.
+    public func waitConnected(timeout: Double) -> Bool {
+        let deadline = Monotonic.nanos() + UInt64(timeout * 1e9)
+        while !isConnected {
+            if Monotonic.nanos() >= deadline || lock.withLock({ closed }) { return false }
+            Monotonic.sleep(nanos: 5_000_000)
+        }
+        return true
     }
 
     private func acceptQEMU() {
         if let fd = UnixSocket.accept(listener, keepWaiting: { !lock.withLock { closed } }) {
-            var size: Int32 = 4 << 20
-            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-            let pump = Self.makePump(fd)
-            lock.withLock {
-                if closed {
-                    pump.stop()
-                    return
-                }
-                connected = fd
-                self.pump = pump
-                if let port { pump.attach(port) }
+            take(fd)
+        }
+    }
+
+    private func connectQEMU(host: String, port: Int) {
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = UInt16(port).bigEndian
+        guard inet_pton(AF_INET, host, &addr.sin_addr) == 1 else { return }
+        while !lock.withLock({ closed }) {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { return }
+            let r = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
             }
+            if r == 0 {
+                // Frames to the guest go at once, not when Nagle's algorithm has gathered more.
+                var one: Int32 = 1
+                _ = setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                take(fd)
+                return
+            }
+            close(fd)
+            Monotonic.sleep(nanos: 50_000_000)
+        }
+    }
+
+    private func take(_ fd: Int32) {
+        var size: Int32 = 4 << 20
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        let pump = Self.makePump(fd, tag: tag)
+        lock.withLock {
+            if closed {
+                pump.stop()
+                return
+            }
+            connected = fd
+            self.pump = pump
+            if let port { pump.attach(port) }
         }
     }
 
     /// Reads the length-prefixed frames; stops reading (QEMU then queues) only past the cap.
-    private static func makePump(_ fd: Int32) -> DeviceOutputPump {
+    private static func makePump(_ fd: Int32, tag: UInt8?) -> DeviceOutputPump {
         var buffer = [UInt8](repeating: 0, count: 65536)
         var pending: [UInt8] = []
         var start = 0
@@ -147,7 +218,13 @@ public final class GuestNIC: @unchecked Sendable {
                 }
             }
             return frames
-        }, offer: { port, frame in port.offerFrame(frame) })
+        }, offer: { port, frame in port.offerFrame(tag.map { [$0] + frame } ?? frame) })
+    }
+
+    /// What `geminus status` shows for this NIC.
+    public var statusLine: String {
+        let input = framesIn
+        return "\(mac) frames out \(framesOut), in \(input.delivered), in dropped \(input.dropped)\(waitingCapHits > 0 ? ", reading stopped \(waitingCapHits) times at the \(GuestNIC.maxWaitingBytes >> 20) MiB cap" : "")\(isStalled ? ", STALLED on a full output buffer" : "")\(isConnected ? "" : ", NOT CONNECTED to QEMU (\(endpoint))")"
     }
 
     public var framesOut: Int { lock.withLock { pump?.unitsOffered ?? 0 } }
@@ -202,7 +279,7 @@ public final class GuestNIC: @unchecked Sendable {
             return pump
         }
         p?.stop()
-        shutdown(listener, Int32(SHUT_RDWR))
-        unlink(setup.socketPath)
+        if listener >= 0 { shutdown(listener, Int32(SHUT_RDWR)) }
+        if let setup { unlink(setup.socketPath) }
     }
 }

@@ -63,8 +63,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public var statusReport: [String: String] {
         var r = checkpointer.dirtyPageReport.merging(["guest": "qemu"]) { _, new in new }
         if let nic {
-            let input = nic.framesIn
-            r["nic"] = "\(nic.setup.mac) frames out \(nic.framesOut), in \(input.delivered), in dropped \(input.dropped)\(nic.waitingCapHits > 0 ? ", reading stopped \(nic.waitingCapHits) times at the \(GuestNIC.maxWaitingBytes >> 20) MiB cap" : "")\(nic.isStalled ? ", STALLED on a full output buffer" : "")"
+            r["nic"] = nic.statusLine
         }
         if let disk {
             r["disk"] = "\(disk.setup.sizeBytes >> 20) MiB, mirror \(disk.export.isConnected ? "connected" : disk.export.lost.map { "LOST (\($0))" } ?? "not started"), \(disk.export.writesReceived) writes"

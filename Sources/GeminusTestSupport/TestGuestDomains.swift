@@ -16,8 +16,13 @@ public final class TestGuestDomains: @unchecked Sendable {
     public let standby: String
 
     /// `prefix` names both domains (`PREFIX-a-PID`, `PREFIX-b-PID`); `directory` receives the
-    /// guest's copy and serial logs and must be readable by libvirt's QEMU user.
-    public init(uri: String, prefix: String, directory: URL, kernel: String, append: String, ramMiB: Int) throws {
+    /// guest's copy and serial logs and must be readable by libvirt's QEMU user. With `nics`, the
+    /// guest gets an NE2000 (ne2k_isa) per entry, the first at I/O 0x300 (the one the tiny guest
+    /// drives), the next at 0x320, 0x340, ... (QEMU's own: it announces their MACs after a
+    /// takeover), each with the same MAC in both definitions and attached to its bridge, which
+    /// `prepare` moves to the agent's socket as `enroll --prepare` does.
+    public init(uri: String, prefix: String, directory: URL, kernel: String, append: String, ramMiB: Int,
+                nics: [(bridge: String, mac: String)] = []) throws {
         connection = try LibvirtConnection.open(uri: uri)
         let tag = "\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
         primary = "\(prefix)-a-\(tag)"
@@ -31,13 +36,16 @@ public final class TestGuestDomains: @unchecked Sendable {
         _ = chmod(guest, 0o644)
         for name in [primary, standby] {
             let serial = directory.appendingPathComponent("\(name).serial").path
+            let interface = nics.enumerated().map { (n, nic) in
+                "<interface type='bridge'><mac address='\(nic.mac)'/><source bridge='\(nic.bridge)'/><model type='ne2k_isa'/><address type='isa' iobase='\(String(format: "0x%x", 0x300 + 0x20 * n))' irq='\(String(format: "0x%x", 9 + n))'/></interface>"
+            }.joined()
             let plain = """
                 <domain type='qemu'>
                   <name>\(name)</name>
                   <memory unit='MiB'>\(ramMiB)</memory>
                   <vcpu>1</vcpu>
                   <os><type arch='x86_64' machine='pc'>hvm</type><kernel>\(guest)</kernel><cmdline>\(append)</cmdline></os>
-                  <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial></devices>
+                  <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial>\(interface)</devices>
                 </domain>
                 """
             // With the write-tracking library when it is built, as `enroll --prepare` does.

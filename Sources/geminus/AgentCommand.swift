@@ -106,7 +106,7 @@ struct Agent: ParsableCommand {
             throw ValidationError("--verify-tracking checks write tracking: it needs --guest qemu or libvirt and --dirty-pages auto or tracking")
         }
         if nicBridge != nil && guest != .qemu {
-            throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's network is not committed yet: docs/NETWORK.md)")
+            throw ValidationError("--nic-bridge wires a NIC into a QEMU the agent starts: it needs --guest qemu (a libvirt domain's held NICs and their bridges come from its enrolment, `geminus enroll --prepare`: docs/NETWORK.md)")
         }
         if nicMac != nil && nicBridge == nil { throw ValidationError("--nic-mac is for --nic-bridge") }
         if let n = diskMib {
@@ -165,8 +165,8 @@ struct Agent: ParsableCommand {
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
             let guests = AgentGuests(guestChoice)
-            let network = try guests.openHostNetwork(logger: Logger(label: "geminus.network"))
-            defer { network?.stop() }
+            let networks = try guests.openHostNetworks(logger: Logger(label: "geminus.network"))
+            defer { for n in networks { n.stop() } }
             let server = try serveStatus(status)
             defer { server.close() }
             let arbitrated = try openArbitration(logger: Logger(label: "geminus.arbitration"), events: eventLog)
@@ -178,7 +178,7 @@ struct Agent: ParsableCommand {
                 outputLimitBytes: outputLimitBytes, counterAddress: guests.choice.guestCounterAddress, traceEpochs: traceEpochs,
                 deadlineNanos: durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max)
             try AgentRuntime(settings: settings, host: guests, arbitration: arbitrated.0, witness: arbitrated.1,
-                             output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
+                             output: AgentOutputDestination(sink: sink, networks: networks), status: status, server: server,
                              events: eventLog, stopper: stopper).run()
         } catch {
             eventLog.emit(.error, ["message": "\(error)"])

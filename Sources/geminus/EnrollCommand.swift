@@ -10,7 +10,9 @@ struct Enroll: ParsableCommand {
         discussion: """
         Reads the domain's persistent definition and lists everything that stops continuous \
         availability, with the change each needs. With --prepare it makes the changes it can (shared \
-        file-backed memory, no memory balloon, the agent's private QMP socket) to the persistent definition, after confirmation; they \
+        file-backed memory, no memory balloon, the agent's private QMP socket, each bridge or network \
+        interface moved to a loopback socket the agent holds its frames on, recorded with where it was \
+        attached) to the persistent definition, after confirmation; they \
         take effect at the domain's next start. An enrolable domain gets a <geminus:enrollment> element \
         in its <metadata> naming the peer and the checkpoint interval.
         """)
@@ -38,6 +40,9 @@ struct Enroll: ParsableCommand {
             if prepare, let change = try enrollment.preparation(writeTrackingLibrary: WriteTrackingPreload.locate()) {
                 say("--prepare will change the persistent definition of '\(domain)':")
                 for p in change.fixes { say("  - \(p.message): \(p.fix)") }
+                for i in change.heldInterfaces {
+                    say("  - interface \(i.mac) (\(i.model ?? "default model")) on \(i.attachment): QEMU listens on \(HeldInterfaces.loopback):\(i.port) for the agent, which releases its frames on \(i.attachment) once their checkpoint is acknowledged (`geminus unenroll` puts the interface back)")
+                }
                 if let library = change.addsWriteTracking {
                     say("  - write tracking: QEMU starts with LD_PRELOAD=\(library), so each checkpoint copies the pages written instead of comparing all of guest RAM")
                 }
@@ -53,7 +58,7 @@ struct Enroll: ParsableCommand {
                 if json { printJSON(["domain": domain, "enrolled": false, "problems": check.problems.map { ["code": $0.code.rawValue, "message": $0.message, "fix": $0.fix] }]) }
                 var lines = ["domain '\(domain)' cannot be protected in CA mode:"]
                 for p in check.problems { lines.append("  - \(p.message)\n    fix: \(p.fix)") }
-                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket)") }
+                if !prepare { lines.append("`geminus enroll \(domain) --peer \(peer) --prepare` makes the changes it can (memory backing, balloon, private QMP socket, bridge and network interfaces)") }
                 throw OperatorError(description: lines.joined(separator: "\n"))
             }
             let enrolled = try enrollment.enroll(peer: peerAddress, intervalMilliseconds: intervalMillis)
@@ -84,7 +89,7 @@ struct Enroll: ParsableCommand {
 }
 
 struct Unenroll: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Remove a domain's Geminus enrolment (its definition is otherwise left as it is).")
+    static let configuration = CommandConfiguration(abstract: "Remove a domain's Geminus enrolment and put back the network interfaces `enroll --prepare` moved (at the domain's next start); the rest of its definition is left as it is.")
 
     @Argument(help: "The libvirt domain.") var domain: String
     @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI

@@ -12,10 +12,16 @@ struct EnrollTests {
           <name>\(name)</name>
           <memory unit='MiB'>32</memory><vcpu>1</vcpu>
           <os><type arch='x86_64' machine='pc'>hvm</type><kernel>\(kernel)</kernel></os>
-          <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial></devices>
+          <devices><serial type='file'><source path='\(serial)'/><target port='0'/></serial>\(interfaces)</devices>
         </domain>
         """
     }
+
+    /// Two interfaces an operator might have: virtio on a bridge and e1000 on a libvirt network.
+    let interfaces = """
+        <interface type='bridge'><mac address='52:54:00:e0:00:01'/><source bridge='br-enroll-test'/><model type='virtio'/><driver name='vhost'/></interface>\
+        <interface type='network'><mac address='52:54:00:e0:00:02'/><source network='default'/><model type='e1000'/></interface>
+        """
 
     @Test func enrollRefusesExplainsPreparesAndRecords() throws {
         guard let kernel = try TinyGuest.kernel() else { return }
@@ -37,7 +43,9 @@ struct EnrollTests {
         #expect(refused.stderr.contains("fix:"))
         #expect(refused.stderr.lowercased().contains("balloon"))
         #expect(refused.stderr.contains("--prepare"))
+        #expect(refused.stderr.contains("52:54:00:e0:00:01 on bridge br-enroll-test sends its frames straight to the network, unheld"), "\(refused.stderr)")
         #expect(try conn.readEnrollment(of: dom) == nil)
+        let originalXML = try conn.xml(of: dom, .persistent)
 
         let unconfirmed = try GeminusBinary.run(["enroll", name, "--peer", "10.0.0.2", "--prepare"])
         #expect(unconfirmed.status == 1)
@@ -57,9 +65,24 @@ struct EnrollTests {
         let library = TinyGuest.repoRoot.appendingPathComponent(".build/geminus-uffd-preload/libgeminus-uffd-preload.so").path
         #expect(CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: try conn.xml(of: dom, .persistent)) == library)
         #expect(j["writeTrackingPreload"] as? String == library, "\(j)")
+        // libvirt took both interfaces moved to the agent's loopback socket, model and MAC kept,
+        // and the record says where each was attached.
+        let preparedXML = try conn.xml(of: dom, .persistent)
+        #expect(prepared.stderr.contains("interface 52:54:00:e0:00:01 (virtio) on bridge br-enroll-test: QEMU listens on 127.0.0.1:"), "\(prepared.stderr)")
+        let record = try #require(try HeldInterfaces.find(inDomainXML: preparedXML))
+        #expect(record.interfaces.map(\.attachment) == [.bridge("br-enroll-test"), .network("default")])
+        #expect(try HeldInterfaces.endpoints(inDomainXML: preparedXML).map(\.port) == record.interfaces.map(\.port))
+        #expect(preparedXML.contains("<model type='e1000'/>"), "\(preparedXML)")
 
-        #expect(try GeminusBinary.run(["unenroll", name]).status == 0)
+        let unenrolled = try GeminusBinary.run(["unenroll", name])
+        #expect(unenrolled.status == 0)
+        #expect(unenrolled.stdout.contains("restored 2 network interface(s)"), "\(unenrolled.stdout)")
         #expect(try conn.readEnrollment(of: dom) == nil)
+        // The interfaces are back as they were (libvirt's own rendering of them).
+        let restoredXML = try conn.xml(of: dom, .persistent)
+        let nics = { (xml: String) in xml.components(separatedBy: "<interface").dropFirst().map { $0.components(separatedBy: "</interface>")[0] } }
+        #expect(nics(restoredXML) == nics(originalXML), "\(restoredXML)")
+        #expect(try HeldInterfaces.find(inDomainXML: restoredXML) == nil)
         let again = try GeminusBinary.run(["unenroll", name])
         #expect(again.status == 1)
         #expect(again.stderr.contains("not enrolled"))

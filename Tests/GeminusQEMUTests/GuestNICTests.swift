@@ -101,3 +101,59 @@ import GeminusHypervisor
         #expect(a.contains("ne2k_isa,netdev=n0,mac=52:54:00:00:00:01"))
     }
 }
+
+/// The same NIC connecting to a QEMU that listens on loopback TCP (an enrolled libvirt domain's
+/// `<interface type='server'>`, QEMU's `-netdev socket,listen=`): it connects once QEMU listens,
+/// tags each frame it offers with its NIC's index (a guest with several NICs), and writes the
+/// untagged frames it delivers with the same length prefix.
+@Suite struct GuestNICConnectingTests {
+    @Test func connectsLaterTagsFramesAndDeliversUntagged() throws {
+        // A port nobody listens on yet: the NIC keeps trying.
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = UInt32(0x7f000001).bigEndian
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(probe, $0, len) == 0 && getsockname(probe, $0, &len) == 0 } }
+        let port = Int(UInt16(bigEndian: addr.sin_port))
+        close(probe)
+
+        let nic = GuestNIC(connectingTo: "127.0.0.1", port: port, mac: MACAddress("52:54:00:12:34:57")!, tag: 2)
+        defer { nic.stop() }
+        let out = GuestNICTests.Port()
+        nic.attach(out)
+        Thread.sleep(forTimeInterval: 0.1)
+        #expect(!nic.isConnected)
+        #expect(nic.statusLine.contains("NOT CONNECTED"))
+
+        // "QEMU" starts listening; the NIC connects within its retry interval.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var one: Int32 = 1
+        _ = setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        let bound = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        try #require(bound == 0 && listen(listener, 1) == 0)
+        let qemu = accept(listener, nil, nil)
+        try #require(qemu >= 0)
+        defer { close(qemu) }
+        #expect(nic.waitConnected(timeout: 5))
+
+        var bytes: [UInt8] = []
+        for k in 0..<10 { bytes += GuestNICTests.framed(GuestNICTests.frame(k)) }
+        _ = bytes.withUnsafeBytes { write(qemu, $0.baseAddress, $0.count) }
+        nic.drain()
+        #expect(SerialOutputTests.waitFor { out.snapshot.count == 10 })
+        #expect(out.snapshot == (0..<10).map { [2] + GuestNICTests.frame($0) }, "frames not tagged with the NIC's index, or reordered")
+
+        nic.deliver(GuestNICTests.frame(3))
+        var got = [UInt8](repeating: 0, count: 256)
+        var have: [UInt8] = []
+        #expect(SerialOutputTests.waitFor {
+            let n = got.withUnsafeMutableBytes { recv(qemu, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n > 0 { have += got[0..<n] }
+            return have.count >= 4 + GuestNICTests.frame(3).count
+        })
+        #expect(have == GuestNICTests.framed(GuestNICTests.frame(3)))
+        #expect(nic.framesIn.delivered == 1)
+    }
+}
