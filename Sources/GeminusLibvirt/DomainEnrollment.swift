@@ -85,13 +85,31 @@ public final class DomainEnrollment {
 
     /// Removes the enrolment of the domain `name` (its definition is otherwise left as it is);
     /// refused when it has none.
-    public static func unenroll(uri: String, domain name: String) throws {
+    /// What `unenroll` did: interfaces put back as they were before `--prepare` (at the next
+    /// start), recorded interfaces no longer in the definition, and whether an enrolment record
+    /// was removed.
+    public struct Removal: Sendable {
+        public var restoredInterfaces: Int
+        public var missingInterfaces: [String]
+        public var removedEnrollment: Bool
+    }
+
+    @discardableResult
+    public static func unenroll(uri: String, domain name: String) throws -> Removal {
         let conn = try LibvirtConnection.open(uri: uri)
         defer { try? conn.close() }
         let dom = try conn.lookupDomain(named: name)
-        guard try conn.readEnrollment(of: dom) != nil else {
+        let enrolled = try conn.readEnrollment(of: dom) != nil
+        // The held interfaces first: without the enrolment record the agent would not know them.
+        // (`--prepare` records them even when the domain could not be enrolled yet.)
+        let xml = try conn.xml(of: dom, .persistent)
+        let hasHeld = try HeldInterfaces.find(inDomainXML: xml) != nil
+        guard enrolled || hasHeld else {
             throw GeminusError(.invalidArgument, "domain '\(name)' is not enrolled; nothing to remove")
         }
-        try conn.removeEnrollment(of: dom)
+        let restored = try CAEnrollmentCheck.restoringInterfaces(xml)
+        if restored.restored > 0 || !restored.missing.isEmpty { _ = try conn.defineDomain(xml: restored.xml) }
+        if enrolled { try conn.removeEnrollment(of: dom) }
+        return Removal(restoredInterfaces: restored.restored, missingInterfaces: restored.missing, removedEnrollment: enrolled)
     }
 }

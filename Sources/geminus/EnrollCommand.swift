@@ -96,8 +96,11 @@ struct Unenroll: ParsableCommand {
 
     func run() throws {
         do {
-            try DomainEnrollment.unenroll(uri: uri, domain: domain)
-            print("removed the enrolment of '\(domain)'")
+            let r = try DomainEnrollment.unenroll(uri: uri, domain: domain)
+            if r.restoredInterfaces > 0 || !r.missingInterfaces.isEmpty {
+                print("restored \(r.restoredInterfaces) network interface(s) of '\(domain)' as they were before enrolment (at its next start)\(r.missingInterfaces.isEmpty ? "" : "; recorded but no longer in the definition: \(r.missingInterfaces.joined(separator: ", "))")")
+            }
+            if r.removedEnrollment { print("removed the enrolment of '\(domain)'") }
         } catch {
             throw operatorFailure(error)
         }
