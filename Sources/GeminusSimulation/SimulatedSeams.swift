@@ -289,7 +289,7 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
         justCaptured = true
         if let h = host {
             h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
-                                          counter: guest.counter, outputSequence: guest.outputSequence)
+                                          diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
             if h.armedCrash == .duringCapture { world.crashPrimary(h, "while capturing (guest paused)") }
         }
     }
