@@ -367,8 +367,10 @@ struct DeviceState {
 
     func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: 64 + registers.count)
+        // Version 1 for a guest without frames or disk (as before they existed), 2 with them.
+        let version: UInt32 = workload.nicFrames || workload.diskBlocks > 0 ? 2 : 1
         w.u32(Self.magic)
-        w.u32(2)
+        w.u32(version)
         w.u64(UInt64(workload.ramMiB))
         w.u64(UInt64(workload.dirtyPagesPerSecond))
         w.u64(workload.hotFraction.bitPattern)
@@ -381,9 +383,11 @@ struct DeviceState {
         w.append(registers)
         w.u32(UInt32(pendingOutput?.count ?? 0))
         if let p = pendingOutput { w.append(p) }
-        w.u8(workload.nicFrames ? 1 : 0)
-        w.u64(UInt64(workload.diskBlocks))
-        w.u64(UInt64(workload.diskWriteEverySteps))
+        if version == 2 {
+            w.u8(workload.nicFrames ? 1 : 0)
+            w.u64(UInt64(workload.diskBlocks))
+            w.u64(UInt64(workload.diskWriteEverySteps))
+        }
         return w.bytes
     }
 
