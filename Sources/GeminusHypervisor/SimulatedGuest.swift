@@ -180,6 +180,10 @@ public final class SimulatedGuest: @unchecked Sendable {
         memory.storeU64(c, at: Self.lastDiskCounterAddress)
     }
 
+    private func diskBlockIsZero(_ b: Int) -> Bool {
+        disk.withUnsafeBytes { geminus_is_zero($0.baseAddress! + b * Self.diskBlockSize, Self.diskBlockSize) != 0 }
+    }
+
     /// What block `block` holds after the write made at `counter`: a header (block, counter,
     /// seed) and words derived from them.
     public static func diskBlockContents(block: Int, counter: UInt64, seed: UInt64) -> [UInt8] {
@@ -208,8 +212,8 @@ public final class SimulatedGuest: @unchecked Sendable {
             }
         }
         for b in 0..<workload.diskBlocks {
+            if diskBlockIsZero(b) { continue }
             let bytes = Array(blockBytes(b))
-            if bytes.allSatisfy({ $0 == 0 }) { continue }
             var r = ByteReader(bytes)
             guard r.u64() == UInt64(b), let c = r.u64(), bytes == Self.diskBlockContents(block: b, counter: c, seed: seed) else {
                 return "disk block \(b) holds no whole write of this guest"
@@ -247,8 +251,8 @@ public final class SimulatedGuest: @unchecked Sendable {
             // its replica first).
             buffer.diskSizeBytes = UInt64(disk.count)
             for b in 0..<workload.diskBlocks where full || diskWritten[b] {
+                if full && diskBlockIsZero(b) { continue }
                 let bytes = Array(disk[b * Self.diskBlockSize..<(b + 1) * Self.diskBlockSize])
-                if full && bytes.allSatisfy({ $0 == 0 }) { continue }
                 buffer.diskWrites.append(DiskWrite(offset: UInt64(b * Self.diskBlockSize), data: bytes))
             }
             for b in diskWritten.indices { diskWritten[b] = false }

@@ -101,7 +101,7 @@ final class MemoryReplicaDisk: ReplicaDisk {
     }
 
     func zeroAll() throws(GeminusError) {
-        for i in bytes.indices { bytes[i] = 0 }
+        bytes = Array(repeating: 0, count: Int(sizeBytes))
     }
 
     func sync() throws(GeminusError) {}
