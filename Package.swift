@@ -15,7 +15,8 @@ let package = Package(
     ],
     targets: [
         // System libraries, found through pkg-config; `providers` names the Debian package
-        // so a missing library is reported with the command that installs it.
+        // so a missing library is reported with the command that installs it. Hints only: the
+        // list is Tools/packages.txt (its build group), which Tools/install-deps installs.
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CXXHash", pkgConfig: "libxxhash", providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLibCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
@@ -53,7 +54,13 @@ let package = Package(
             // Fixtures and harnesses for tests and `geminus demo`, never for production targets:
             // the tiny test guest as two libvirt domains, and agents run as child processes.
             name: "GeminusTestSupport",
-            dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU"]
+            dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU", "GeminusNode"]
+        ),
+        .target(
+            // `geminus demo`'s script: two agent processes on loopback, the primary killed at a
+            // random moment, the checks (resumed checkpoint, output commit, failover bound, one copy).
+            name: "GeminusDemo",
+            dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport", "GeminusTestSupport"]
         ),
         .target(
             // `geminus bench`: checkpoints of a real guest per method, QEMU's own migration
@@ -109,14 +116,19 @@ let package = Package(
                 .product(name: "Histogram", package: "hdrhistogram-swift"),
             ]
         ),
+        .target(
+            // The guest kinds `geminus agent` can protect (simulated, QEMU it starts, a libvirt
+            // domain) behind the runtime's `GuestHost` seam.
+            name: "GeminusAgentGuests",
+            dependencies: ["GeminusAgent", "GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusLibvirt", "GeminusLibvirtGuest",
+                           .product(name: "Logging", package: "swift-log")]
+        ),
         .executableTarget(
             name: "geminus",
             dependencies: [
-                "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
+                "GeminusAgent", "GeminusAgentGuests", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusQEMU", "GeminusLibvirt",
                 "GeminusLibvirtGuest", "GeminusBench", "GeminusSimulation",
-                "GeminusCluster", "GeminusHA", "GeminusHAHost",
-                // Only for `geminus demo` (DemoRun.swift): the test guest's domains, agent processes.
-                "GeminusTestSupport",
+                "GeminusCluster", "GeminusHA", "GeminusHAHost", "GeminusDemo",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -16,42 +16,85 @@ enum WitnessMessage: Equatable {
 
     static let maxRecords = 4096
 
+    /// The JSON on the wire and in the witness's state file (keys sorted, absent values left out).
+    private struct Wire: Codable {
+        struct Record: Codable {
+            var generation: UInt64
+            var after: UInt64
+        }
+        var kind: String
+        var vm: String?
+        var record: Record?
+        var stopped: UInt64?
+        var records: [String: Record]?
+        /// The witness's stopped generations (files written before stop notices have none).
+        var stoppedByVM: [String: UInt64]?
+
+        enum CodingKeys: String, CodingKey {
+            case kind, vm, record, records
+            // One key, two shapes: an agent's generation, or the witness's map of them.
+            case stopped
+        }
+
+        init(kind: String) { self.kind = kind }
+
+        init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            kind = try c.decode(String.self, forKey: .kind)
+            vm = try c.decodeIfPresent(String.self, forKey: .vm)
+            record = try c.decodeIfPresent(Record.self, forKey: .record)
+            records = try c.decodeIfPresent([String: Record].self, forKey: .records)
+            if kind == WitnessMessage.witnessKind {
+                stoppedByVM = try c.decodeIfPresent([String: UInt64].self, forKey: .stopped)
+            } else {
+                stopped = try c.decodeIfPresent(UInt64.self, forKey: .stopped)
+            }
+        }
+
+        func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(kind, forKey: .kind)
+            try c.encodeIfPresent(vm, forKey: .vm)
+            try c.encodeIfPresent(record, forKey: .record)
+            try c.encodeIfPresent(records, forKey: .records)
+            if let stoppedByVM { try c.encode(stoppedByVM, forKey: .stopped) } else { try c.encodeIfPresent(stopped, forKey: .stopped) }
+        }
+    }
+
+    static let agentKind = "geminus-ca-agent"
+    static let witnessKind = "geminus-ca-witness"
+
     func encoded() -> [UInt8] {
-        func r(_ w: WitnessRecord) -> [String: UInt64] { ["generation": w.generation.rawValue, "after": w.unprotectedAfter.rawValue] }
-        let object: [String: Any]
+        func r(_ w: WitnessRecord) -> Wire.Record { Wire.Record(generation: w.generation.rawValue, after: w.unprotectedAfter.rawValue) }
+        var wire: Wire
         switch self {
         case .agent(let vm, let record, let stopped):
-            var o: [String: Any] = ["kind": "geminus-ca-agent", "vm": vm]
-            if let record { o["record"] = r(record) }
-            if let stopped { o["stopped"] = stopped.rawValue }
-            object = o
+            wire = Wire(kind: Self.agentKind)
+            wire.vm = vm
+            wire.record = record.map(r)
+            wire.stopped = stopped?.rawValue
         case .witness(let records, let stopped):
-            object = ["kind": "geminus-ca-witness", "records": records.mapValues(r), "stopped": stopped.mapValues(\.rawValue)]
+            wire = Wire(kind: Self.witnessKind)
+            wire.records = records.mapValues(r)
+            wire.stoppedByVM = stopped.mapValues(\.rawValue)
         }
-        return Array(try! JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        return Array(try! encoder.encode(wire))
     }
 
     init?(decoding bytes: [UInt8]) {
-        guard let o = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any], let kind = o["kind"] as? String else { return nil }
-        func r(_ any: Any?) -> WitnessRecord? {
-            guard let d = any as? [String: Any], let g = (d["generation"] as? NSNumber)?.uint64Value,
-                  let a = (d["after"] as? NSNumber)?.uint64Value else { return nil }
-            return WitnessRecord(generation: Generation(g), unprotectedAfter: Epoch(a))
-        }
-        switch kind {
-        case "geminus-ca-agent":
-            guard let vm = o["vm"] as? String else { return nil }
-            self = .agent(vm: vm, record: r(o["record"]), stopped: (o["stopped"] as? NSNumber).map { Generation($0.uint64Value) })
-        case "geminus-ca-witness":
-            guard let d = o["records"] as? [String: Any], d.count <= Self.maxRecords else { return nil }
-            var records: [String: WitnessRecord] = [:]
-            for (vm, v) in d { guard let w = r(v) else { return nil }; records[vm] = w }
-            // Files written before stop notices existed have no "stopped": none stopped then.
-            let s = o["stopped"] as? [String: Any] ?? [:]
-            guard s.count <= Self.maxRecords else { return nil }
-            var stopped: [String: Generation] = [:]
-            for (vm, v) in s { guard let g = v as? NSNumber else { return nil }; stopped[vm] = Generation(g.uint64Value) }
-            self = .witness(records: records, stopped: stopped)
+        guard let wire = try? JSONDecoder().decode(Wire.self, from: Data(bytes)) else { return nil }
+        func r(_ w: Wire.Record) -> WitnessRecord { WitnessRecord(generation: Generation(w.generation), unprotectedAfter: Epoch(w.after)) }
+        switch wire.kind {
+        case Self.agentKind:
+            guard let vm = wire.vm else { return nil }
+            self = .agent(vm: vm, record: wire.record.map(r), stopped: wire.stopped.map { Generation($0) })
+        case Self.witnessKind:
+            let records = wire.records ?? [:]
+            let stopped = wire.stoppedByVM ?? [:]
+            guard wire.records != nil, records.count <= Self.maxRecords, stopped.count <= Self.maxRecords else { return nil }
+            self = .witness(records: records.mapValues(r), stopped: stopped.mapValues { Generation($0) })
         default:
             return nil
         }

@@ -1,5 +1,6 @@
 import Foundation
 import GeminusCore
+import GeminusNode
 
 /// Machine-readable agent events, one JSON object per line on standard output, for `geminus
 /// demo`, scripts and tests. People read the swift-log lines on standard error instead.
@@ -18,8 +19,15 @@ public final class EventLog: @unchecked Sendable {
         lock.withLock { role = r }
     }
 
-    public func emit(_ type: String, _ fields: [String: Any] = [:]) {
+    /// A node's event (those with a name; the log says the rest).
+    public func emit(_ event: NodeEvent) {
+        guard let name = event.name else { return }
+        emit(name, event.fields.mapValues(\.any))
+    }
+
+    public func emit(_ name: EventName, _ fields: [String: Any] = [:]) {
         guard enabled else { return }
+        let type = name.rawValue
         lock.lock()
         defer { lock.unlock() }
         var object = fields

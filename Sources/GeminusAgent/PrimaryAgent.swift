@@ -105,7 +105,7 @@ public final class PrimaryAgent: @unchecked Sendable {
                 witness: witness, lease: watch, events: sink)
         } catch {
             logger.critical("cannot protect \(settings.vmName): \(error)")
-            events.emit("error", ["message": "\(error)"])
+            events.emit(.error, ["message": "\(error)"])
             guest.detach()
             return .stopped
         }
@@ -137,7 +137,7 @@ public final class PrimaryAgent: @unchecked Sendable {
             if node.progressDue {
                 let fields = node.statusReport().mapValues(\.any)
                 status.update(fields)
-                events.emit("progress", fields)
+                events.emit(.progress, fields)
             }
             if node.outcome != nil { break }
             if !node.waitForInput(maxNanos: 1_000_000) { Monotonic.sleep(nanos: 1_000_000) }

@@ -76,8 +76,7 @@ public final class SecondaryAgent: @unchecked Sendable {
             settings: .init(vmName: settings.vmName, machine: settings.machine, generation: settings.generation,
                             counterAddress: settings.counterAddress, progressIntervalNanos: UInt64(settings.progressIntervalMillis) * 1_000_000),
             standby: standby, clock: MonotonicClock(), acceptor: acceptor, witness: witness, events: sink, makePort: makePort)
-        sink.record(.listening(vm: settings.vmName, address: "\(settings.listenHost):\(listener.port)"))
-        events.emit("listening", ["host": settings.listenHost, "port": Int(listener.port), "vm": settings.vmName])
+        sink.record(.listening(vm: settings.vmName, host: settings.listenHost, port: Int(listener.port)))
         acceptor.start(board: node.admission)
         let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000))
         defer {
@@ -90,7 +89,7 @@ public final class SecondaryAgent: @unchecked Sendable {
                 var fields = node.statusReport().mapValues(\.any)
                 fields["listen"] = "\(settings.listenHost):\(listener.port)"
                 status.update(fields)
-                events.emit("progress", fields)
+                events.emit(.progress, fields)
             }
             if node.isDone { break }
             if !node.waitForInput(maxNanos: 1_000_000) { Monotonic.sleep(nanos: 1_000_000) }

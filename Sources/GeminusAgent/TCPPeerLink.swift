@@ -17,6 +17,7 @@ final class FramedPeerLink: PeerLink {
     }
 
     var remoteAddress: String { connection.remoteAddress }
+    var peerHoldsCheckpoint: Bool { connection.peer.role == .secondary && connection.peer.committedEpoch != .none }
     var lastHeardNanos: UInt64 { connection.lastHeardNanos }
 
     func send(_ frame: [UInt8]) throws(GeminusError) {
@@ -95,7 +96,7 @@ final class AgentEventSink: NodeEventSink, @unchecked Sendable {
         case .critical: level = .critical
         }
         logger.log(level: level, "\(event.message)")
-        if let name = event.name { events.emit(name, event.fields.mapValues(\.any)) }
+        events.emit(event)
         also?(event)
     }
 }

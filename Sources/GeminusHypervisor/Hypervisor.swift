@@ -34,6 +34,15 @@ public protocol ProtectedGuest: AnyObject, Sendable {
     var lastCaptureParts: CaptureParts? { get }
     var outputStalled: Bool { get }
     func drainOutput()
+    /// Whether `captureLive` copies without pausing (a round of the live first copy). A guest
+    /// that cannot (a replicated disk whose first copy rides the full checkpoint; a verifying
+    /// finder, whose comparison would race the running guest) gets its first copy paused.
+    var supportsLiveCopy: Bool { get }
+    /// While the guest runs: copies every page (when `full`) or those written since the last
+    /// capture into `buffer`, marked live (`isLive`, no device state), and starts a new written
+    /// set. A page the guest writes during the copy may be torn here; it is written again, so
+    /// the next capture carries it whole.
+    func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
     /// What a takeover report says about the guest just resumed (its process, its domain; a test
     /// guest adds the output history its checkpoint stands behind). Read once, right after resume.
     var takeoverFacts: [String: JSONValue] { get }
@@ -72,6 +81,20 @@ extension ProtectedGuest {
     public var statusReport: [String: String] { [:] }
     public var lastCaptureParts: CaptureParts? { nil }
     public var takeoverFacts: [String: JSONValue] { [:] }
+    public var supportsLiveCopy: Bool { false }
+    /// Without a live path: a paused copy, so the round is exact (and the guest feels it).
+    public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        try pause()
+        do {
+            try capture(full: full, into: buffer)
+        } catch {
+            try? resume()
+            throw error
+        }
+        try resume()
+        buffer.deviceState = []
+        buffer.isLive = true
+    }
     public var inboundFrames: (@Sendable ([UInt8]) -> Void)? { nil }
     public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {}
 }

@@ -492,3 +492,29 @@ public enum SimulatedNICFrame {
         return Array(frame[14..<14 + OutputPacket.size])
     }
 }
+
+/// S2 judged from outside, the one rule the simulator's checks and `geminus demo` apply: every
+/// packet a primary released must be in the history of the checkpoint the secondary resumed
+/// (not beyond its last output, and with the same counter where its ring remembers one).
+/// Anything else is output the resumed VM contradicts: a client saw a history that was un-sent.
+public enum ReleasedOutputCheck {
+    public struct Verdict: Sendable, Equatable {
+        /// Released packets newer than anything the resumed guest had produced.
+        public var beyond: [OutputPacket] = []
+        /// Released packets whose counter disagrees with the resumed guest's own record.
+        public var mismatched: [OutputPacket] = []
+        public var holds: Bool { beyond.isEmpty && mismatched.isEmpty }
+    }
+
+    /// - Parameters:
+    ///   - outputSequence: the last output the resumed checkpoint had produced.
+    ///   - history: sequence → counter, as far as the resumed checkpoint's ring remembers.
+    public static func judge(_ released: [OutputPacket], outputSequence: UInt64, history: [UInt64: UInt64]) -> Verdict {
+        var v = Verdict()
+        for p in released {
+            if p.sequence > outputSequence { v.beyond.append(p) }
+            else if let c = history[p.sequence], c != p.counter { v.mismatched.append(p) }
+        }
+        return v
+    }
+}

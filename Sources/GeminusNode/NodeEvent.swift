@@ -22,6 +22,7 @@ public enum NodeEvent: Sendable {
     case finalCaptured(Epoch, counter: UInt64, pauseMicros: UInt64)
     case captureFailed(Epoch, String)
     case transmitted(Epoch, base: Epoch, frames: Int)
+    case liveCopied(Epoch, full: Bool, pages: Int, micros: UInt64, round: Int)
     case fullCopyStarted(Epoch, mib: Int)
     case fullCopyProgress(text: String, fields: [String: JSONValue])
     case acknowledged(Epoch, traced: Bool)
@@ -43,11 +44,12 @@ public enum NodeEvent: Sendable {
     case selfFenced(vm: String, generation: Generation, reason: String, droppedPackets: Int, stopMicros: UInt64, guestStopped: Bool)
 
     // Secondary.
-    case listening(vm: String, address: String)
+    case listening(vm: String, host: String, port: Int)
     case primaryConnected(peer: String, generation: Generation, pages: UInt64)
     case primaryRefused(peer: String, generation: Generation, pairGeneration: Generation)
     case replicaUnavailable(pages: UInt64, String)
     case committed(Epoch, pages: Int, full: Bool)
+    case liveCommitted(Epoch, pages: Int, full: Bool)
     case rejected(Epoch, RejectReason, detail: String, keeps: Epoch)
     case handoverRequested(vm: String, Epoch)
     case handoverDeclined(Epoch, reason: String)
@@ -65,7 +67,8 @@ public enum NodeEvent: Sendable {
     public var level: Level {
         switch self {
         case .captured(_, let full, _, _, _, _): return full ? .notice : .trace
-        case .transmitted, .acknowledged, .epochDeferred: return .trace
+        case .transmitted, .acknowledged, .epochDeferred, .liveCommitted: return .trace
+        case .liveCopied: return .info
         case .committed(_, _, let full): return full ? .notice : .trace
         case .primaryStarted, .connected, .primaryConnected, .listening, .witnessView, .primaryBack, .fullCopyProgress: return .notice
         case .fullCopyStarted, .switchoverRequested, .protected, .handoverSent, .handoverRequested: return .notice
@@ -82,36 +85,38 @@ public enum NodeEvent: Sendable {
     }
 
     /// The event's name on the JSON stream; nil for what only the log says.
-    public var name: String? {
+    public var name: EventName? {
         switch self {
-        case .primaryStarted: return "primary-started"
-        case .runningUnprotected, .unprotected: return "unprotected"
-        case .connected, .primaryConnected: return "connected"
-        case .linkLost: return "link-lost"
-        case .captured(_, _, _, _, _, let traced): return traced ? "checkpoint" : nil
-        case .finalCaptured: return "final-checkpoint"
-        case .captureFailed, .resumeFailed, .resumeFailedDown, .failed: return "error"
-        case .fullCopyProgress: return "full-sync-progress"
-        case .acknowledged(_, let traced): return traced ? "acknowledged" : nil
-        case .protected: return "protected"
-        case .peerLost: return "peer-lost"
-        case .resyncing: return "resync"
-        case .announceUnprotected: return "announce-unprotected"
-        case .switchoverRequested: return "switchover-requested"
-        case .switchoverRefused: return "switchover-refused"
-        case .switchoverAborted: return "switchover-aborted"
-        case .handoverSent: return "handover-sent"
-        case .handedOver: return "handed-over"
-        case .selfFenced: return "self-fenced"
-        case .listening: return "listening"
-        case .rejected: return "rejected"
-        case .committed(_, _, let full): return full ? "base-committed" : nil
-        case .handoverRequested: return "handover-requested"
-        case .handoverDeclined: return "handover-declined"
-        case .primaryLost: return "primary-lost"
-        case .cannotTakeOver: return "cannot-take-over"
-        case .awaitingArbitration: return "awaiting-arbitration"
-        case .witnessView: return "witness-view"
+        case .primaryStarted: return .primaryStarted
+        case .runningUnprotected, .unprotected: return .unprotected
+        case .connected, .primaryConnected: return .connected
+        case .linkLost: return .linkLost
+        case .captured(_, _, _, _, _, let traced): return traced ? .checkpoint : nil
+        case .finalCaptured: return .finalCheckpoint
+        case .captureFailed, .resumeFailed, .resumeFailedDown, .failed: return .error
+        case .fullCopyProgress: return .fullSyncProgress
+        case .acknowledged(_, let traced): return traced ? .acknowledged : nil
+        case .protected: return .protected
+        case .peerLost: return .peerLost
+        case .resyncing: return .resync
+        case .announceUnprotected: return .announceUnprotected
+        case .switchoverRequested: return .switchoverRequested
+        case .switchoverRefused: return .switchoverRefused
+        case .switchoverAborted: return .switchoverAborted
+        case .handoverSent: return .handoverSent
+        case .handedOver: return .handedOver
+        case .selfFenced: return .selfFenced
+        case .listening: return .listening
+        case .rejected: return .rejected
+        case .committed(_, _, let full): return full ? .baseCommitted : nil
+        case .handoverRequested: return .handoverRequested
+        case .handoverDeclined: return .handoverDeclined
+        case .primaryLost: return .primaryLost
+        case .cannotTakeOver: return .cannotTakeOver
+        case .awaitingArbitration: return .awaitingArbitration
+        case .witnessView: return .witnessView
+        case .liveCopied: return .liveCopy
+        case .liveCommitted: return nil
         case .notProtectingYet, .transmitted, .fullCopyStarted, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
              .primaryRefused, .replicaUnavailable, .primaryBack, .tookOver: return nil
         }
@@ -128,6 +133,9 @@ public enum NodeEvent: Sendable {
         case .primaryConnected(let peer, let g, _): return ["peer": .string(peer), "generation": .int(g.rawValue)]
         case .linkLost(let reason): return ["reason": .string(reason)]
         case .captured(let e, let full, let counter, _, _, _): return ["epoch": .int(e.rawValue), "counter": .int(counter), "full": .bool(full)]
+        case .liveCopied(let e, let full, let pages, let micros, let round):
+            return ["epoch": .int(e.rawValue), "full": .bool(full), "pages": .int(pages), "micros": .int(micros), "round": .int(round)]
+        case .liveCommitted(let e, let pages, _): return ["epoch": .int(e.rawValue), "pages": .int(pages)]
         case .finalCaptured(let e, let counter, let pause):
             return ["epoch": .int(e.rawValue), "counter": .int(counter), "pauseMicros": .int(pause)]
         case .captureFailed(_, let m), .resumeFailed(_, let m), .resumeFailedDown(let m), .failed(let m): return ["message": .string(m)]
@@ -141,7 +149,7 @@ public enum NodeEvent: Sendable {
             return ["epoch": .int(e.rawValue), "pausedMicros": .int(paused), "generation": g.map { .int($0.rawValue) } ?? .null]
         case .selfFenced(_, _, let reason, let dropped, let micros, let stopped):
             return ["reason": .string(reason), "droppedPackets": .int(dropped), "stopMicros": .int(micros), "guestStopped": .bool(stopped)]
-        case .listening(let vm, let address): return ["vm": .string(vm), "address": .string(address)]
+        case .listening(let vm, let host, let port): return ["vm": .string(vm), "host": .string(host), "port": .int(port)]
         case .rejected(let e, let r, let detail, _): return ["epoch": .int(e.rawValue), "reason": .string(r.description), "detail": .string(detail)]
         case .committed(let e, let pages, _): return ["epoch": .int(e.rawValue), "pages": .int(pages)]
         case .handoverDeclined(let e, let reason): return ["epoch": .int(e.rawValue), "reason": .string(reason)]
@@ -167,6 +175,9 @@ public enum NodeEvent: Sendable {
         case .finalCaptured(let e, let counter, let pause): return "final capture \(e) (counter \(counter), guest paused \(pause) us so far)"
         case .captureFailed(let e, let m): return "checkpoint \(e) failed: \(m); stopping"
         case .transmitted(let e, let base, let frames): return "send \(e) on \(base) (\(frames) frames)"
+        case .liveCopied(let e, let full, let pages, let micros, let round):
+            return "live copy round \(round) (epoch \(e)): \(full ? "all " : "")\(pages) pages copied while the guest ran, in \(micros / 1000) ms"
+        case .liveCommitted(let e, let pages, _): return "live round \(e) applied (\(pages) pages; not resumable until the pause that ends the copy commits)"
         case .fullCopyStarted(let e, let mib): return "full checkpoint \(e): sending \(mib) MiB of guest RAM to the secondary"
         case .fullCopyProgress(let text, _): return text
         case .acknowledged(let e, _): return "ack \(e)"
@@ -192,7 +203,7 @@ public enum NodeEvent: Sendable {
         case .selfFenced(let vm, let g, let reason, let dropped, let micros, let stopped):
             return "SELF-FENCED \(vm) (generation \(g)): \(reason). The guest is stopped for good (in \(micros / 1000) ms) and \(dropped) held packets were dropped"
                 + (stopped ? "; the secondary may run it now" : "; the guest could not be confirmed stopped, so the witness is not told: check this host (QEMU still running?) and stop the guest by hand")
-        case .listening(let vm, let address): return "waiting for the primary of \(vm) on \(address)"
+        case .listening(let vm, let host, let port): return "waiting for the primary of \(vm) on \(host):\(port)"
         case .primaryConnected(let peer, let g, let pages): return "accepts the primary \(peer) (generation \(g), \(pages) pages)"
         case .primaryRefused(let peer, let g, let pair): return "refused primary \(peer): generation \(g) is older than the pair's \(pair)"
         case .replicaUnavailable(let pages, let m): return "cannot hold a replica of \(pages) pages: \(m)"
@@ -213,4 +224,43 @@ public enum NodeEvent: Sendable {
         case .failed(let m): return m
         }
     }
+}
+
+/// The names of the events on the JSON stream (`--events`): what scripts, the demo and the
+/// tests wait for. One place, so a renamed event is a compile error, not a silent mismatch.
+public enum EventName: String, CaseIterable, Sendable, Codable {
+    case acknowledged = "acknowledged"
+    case announceUnprotected = "announce-unprotected"
+    case arbitration = "arbitration"
+    case awaitingArbitration = "awaiting-arbitration"
+    case baseCommitted = "base-committed"
+    case cannotTakeOver = "cannot-take-over"
+    case checkpoint = "checkpoint"
+    case connected = "connected"
+    case error = "error"
+    case finalCheckpoint = "final-checkpoint"
+    case fullSyncProgress = "full-sync-progress"
+    case guestStarted = "guest-started"
+    case handedOver = "handed-over"
+    case handoverDeclined = "handover-declined"
+    case handoverRequested = "handover-requested"
+    case handoverSent = "handover-sent"
+    case linkLost = "link-lost"
+    case listening = "listening"
+    case peerLost = "peer-lost"
+    case primaryLost = "primary-lost"
+    case primaryStarted = "primary-started"
+    case progress = "progress"
+    case protected = "protected"
+    case rejected = "rejected"
+    case resync = "resync"
+    case selfFenced = "self-fenced"
+    case switchoverAborted = "switchover-aborted"
+    case switchoverRefused = "switchover-refused"
+    case switchoverRequested = "switchover-requested"
+    case tookOver = "took-over"
+    case trackingMiss = "tracking-miss"
+    case unprotected = "unprotected"
+    case witnessView = "witness-view"
+    case liveCopy = "live-copy"
 }

@@ -28,6 +28,9 @@ public struct PipelineStats: Sendable {
     public var wireBytes = 0
     public var pagesByEncoding: [PageEncoding: Int] = [:]
     public var deferredEpochs = 0
+    /// Rounds of the live first copy, and the pages they copied while the guest ran.
+    public var liveRounds = 0
+    public var livePages = 0
 
     public init() {}
 

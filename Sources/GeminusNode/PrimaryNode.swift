@@ -107,7 +107,10 @@ public final class PrimaryNode {
         self.witness = witness
         self.lease = lease
         self.events = events
-        machine = PrimaryMachine(config: settings.machine, generation: settings.generation, resumedFrom: settings.resumedFrom)
+        var config = settings.machine
+        // A guest that cannot be copied while it runs gets its first copy paused.
+        config.liveFirstCopy = config.liveFirstCopy && guest.supportsLiveCopy
+        machine = PrimaryMachine(config: config, generation: settings.generation, resumedFrom: settings.resumedFrom)
         if let maxFramePayload {
             encoder = try CheckpointEncoder(pageCount: guest.pageCount, maxFramePayload: maxFramePayload)
         } else {
@@ -195,7 +198,11 @@ public final class PrimaryNode {
 
     /// Stop at the next step (`finish` then detaches the guest).
     public func stop() {
-        if outcome == nil { outcome = .stopped; guest.detach() }
+        // A self-fence that came meanwhile (from the fence watch's thread) is how the role
+        // ended: the guest is stopped for good, and the agent must stay fenced, not just exit.
+        guard outcome == nil, !checkFenced() else { return }
+        outcome = .stopped
+        guest.detach()
     }
 
     /// The self-fence procedure: held output dropped first (from here on nothing leaves,
@@ -242,7 +249,7 @@ public final class PrimaryNode {
         }
         link = fresh
         events.record(.connected(peer: fresh.remoteAddress))
-        execute(machine.handle(.peerConnected(nowNanos: clock.nowNanos)))
+        execute(machine.handle(.peerConnected(nowNanos: clock.nowNanos, peerHoldsCheckpoint: fresh.peerHoldsCheckpoint)))
     }
 
     /// nil when a secondary may be given checkpoints now, else why not. A sole copy arms its
@@ -308,6 +315,8 @@ public final class PrimaryNode {
             switch action {
             case .capture(let epoch, let full):
                 if capture(epoch, full: full, final: false) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
+            case .copyLive(let epoch, let full):
+                if copyLive(epoch, full: full) { pending += machine.handle(.liveCopied(epoch, pages: buffer.pageCount, nowNanos: clock.nowNanos)) }
             case .captureFinal(let epoch):
                 if capture(epoch, full: false, final: true) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
             case .transmit(let epoch, let base):
@@ -386,7 +395,32 @@ public final class PrimaryNode {
         }
     }
 
+    /// A round of the live first copy, the guest running. False when it failed (the role ends).
+    private func copyLive(_ epoch: Epoch, full: Bool) -> Bool {
+        let t0 = clock.nowNanos
+        do {
+            try guest.captureLive(full: full, into: buffer)
+        } catch {
+            events.record(.captureFailed(epoch, "\(error)"))
+            stop()
+            return false
+        }
+        let micros = (clock.nowNanos - t0) / 1000
+        stats.liveRounds += 1
+        stats.livePages += buffer.pageCount
+        events.record(.liveCopied(epoch, full: full, pages: buffer.pageCount, micros: micros, round: (machine.liveCopy?.rounds ?? 0) + 1))
+        return true
+    }
+
+    /// The pause that ends a live first copy: it counts with the full copies (its pause and its
+    /// commit are the first copy's), not with the steady state.
+    private func endsFirstCopy(_ epoch: Epoch) -> Bool {
+        if case .syncing(let full) = machine.protection { return full == epoch }
+        return false
+    }
+
     private func record(_ epoch: Epoch, full: Bool, final: Bool, t0: UInt64, t1: UInt64, t2: UInt64, t3: UInt64) {
+        let full = full || endsFirstCopy(epoch)
         if full {
             _ = stats.fullSyncPauseMicros.record((t3 - t0) / 1000)
         } else {
@@ -450,7 +484,7 @@ public final class PrimaryNode {
 
     /// `force`: the output is released unheld from now on (unprotected), so it cannot stall.
     private func resumeIfOutputHasRoom(force: Bool = false) {
-        guard let since = pausedForOutputSinceNanos, outcome == nil else { return }
+        guard let since = pausedForOutputSinceNanos, outcome == nil, !checkFenced() else { return }
         guest.drainOutput()
         guard force || !guest.outputStalled else { return }
         pausedForOutputSinceNanos = nil
@@ -540,6 +574,8 @@ public final class PrimaryNode {
             "framesSent": .int(snap.framesSent),
             "frameSendFailures": .int(snap.frameSendFailures),
             "deferredEpochs": .int(stats.deferredEpochs),
+            "liveRounds": .int(stats.liveRounds),
+            "livePages": .int(stats.livePages),
         ]
         for (k, v) in guest.statusReport { fields[k] = .string(v) }
         window = (stats.epochs, stats.wireBytes, now)

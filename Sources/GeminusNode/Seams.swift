@@ -33,6 +33,9 @@ public enum LinkInput: Sendable {
 /// the link's own business: `receive` never returns one, `lastHeardNanos` counts them.
 public protocol PeerLink: AnyObject {
     var remoteAddress: String { get }
+    /// The secondary said at the handshake that it holds a resumable checkpoint (a primary's
+    /// link; a secondary's says false).
+    var peerHoldsCheckpoint: Bool { get }
     /// Queues one encoded frame. Throws when the link is gone or the frame could not be queued
     /// within the link's own bound.
     func send(_ frame: [UInt8]) throws(GeminusError)

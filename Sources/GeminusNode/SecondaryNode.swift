@@ -171,7 +171,9 @@ public final class SecondaryNode {
     }
 
     private func publishAdmission() {
-        let state = SecondaryAdmission.State(generation: machine.generation, committed: replica?.committedEpoch ?? .none,
+        // Only a resumable checkpoint counts: the primary copies live to a secondary without one.
+        let state = SecondaryAdmission.State(generation: machine.generation,
+                                             committed: replica.map { $0.isResumable ? $0.committedEpoch : .none } ?? .none,
                                              runsTheVM: takeover != nil)
         admission.state = state
     }
@@ -236,8 +238,16 @@ public final class SecondaryNode {
         switch outcome {
         case .staged, .ignored:
             break
+        case .committed(let epoch, let stats) where stats.isLive:
+            // A round of the live first copy: acknowledged so the primary's window moves on,
+            // but no checkpoint the machine may resume (its pages may be torn).
+            lastCommitWasLive = true
+            events.record(.liveCommitted(epoch, pages: stats.pages, full: stats.isFull))
+            send(FrameCodec.encode(FrameHeader(kind: .ack, generation: machine.generation, epoch: epoch)))
         case .committed(let epoch, let stats):
-            events.record(.committed(epoch, pages: stats.pages, full: stats.isFull))
+            // The first whole checkpoint: a full epoch, or the pause that ended a live first copy.
+            events.record(.committed(epoch, pages: stats.pages, full: stats.isFull || lastCommitWasLive))
+            lastCommitWasLive = false
             perform(machine.handle(.committed(epoch, nowNanos: now)))
         case .rejected(let epoch, let reason, let detail):
             events.record(.rejected(epoch, reason, detail: detail, keeps: replica.committedEpoch))
@@ -291,8 +301,15 @@ public final class SecondaryNode {
         }
     }
 
+    /// The last commit was a live round: the next resumable one is the first whole checkpoint.
+    private var lastCommitWasLive = false
+
     private func takeOver(from epoch: Epoch, generation: Generation, planned: Bool) {
-        guard let replica, replica.hasBaseImage else { return }
+        guard let replica, replica.isResumable else {
+            events.record(.cannotTakeOver(vm: settings.vmName, reason: "the replica holds no whole checkpoint (the first copy was still under way)"))
+            stopped = true
+            return
+        }
         // Stop listening first: an old primary must not be able to reconnect to a node that
         // is about to run the VM itself.
         acceptor.stop()
@@ -354,7 +371,7 @@ public final class SecondaryNode {
         ]
         if let replica {
             fields["committed"] = .int(replica.committedEpoch.rawValue)
-            if let a = settings.counterAddress { fields["counter"] = .int(replica.hasBaseImage ? replica.memory.loadU64(at: a) : 0) }
+            if let a = settings.counterAddress { fields["counter"] = .int(replica.isResumable ? replica.memory.loadU64(at: a) : 0) }
             fields["commits"] = .int(replica.commits)
             fields["rejections"] = .object(Dictionary(uniqueKeysWithValues: replica.rejections.map { ($0.key.description, .int($0.value)) }))
         }

@@ -41,6 +41,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     public let checkpointer: QMPCheckpointer
     private let lock = NSLock()
     private var isShutDown = false
+    private var lastAnnounceNanos: UInt64 = 0
     /// The serial console as output (QEMU started with `serialSocketPath`), else nil.
     public private(set) var serial: SerialOutput?
     /// The NIC's frames (QEMU started with `nic`), else nil.
@@ -211,8 +212,13 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         guard nic != nil else { return 0 }
         let t0 = Monotonic.nanos()
         try qmp.execute("announce-self", arguments: ["initial": 50, "max": 550, "rounds": 5, "step": 100])
-        return Monotonic.nanos() - t0
+        let nanos = Monotonic.nanos() - t0
+        lock.withLock { lastAnnounceNanos = nanos }
+        return nanos
     }
+
+    /// The last `announceSelf` round trip (0 before one), for the takeover report.
+    var announceNanos: UInt64 { lock.withLock { lastAnnounceNanos } }
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)

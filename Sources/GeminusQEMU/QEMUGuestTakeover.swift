@@ -4,7 +4,12 @@ import GeminusHypervisor
 // What the hypervisor seam asks of a QEMU guest beyond the checkpoint cycle: a takeover's
 // report, the NIC's inbound path, and when its disk records writes.
 extension QEMUGuest {
-    public var takeoverFacts: [String: JSONValue] { ["guestPid": .int(Int(process.pid))] }
+    public var takeoverFacts: [String: JSONValue] {
+        var facts: [String: JSONValue] = ["guestPid": .int(Int(process.pid))]
+        // With a NIC: how long telling the network where the guest's MAC went took (announce-self).
+        if nic != nil { facts["announceMicros"] = .int(announceNanos / 1000) }
+        return facts
+    }
 
     public var inboundFrames: (@Sendable ([UInt8]) -> Void)? {
         guard let nic else { return nil }
@@ -13,5 +18,14 @@ extension QEMUGuest {
 
     public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {
         disk?.export.collect(while: holding)
+    }
+}
+
+extension QEMUGuest {
+    /// A replicated disk's first copy rides the full checkpoint: such a guest is copied paused.
+    public var supportsLiveCopy: Bool { disk == nil && checkpointer.findsWhileRunning }
+
+    public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        try checkpointer.captureLive(full: full, into: buffer)
     }
 }

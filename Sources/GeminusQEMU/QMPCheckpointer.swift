@@ -174,6 +174,21 @@ public final class QMPCheckpointer: @unchecked Sendable {
         lock.unlock()
     }
 
+    /// A round of the live first copy: pages only, taken while the guest runs (see
+    /// `ProtectedGuest.captureLive`). The finder starts a new written set as at any capture.
+    public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        lock.lock()
+        defer { lock.unlock() }
+        buffer.reset()
+        buffer.isFull = full
+        buffer.isLive = true
+        try finder.collect(from: memory, full: full, into: buffer)
+    }
+
+    /// Whether the finder may run while the guest does: a verifying finder compares against a
+    /// shadow and would report the running guest's writes as misses.
+    public var findsWhileRunning: Bool { lock.withLock { !(finder is VerifyingFinder) } }
+
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         lock.lock()
         defer { lock.unlock() }

@@ -31,12 +31,26 @@ public struct PrimaryMachine: Sendable {
         /// With a witness, running unprotected needs quorum and the witness's record of it
         /// (see `announceUnprotected`).
         public var arbitration: Arbitration
+        /// The first copy to a secondary that holds no checkpoint is taken while the guest runs
+        /// (`copyLive` rounds), then one short pause copies what is still dirty: the guest is
+        /// never paused for a whole copy of its RAM. Without it, or when the secondary may
+        /// still hold a checkpoint worth keeping, the full copy is taken paused.
+        public var liveFirstCopy: Bool
+        /// At most this many live rounds (the first copies everything, each next one what the
+        /// guest wrote meanwhile) before the pause.
+        public var liveRoundsMax: Int
+        /// A live round that copied at most this many pages is the last one: the pause copies
+        /// what is left.
+        public var liveStopPages: Int
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
                     peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
                     finalAckTimeoutNanos: UInt64 = 2_000_000_000, takeoverConfirmTimeoutNanos: UInt64 = 20_000_000_000,
-                    arbitration: Arbitration = .none) {
+                    arbitration: Arbitration = .none, liveFirstCopy: Bool = false, liveRoundsMax: Int = 5, liveStopPages: Int = 2048) {
             self.arbitration = arbitration
+            self.liveFirstCopy = liveFirstCopy
+            self.liveRoundsMax = liveRoundsMax
+            self.liveStopPages = liveStopPages
             self.epochIntervalNanos = epochIntervalNanos
             self.maxEpochsInFlight = maxEpochsInFlight
             self.peerSilenceNanos = peerSilenceNanos
@@ -59,11 +73,16 @@ public struct PrimaryMachine: Sendable {
 
     public enum Event: Equatable, Sendable {
         case tick(nowNanos: UInt64)
-        case peerConnected(nowNanos: UInt64)
+        /// `peerHoldsCheckpoint`: the secondary said at the handshake that it holds a resumable
+        /// checkpoint (then its first copy is paused, so that checkpoint stays whole until the
+        /// new one commits).
+        case peerConnected(nowNanos: UInt64, peerHoldsCheckpoint: Bool = true)
         case peerDisconnected(nowNanos: UInt64, reason: String)
         case heardFromPeer(nowNanos: UInt64)
         /// The capture asked for by `.capture` finished and the guest runs again.
         case captured(Epoch, nowNanos: UInt64)
+        /// The live round asked for by `.copyLive` finished; it copied `pages` pages.
+        case liveCopied(Epoch, pages: Int, nowNanos: UInt64)
         case acknowledged(Epoch, Generation, nowNanos: UInt64)
         case refused(Epoch, RejectReason, nowNanos: UInt64)
         /// The operator asked for a planned switchover to the secondary.
@@ -93,6 +112,10 @@ public struct PrimaryMachine: Sendable {
         /// Pause the guest, copy the written pages (all when `full`) and the device state, tag
         /// new output with `epoch + 1` (holding it from now on), resume. Then feed `.captured`.
         case capture(Epoch, full: Bool)
+        /// While the guest runs: copy every page (`full`) or those written since the last round,
+        /// without device state; the epoch is a base for the next, never resumable. Then feed
+        /// `.liveCopied`.
+        case copyLive(Epoch, full: Bool)
         /// Encode the captured epoch against `base` and queue its frames to the secondary.
         case transmit(Epoch, base: Epoch)
         case releaseOutput(through: Epoch)
@@ -142,6 +165,16 @@ public struct PrimaryMachine: Sendable {
     public private(set) var lastTransmitted: Epoch
     private var captureInProgress: Epoch?
     private var needsFull = true
+    /// The next full copy may be live (the secondary holds no checkpoint to keep).
+    private var nextFullMayBeLive = false
+    /// The live first copy under way: rounds done, pages of the last, whether another follows.
+    public private(set) var liveCopy: LiveCopy?
+
+    public struct LiveCopy: Equatable, Sendable {
+        public var rounds: Int
+        public var lastPages: Int
+        public var another: Bool
+    }
     /// Nacks for epochs older than this are echoes of a failure already being repaired.
     private var ignoreNacksBefore: Epoch = .none
     private var nextEpochDueNanos: UInt64 = 0
@@ -171,7 +204,9 @@ public struct PrimaryMachine: Sendable {
     public mutating func handle(_ event: Event) -> [Action] {
         if case .handedOver = switchover { return [] }
         switch event {
-        case .peerConnected(let now):
+        case .peerConnected(let now, let peerHoldsCheckpoint):
+            nextFullMayBeLive = config.liveFirstCopy && !peerHoldsCheckpoint
+            liveCopy = nil
             // The secondary will hold this generation's checkpoints from now on. (The agent has
             // armed the lease before it hands over a connection: `FenceWatch.arm`.)
             soleCopy = false
@@ -244,6 +279,29 @@ public struct PrimaryMachine: Sendable {
                 return []
             }
 
+        case .liveCopied(let epoch, let pages, let now):
+            precondition(captureInProgress == epoch, "copied an epoch that was not asked for")
+            captureInProgress = nil
+            guard var live = liveCopy else { return [] }
+            switch protection {
+            case .syncing, .protected:
+                let base = lastTransmitted
+                lastTransmitted = epoch
+                live.rounds += 1
+                // Another round while it shrinks the copy the pause must make; the first round
+                // copied everything, so what the guest wrote meanwhile is unknown yet: go on.
+                live.another = live.rounds < config.liveRoundsMax
+                    && (live.rounds == 1 || (pages > config.liveStopPages && pages < live.lastPages))
+                live.lastPages = pages
+                liveCopy = live
+                // The next round, or the pause, follows at once.
+                nextEpochDueNanos = now
+                return [.transmit(epoch, base: base)] + captureIfDue(now)
+            case .peerLost, .unprotected:
+                liveCopy = nil
+                return []
+            }
+
         case .acknowledged(let epoch, let gen, let now):
             guard gen == generation else {
                 staleAcks += 1
@@ -256,7 +314,8 @@ public struct PrimaryMachine: Sendable {
             }
             lastAcknowledged = epoch
             var actions: [Action] = [.releaseOutput(through: epoch)]
-            if case .syncing(let full) = protection, epoch >= full {
+            // A live round's acknowledgement makes room in the window, nothing more: it is no checkpoint.
+            if case .syncing(let full) = protection, liveCopy == nil, epoch >= full {
                 protection = .protected
                 actions.append(.notice(.protectionEstablished(epoch)))
             }
@@ -271,6 +330,9 @@ public struct PrimaryMachine: Sendable {
             switch protection {
             case .syncing, .protected:
                 needsFull = true
+                // The secondary may still hold its last checkpoint: the new copy is paused.
+                nextFullMayBeLive = false
+                liveCopy = nil
                 ignoreNacksBefore = lastCaptured.next
                 protection = .syncing(fullEpoch: lastCaptured.next)
                 var actions: [Action] = [.notice(.resyncing(after: epoch, reason))]
@@ -384,7 +446,19 @@ public struct PrimaryMachine: Sendable {
         captureInProgress = epoch
         // Keep a steady cadence; after a long stall start afresh rather than burst.
         nextEpochDueNanos = max(nextEpochDueNanos + config.epochIntervalNanos, now)
-        if full { protection = .syncing(fullEpoch: epoch) }
+        if full {
+            protection = .syncing(fullEpoch: epoch)
+            if nextFullMayBeLive {
+                nextFullMayBeLive = false
+                liveCopy = LiveCopy(rounds: 0, lastPages: .max, another: true)
+                return [.copyLive(epoch, full: true)]
+            }
+        } else if let live = liveCopy {
+            if live.another { return [.copyLive(epoch, full: false)] }
+            // The pause that ends the live copy: its epoch is the first whole checkpoint.
+            liveCopy = nil
+            protection = .syncing(fullEpoch: epoch)
+        }
         return [.capture(epoch, full: full)]
     }
 
@@ -392,6 +466,7 @@ public struct PrimaryMachine: Sendable {
         switch protection {
         case .syncing, .protected:
             protection = .peerLost(sinceNanos: now)
+            liveCopy = nil
             switch switchover {
             case .awaitingTakeover(let final, _):
                 return [.notice(.peerLost(reason: reason))] + finishUnconfirmed(final)

@@ -147,15 +147,11 @@ extension PairSimulator {
             if guest.counter < lastReleased {
                 report(.resumedCounter, "the resumed guest's counter \(guest.counter) is below \(lastReleased), that of the last released output", key: "counter-\(held)")
             }
-            for p in packets {
-                if p.sequence > guest.outputSequence {
-                    report(.s2, "output #\(p.sequence) was released, but the resumed guest has only produced up to #\(guest.outputSequence)", key: "s2-beyond-\(held)")
-                    break
-                }
-                if let c = history[p.sequence], c != p.counter {
-                    report(.s2, "output #\(p.sequence) was released with counter \(p.counter); the resumed guest's history says \(c)", key: "s2-history-\(held)")
-                    break
-                }
+            let verdict = ReleasedOutputCheck.judge(packets, outputSequence: guest.outputSequence, history: history)
+            if let p = verdict.beyond.first {
+                report(.s2, "output #\(p.sequence) was released, but the resumed guest has only produced up to #\(guest.outputSequence)", key: "s2-beyond-\(held)")
+            } else if let p = verdict.mismatched.first {
+                report(.s2, "output #\(p.sequence) was released with counter \(p.counter); the resumed guest's history says \(history[p.sequence]!)", key: "s2-history-\(held)")
             }
         }
     }

@@ -59,6 +59,8 @@ public final class PairSimulator {
     var staleFramesRefused = 0
     var staleDialsRefused = 0
     var takeoverAtNanos: UInt64?
+    /// Whether the secondary said "I hold a resumable checkpoint" when it accepted connection c.
+    var acceptedHolding: [UInt64: Bool] = [:]
     var deferredEpochs = 0
     var cannotTakeOverReported = false
     /// The last output sequence the resumed guest's history holds, from the takeover on.
@@ -299,7 +301,7 @@ public final class PairSimulator {
         // A secondary that already judged this silence (it said it cannot take over before the
         // primary was finally lost, seed 3984) has said all it will: that report stands.
         if case .primarySilent? = secondary?.node.machine.state {} else { cannotTakeOverReported = false }
-        secondaryCouldResumeAtLoss = secondary.map { ($0.replica?.hasBaseImage ?? false) && $0.resumed == nil } ?? false
+        secondaryCouldResumeAtLoss = secondary.map { ($0.replica?.isResumable ?? false) && $0.resumed == nil } ?? false
         incarnationAtLoss = secondary?.incarnation ?? 0
     }
 

@@ -126,6 +126,15 @@ final class WorldEvents: NodeEventSink {
         case .captured(let e, let full, _, _, _, _):
             if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
             if full { world.fullCheckpoints += 1 }
+        case .liveCopied(let e, let full, _, _, _):
+            if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
+            if full { world.fullCheckpoints += 1 }
+        case .liveCommitted(let e, _, let full):
+            if let s = host as? SimSecondaryHost {
+                world.epochsCommitted += 1
+                s.commitsThisIncarnation += 1
+                world.checkCommit(e, isFull: full, s)
+            }
         case .resyncing: world.resyncs += 1
         case .epochDeferred(_, let count):
             world.deferredEpochs += 1

@@ -43,6 +43,8 @@ final class WorldLink: PeerLink {
     }
 
     var remoteAddress: String { "connection \(id)" }
+    /// What the secondary said in its handshake (set by the dialer when the dial is accepted).
+    var peerHoldsCheckpoint = true
     var isLive: Bool { !closed && host.isAlive }
 
     func send(_ frame: [UInt8]) throws(GeminusError) {
@@ -153,6 +155,7 @@ final class WorldDialer: PeerDialer {
         case .accepted(let c):
             guard case .dialing(c, _) = state else { return }
             let link = WorldLink(world: world, host: host, id: c)
+            link.peerHoldsCheckpoint = world.acceptedHolding.removeValue(forKey: c) ?? true
             host.link = link
             ready = link
             state = .up
@@ -199,6 +202,8 @@ final class WorldAcceptor: PeerAcceptor {
         let link = WorldLink(world: world, host: host, id: c)
         host.link = link
         ready = (link, request)
+        // The handshake tells the primary whether this host holds a resumable checkpoint.
+        world.acceptedHolding[c] = board.committed != .none
         world.sendPacket(from: host, .accepted(connection: c))
     }
 }
@@ -291,6 +296,22 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
             h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
                                           diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
             if h.armedCrash == .duringCapture { world.crashPrimary(h, "while capturing (guest paused)") }
+        }
+    }
+
+    /// The guest does not run while the world steps its host, so a live round here is exact:
+    /// it shows the protocol, not torn pages (the real guests' finders are tested for those).
+    /// A guest with a disk gets its first copy paused, as a real one with a replicated disk
+    /// does (the disk's first copy rides the full checkpoint).
+    var supportsLiveCopy: Bool { guest.workload.diskBlocks == 0 }
+
+    func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
+        try guest.capture(full: full, into: buffer)
+        buffer.deviceState = []
+        buffer.isLive = true
+        if let h = host {
+            h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
+                                          diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
         }
     }
 

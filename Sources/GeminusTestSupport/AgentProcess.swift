@@ -1,4 +1,5 @@
 import Foundation
+import GeminusNode
 
 /// An agent run as a separate process, and the JSON events it prints (`--events`): used by
 /// `geminus demo` and by the tests that drive real agent processes.
@@ -69,6 +70,12 @@ public final class AgentProcess: @unchecked Sendable {
     /// The highest epoch whose acknowledgement the agent received (needs `--trace-epochs`).
     public var highestAcknowledged: UInt64 { lock.lock(); defer { lock.unlock() }; return acknowledged }
 
+    /// Waits for the first event named `name` after index `from` that `matches`.
+    public func wait(for name: EventName, timeoutSeconds: Double, from: Int = 0,
+                     where matches: ([String: Any]) -> Bool = { _ in true }) -> [String: Any]? {
+        wait(for: name.rawValue, timeoutSeconds: timeoutSeconds, from: from, where: matches)
+    }
+
     /// Waits for the first event of `type` after index `from` that `matches`.
     public func wait(for type: String, timeoutSeconds: Double, from: Int = 0,
                      where matches: ([String: Any]) -> Bool = { _ in true }) -> [String: Any]? {
@@ -82,6 +89,8 @@ public final class AgentProcess: @unchecked Sendable {
             }
         }
     }
+
+    public func last(_ name: EventName) -> [String: Any]? { last(name.rawValue) }
 
     public func last(_ type: String) -> [String: Any]? {
         lock.lock(); defer { lock.unlock() }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import GeminusAgent
+import GeminusAgentGuests
 import GeminusCore
 import GeminusHypervisor
 import GeminusLibvirt
@@ -18,6 +19,10 @@ enum Role: String, ExpressibleByArgument, CaseIterable {
 /// the simulated guest.
 enum GuestKind: String, ExpressibleByArgument, CaseIterable {
     case simulated, qemu, libvirt
+}
+
+enum FirstCopy: String, ExpressibleByArgument, CaseIterable {
+    case live, paused
 }
 
 extension PageContent: ExpressibleByArgument {}
@@ -51,6 +56,7 @@ struct Agent: ParsableCommand {
     @Option(help: "Primary: silence from the secondary, in milliseconds, after which the link is dropped.") var peerSilenceMillis = 150
     @Option(help: "Primary: after losing the secondary, hold output this long before running unprotected.") var unprotectAfterMillis = 300
     @Option(help: "Primary: epochs sent but not acknowledged before checkpoints wait.") var maxInFlight = 4
+    @Option(help: "Primary: how the first copy to a secondary without a checkpoint is taken: live (rounds while the guest runs, then one short pause for what is still dirty) or paused (the whole RAM copied with the guest stopped). A secondary that holds a checkpoint always gets a paused copy, so its checkpoint stays whole until the new one commits.") var firstCopy = FirstCopy.live
     @Option(help: "Primary: bytes of guest output held awaiting acknowledgement; a full buffer stalls the guest.") var outputLimitBytes = 8 << 20
     @Option(help: "Send released guest output as UDP datagrams to this address.") var outputSink: Endpoint?
     @Option(help: "QEMU guest: give the guest a NIC (ne2k_isa) bridged to this host interface; its frames leave only once their checkpoint is acknowledged, the MAC is announced after a takeover (docs/NETWORK.md). Needs CAP_NET_RAW.") var nicBridge: String?
@@ -136,61 +142,13 @@ struct Agent: ParsableCommand {
         try StatusServer(path: statusSocket ?? StatusServer.defaultPath(vm: vm), status: status)
     }
 
-    var guestCounterAddress: Int {
-        counterAddress ?? (guest == .simulated ? SimulatedGuest.counterAddress : QEMUGuest.tinyGuestCounterAddress)
-    }
-
-    var domainName: String { domain ?? vm }
-
-    func openLibvirt() throws -> LibvirtConnection {
-        // /run is emptied at boot; QEMU cannot start a protected domain without this directory.
-        try PrivateQMP.ensureDirectory()
-        do {
-            return try LibvirtConnection.open(uri: uri)
-        } catch let e as GeminusError {
-            var e = e
-            if e.fix == nil { e.fix = "start libvirtd (Tools/start-libvirt as root), or pass --uri" }
-            throw e
-        }
-    }
-
-    /// A QEMU the agent starts carries the write-tracking preload library when tracking may be
-    /// used and the library is found (`auto` without it falls back to compare, said once).
-    func qemuConfig(_ role: String) -> QEMUGuestConfig {
-        var c = QEMUGuestConfig.standard(tag: "geminus-\(vm)-\(role)-\(getpid())", ramMiB: ramMib, kernelPath: kernel!, append: append)
-        // The serial console is the guest's output: held until its checkpoint is acknowledged
-        // and sent to --output-sink like any packet; so is its NIC's (--nic-bridge).
-        c.serialSocketPath = c.serialLogPath + ".sock"
-        if nicBridge != nil { c.addNIC(mac: guestMAC) }
-        if let n = diskMib { c.addDisk(sizeBytes: UInt64(n) << 20) }
-        if dirtyPages != .compare, let library = WriteTrackingPreload.locate() { c.preloadWriteTracking(library: library) }
-        return c
-    }
-
-    /// The guest NIC's MAC: the same on both hosts (the resumed guest keeps its device state).
-    var guestMAC: MACAddress { nicMac.flatMap { MACAddress($0) } ?? MACAddress.derived(from: vm) }
-
-    /// The guest's network on this host (`--nic-bridge`), opened once per agent process.
-    func openHostNetwork(logger: Logger) throws(GeminusError) -> HostNetwork? {
-        guard let nicBridge else { return nil }
-        let n = try HostNetwork(interface: nicBridge, guestMAC: guestMAC.bytes)
-        logger.info("guest NIC \(guestMAC) bridged to \(nicBridge): frames leave once their checkpoint is acknowledged")
-        return n
-    }
-
-    /// The operator's dirty-page choice; misses found by `--verify-tracking` are logged as
-    /// critical and counted in the events, the VM stays protected (the missed pages are sent).
-    func dirtyPagePolicy(logger: Logger, events: EventLog) -> DirtyPagePolicy {
-        DirtyPagePolicy(method: dirtyPages, verify: verifyTracking, reprotect: trackingReprotect, onMiss: { verification, message in
-            logger.critical("\(message); the next checkpoint is a full copy. Protect this VM with --dirty-pages compare and report it")
-            events.emit("tracking-miss", ["missedPages": verification.missedPages, "verifiedEpochs": verification.epochs,
-                                          "epochsWithMisses": verification.epochsWithMisses])
-        })
-    }
-
-    /// One log line when write tracking was asked for (`auto`) but cannot be had.
-    func trackingFallback(logger: Logger) -> @Sendable (GeminusError) -> Void {
-        { error in logger.notice("dirty pages by compare (O(guest RAM) per checkpoint), not write tracking: \(error.message)\(error.fix.map { "; to track writes: \($0)" } ?? "")") }
+    var guestChoice: AgentGuests.Choice {
+        AgentGuests.Choice(kind: AgentGuests.Kind(rawValue: guest.rawValue)!, vmName: vm, ramMiB: ramMib,
+                           workload: SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
+                                                       content: content, outputsPerSecond: outputsPerSecond, seed: seed),
+                           kernel: kernel, append: append, counterAddress: counterAddress, dirtyPages: dirtyPages,
+                           verifyTracking: verifyTracking, trackingReprotect: trackingReprotect, nicBridge: nicBridge, nicMAC: nicMac,
+                           diskMiB: diskMib, domain: domain, uri: uri, intervalMillis: intervalMillis)
     }
 
     func run() throws {
@@ -204,215 +162,34 @@ struct Agent: ParsableCommand {
         let stopper = StopOnSignal()
         let status = AgentStatus()
         status.update(["role": role.rawValue, "vm": vm, "state": "starting", "pid": Int(getpid())])
-        let deadline = durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max
         do {
             let sink = try outputSink.map { e throws(GeminusError) in try OutputSink(host: e.host, port: e.port) }
-            let network = try openHostNetwork(logger: Logger(label: "geminus.network"))
+            let guests = AgentGuests(guestChoice)
+            let network = try guests.openHostNetwork(logger: Logger(label: "geminus.network"))
             defer { network?.stop() }
-            let output = OutputRoute(sink: sink, network: network)
-            var run = RoleRun(role: role)
             let server = try serveStatus(status)
             defer { server.close() }
             let arbitrated = try openArbitration(logger: Logger(label: "geminus.arbitration"), events: eventLog)
             defer { arbitrated.1?.stop() }
-            // A planned switchover swaps the roles: the old primary follows as the secondary
-            // (on --listen), the new primary protects the VM by connecting to it (--peer).
-            while true {
-                let logger = Logger(label: "geminus.\(run.role.rawValue)")
-                status.update(["role": run.role.rawValue, "state": "starting"])
-                eventLog.setRole(run.role.rawValue)
-                switch run.role {
-                case .primary:
-                    let outcome = try runPrimary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
-                                                 stopper: stopper, status: status, server: server)
-                    if case .selfFenced(let reason) = outcome {
-                        if let link = arbitrated.1 {
-                            stayFenced(link, generation: run.generation, logger: logger, stopper: stopper, deadline: deadline)
-                        }
-                        throw GeminusError(.peerRefused, "\(vm) self-fenced: \(reason). Its guest here is stopped for good",
-                                           fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
-                    }
-                    // This host's guest no longer runs: nothing from the network is for it.
-                    network?.deliverInbound(to: nil)
-                    guard case .handedOver(_, let generation) = outcome, listen != nil, !stopper.fired,
-                          Monotonic.nanos() < deadline else { return }
-                    run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
-                case .secondary:
-                    guard try runSecondary(&run, arbitrated, logger: logger, events: eventLog, output: output, deadline: deadline,
-                                           stopper: stopper, status: status), !stopper.fired, Monotonic.nanos() < deadline else { return }
-                }
-            }
+            let settings = AgentRuntime.Settings(
+                vmName: vm, keyPath: key, role: role == .primary ? .primary : .secondary,
+                listen: listen.map { ($0.host, $0.port) }, peer: peer.map { ($0.host, $0.port) },
+                primary: primaryMachineConfig(.none), takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000,
+                outputLimitBytes: outputLimitBytes, counterAddress: guests.choice.guestCounterAddress, traceEpochs: traceEpochs,
+                deadlineNanos: durationSeconds.map { Monotonic.nanos() + UInt64($0 * 1e9) } ?? .max)
+            try AgentRuntime(settings: settings, host: guests, arbitration: arbitrated.0, witness: arbitrated.1,
+                             output: AgentOutputDestination(sink: sink, network: network), status: status, server: server,
+                             events: eventLog, stopper: stopper).run()
         } catch {
-            eventLog.emit("error", ["message": "\(error)"])
+            eventLog.emit(.error, ["message": "\(error)"])
             throw operatorFailure(error)
         }
-    }
-
-    /// What one stretch in one role starts from.
-    struct RoleRun {
-        var role: Role
-        var generation = Generation(1)
-        /// After a takeover: the running guest, its output port and the checkpoint it resumed from.
-        var carried: (guest: any ProtectedGuest, port: HeldOutputPort, resumedFrom: Epoch)?
-        /// Counts role changes, so each QEMU this process starts gets its own files.
-        var serial = 0
     }
 
     func primaryMachineConfig(_ arbitration: Arbitration) -> PrimaryMachine.Config {
         PrimaryMachine.Config(epochIntervalNanos: UInt64(intervalMillis) * 1_000_000, maxEpochsInFlight: maxInFlight,
                               peerSilenceNanos: UInt64(peerSilenceMillis) * 1_000_000,
-                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000, arbitration: arbitration)
+                              unprotectAfterNanos: UInt64(unprotectAfterMillis) * 1_000_000, arbitration: arbitration,
+                              liveFirstCopy: firstCopy == .live)
     }
-
-    /// The guest this agent starts (or attaches to) as the first primary.
-    func startGuest(port: HeldOutputPort, network: HostNetwork?, logger: Logger, events: EventLog) throws -> any ProtectedGuest {
-        switch guest {
-        case .simulated:
-            let workload = SimulatedWorkload(ramMiB: ramMib, dirtyPagesPerSecond: dirtyRate, hotFraction: hotFraction,
-                                             content: content, outputsPerSecond: outputsPerSecond, seed: seed)
-            try workload.validate()
-            let sim = try SimulatedVM(workload: workload, output: port)
-            sim.start()
-            return sim
-        case .qemu:
-            let q = try QEMUGuest.launch(qemuConfig("primary"), counterAddress: guestCounterAddress,
-                                         dirtyPages: dirtyPagePolicy(logger: logger, events: events),
-                                         fallback: trackingFallback(logger: logger)).guest
-            q.attachOutput(port)
-            if let nic = q.nic { network?.deliverInbound(to: { nic.deliver($0) }) }
-            q.disk?.export.collect { [port] in port.isHolding }
-            logger.info("started QEMU (pid \(q.process.pid)) for \(self.vm): \(ramMib) MiB, kernel \(kernel!)")
-            events.emit("guest-started", ["pid": Int(q.process.pid), "ramFile": q.process.config.ramFilePath])
-            return q
-        case .libvirt:
-            let l = try LibvirtGuest.attach(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
-                                            dirtyPages: dirtyPagePolicy(logger: logger, events: events), fallback: trackingFallback(logger: logger))
-            logger.info("attached to domain \(domainName) (QEMU pid \(l.qemuPID.map(String.init) ?? "unknown"), \((l.pageCount * GuestPage.size) >> 20) MiB, RAM \(l.ramFilePath))")
-            events.emit("guest-started", ["pid": l.qemuPID.map { Int($0) } ?? NSNull(), "ramFile": l.ramFilePath, "domain": domainName])
-            reportEnrollment(of: l, logger: logger)
-            return l
-        }
-    }
-
-    /// The enrolment recorded by `geminus enroll` is the operator's statement of intent: say
-    /// when the agent protects a domain without one, or with another interval than recorded.
-    func reportEnrollment(of guest: LibvirtGuest, logger: Logger) {
-        guard let enrollment = (try? guest.connection.readEnrollment(of: guest.domain)) ?? nil else {
-            logger.warning("domain \(domainName) is not enrolled for CA (no <geminus:enrollment> in its metadata): protecting it anyway; record it with `geminus enroll \(domainName) --peer HOST`")
-            return
-        }
-        if enrollment.intervalMilliseconds != intervalMillis {
-            logger.notice("domain \(domainName) was enrolled with a \(enrollment.intervalMilliseconds) ms interval; this agent checkpoints every \(intervalMillis) ms (--interval-millis)")
-        }
-    }
-
-    func runPrimary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
-                    stopper: StopOnSignal, status: AgentStatus, server: StatusServer) throws -> PrimaryAgent.Outcome {
-        let port: HeldOutputPort
-        let vm: any ProtectedGuest
-        if let carried = run.carried {
-            (vm, port) = (carried.guest, carried.port)
-        } else {
-            port = HeldOutputPort(limitBytes: outputLimitBytes, destination: AgentOutputDestination(sink: output.sink, network: output.network),
-                                  generation: run.generation, openEpoch: Epoch(1))
-            vm = try startGuest(port: port, network: output.network, logger: logger, events: events)
-        }
-        // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
-        // a second running copy once the secondary takes over); an operator's domain stays.
-        defer { vm.detach() }
-        let settings = PrimaryAgent.Settings(vmName: self.vm, peerHost: peer?.host, peerPort: peer?.port ?? 0,
-                                             keyPath: key, machine: primaryMachineConfig(arbitrated.0), generation: run.generation,
-                                             resumedFrom: run.carried?.resumedFrom ?? .none,
-                                             outputLimitBytes: outputLimitBytes, traceEpochs: traceEpochs)
-        if let link = arbitrated.1 { try awaitQuorum(link) }
-        let agent = try PrimaryAgent(settings: settings, guest: vm, port: port, logger: logger, events: events, status: status, witness: arbitrated.1)
-        stopper.onSignal { agent.stop() }
-        server.onSwitchover { agent.requestSwitchover() }
-        defer { server.onSwitchover(nil) }
-        return agent.run(deadlineNanos: deadline)
-    }
-
-    /// Follows the primary; after a takeover, sets `run` up as the primary and returns true.
-    func runSecondary(_ run: inout RoleRun, _ arbitrated: (Arbitration, ClusterWitnessLink?), logger: Logger, events: EventLog, output: OutputRoute, deadline: UInt64,
-                      stopper: StopOnSignal, status: AgentStatus) throws -> Bool {
-        let settings = SecondaryAgent.Settings(vmName: vm, listenHost: listen!.host, listenPort: listen!.port, keyPath: key,
-                                               machine: .init(takeoverAfterNanos: UInt64(takeoverAfterMillis) * 1_000_000, arbitration: arbitrated.0),
-                                               counterAddress: guestCounterAddress, generation: run.generation)
-        let standby: any StandbyHost
-        var cleanup: () -> Void = {}
-        switch guest {
-        case .simulated:
-            standby = SimulatedStandbyHost()
-        case .qemu:
-            let q = QEMUStandby(config: qemuConfig("standby\(run.serial)"), hot: true, counterAddress: guestCounterAddress,
-                                dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            cleanup = q.cleanup
-            standby = q
-        case .libvirt:
-            let l = LibvirtStandby(connection: try openLibvirt(), domainName: domainName, counterAddress: guestCounterAddress,
-                                   dirtyPages: dirtyPagePolicy(logger: logger, events: events), trackingFallback: trackingFallback(logger: logger))
-            cleanup = l.cleanup
-            standby = l
-        }
-        let secondary = try SecondaryAgent(settings: settings, standby: standby, logger: logger, events: events, status: status, witness: arbitrated.1)
-        stopper.onSignal { secondary.stop() }
-        let limit = outputLimitBytes
-        let destination = AgentOutputDestination(sink: output.sink, network: output.network)
-        guard let takeover = secondary.run(deadlineNanos: deadline, makePort: { generation, epoch in
-            HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
-        }) else {
-            cleanup()
-            return false
-        }
-        let guest = takeover.guest
-        guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
-        if let inbound = guest.inboundFrames { output.network?.deliverInbound(to: inbound) }
-        events.emit("took-over", takeover.report.mapValues(\.any))
-        // Carry on as the primary, protected by --peer if given (after a planned switchover the
-        // old primary follows there); otherwise the VM runs unprotected, reported loudly.
-        status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
-        run = RoleRun(role: .primary, generation: takeover.generation, carried: (guest, takeover.port, takeover.fromEpoch),
-                      serial: run.serial + 1)
-        return true
-    }
-}
-
-/// SIGTERM and SIGINT end the agent through its normal path (stop the loop, shut the guest
-/// down), instead of the default of dying on the spot and leaving a QEMU behind.
-final class StopOnSignal: @unchecked Sendable {
-    private var sources: [DispatchSourceSignal] = []
-    private let lock = NSLock()
-    private var action: (@Sendable () -> Void)?
-    private var _fired = false
-    /// A signal arrived: no further role is started.
-    var fired: Bool { lock.withLock { _fired } }
-
-    init() {
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { [self] in
-                lock.lock()
-                let a = action
-                _fired = true
-                lock.unlock()
-                a?()
-            }
-            source.resume()
-            sources.append(source)
-        }
-    }
-
-    /// Replaces what a signal does (the secondary hands over to its primary loop at takeover).
-    func onSignal(_ a: @escaping @Sendable () -> Void) {
-        lock.lock()
-        action = a
-        lock.unlock()
-    }
-}
-
-/// Where released output goes: console lines to the sink, NIC frames to the host's network.
-struct OutputRoute {
-    var sink: OutputSink?
-    var network: HostNetwork?
 }

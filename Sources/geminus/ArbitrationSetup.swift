@@ -22,61 +22,7 @@ extension Agent {
             return (.none, nil)
         }
         guard let peerNodeId else { preconditionFailure("validate() requires --peer-node-id with --arbitration corosync") }
-        let t: (tokenMillis: UInt64, consensusMillis: UInt64, knetPingTimeoutMillis: UInt64?)
-        do { t = try CorosyncCluster.totemSettings() } catch let error as GeminusError {
-            // The default needs Corosync: say how to run without it, and what that costs.
-            var e = error
-            e.fix = (e.fix.map { $0 + "; " } ?? "") + "or, on one host or in tests only, run the agents with --arbitration none (a partition between two live hosts can then run the VM twice)"
-            throw e
-        }
-        let timings = ArbitrationTimings.corosync(tokenMillis: t.tokenMillis, consensusMillis: t.consensusMillis)
-        // Measured here: at token 300 and 400 with knet's default ping timeout (token / 2) the
-        // survivors of a node loss flapped their link every few seconds, fencing the new primary.
-        let ping = t.knetPingTimeoutMillis ?? t.tokenMillis / 2
-        if ping < 250 {
-            logger.warning("corosync's knet ping timeout is \(ping) ms\(t.knetPingTimeoutMillis == nil ? " (token / 2, not set)" : ""): with a short token the two survivors of a node loss can flap their link and lose quorum. Set knet_ping_interval: 100 and knet_ping_timeout: 1000 in corosync.conf's totem.interface (linknumber 0); it changes none of the arbitration bounds (docs/ARBITRATION.md)")
-        }
-        let cluster = try CorosyncCluster(groupName: cpgGroup)
-        let link = ClusterWitnessLink(cluster: cluster, vm: vm, peer: peerNodeId, logger: logger)
-        logger.notice("arbitration by Corosync (token \(t.tokenMillis) ms, consensus \(t.consensusMillis) ms): a primary that loses quorum, or whose own messages go undelivered for \(timings.ringSilenceNanos / 1_000_000) ms, stops its guest within \(timings.selfFenceNanos / 1_000_000) ms; a secondary takes over \(timings.takeoverWaitNanos / 1_000_000) ms after winning")
-        events.emit("arbitration", ["engine": "corosync", "tokenMillis": t.tokenMillis, "consensusMillis": t.consensusMillis,
-                                    "selfFenceMillis": timings.selfFenceNanos / 1_000_000, "takeoverWaitMillis": timings.takeoverWaitNanos / 1_000_000,
-                                    "ringSilenceMillis": timings.ringSilenceNanos / 1_000_000])
-        return (.witness(timings), link)
-    }
-
-    /// After a self-fence: stays in the cluster, saying that this generation's guest stopped
-    /// (the fence watch announced it), until SIGTERM or the run's deadline. The witness records
-    /// it; the secondary hears it from the witness or, in a membership without the witness, from
-    /// this agent itself. Either lets it win the VM though this node is in the cluster (its
-    /// Corosync runs on). Exiting instead would leave such a secondary waiting for an operator,
-    /// and a supervisor restarting this agent as primary would boot a fresh guest.
-    func stayFenced(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, stopper: StopOnSignal, deadline: UInt64) {
-        logger.notice("telling the cluster that generation \(generation) of \(vm) stopped here; this agent stays fenced until stopped (then restart it as --role secondary)")
-        var said = Monotonic.nanos()
-        var recorded = false
-        while !stopper.fired && Monotonic.nanos() < deadline {
-            if !recorded, let g = link.current?.view.stoppedGeneration, g >= generation {
-                recorded = true
-                logger.notice("the witness recorded that generation \(generation) of \(vm) stopped here: its secondary may take it over")
-            }
-            if !recorded && Monotonic.nanos() - said > 30_000_000_000 {
-                said = Monotonic.nanos()
-                logger.warning("the witness does not know yet that \(vm) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); a secondary without word of it cannot take over")
-            }
-            Monotonic.sleep(nanos: 50_000_000)
-        }
-    }
-
-    /// A primary starts only inside a quorate partition: outside one it must not run the VM.
-    func awaitQuorum(_ link: ClusterWitnessLink, timeoutSeconds: Double = 15) throws {
-        let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while Date() < deadline {
-            if let v = link.current?.view, v.quorate { return }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        throw GeminusError(.timeout, "this node is not quorate after \(Int(timeoutSeconds)) s (\(link.current.map { "\($0.view)" } ?? "no view from Corosync")), so it may not run \(vm) as primary",
-                           fix: "check that corosync runs on the peer and on the witness host and that they can reach this host (corosync-quorumtool -s)")
+        return try CorosyncArbitration.open(vm: vm, peerNodeID: peerNodeId, cpgGroup: cpgGroup, logger: logger, events: events)
     }
 }
 

@@ -1,9 +1,7 @@
 import ArgumentParser
 import Foundation
+import GeminusDemo
 import GeminusQEMU
-import GeminusCore
-import GeminusHypervisor
-import GeminusTransport
 
 struct Demo: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -44,10 +42,8 @@ struct Demo: ParsableCommand {
         if qemu && kernel == nil { throw ValidationError("--qemu needs --kernel PATH; Tools/demo --qemu builds the test guest and passes it") }
     }
 
-    enum Mode: String { case simulated, qemu, libvirt }
-
     /// The mode asked for, or (by default) libvirt when it can be had, else simulated and why.
-    func chooseMode(say: (String) -> Void) throws -> (Mode, kernel: String?, fallback: String?) {
+    func chooseMode(say: (String) -> Void) throws -> (DemoMode, kernel: String?, fallback: String?) {
         if simulated { return (.simulated, nil, nil) }
         if qemu { return (.qemu, kernel, nil) }
         var why = LibvirtSetup.ensure(uri: uri, say: say)
@@ -72,15 +68,12 @@ struct Demo: ParsableCommand {
             (json ? FileHandle.standardError : FileHandle.standardOutput).write(Data((line + "\n").utf8))
         }
         let (mode, guestKernel, fallback) = try chooseMode(say: say)
-        switch mode {
-        case .libvirt:
-            say("Geminus demo: a \(ramMib) MiB libvirt domain (test guest \(guestKernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
-        case .qemu:
-            say("Geminus demo: a \(ramMib) MiB QEMU guest (\(guestKernel!), '\(append)') under TCG, checkpointed every \(intervalMillis) ms")
-        case .simulated:
-            say("Geminus demo: a simulated \(ramMib) MiB VM writing \(dirtyRate) pages/s, checkpointed every \(intervalMillis) ms (seed \(seed))")
-        }
-        let run = try DemoRun(settings: self, mode: mode, kernel: guestKernel, say: say)
+        let settings = DemoSettings(mode: mode, kernel: guestKernel, agentExecutable: URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath(),
+                                    append: append, uri: uri, durationSeconds: durationSeconds, intervalMillis: intervalMillis,
+                                    takeoverAfterMillis: takeoverAfterMillis, ramMib: ramMib, dirtyRate: dirtyRate,
+                                    outputsPerSecond: outputsPerSecond, seed: seed, dirtyPages: dirtyPages, verifyTracking: verifyTracking)
+        say(settings.headline)
+        let run = try DemoRun(settings: settings, say: say)
         if let fallback { run.fallbackReason = fallback }
         defer { run.cleanUp() }
         let summary = try run.execute()
@@ -88,82 +81,8 @@ struct Demo: ParsableCommand {
             let data = try JSONSerialization.data(withJSONObject: summary.json, options: [.prettyPrinted, .sortedKeys])
             print(String(decoding: data, as: UTF8.self))
         } else {
-            summary.printReport()
+            for line in summary.reportLines { print(line) }
         }
         if !summary.passed { throw ExitCode(1) }
-    }
-}
-
-/// Receives the datagrams agents release to "the network" and remembers them in order.
-final class OutputObserver: @unchecked Sendable {
-    struct Packet { var generation: UInt64; var packet: OutputPacket }
-    let fd: Int32
-    let port: UInt16
-    private let lock = NSLock()
-    private var packets: [Packet] = []
-    private var malformed = 0
-    /// Datagrams that are no simulated-guest packet: a QEMU guest's console lines, by generation.
-    private var console: [(generation: UInt64, text: String)] = []
-
-    init() throws {
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        self.fd = fd
-        var size: Int32 = 8 << 20
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, 4)
-        var addr = sockaddr_in()
-        addr.sin_family = sa_family_t(AF_INET)
-        addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let ok = withUnsafeMutablePointer(to: &addr) { p in
-            p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
-        }
-        guard ok else { throw GeminusError(.io, "cannot bind the demo's observer socket on 127.0.0.1") }
-        port = UInt16(bigEndian: addr.sin_port)
-        let t = Thread { [self] in
-            var buf = [UInt8](repeating: 0, count: 2048)
-            while true {
-                let n = recv(fd, &buf, buf.count, 0)
-                if n <= 0 { return }
-                var r = ByteReader(Array(buf[0..<n]))
-                guard let g = r.u64(), let rest = r.take(r.remaining), let p = OutputPacket(decoding: Array(rest)) else {
-                    var whole = ByteReader(Array(buf[0..<n]))
-                    let generation = whole.u64() ?? 0
-                    let line = n > 8 ? String(decoding: buf[8..<n], as: UTF8.self) : ""
-                    lock.lock(); malformed += 1; console.append((generation, line)); lock.unlock()
-                    continue
-                }
-                lock.lock(); packets.append(Packet(generation: g, packet: p)); lock.unlock()
-            }
-        }
-        t.start()
-    }
-
-    var snapshot: (packets: [Packet], malformed: Int) { lock.lock(); defer { lock.unlock() }; return (packets, malformed) }
-    var consoleLines: [(generation: UInt64, text: String)] { lock.lock(); defer { lock.unlock() }; return console }
-    func close() { shutdown(fd, Int32(SHUT_RDWR)); Glibc.close(fd) }
-}
-
-struct DemoSummary {
-    var checks: [(name: String, passed: Bool, detail: String)] = []
-    var figures: [String: Any] = [:]
-    var passed: Bool { !checks.isEmpty && checks.allSatisfy(\.passed) }
-
-    mutating func check(_ name: String, _ ok: Bool, _ detail: String) { checks.append((name, ok, detail)) }
-
-    var json: [String: Any] {
-        var j = figures
-        j["passed"] = passed
-        j["checks"] = checks.map { ["name": $0.name, "passed": $0.passed, "detail": $0.detail] }
-        return j
-    }
-
-    func printReport() {
-        print("")
-        print("Summary")
-        for key in figures.keys.sorted() { print("  \(key): \(figures[key]!)") }
-        print("")
-        for c in checks { print("  [\(c.passed ? "PASS" : "FAIL")] \(c.name): \(c.detail)") }
-        print("")
-        print(passed ? "All checks passed." : "SOME CHECKS FAILED.")
     }
 }

@@ -33,23 +33,7 @@ struct HAAdd: ParsableCommand {
 
     func run() throws {
         do {
-            let s = try HAStatusFile.read(stateDir: state.stateDir)
-            guard s.quorate else {
-                throw GeminusError(.peerRefused, "no quorum: node \(s.node) is not in a quorate partition, so HA changes are refused",
-                                   fix: "check `corosync-quorumtool -s`; run the command on a node of the quorate partition")
-            }
-            let conn = try LibvirtConnection.open(uri: s.uri)
-            defer { try? conn.close() }
-            let dom = try conn.lookupDomain(named: s.domainPrefix + domain)
-            if try conn.readEnrollment(of: dom) != nil {
-                throw GeminusError(.invalidArgument, "domain '\(domain)' is CA-protected (enrolled); the HA path is for VMs without CA",
-                                   fix: "`geminus unenroll \(domain)` first if it should be restarted instead of resumed")
-            }
-            guard try conn.isPersistent(dom) else {
-                throw GeminusError(.invalidArgument, "domain '\(domain)' is transient: another node needs a persistent definition to start it from",
-                                   fix: "`virsh define` it (e.g. `virsh dumpxml \(s.domainPrefix)\(domain) > d.xml; virsh define d.xml`)")
-            }
-            try conn.writeHA(GeminusHAMetadata(priority: priority), of: dom)
+            try HAAdmin.protect(domain: domain, priority: priority, stateDir: state.stateDir)
             print("\(domain) is HA-protected (priority \(priority)); the agent reports it within a scan interval")
         } catch {
             throw operatorFailure(error)
@@ -65,14 +49,7 @@ struct HARemove: ParsableCommand {
 
     func run() throws {
         do {
-            let s = try HAStatusFile.read(stateDir: state.stateDir)
-            let conn = try LibvirtConnection.open(uri: s.uri)
-            defer { try? conn.close() }
-            let dom = try conn.lookupDomain(named: s.domainPrefix + domain)
-            guard try conn.readHA(of: dom) != nil else {
-                throw GeminusError(.invalidArgument, "domain '\(domain)' is not HA-protected", fix: "`geminus ha status` lists the HA VMs")
-            }
-            try conn.removeHA(of: dom)
+            try HAAdmin.unprotect(domain: domain, stateDir: state.stateDir)
             print("\(domain) is no longer HA-protected")
         } catch {
             throw operatorFailure(error)
@@ -132,27 +109,9 @@ struct NodeSpare: ParsableCommand {
 
     func run() throws {
         do {
-            let s = try HAStatusFile.read(stateDir: dir.stateDir)
-            guard s.members.contains(where: { $0.name == node }) else {
-                throw GeminusError(.invalidArgument, "node '\(node)' is not in the cluster (members: \(s.members.map(\.name).joined(separator: ", ")))",
-                                   fix: "use a name from corosync.conf's nodelist, of a node whose HA agent runs")
-            }
-            guard s.quorate else {
-                throw GeminusError(.peerRefused, "no quorum: node \(s.node) is not in a quorate partition, so HA changes are refused",
-                                   fix: "check `corosync-quorumtool -s`; run the command on a node of the quorate partition")
-            }
             let want = state == .on
-            try HARequest(spareNode: node, on: want).submit(stateDir: dir.stateDir)
-            let deadline = Monotonic.nanos() + UInt64(timeoutMillis) * 1_000_000
-            while Monotonic.nanos() < deadline {
-                if let now = try? HAStatusFile.read(stateDir: dir.stateDir), now.members.first(where: { $0.name == node })?.spare == want {
-                    print("node \(node) is \(want ? "a spare" : "an ordinary node") now")
-                    return
-                }
-                Monotonic.sleep(nanos: 100_000_000)
-            }
-            throw GeminusError(.timeout, "the HA agent did not apply `spare \(node) \(state.rawValue)` within \(timeoutMillis) ms",
-                               fix: "see the agent's log; is it quorate?")
+            try HAAdmin.setSpare(node: node, on: want, stateDir: dir.stateDir, timeoutMillis: timeoutMillis)
+            print("node \(node) is \(want ? "a spare" : "an ordinary node") now")
         } catch {
             throw operatorFailure(error)
         }

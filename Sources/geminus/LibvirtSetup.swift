@@ -5,12 +5,13 @@ import GeminusLibvirt
 import Glibc
 #endif
 
-/// Makes a libvirt daemon answer on this machine for the demo, as Tools/start-libvirt does for
-/// the tests: installs the packages if missing, puts guest RAM on /dev/shm, and starts virtlogd
-/// and libvirtd (machines here have no systemd). Root only; each step says what it does.
+/// Makes a libvirt daemon answer on this machine for the demo by running the source tree's own
+/// scripts, the ones the tests use: `Tools/install-deps libvirt` (the libvirt group of
+/// Tools/packages.txt) if libvirtd or QEMU is missing, then `Tools/start-libvirt` (guest RAM on
+/// /dev/shm, /dev/kvm for the kvm group, virtlogd and libvirtd; machines here have no
+/// systemd). The scripts stay the one copy because Tools/test runs them before anything is
+/// built. Root only; each step says what it does.
 enum LibvirtSetup {
-    static let packages = ["libvirt-daemon-system", "libvirt-clients", "qemu-system-x86"]
-
     /// Nil when libvirt answers at `uri` (after starting it if needed), else why it cannot.
     static func ensure(uri: String, say: (String) -> Void) -> String? {
         if canConnect(uri) { return nil }
@@ -18,39 +19,30 @@ enum LibvirtSetup {
         guard getuid() == 0 else {
             return "libvirtd does not answer at \(uri) and starting it needs root (run the demo as root, or start libvirtd yourself)"
         }
+        guard let installDeps = tool("install-deps"), let startLibvirt = tool("start-libvirt") else {
+            return "libvirtd does not answer at \(uri), and this binary is not in a Geminus source tree, whose Tools/start-libvirt would start it (run that as root, or start libvirtd yourself)"
+        }
         if locate("libvirtd") == nil || locate("qemu-system-x86_64") == nil {
-            say("installing \(packages.joined(separator: " ")) (apt-get, about a minute)")
-            guard run("/usr/bin/apt-get", ["update", "-qq"]) == 0,
-                  run("/usr/bin/apt-get", ["install", "-y", "-qq", "--no-install-recommends"] + packages) == 0 else {
-                return "apt-get could not install \(packages.joined(separator: " ")) (see its messages above)"
-            }
+            say("installing the libvirt group of Tools/packages.txt (\(installDeps) libvirt: apt-get, about a minute)")
+            let status = run(installDeps, ["libvirt"])
+            guard status == 0 else { return "\(installDeps) libvirt failed (status \(status); see its messages above)" }
         }
-        configureMemoryBacking()
-        say("starting virtlogd and libvirtd")
-        _ = run(locate("virtlogd") ?? "/usr/sbin/virtlogd", ["-d"])
-        guard run(locate("libvirtd") ?? "/usr/sbin/libvirtd", ["-d"]) == 0 || canConnect(uri) else {
-            return "libvirtd did not start; see /var/log/libvirt/libvirtd.log"
-        }
-        for _ in 0..<100 {
-            if canConnect(uri) { return nil }
-            usleep(100_000)
-        }
-        return "libvirtd started but does not answer at \(uri) after 10 s; see /var/log/libvirt/libvirtd.log"
+        say("starting virtlogd and libvirtd (\(startLibvirt))")
+        let status = run(startLibvirt, [])
+        guard status == 0 else { return "\(startLibvirt) failed (status \(status)); see /var/log/libvirt/libvirtd.log" }
+        return canConnect(uri) ? nil : "libvirtd started but does not answer at \(uri); see /var/log/libvirt/libvirtd.log"
     }
 
-    /// Guest RAM in files on /dev/shm (the agent maps them), and /dev/kvm as Debian's udev
-    /// rule leaves it: without udev, libvirt 9.0 re-probes QEMU for ~40 s at every start.
-    static func configureMemoryBacking() {
-        mkdir("/dev/shm/vmram", 0o755)
-        let conf = "/etc/libvirt/qemu.conf"
-        if let text = try? String(contentsOfFile: conf, encoding: .utf8),
-           !text.split(separator: "\n").contains(where: { $0.hasPrefix("memory_backing_dir") }) {
-            try? (text + "\nmemory_backing_dir = \"/dev/shm/vmram\"\n").write(toFile: conf, atomically: true, encoding: .utf8)
+    /// Tools/NAME of the source tree the binary was built in (.build/<triple>/debug/geminus is
+    /// a few levels below it), as TestGuestLocator finds the test guest.
+    static func tool(_ name: String) -> String? {
+        var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+        for _ in 0..<6 {
+            let candidate = dir.appendingPathComponent("Tools/\(name)").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir.deleteLastPathComponent()
         }
-        if FileManager.default.fileExists(atPath: "/dev/kvm"), let kvm = getgrnam("kvm") {
-            _ = chown("/dev/kvm", 0, kvm.pointee.gr_gid)
-            _ = chmod("/dev/kvm", 0o660)
-        }
+        return nil
     }
 
     static func canConnect(_ uri: String) -> Bool {
@@ -66,16 +58,43 @@ enum LibvirtSetup {
         return nil
     }
 
+    /// Runs a script of the source tree and waits for it. Spawned directly, not with Foundation's
+    /// Process: Process learns that its child exited when a socket the child inherits closes, and
+    /// the daemons this script leaves running would inherit it too and hold it open (seen: the
+    /// demo waited for start-libvirt until killed). Here the child gets no descriptor beyond 0-2,
+    /// no blocked signals, and its output goes to standard error, so that it cannot mix into the
+    /// demo's JSON on standard output.
     @discardableResult
     static func run(_ path: String, _ arguments: [String]) -> Int32 {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = arguments
-        var env = ProcessInfo.processInfo.environment
-        env["DEBIAN_FRONTEND"] = "noninteractive"
-        p.environment = env
-        do { try p.run() } catch { return -1 }
-        p.waitUntilExit()
-        return p.terminationStatus
+        var actions = posix_spawn_file_actions_t()
+        var attributes = posix_spawnattr_t()
+        posix_spawn_file_actions_init(&actions)
+        posix_spawnattr_init(&attributes)
+        defer {
+            posix_spawn_file_actions_destroy(&actions)
+            posix_spawnattr_destroy(&attributes)
+        }
+        posix_spawn_file_actions_adddup2(&actions, 2, 1)
+        // Every descriptor above 2 closed in the child (glibc ignores one closed meanwhile).
+        for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd"))?.compactMap({ Int32($0) }) ?? [] where fd > 2 {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
+        var none = sigset_t(), defaults = sigset_t()
+        sigemptyset(&none)
+        sigemptyset(&defaults)
+        for s in [SIGINT, SIGTERM, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid = pid_t()
+        guard posix_spawn(&pid, path, &actions, &attributes, argv, environ) == 0 else { return -1 }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            guard errno == EINTR else { return -1 }
+        }
+        // Exited: its status; killed by a signal: 128 + the signal, as a shell says.
+        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
     }
 }

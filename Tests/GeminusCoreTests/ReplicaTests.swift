@@ -16,6 +16,25 @@ import GeminusHypervisor
         #expect(p.replica.rejections.isEmpty)
     }
 
+    /// Live rounds are applied as a base but are never a checkpoint to resume; the epoch of the
+    /// pause that ends them is, and the replica is then the guest exactly.
+    @Test func liveRoundsAreABaseButNotResumableUntilThePauseCommits() throws {
+        let p = try Pipeline()
+        guard case .committed(_, let first)? = try p.deliver(p.nextEpochFrames(steps: 0, full: true, live: true)) else {
+            Issue.record("the live full round did not commit"); return
+        }
+        #expect(first.isLive && first.isFull)
+        #expect(p.replica.hasBaseImage && !p.replica.isResumable)
+        guard case .committed(_, let second)? = try p.deliver(p.nextEpochFrames(steps: 40, live: true)) else {
+            Issue.record("the live delta round did not commit"); return
+        }
+        #expect(second.isLive)
+        #expect(!p.replica.isResumable)
+        #expect(try p.deliver(p.nextEpochFrames(steps: 40))?.isCommitted == true)
+        #expect(p.replica.isResumable)
+        #expect(p.replicaMatchesGuest)
+    }
+
     @Test(arguments: PageContent.allCases)
     func everyContentKindRoundTrips(_ content: PageContent) throws {
         let p = try Pipeline(content: content)

@@ -21,9 +21,14 @@ final class Pipeline {
     }
 
     /// Runs the guest `steps` steps, captures, and returns the encoded frames (not yet delivered).
-    func nextEpochFrames(steps: Int, full: Bool = false) throws -> [[UInt8]] {
+    func nextEpochFrames(steps: Int, full: Bool = false, live: Bool = false) throws -> [[UInt8]] {
         for _ in 0..<steps { _ = guest.step(); _ = guest.flushOutput(to: DiscardPort()) }
         try guest.capture(full: full, into: buffer)
+        if live {
+            // A round of the live first copy: pages only, no device state.
+            buffer.deviceState = []
+            buffer.isLive = true
+        }
         epoch = epoch.next
         var frames: [[UInt8]] = []
         _ = encoder.encode(buffer, epoch: epoch, generation: generation, baseEpoch: lastSent) { frames.append($0) }

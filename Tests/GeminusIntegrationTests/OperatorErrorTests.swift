@@ -80,7 +80,7 @@ import Testing
                                                "--events", "--duration-seconds", "4", "--status-socket", s.path("s.sock")],
                                    logFile: s.url.appendingPathComponent("s.log"))
         defer { sec.stop() }
-        let port = try #require(sec.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        let port = try #require(sec.wait(for: .listening, timeoutSeconds: 10)?["port"] as? Int)
         let pri = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--key", s.path("b.key"),
                                          "--ram-mib", "8", "--duration-seconds", "1.5", "--log-level", "warning", "--status-socket", s.path("p.sock")])
         sec.kill(SIGTERM)
@@ -88,6 +88,6 @@ import Testing
         let secLog = (try? String(contentsOf: s.url.appendingPathComponent("s.log"), encoding: .utf8)) ?? ""
         #expect(secLog.lowercased().contains("authentication failed"), "secondary log:\n\(secLog)")
         #expect(pri.stderr.lowercased().contains("authentication"), "primary log:\n\(pri.stderr)")
-        #expect(sec.last("base-committed") == nil)
+        #expect(sec.last(.baseCommitted) == nil)
     }
 }

@@ -70,7 +70,7 @@ import Glibc
                                  logFile: s.url.appendingPathComponent("b.log"))
         defer { b.stop() }
         let logs = { "A:\n\((try? String(contentsOf: s.url.appendingPathComponent("a.log"), encoding: .utf8)) ?? "")\nB:\n\((try? String(contentsOf: s.url.appendingPathComponent("b.log"), encoding: .utf8)) ?? "")" }
-        try #require(a.wait(for: "protected", timeoutSeconds: 60) != nil, "A never protected: \(logs())")
+        try #require(a.wait(for: .protected, timeoutSeconds: 60) != nil, "A never protected: \(logs())")
 
         // Asking the secondary is refused with where to ask instead.
         let wrong = try GeminusBinary.run(["failover", "ledger", "--socket", s.path("b.sock")])
@@ -79,7 +79,7 @@ import Glibc
 
         var generation = 1
         // The QEMU running the guest on the primary side (qemu only).
-        var guestPID = a.last("guest-started")?["pid"] as? Int
+        var guestPID = a.last(.guestStarted)?["pid"] as? Int
         for (from, to, sock) in [(a, b, "a.sock"), (b, a, "b.sock")] {
             let (markFrom, markTo) = (from.eventCount, to.eventCount)
             let r = try GeminusBinary.run(["failover", "ledger", "--socket", s.path(sock), "--json"], timeoutSeconds: 90)
@@ -89,8 +89,8 @@ import Glibc
             generation += 1
             #expect(result["generation"] as? Int == generation)
 
-            let final = try #require(from.wait(for: "final-checkpoint", timeoutSeconds: 5, from: markFrom))
-            let took = try #require(to.wait(for: "took-over", timeoutSeconds: 10, from: markTo), "\(logs())")
+            let final = try #require(from.wait(for: .finalCheckpoint, timeoutSeconds: 5, from: markFrom))
+            let took = try #require(to.wait(for: .tookOver, timeoutSeconds: 10, from: markTo), "\(logs())")
             #expect(took["planned"] as? Bool == true)
             #expect(took["fromEpoch"] as? Int == final["epoch"] as? Int)
             // Nothing lost: the guest resumes from the very counter it was paused at.
@@ -103,10 +103,10 @@ import Glibc
                 guestPID = took["guestPid"] as? Int
             }
             // The old primary follows the new one, which is protected again and runs on.
-            let reprotected = try #require(to.wait(for: "protected", timeoutSeconds: 60, from: markTo), "not protected again: \(logs())")
+            let reprotected = try #require(to.wait(for: .protected, timeoutSeconds: 60, from: markTo), "not protected again: \(logs())")
             #expect((reprotected["epoch"] as? Int ?? 0) > (final["epoch"] as? Int ?? .max))
-            #expect(from.wait(for: "base-committed", timeoutSeconds: 10, from: markFrom) != nil)
-            let later = try #require(to.wait(for: "progress", timeoutSeconds: 5, from: to.eventCount))
+            #expect(from.wait(for: .baseCommitted, timeoutSeconds: 10, from: markFrom) != nil)
+            let later = try #require(to.wait(for: .progress, timeoutSeconds: 5, from: to.eventCount))
             #expect((later["counter"] as? Int ?? 0) > (took["counter"] as? Int ?? .max), "the guest does not run on after the switchover")
             if let d = domains {
                 // libvirt agrees: exactly one of the two definitions runs, the new primary's.

@@ -103,7 +103,7 @@ struct GuestSizeMismatchTests {
                                                      "--events", "--status-socket", s.path("s.sock")] + qemu,
                                          logFile: s.url.appendingPathComponent("s.log"))
         defer { secondary.stop() }
-        let port = try #require(secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int)
+        let port = try #require(secondary.wait(for: .listening, timeoutSeconds: 10)?["port"] as? Int)
         let primary = try GeminusBinary.run(["agent", "--arbitration", "none", "--role", "primary", "--peer", "127.0.0.1:\(port)", "--ram-mib", "64",
                                              "--duration-seconds", "1.5", "--status-socket", s.path("p.sock")] + qemu)
         #expect(primary.stderr.contains("set up for 32 MiB of guest RAM, the primary's guest has 64 MiB; start the secondary with --ram-mib 64"),

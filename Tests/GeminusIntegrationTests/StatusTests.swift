@@ -10,7 +10,7 @@ func startAgentPair(_ scratch: Scratch, common: [String], secondaryExtra: [Strin
                                      arguments: ["agent", "--arbitration", "none", "--role", "secondary", "--listen", "127.0.0.1:0",
                                                  "--status-socket", scratch.path("s.sock")] + common + secondaryExtra,
                                      logFile: scratch.url.appendingPathComponent("s.log"))
-    guard let port = secondary.wait(for: "listening", timeoutSeconds: 10)?["port"] as? Int else {
+    guard let port = secondary.wait(for: .listening, timeoutSeconds: 10)?["port"] as? Int else {
         secondary.stop()
         throw GeminusTestError("the secondary never listened: \((try? String(contentsOf: scratch.url.appendingPathComponent("s.log"), encoding: .utf8)) ?? "")")
     }
@@ -37,9 +37,9 @@ struct GeminusTestError: Error, CustomStringConvertible {
         let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning"]
         let (secondary, primary) = try startAgentPair(s, common: common, primaryExtra: ["--ram-mib", "8"])
         defer { secondary.stop(); primary.stop() }
-        #expect(primary.wait(for: "protected", timeoutSeconds: 20) != nil)
+        #expect(primary.wait(for: .protected, timeoutSeconds: 20) != nil)
         // Status refreshes with each progress report (every 500 ms).
-        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+        _ = primary.wait(for: .progress, timeoutSeconds: 2, from: primary.eventCount)
 
         let p = try GeminusBinary.run(["status", "--socket", s.path("p.sock"), "--json"])
         let pj = try #require(try JSONSerialization.jsonObject(with: Data(p.stdout.utf8)) as? [[String: Any]])
@@ -54,8 +54,8 @@ struct GeminusTestError: Error, CustomStringConvertible {
 
         let mark = primary.eventCount
         secondary.kill(SIGKILL)
-        #expect(primary.wait(for: "unprotected", timeoutSeconds: 5, from: mark) != nil)
-        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+        #expect(primary.wait(for: .unprotected, timeoutSeconds: 5, from: mark) != nil)
+        _ = primary.wait(for: .progress, timeoutSeconds: 2, from: primary.eventCount)
         let lost = try GeminusBinary.run(["status", "--socket", s.path("p.sock")])
         #expect(lost.stdout.contains("UNPROTECTED"), "\(lost.stdout)")
         #expect(lost.status == 2)
@@ -83,8 +83,8 @@ struct GeminusTestError: Error, CustomStringConvertible {
         let (secondary, primary) = try startAgentPair(s, common: common, secondaryExtra: ["--domain", d.standby],
                                                       primaryExtra: ["--domain", d.primary])
         defer { secondary.stop(); primary.stop() }
-        try #require(primary.wait(for: "protected", timeoutSeconds: 60) != nil)
-        _ = primary.wait(for: "progress", timeoutSeconds: 2, from: primary.eventCount)
+        try #require(primary.wait(for: .protected, timeoutSeconds: 60) != nil)
+        _ = primary.wait(for: .progress, timeoutSeconds: 2, from: primary.eventCount)
         Thread.sleep(forTimeInterval: 1.2)  // one standby health round
 
         let p = try GeminusBinary.run(["status", "--socket", s.path("p.sock")])
@@ -113,9 +113,9 @@ struct GeminusTestError: Error, CustomStringConvertible {
         // 512 MiB: several seconds in a debug build, so more than one report.
         let (secondary, primary) = try startAgentPair(s, common: common, primaryExtra: ["--ram-mib", "512"])
         defer { secondary.stop(); primary.stop() }
-        let first = try #require(primary.wait(for: "full-sync-progress", timeoutSeconds: 30))
+        let first = try #require(primary.wait(for: .fullSyncProgress, timeoutSeconds: 30))
         #expect(first["pagesTotal"] as? Int == 512 * 256)
-        try #require(primary.wait(for: "protected", timeoutSeconds: 120) != nil)
+        try #require(primary.wait(for: .protected, timeoutSeconds: 120) != nil)
         let log = try String(contentsOf: s.url.appendingPathComponent("p.log"), encoding: .utf8)
         #expect(log.contains("full checkpoint 1: sending 512 MiB of guest RAM"), "\(log.prefix(2000))")
         let line = try #require(log.split(separator: "\n").first { $0.contains("MiB (") && $0.contains("left") })

@@ -6,10 +6,15 @@ import GeminusSimulation
 /// a few, and the regression seeds of bugs the simulator found. A failure names the seed and
 /// the command that replays it (docs/SIMULATION.md has the larger sweep).
 @Suite struct SimulationSweepTests {
-    static func run(_ seeds: ClosedRange<UInt64>, _ faults: Set<FaultKind>) throws -> SweepSummary {
+    static func run(_ seeds: ClosedRange<UInt64>, _ faults: Set<FaultKind>, liveFirstCopy: Bool = false) throws -> SweepSummary {
         var summary = SweepSummary()
         for seed in seeds {
-            let r = try PairSimulator(config: SimulationConfig(seed: seed), faults: faults).run()
+            var config = SimulationConfig(seed: seed)
+            config.primary.liveFirstCopy = liveFirstCopy
+            // A guest with a disk gets its first copy paused (as a real one with a replicated
+            // disk): the live runs go without one, so the live rounds are exercised.
+            if liveFirstCopy { config.diskBlocks = 0 }
+            let r = try PairSimulator(config: config, faults: faults).run()
             summary.add(r)
             let list = faults.count == FaultKind.allCases.count ? "all" : faults.sorted().map(\.rawValue).joined(separator: ",")
             let passed = r.passed
@@ -32,6 +37,21 @@ import GeminusSimulation
         let first = UInt64(1 + chunk * 20)
         let s = try Self.run(first...(first + 19), Set(FaultKind.allCases))
         #expect(s.seedsRun == 20)
+    }
+
+    /// The live first copy (rounds while the guest runs, then one short pause) under every
+    /// fault: a live round is never resumed, and the pause that ends it is the first checkpoint.
+    @Test(arguments: Array(0..<3))
+    func allFaultsWithTheLiveFirstCopy(chunk: Int) throws {
+        let first = UInt64(1001 + chunk * 20)
+        let s = try Self.run(first...(first + 19), Set(FaultKind.allCases), liveFirstCopy: true)
+        #expect(s.seedsRun == 20)
+    }
+
+    @Test func primaryDiesDuringOrAfterTheLiveFirstCopy() throws {
+        let s = try Self.run(2001...2025, [.primaryCrash], liveFirstCopy: true)
+        // A crash before the first whole checkpoint is reported (cannot take over), never resumed.
+        #expect(s.seedsRun == 25)
     }
 
     @Test(arguments: FaultKind.allCases)

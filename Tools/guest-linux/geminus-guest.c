@@ -12,14 +12,22 @@
  *   milliseconds (default 1000), SEQ = 1, 2, ...
  * - geminus.pages=N (default 0): the counter thread also writes the counter into one of N
  *   extra locked pages per increment, round-robin (a larger, steadily dirtied working set).
+ * - geminus.counter_us=U (default 0 = spin): sleep U microseconds between increments (an
+ *   almost idle guest: the counter still grows, the vCPU no longer keeps a host core busy).
  * - geminus.log_s=S (default 0 = off): print `counter=... requests=... sent=...` every S s.
+ * - A TCP transaction service on geminus.txn_port (default 7000; txn.c has the protocol): a
+ *   balance in RAM, each transaction appended to a log on the virtio disk (a raw ring of
+ *   512-byte records written O_DIRECT|O_SYNC) before it is acknowledged.
  *
  * Status page layout (little-endian u64 at page offset):
  *   0x00 magic 0x58554E494C4D4547 ("GEMLINUX"; written last at start)
  *   0x08 counter          0x10 boot_marker (random, new on every boot)
  *   0x18 requests answered 0x20 sink packets sent   0x28 this page's physical address
  *   0x30 pages (extra)     0x38 phys address of the first extra page (0 if none)
- *   0x40 layout version (1)
+ *   0x40 layout version (2)
+ *   0x48 txn seq (last applied)  0x50 txn balance (signed)  0x58 txn applied count
+ *   0x60 disk checks run         0x68 disk mismatches seen  0x70 disk mode (0 none, 1 ro, 2 rw)
+ *   0x78 disk records newer than RAM at the latest check (written by a copy RAM does not know)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,12 +51,16 @@
 
 struct status {
     volatile uint64_t magic, counter, boot_marker, requests, sent, phys, pages, pages_phys,
-        version;
+        version, txn_seq, txn_balance, txn_applied, disk_checks, disk_mismatches, disk_mode,
+        disk_ahead;
 };
 
 static struct status *st;
+
+#include "txn.c"
 static volatile uint64_t *extra;
 static uint64_t npages;
+static long counter_us; /* geminus.counter_us: sleep this long between increments (0: spin) */
 
 static uint64_t virt_to_phys(const void *p)
 {
@@ -71,6 +83,18 @@ static void *counter_thread(void *arg)
     struct sched_param sp = {0};
     pthread_setschedparam(pthread_self(), SCHED_IDLE, &sp);
     uint64_t c = st->counter, i = 0;
+    if (counter_us > 0) {
+        struct timespec d = {counter_us / 1000000, (counter_us % 1000000) * 1000};
+        for (;;) {
+            st->counter = ++c;
+            if (npages) {
+                extra[i * 512] = c;
+                if (++i == npages)
+                    i = 0;
+            }
+            nanosleep(&d, NULL);
+        }
+    }
     if (npages) {
         for (;;) {
             st->counter = ++c;
@@ -131,6 +155,7 @@ int main(void)
     long every_ms = (v = param(cmdline, "geminus.every_ms")) ? atol(v) : 1000;
     long log_s = (v = param(cmdline, "geminus.log_s")) ? atol(v) : 0;
     npages = (v = param(cmdline, "geminus.pages")) ? strtoull(v, NULL, 0) : 0;
+    counter_us = (v = param(cmdline, "geminus.counter_us")) ? atol(v) : 0;
     struct sockaddr_in sink = {0};
     int have_sink = 0;
     if ((v = param(cmdline, "geminus.sink"))) {
@@ -152,6 +177,16 @@ int main(void)
     }
     if (every_ms < 1)
         every_ms = 1;
+    int txn_port = (v = param(cmdline, "geminus.txn_port")) ? atoi(v) : 7000;
+    long check_s = (v = param(cmdline, "geminus.check_s")) ? atol(v) : 1;
+    char disk_path[64] = "/dev/vda";
+    if ((v = param(cmdline, "geminus.disk"))) {
+        size_t l = strcspn(v, " ");
+        if (l < sizeof disk_path) {
+            memcpy(disk_path, v, l);
+            disk_path[l] = 0;
+        }
+    }
 
     st = locked_pages(1);
     if (npages) {
@@ -163,7 +198,7 @@ int main(void)
     if (getrandom(&marker, sizeof marker, GRND_NONBLOCK) != sizeof marker)
         marker = now_ms() ^ ((uint64_t)getpid() << 32);
     st->boot_marker = marker | 1;
-    st->version = 1;
+    st->version = 2;
     st->phys = virt_to_phys((const void *)st);
     __atomic_store_n(&st->magic, MAGIC, __ATOMIC_RELEASE);
 
@@ -184,6 +219,9 @@ int main(void)
     if (!st->phys)
         printf("geminus-guest: WARNING: no physical address (not root? no pagemap?)\n");
 
+    int ls = txn_init(disk_path, txn_port);
+    uint64_t next_disk_check = check_s > 0 ? now_ms() + (uint64_t)check_s * 1000 : UINT64_MAX;
+
     pthread_t t;
     if (pthread_create(&t, NULL, counter_thread, NULL) != 0) {
         printf("geminus-guest: pthread_create failed\n");
@@ -199,9 +237,14 @@ int main(void)
             due = next_send;
         if (next_log < due)
             due = next_log;
-        struct pollfd pfd = {.fd = s, .events = POLLIN};
-        int r = poll(&pfd, 1, due > now ? (int)(due - now) : 0);
-        if (r > 0) {
+        if (next_disk_check < due)
+            due = next_disk_check;
+        struct pollfd pfd[2 + MAX_CLIENTS] = {{.fd = s, .events = POLLIN}, {.fd = ls, .events = POLLIN}};
+        int nfds = 2 + txn_pollfds(pfd + 2);
+        int r = poll(pfd, (nfds_t)nfds, due > now ? (int)(due - now) : 0);
+        if (r > 0)
+            txn_poll(pfd + 1, nfds - 1);
+        if (r > 0 && (pfd[0].revents & POLLIN)) {
             struct sockaddr_in from;
             socklen_t fl = sizeof from;
             ssize_t n = recvfrom(s, req, 200, 0, (struct sockaddr *)&from, &fl);
@@ -233,9 +276,15 @@ int main(void)
             }
             next_check = now + 1000;
         }
+        if (now >= next_disk_check) {
+            txn_check(DISK_CHECK_WINDOW, 0);
+            next_disk_check = now_ms() + (uint64_t)check_s * 1000;
+        }
         if (now >= next_log) {
-            printf("counter=%llu requests=%llu sent=%llu\n", (unsigned long long)st->counter,
-                   (unsigned long long)st->requests, (unsigned long long)st->sent);
+            printf("counter=%llu requests=%llu sent=%llu txn_seq=%llu balance=%lld mismatches=%llu\n",
+                   (unsigned long long)st->counter, (unsigned long long)st->requests,
+                   (unsigned long long)st->sent, (unsigned long long)st->txn_seq,
+                   (long long)st->txn_balance, (unsigned long long)st->disk_mismatches);
             fflush(stdout);
             next_log = now + log_s * 1000;
         }

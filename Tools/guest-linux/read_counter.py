@@ -24,7 +24,10 @@ import time
 
 MAGIC = 0x58554E494C4D4547  # b"GEMLINUX" little-endian
 FIELDS = ["magic", "counter", "boot_marker", "requests", "sent", "phys", "pages",
-          "pages_phys", "version"]
+          "pages_phys", "version",
+          # layout version 2: the transaction service (txn.c)
+          "txn_seq", "txn_balance", "txn_applied", "disk_checks", "disk_mismatches", "disk_mode",
+          "disk_ahead"]
 
 
 def read(fd, addr):

@@ -2,7 +2,8 @@
 # Boots the guest-linux test guest under QEMU/TCG and checks it end to end:
 # boot time, the counter's physical address on the serial console, the counter growing in the
 # shared RAM file, QMP stop freezing it and cont resuming it, the UDP request/reply service
-# and the periodic UDP packets to the sink.
+# and the periodic UDP packets to the sink, then the TCP transaction service with its log on a
+# blank virtio disk (txn_client.py run, ending with a CHECK of the disk against RAM).
 #   Tools/guest-linux/smoke.sh [user|bridge] [SECONDS]
 #     user   (default) QEMU user-mode network; UDP 7777 forwarded from 127.0.0.1:$HOSTPORT;
 #            sink 10.0.2.2:$SINKPORT, which slirp delivers to 127.0.0.1:$SINKPORT on the host
@@ -26,7 +27,7 @@ else
 fi
 
 id=$$
-ram="/dev/shm/gl-$id.ram"; serial="/tmp/gl-$id.serial"; qmp="/tmp/gl-$id.qmp"
+ram="/dev/shm/gl-$id.ram"; serial="/tmp/gl-$id.serial"; qmp="/tmp/gl-$id.qmp"; disk="/tmp/gl-$id.disk"
 br="glbr$id"; tap="gltap$id"; vh="glvh$id"; vn="glvn$id"; ns="gl$id"
 qpid=""; sinkpid=""
 cleanup() {
@@ -38,7 +39,7 @@ cleanup() {
     ip link del "$br" 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
   fi
-  rm -f "$ram" "$serial" "$qmp"
+  rm -f "$ram" "$serial" "$qmp" "$disk" "/tmp/gl-$id.replies"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -48,7 +49,8 @@ case "$mode" in
   user)
     gip=10.0.2.15; ask_host=127.0.0.1; ask_port=$hostport
     append="geminus.ip=$gip/24 geminus.gw=10.0.2.2 geminus.sink=10.0.2.2:$sinkport geminus.every_ms=100"
-    net=(-netdev "user,id=n0,net=10.0.2.0/24,hostfwd=udp:127.0.0.1:$hostport-$gip:7777")
+    net=(-netdev "user,id=n0,net=10.0.2.0/24,hostfwd=udp:127.0.0.1:$hostport-$gip:7777,hostfwd=tcp:127.0.0.1:$hostport-$gip:7000")
+    txn=(python3 "$here/txn_client.py" run 127.0.0.1 "$hostport")
     sink=(python3 "$here/udp_check.py" sink 127.0.0.1 "$sinkport")
     ask=(python3 "$here/udp_check.py" ask "$ask_host" "$ask_port")
     ;;
@@ -70,11 +72,13 @@ case "$mode" in
     net=(-netdev "tap,id=n0,ifname=$tap,script=no,downscript=no")
     sink=(ip netns exec "$ns" python3 "$here/udp_check.py" sink 10.77.0.1 "$sinkport")
     ask=(ip netns exec "$ns" python3 "$here/udp_check.py" ask "$gip" 7777)
+    txn=(ip netns exec "$ns" python3 "$here/txn_client.py" run "$gip" 7000)
     ;;
   *) echo "usage: smoke.sh [user|bridge] [SECONDS]" >&2; exit 2;;
 esac
 
 rm -f "$ram" "$serial"
+truncate -s 16M "$disk"
 t0=$(date +%s%N)
 nice -n 5 "$QEMU" -accel tcg -machine pc,memory-backend=pc.ram -m 256 \
   -object "memory-backend-file,id=pc.ram,size=256M,mem-path=$ram,share=on" \
@@ -82,6 +86,7 @@ nice -n 5 "$QEMU" -accel tcg -machine pc,memory-backend=pc.ram -m 256 \
   -append "console=ttyS0 ipv6.disable=1 $append ${EXTRA_APPEND:-}" \
   -nodefaults -display none -serial "file:$serial" \
   "${net[@]}" -device virtio-net-pci,netdev=n0 \
+  -drive "file=$disk,if=virtio,format=raw,cache=none" \
   -qmp "unix:$qmp,server=on,wait=off" &
 qpid=$!
 
@@ -108,4 +113,6 @@ python3 "$here/../guest-tiny/qmp.py" "$qmp" cont >/dev/null
 "${ask[@]}" "$secs"
 wait "$sinkpid"; sinkpid=""
 "$here/read_counter.py" "$ram" "$addr"
+grep '^geminus-txn:' "$serial"
+"${txn[@]}" --seconds "$secs" --out "/tmp/gl-$id.replies" --disk-check
 echo "smoke: OK ($mode)"

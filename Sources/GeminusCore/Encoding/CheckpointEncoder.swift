@@ -69,7 +69,7 @@ public final class CheckpointEncoder {
             try emit(frame)
         }
         let begin = EpochBegin(isFull: checkpoint.isFull, baseEpoch: checkpoint.isFull ? .none : baseEpoch, guestPageCount: UInt64(pageCount),
-                               diskUnits: UInt32(checkpoint.diskSizeBytes / EpochBegin.diskUnitBytes))
+                               diskUnits: UInt32(checkpoint.diskSizeBytes / EpochBegin.diskUnitBytes), isLive: checkpoint.isLive)
         try begin.encoded().withUnsafeBytes { try send(.epochBegin, $0) }
         if checkpoint.isFull { shadowValid.removeAll() }
 

@@ -18,6 +18,9 @@ public final class CheckpointBuffer: @unchecked Sendable {
     public var diskSizeBytes: UInt64 = 0
     /// A full checkpoint holds every page of the guest.
     public var isFull = false
+    /// Copied while the guest ran (a round of the live first copy): possibly torn pages and no
+    /// device state. It is a base for the next epoch, never a checkpoint to resume.
+    public var isLive = false
     private var storage: UnsafeMutableRawPointer
     private var capacityPages: Int
 
@@ -40,6 +43,7 @@ public final class CheckpointBuffer: @unchecked Sendable {
         diskWrites.removeAll(keepingCapacity: true)
         diskSizeBytes = 0
         isFull = false
+        isLive = false
     }
 
     /// Contents of the i-th page held (not the guest page number: see `pageIndices`).

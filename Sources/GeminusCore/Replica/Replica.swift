@@ -24,6 +24,8 @@ public final class Replica {
         public var deviceStateBytes: Int
         public var isFull: Bool
         public var diskBytes: Int = 0
+        /// A round of the live first copy: a base for the next epoch, not a checkpoint.
+        public var isLive: Bool = false
     }
 
     /// Device state is opaque and usually small (13 KB for the test guest); this bounds it.
@@ -41,6 +43,9 @@ public final class Replica {
     public private(set) var committedDeviceState: [UInt8] = []
     /// Whether a full epoch has ever been committed: only then is the replica a whole VM.
     public private(set) var hasBaseImage = false
+    /// The last commit is a whole checkpoint a standby may resume: a base image with a
+    /// consistent epoch on top (not a round of the live first copy, whose pages may be torn).
+    public private(set) var isResumable = false
     public private(set) var generation: Generation
     public private(set) var rejections: [RejectReason: Int] = [:]
     public private(set) var commits = 0
@@ -275,6 +280,7 @@ public final class Replica {
                 for w in staged.diskWrites { try disk.write(offset: w.offset, w.data) }
             } catch {
                 hasBaseImage = false
+                isResumable = false
                 return reject(e, .diskFailure, "applying epoch \(e)'s disk writes failed: \(error.message)")
             }
         }
@@ -287,9 +293,10 @@ public final class Replica {
         precondition(e > committedEpoch, "committed epochs only grow")
         committedEpoch = e
         if s.begin.isFull { hasBaseImage = true }
+        isResumable = hasBaseImage && !s.begin.isLive
         commits += 1
         return .committed(e, CommitStats(pages: staged.pageCount, deviceStateBytes: staged.deviceState.count, isFull: s.begin.isFull,
-                                         diskBytes: staged.diskBytes))
+                                         diskBytes: staged.diskBytes, isLive: s.begin.isLive))
     }
 
     private func discardStaging() {

@@ -48,11 +48,15 @@ public struct EpochBegin: Equatable, Sendable {
     /// The size of the guest's replicated disk in 4 KiB units, 0 without one (these bytes were
     /// reserved before, sent as 0): a standby with another disk size, or none, refuses the epoch.
     public var diskUnits: UInt32
+    /// A round of the live first copy, taken while the guest ran: applied as a base for the
+    /// next epoch but never resumable (its pages may be torn and it has no device state).
+    public var isLive: Bool
 
     public static let diskUnitBytes: UInt64 = 4096
 
-    public init(isFull: Bool, baseEpoch: Epoch, guestPageCount: UInt64, diskUnits: UInt32 = 0) {
+    public init(isFull: Bool, baseEpoch: Epoch, guestPageCount: UInt64, diskUnits: UInt32 = 0, isLive: Bool = false) {
         self.isFull = isFull
+        self.isLive = isLive
         self.baseEpoch = baseEpoch
         self.guestPageCount = guestPageCount
         self.diskUnits = diskUnits
@@ -61,7 +65,8 @@ public struct EpochBegin: Equatable, Sendable {
     public func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: Self.size)
         w.u8(isFull ? 1 : 0)
-        w.zeros(3)
+        w.u8(isLive ? 1 : 0)
+        w.zeros(2)
         w.u32(diskUnits)
         w.u64(baseEpoch.rawValue)
         w.u64(guestPageCount)
@@ -70,9 +75,9 @@ public struct EpochBegin: Equatable, Sendable {
 
     public init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
-        guard bytes.count == Self.size, let full = r.u8(), full <= 1, r.skip(3), let disk = r.u32(),
+        guard bytes.count == Self.size, let full = r.u8(), full <= 1, let live = r.u8(), live <= 1, r.skip(2), let disk = r.u32(),
               let base = r.u64(), let pages = r.u64() else { return nil }
-        self.init(isFull: full == 1, baseEpoch: Epoch(base), guestPageCount: pages, diskUnits: disk)
+        self.init(isFull: full == 1, baseEpoch: Epoch(base), guestPageCount: pages, diskUnits: disk, isLive: live == 1)
     }
 }
 

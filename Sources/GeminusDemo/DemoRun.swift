@@ -1,19 +1,21 @@
-import ArgumentParser
 import Foundation
 import GeminusCore
 import GeminusHypervisor
 import GeminusQEMU
 import GeminusTestSupport
 import GeminusTransport
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// The demo's script: start, watch, kill, check.
-final class DemoRun {
-    let s: Demo
-    let mode: Demo.Mode
+/// The demo's script: start two agent processes, watch, kill the primary, check.
+public final class DemoRun {
+    let s: DemoSettings
+    let mode: DemoMode
     let kernel: String?
     let say: (String) -> Void
     /// Why the demo runs the simulated VM although a real one was the default.
-    var fallbackReason: String?
+    public var fallbackReason: String?
     /// The libvirt domains of the demo (primary's, standby's definition), when mode is libvirt.
     var domains: TestGuestDomains?
     let dir: URL
@@ -24,17 +26,19 @@ final class DemoRun {
     /// here they would stay in /dev/shm.
     var deadPrimaryFiles: [String] = []
 
-    init(settings: Demo, mode: Demo.Mode, kernel: String?, say: @escaping (String) -> Void) throws {
+    /// `say` receives the progress lines as they happen.
+    public init(settings: DemoSettings, say: @escaping (String) -> Void) throws {
         s = settings
-        self.mode = mode
-        self.kernel = kernel
+        self.mode = settings.mode
+        self.kernel = settings.kernel
         self.say = say
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-demo-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         observer = try OutputObserver()
     }
 
-    func cleanUp() {
+    /// Kills what is left (agents, domains) and removes the run's files.
+    public func cleanUp() {
         primary?.kill(SIGKILL)
         secondary?.kill(SIGKILL)
         primary?.process.waitUntilExit()
@@ -45,7 +49,7 @@ final class DemoRun {
         try? FileManager.default.removeItem(at: dir)
     }
 
-    var executable: URL { URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath() }
+    var executable: URL { s.agentExecutable }
 
     func common(_ role: String) -> [String] {
         // One host: nothing can partition it, so no witness (docs/ARBITRATION.md for the pair).
@@ -67,7 +71,8 @@ final class DemoRun {
         return args
     }
 
-    func execute() throws -> DemoSummary {
+    /// Runs the demo to its verdicts; throws `DemoFailure` when a step does not happen.
+    public func execute() throws -> DemoSummary {
         var summary = DemoSummary()
         summary.figures["mode"] = mode.rawValue
         if let fallbackReason { summary.figures["fallbackReason"] = fallbackReason }
@@ -250,8 +255,8 @@ final class DemoRun {
         let old = packets.filter { $0.generation < generation }
         let new = packets.filter { $0.generation == generation }
         let highestOld = old.map(\.packet.sequence).max() ?? 0
-        let beyond = old.filter { $0.packet.sequence > outputSequence }
-        let mismatched = old.filter { seen in ring[seen.packet.sequence].map { $0 != seen.packet.counter } ?? false }
+        let verdict = ReleasedOutputCheck.judge(old.map(\.packet), outputSequence: outputSequence, history: ring)
+        let (beyond, mismatched) = (verdict.beyond, verdict.mismatched)
         let forged = packets.filter { $0.packet.check != OutputPacket.checkValue(sequence: $0.packet.sequence, counter: $0.packet.counter, seed: seed) }
         summary.check("no output released ahead of its checkpoint (S2)",
                       !old.isEmpty && beyond.isEmpty && mismatched.isEmpty && forged.isEmpty && malformed == 0,
@@ -285,9 +290,9 @@ final class DemoRun {
                       p["compressionRatio"] as? Double ?? 0, "\(p["acknowledged"] ?? 0)", "\(p["counter"] ?? 0)", "\(p["heldPackets"] ?? 0)")
     }
 
-    func failure(_ what: String, log: String) -> OperatorError {
+    func failure(_ what: String, log: String) -> DemoFailure {
         let text = (try? String(contentsOf: dir.appendingPathComponent(log), encoding: .utf8)) ?? ""
         let tail = text.split(separator: "\n").suffix(15).joined(separator: "\n")
-        return OperatorError(description: "\(what). Last lines of its log:\n\(tail)")
+        return DemoFailure(description: "\(what). Last lines of its log:\n\(tail)")
     }
 }

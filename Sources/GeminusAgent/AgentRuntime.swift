@@ -1,0 +1,241 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusNode
+import GeminusReplication
+import Logging
+
+/// What runs the VM on this host, as the agent's runtime needs it: the guest it protects as the
+/// first primary, and a standby for each stretch as the secondary. The CLI builds one from its
+/// arguments (simulated, QEMU, or a libvirt domain); the runtime does not know which.
+public protocol GuestHost {
+    /// The guest to protect as the first primary, its output on `port`.
+    func startGuest(port: HeldOutputPort, logger: Logger, events: EventLog) throws -> any ProtectedGuest
+    /// A standby for the `serial`-th role this process takes, and what to clean up if no takeover uses it.
+    func makeStandby(serial: Int, logger: Logger, events: EventLog) throws -> (standby: any StandbyHost, cleanup: () -> Void)
+}
+
+/// One agent process: the role it takes first and every role change after it (a planned
+/// switchover makes the primary the secondary; a takeover makes the secondary the primary),
+/// the arbitration's waits, and the wiring of a resumed guest. The CLI only parses its
+/// arguments into `Settings` and a `GuestHost`.
+public final class AgentRuntime {
+    public enum Role: String, Sendable { case primary, secondary }
+
+    public struct Settings {
+        public var vmName: String
+        public var keyPath: String
+        public var role: Role
+        public var listen: (host: String, port: UInt16)?
+        public var peer: (host: String, port: UInt16)?
+        /// The primary's machine, without its arbitration (the runtime adds the one in force).
+        public var primary: PrimaryMachine.Config
+        public var takeoverAfterNanos: UInt64
+        public var outputLimitBytes: Int
+        public var counterAddress: Int?
+        public var traceEpochs: Bool
+        public var deadlineNanos: UInt64
+
+        public init(vmName: String, keyPath: String, role: Role, listen: (host: String, port: UInt16)?, peer: (host: String, port: UInt16)?,
+                    primary: PrimaryMachine.Config, takeoverAfterNanos: UInt64, outputLimitBytes: Int, counterAddress: Int?,
+                    traceEpochs: Bool, deadlineNanos: UInt64) {
+            self.vmName = vmName
+            self.keyPath = keyPath
+            self.role = role
+            self.listen = listen
+            self.peer = peer
+            self.primary = primary
+            self.takeoverAfterNanos = takeoverAfterNanos
+            self.outputLimitBytes = outputLimitBytes
+            self.counterAddress = counterAddress
+            self.traceEpochs = traceEpochs
+            self.deadlineNanos = deadlineNanos
+        }
+    }
+
+    /// What one stretch in one role starts from.
+    struct RoleRun {
+        var role: Role
+        var generation = Generation(1)
+        /// After a takeover: the running guest, its output port and the checkpoint it resumed from.
+        var carried: (guest: any ProtectedGuest, port: HeldOutputPort, resumedFrom: Epoch)?
+        /// Counts role changes, so each QEMU this process starts gets its own files.
+        var serial = 0
+    }
+
+    private let settings: Settings
+    private let host: any GuestHost
+    private let arbitration: Arbitration
+    private let witness: ClusterWitnessLink?
+    private let destination: AgentOutputDestination
+    private let status: AgentStatus
+    private let server: StatusServer
+    private let events: EventLog
+    private let stopper: StopOnSignal
+
+    public init(settings: Settings, host: any GuestHost, arbitration: Arbitration, witness: ClusterWitnessLink?,
+                output: AgentOutputDestination, status: AgentStatus, server: StatusServer, events: EventLog, stopper: StopOnSignal) {
+        self.settings = settings
+        self.host = host
+        self.arbitration = arbitration
+        self.witness = witness
+        destination = output
+        self.status = status
+        self.server = server
+        self.events = events
+        self.stopper = stopper
+    }
+
+    private var ended: Bool { stopper.fired || Monotonic.nanos() >= settings.deadlineNanos }
+
+    /// Runs role after role until stopped, the deadline, or a role that ends the process.
+    public func run() throws {
+        var run = RoleRun(role: settings.role)
+        // A planned switchover swaps the roles: the old primary follows as the secondary
+        // (on --listen), the new primary protects the VM by connecting to it (--peer).
+        while true {
+            let logger = Logger(label: "geminus.\(run.role.rawValue)")
+            status.update(["role": run.role.rawValue, "state": "starting"])
+            events.setRole(run.role.rawValue)
+            switch run.role {
+            case .primary:
+                let outcome = try runPrimary(run, logger: logger)
+                if case .selfFenced(let reason) = outcome {
+                    if let witness { stayFenced(witness, generation: run.generation, logger: logger) }
+                    throw GeminusError(.peerRefused, "\(settings.vmName) self-fenced: \(reason). Its guest here is stopped for good",
+                                       fix: "the secondary runs it if it won the witness (geminus status there); this agent stayed fenced until stopped so the secondary could hear that the guest stopped: restart it as --role secondary to protect the VM again")
+                }
+                // This host's guest no longer runs: nothing from the network is for it.
+                destination.network?.deliverInbound(to: nil)
+                guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
+                run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
+            case .secondary:
+                guard let next = try runSecondary(run, logger: logger), !ended else { return }
+                run = next
+            }
+        }
+    }
+
+    private func runPrimary(_ run: RoleRun, logger: Logger) throws -> PrimaryAgent.Outcome {
+        let port: HeldOutputPort
+        let guest: any ProtectedGuest
+        if let carried = run.carried {
+            (guest, port) = (carried.guest, carried.port)
+        } else {
+            port = HeldOutputPort(limitBytes: settings.outputLimitBytes, destination: destination, generation: run.generation, openEpoch: Epoch(1))
+            guest = try host.startGuest(port: port, logger: logger, events: events)
+            guest.collectDiskWrites { [port] in port.isHolding }
+            if let inbound = guest.inboundFrames { destination.network?.deliverInbound(to: inbound) }
+        }
+        // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
+        // a second running copy once the secondary takes over); an operator's domain stays.
+        defer { guest.detach() }
+        var machine = settings.primary
+        machine.arbitration = arbitration
+        let agentSettings = PrimaryAgent.Settings(vmName: settings.vmName, peerHost: settings.peer?.host, peerPort: settings.peer?.port ?? 0,
+                                                  keyPath: settings.keyPath, machine: machine, generation: run.generation,
+                                                  resumedFrom: run.carried?.resumedFrom ?? .none,
+                                                  outputLimitBytes: settings.outputLimitBytes, traceEpochs: settings.traceEpochs)
+        if let witness { try awaitQuorum(witness) }
+        let agent = try PrimaryAgent(settings: agentSettings, guest: guest, port: port, logger: logger, events: events, status: status, witness: witness)
+        stopper.onSignal { agent.stop() }
+        server.onSwitchover { agent.requestSwitchover() }
+        defer { server.onSwitchover(nil) }
+        return agent.run(deadlineNanos: settings.deadlineNanos)
+    }
+
+    /// Follows the primary; after a takeover, the run that carries the resumed guest as primary.
+    private func runSecondary(_ run: RoleRun, logger: Logger) throws -> RoleRun? {
+        guard let listen = settings.listen else { preconditionFailure("a secondary needs an address to listen on") }
+        let agentSettings = SecondaryAgent.Settings(vmName: settings.vmName, listenHost: listen.host, listenPort: listen.port, keyPath: settings.keyPath,
+                                                    machine: .init(takeoverAfterNanos: settings.takeoverAfterNanos, arbitration: arbitration),
+                                                    counterAddress: settings.counterAddress, generation: run.generation)
+        let (standby, cleanup) = try host.makeStandby(serial: run.serial, logger: logger, events: events)
+        let secondary = try SecondaryAgent(settings: agentSettings, standby: standby, logger: logger, events: events, status: status, witness: witness)
+        stopper.onSignal { secondary.stop() }
+        let limit = settings.outputLimitBytes, destination = self.destination
+        guard let takeover = secondary.run(deadlineNanos: settings.deadlineNanos, makePort: { generation, epoch in
+            HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
+        }) else {
+            cleanup()
+            return nil
+        }
+        let guest = takeover.guest
+        guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
+        if let inbound = guest.inboundFrames { destination.network?.deliverInbound(to: inbound) }
+        events.emit(.tookOver, takeover.report.mapValues(\.any))
+        // Carry on as the primary, protected by --peer if given (after a planned switchover the
+        // old primary follows there); otherwise the VM runs unprotected, reported loudly.
+        status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
+        return RoleRun(role: .primary, generation: takeover.generation, carried: (guest, takeover.port, takeover.fromEpoch),
+                       serial: run.serial + 1)
+    }
+
+    /// After a self-fence: stays in the cluster, saying that this generation's guest stopped
+    /// (the fence procedure announced it), until stopped or the run's deadline. The witness
+    /// records it; the secondary hears it from the witness or, in a membership without the
+    /// witness, from this agent itself. Either lets it win the VM though this node is in the
+    /// cluster (its Corosync runs on). Exiting instead would leave such a secondary waiting for
+    /// an operator, and a supervisor restarting this agent as primary would boot a fresh guest.
+    private func stayFenced(_ link: ClusterWitnessLink, generation: Generation, logger: Logger) {
+        logger.notice("telling the cluster that generation \(generation) of \(settings.vmName) stopped here; this agent stays fenced until stopped (then restart it as --role secondary)")
+        var said = Monotonic.nanos()
+        var recorded = false
+        while !ended {
+            if !recorded, let g = link.current?.view.stoppedGeneration, g >= generation {
+                recorded = true
+                logger.notice("the witness recorded that generation \(generation) of \(settings.vmName) stopped here: its secondary may take it over")
+            }
+            if !recorded && Monotonic.nanos() - said > 30_000_000_000 {
+                said = Monotonic.nanos()
+                logger.warning("the witness does not know yet that \(settings.vmName) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); a secondary without word of it cannot take over")
+            }
+            Monotonic.sleep(nanos: 50_000_000)
+        }
+    }
+
+    /// A primary starts only inside a quorate partition: outside one it must not run the VM.
+    private func awaitQuorum(_ link: ClusterWitnessLink, timeoutNanos: UInt64 = 15_000_000_000) throws {
+        let deadline = Monotonic.nanos() + timeoutNanos
+        while Monotonic.nanos() < deadline {
+            if let v = link.current?.view, v.quorate { return }
+            Monotonic.sleep(nanos: 50_000_000)
+        }
+        throw GeminusError(.timeout, "this node is not quorate after \(timeoutNanos / 1_000_000_000) s (\(link.current.map { "\($0.view)" } ?? "no view from Corosync")), so it may not run \(settings.vmName) as primary",
+                           fix: "check that corosync runs on the peer and on the witness host and that they can reach this host (corosync-quorumtool -s)")
+    }
+}
+
+/// SIGTERM and SIGINT end the agent through its normal path (stop the loop, shut the guest
+/// down), instead of the default of dying on the spot and leaving a QEMU behind.
+public final class StopOnSignal: @unchecked Sendable {
+    private var sources: [DispatchSourceSignal] = []
+    private let lock = NSLock()
+    private var action: (@Sendable () -> Void)?
+    private var _fired = false
+    /// A signal arrived: no further role is started.
+    public var fired: Bool { lock.withLock { _fired } }
+
+    public init() {
+        for sig in [SIGTERM, SIGINT] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { [self] in
+                lock.lock()
+                let a = action
+                _fired = true
+                lock.unlock()
+                a?()
+            }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    /// Replaces what a signal does (the secondary hands over to its primary loop at takeover).
+    public func onSignal(_ a: @escaping @Sendable () -> Void) {
+        lock.lock()
+        action = a
+        lock.unlock()
+    }
+}
