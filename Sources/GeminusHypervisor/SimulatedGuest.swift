@@ -7,14 +7,27 @@ import GeminusCore
 ///
 /// Guest-physical layout (all little-endian), so the same reader works for the RAM file of a
 /// real test guest and for this one:
-/// - page 0, the status page: magic, counter (one per step), output sequence, seed;
+/// - page 0, the status page: magic, counter (one per step), output sequence, seed, and the
+///   disk block last written with the counter of that write (both 0 before the first);
 /// - page 1: ring of the last 256 outputs as (sequence, counter) pairs;
 /// - pages 2..<8: reserved;
 /// - pages 8...: the work area the workload writes.
+///
+/// With `SimulatedWorkload.diskBlocks` the guest also has a small disk (in memory): every
+/// `diskWriteEverySteps` steps it writes one whole block whose contents follow from the block
+/// number, the counter and the seed (`diskBlockContents`), and records that write in its RAM
+/// (page 0), so memory and disk can be checked against each other. With
+/// `SimulatedWorkload.nicFrames` every output of even sequence number leaves through the NIC as
+/// an Ethernet frame (`SimulatedNICFrame`), the others as console lines.
 public final class SimulatedGuest: @unchecked Sendable {
     public static let magic: UInt64 = 0x4745_4D49_4E55_5331 // "GEMINUS1"
     public static let counterAddress = 8
     public static let outputSequenceAddress = 16
+    public static let seedAddress = 24
+    /// The disk block last written, and the counter at that write (0: no write yet).
+    public static let lastDiskBlockAddress = 32
+    public static let lastDiskCounterAddress = 40
+    public static let diskBlockSize = 4096
     public static let ringPage = 1
     public static let ringEntries = 256
     public static let workAreaFirstPage = 8
@@ -32,6 +45,10 @@ public final class SimulatedGuest: @unchecked Sendable {
     public private(set) var pendingOutput: [UInt8]?
     private let stepsPerOutput: UInt64
     private let textCorpus: [UInt8]
+    /// The guest's disk (`workload.diskBlocks` blocks; empty without one).
+    public private(set) var disk: [UInt8]
+    /// Blocks written since the last capture, in block order at capture.
+    private var diskWritten: [Bool]
 
     public var counter: UInt64 { memory.loadU64(at: Self.counterAddress) }
     public var outputSequence: UInt64 { memory.loadU64(at: Self.outputSequenceAddress) }
@@ -49,12 +66,15 @@ public final class SimulatedGuest: @unchecked Sendable {
         registers = Array(repeating: 0, count: Self.deviceRegisterBytes)
         stepsPerOutput = Self.stepsPerOutput(workload)
         textCorpus = Self.makeCorpus(seed: workload.seed)
+        disk = Array(repeating: 0, count: workload.diskSizeBytes)
+        diskWritten = Array(repeating: false, count: workload.diskBlocks)
         boot()
     }
 
     /// Resumes a guest from a checkpoint: `memory` holds its pages, `deviceState` its CPU and
-    /// devices. The next step continues exactly where the checkpointed guest would have.
-    public init(memory: PageMemory, deviceState: [UInt8]) throws(GeminusError) {
+    /// devices, `disk` its disk (for a workload with one). The next step continues exactly where
+    /// the checkpointed guest would have.
+    public init(memory: PageMemory, deviceState: [UInt8], disk: [UInt8]? = nil) throws(GeminusError) {
         guard let state = DeviceState(decoding: deviceState) else {
             throw GeminusError(.hypervisor, "device state is not a simulated guest's (\(deviceState.count) bytes)",
                                fix: "resume only checkpoints produced by a simulated primary")
@@ -62,6 +82,11 @@ public final class SimulatedGuest: @unchecked Sendable {
         guard memory.pageCount == state.workload.pageCount, memory.loadU64(at: 0) == Self.magic else {
             throw GeminusError(.hypervisor, "replica memory does not hold the simulated guest the device state describes")
         }
+        guard (disk ?? []).count == state.workload.diskSizeBytes else {
+            throw GeminusError(.hypervisor, "the simulated guest has a disk of \(state.workload.diskSizeBytes) bytes, the standby gave \((disk ?? []).count)")
+        }
+        self.disk = disk ?? []
+        diskWritten = Array(repeating: false, count: state.workload.diskBlocks)
         workload = state.workload
         self.memory = memory
         written = DirtyPageSet(pageCount: memory.pageCount)
@@ -117,15 +142,86 @@ public final class SimulatedGuest: @unchecked Sendable {
             written.insert(Self.ringPage)
             pendingOutput = OutputPacket(sequence: seq, counter: c, seed: workload.seed).encoded()
         }
+        if workload.diskBlocks > 0 && c % UInt64(workload.diskWriteEverySteps) == 0 {
+            writeDisk(counter: c)
+        }
         return true
     }
 
-    /// Hands the pending output to `port`; true when nothing is pending any more.
+    /// Hands the pending output to `port` (as a NIC frame or a console line, see
+    /// `sendsAsFrame`); true when nothing is pending any more.
     public func flushOutput(to port: any GuestOutputPort) -> Bool {
         guard let packet = pendingOutput else { return true }
-        guard port.offer(packet) else { return false }
+        let sequence = OutputPacket(decoding: packet)?.sequence ?? 0
+        if Self.sendsAsFrame(sequence: sequence, workload) {
+            guard port.offerFrame(SimulatedNICFrame.wrap(packet, seed: workload.seed)) else { return false }
+        } else {
+            guard port.offer(packet) else { return false }
+        }
         pendingOutput = nil
         return true
+    }
+
+    /// Whether output `sequence` of a guest running `workload` leaves as a NIC frame.
+    public static func sendsAsFrame(sequence: UInt64, _ workload: SimulatedWorkload) -> Bool {
+        workload.nicFrames && sequence % 2 == 0
+    }
+
+    // MARK: - Disk
+
+    /// One block write: contents that follow from (block, counter, seed), recorded in RAM.
+    private func writeDisk(counter c: UInt64) {
+        var mix = Xoshiro256(seed: c ^ workload.seed ^ 0x6469_736B)
+        let block = Int(mix.next() % UInt64(workload.diskBlocks))
+        let contents = Self.diskBlockContents(block: block, counter: c, seed: workload.seed)
+        disk.replaceSubrange(block * Self.diskBlockSize..<(block + 1) * Self.diskBlockSize, with: contents)
+        diskWritten[block] = true
+        memory.storeU64(UInt64(block), at: Self.lastDiskBlockAddress)
+        memory.storeU64(c, at: Self.lastDiskCounterAddress)
+    }
+
+    private func diskBlockIsZero(_ b: Int) -> Bool {
+        disk.withUnsafeBytes { geminus_is_zero($0.baseAddress! + b * Self.diskBlockSize, Self.diskBlockSize) != 0 }
+    }
+
+    /// What block `block` holds after the write made at `counter`: a header (block, counter,
+    /// seed) and words derived from them.
+    public static func diskBlockContents(block: Int, counter: UInt64, seed: UInt64) -> [UInt8] {
+        var w = ByteWriter(capacity: diskBlockSize)
+        w.u64(UInt64(block))
+        w.u64(counter)
+        w.u64(seed)
+        var x = Xoshiro256(seed: counter &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(block) ^ seed)
+        while w.bytes.count < diskBlockSize { w.u64(x.next()) }
+        return w.bytes
+    }
+
+    /// Whether the disk agrees with memory: the write RAM says came last is on the disk with
+    /// exactly its contents, and every other block written holds one whole write made no later
+    /// than the counter (no write from a later epoch, no torn block). Nil when consistent.
+    public func diskInconsistency() -> String? {
+        guard workload.diskBlocks > 0 else { return nil }
+        let seed = workload.seed
+        let lastBlock = Int(memory.loadU64(at: Self.lastDiskBlockAddress))
+        let lastCounter = memory.loadU64(at: Self.lastDiskCounterAddress)
+        func blockBytes(_ b: Int) -> ArraySlice<UInt8> { disk[b * Self.diskBlockSize..<(b + 1) * Self.diskBlockSize] }
+        if lastCounter > 0 {
+            guard lastBlock < workload.diskBlocks else { return "RAM records a write to block \(lastBlock), beyond the \(workload.diskBlocks)-block disk" }
+            if !blockBytes(lastBlock).elementsEqual(Self.diskBlockContents(block: lastBlock, counter: lastCounter, seed: seed)) {
+                return "RAM says block \(lastBlock) was last written at counter \(lastCounter), the disk holds something else there"
+            }
+        }
+        for b in 0..<workload.diskBlocks {
+            if diskBlockIsZero(b) { continue }
+            let bytes = Array(blockBytes(b))
+            var r = ByteReader(bytes)
+            guard r.u64() == UInt64(b), let c = r.u64(), bytes == Self.diskBlockContents(block: b, counter: c, seed: seed) else {
+                return "disk block \(b) holds no whole write of this guest"
+            }
+            if c > counter { return "disk block \(b) holds the write of counter \(c), after the guest's counter \(counter)" }
+            if c > lastCounter { return "disk block \(b) holds the write of counter \(c), after the last write RAM records (\(lastCounter))" }
+        }
+        return nil
     }
 
     /// The ring of recent outputs, oldest first: what this guest's history says it sent.
@@ -149,6 +245,18 @@ public final class SimulatedGuest: @unchecked Sendable {
         }
         written.removeAll()
         buffer.deviceState = DeviceState(workload: workload, rng: rng, registers: registers, pendingOutput: pendingOutput).encoded()
+        if workload.diskBlocks > 0 {
+            // As the real replicated disk: a delta carries the blocks written since the last
+            // capture, a full checkpoint every block that is not all zeros (the secondary zeroes
+            // its replica first).
+            buffer.diskSizeBytes = UInt64(disk.count)
+            for b in 0..<workload.diskBlocks where full || diskWritten[b] {
+                if full && diskBlockIsZero(b) { continue }
+                let bytes = Array(disk[b * Self.diskBlockSize..<(b + 1) * Self.diskBlockSize])
+                buffer.diskWrites.append(DiskWrite(offset: UInt64(b * Self.diskBlockSize), data: bytes))
+            }
+            for b in diskWritten.indices { diskWritten[b] = false }
+        }
     }
 
     // MARK: - Workload
@@ -263,8 +371,10 @@ struct DeviceState {
 
     func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: 64 + registers.count)
+        // Version 1 for a guest without frames or disk (as before they existed), 2 with them.
+        let version: UInt32 = workload.nicFrames || workload.diskBlocks > 0 ? 2 : 1
         w.u32(Self.magic)
-        w.u32(1)
+        w.u32(version)
         w.u64(UInt64(workload.ramMiB))
         w.u64(UInt64(workload.dirtyPagesPerSecond))
         w.u64(workload.hotFraction.bitPattern)
@@ -277,6 +387,11 @@ struct DeviceState {
         w.append(registers)
         w.u32(UInt32(pendingOutput?.count ?? 0))
         if let p = pendingOutput { w.append(p) }
+        if version == 2 {
+            w.u8(workload.nicFrames ? 1 : 0)
+            w.u64(UInt64(workload.diskBlocks))
+            w.u64(UInt64(workload.diskWriteEverySteps))
+        }
         return w.bytes
     }
 
@@ -289,14 +404,25 @@ struct DeviceState {
 
     init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
-        guard r.u32() == Self.magic, r.u32() == 1, let ram = r.u64(), let rate = r.u64(), let hf = r.u64(), let hs = r.u64(),
+        guard r.u32() == Self.magic, let version = r.u32(), version == 1 || version == 2, let ram = r.u64(), let rate = r.u64(), let hf = r.u64(), let hs = r.u64(),
               let content = r.u8(), Int(content) < PageContent.allCases.count, let outs = r.u64(), let seed = r.u64(),
               let s0 = r.u64(), let s1 = r.u64(), let s2 = r.u64(), let s3 = r.u64(),
               let nreg = r.u32(), nreg <= 1 << 20, let reg = r.take(Int(nreg)),
-              let npend = r.u32(), npend <= 1 << 16, let pend = r.take(Int(npend)), r.remaining == 0 else { return nil }
+              let npend = r.u32(), npend <= 1 << 16, let pend = r.take(Int(npend)) else { return nil }
+        var nicFrames = false, diskBlocks = 0, diskEvery = 64
+        if version == 2 {
+            guard let f = r.u8(), f <= 1, let blocks = r.u64(), blocks <= 65_536, let every = r.u64(), every >= 1, every <= 1 << 32 else { return nil }
+            nicFrames = f == 1
+            diskBlocks = Int(blocks)
+            diskEvery = Int(every)
+        }
+        guard r.remaining == 0 else { return nil }
         workload = SimulatedWorkload(ramMiB: Int(ram), dirtyPagesPerSecond: Int(rate), hotFraction: Double(bitPattern: hf),
                                      hotShare: Double(bitPattern: hs), content: PageContent.allCases[Int(content)],
                                      outputsPerSecond: Int(outs), seed: seed)
+        workload.nicFrames = nicFrames
+        workload.diskBlocks = diskBlocks
+        workload.diskWriteEverySteps = diskEvery
         rng = Xoshiro256(state: (s0, s1, s2, s3))
         registers = Array(reg)
         pendingOutput = npend == 0 ? nil : Array(pend)
@@ -335,6 +461,35 @@ public struct TestGuestHistory: Sendable {
         if let state = DeviceState(decoding: deviceState), let p = state.pendingOutput, let packet = OutputPacket(decoding: p) {
             pendingSequence = packet.sequence
         }
+    }
+}
+
+/// The Ethernet frame a simulated guest's NIC sends for one output packet: broadcast, from a
+/// locally administered address derived from the seed, EtherType 0x88B5 (local experimental),
+/// the 24-byte packet, zero padding to the 60-byte minimum (no FCS, as a tap device hands it).
+public enum SimulatedNICFrame {
+    public static let size = 60
+    public static let etherType: UInt16 = 0x88B5
+
+    public static func source(seed: UInt64) -> [UInt8] {
+        [0x52, 0x54, 0x00, UInt8(truncatingIfNeeded: seed >> 16), UInt8(truncatingIfNeeded: seed >> 8), UInt8(truncatingIfNeeded: seed)]
+    }
+
+    public static func wrap(_ packet: [UInt8], seed: UInt64) -> [UInt8] {
+        var f = [UInt8](repeating: 0xFF, count: 6)
+        f += source(seed: seed)
+        f += [UInt8(etherType >> 8), UInt8(etherType & 0xFF)]
+        f += packet
+        if f.count < size { f += [UInt8](repeating: 0, count: size - f.count) }
+        return f
+    }
+
+    /// The packet a frame of this guest carries, or nil for any other frame.
+    public static func unwrap(_ frame: [UInt8], seed: UInt64) -> [UInt8]? {
+        guard frame.count == size, frame[0..<6].allSatisfy({ $0 == 0xFF }), Array(frame[6..<12]) == source(seed: seed),
+              frame[12] == UInt8(etherType >> 8), frame[13] == UInt8(etherType & 0xFF),
+              frame[(14 + OutputPacket.size)...].allSatisfy({ $0 == 0 }) else { return nil }
+        return Array(frame[14..<14 + OutputPacket.size])
     }
 }
 

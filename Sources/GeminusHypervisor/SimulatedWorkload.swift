@@ -29,6 +29,14 @@ public struct SimulatedWorkload: Sendable, Equatable, Codable {
     /// Output packets per second of guest time.
     public var outputsPerSecond: Int
     public var seed: UInt64
+    /// Whether every output with an even sequence number leaves as an Ethernet frame through the
+    /// NIC (`GuestOutputPort.offerFrame`) instead of as a console line (`offer`).
+    public var nicFrames = false
+    /// Blocks of 4 KiB in the guest's disk (0: no disk). The disk lives in memory; its writes go
+    /// into each checkpoint's disk writes, the whole disk into a full one.
+    public var diskBlocks = 0
+    /// With a disk: one block written every this many steps.
+    public var diskWriteEverySteps = 64
 
     public init(ramMiB: Int = 64, dirtyPagesPerSecond: Int = 20_000, hotFraction: Double = 0.05, hotShare: Double = 0.9,
                 content: PageContent = .mixed, outputsPerSecond: Int = 500, seed: UInt64 = 1) {
@@ -42,6 +50,7 @@ public struct SimulatedWorkload: Sendable, Equatable, Codable {
     }
 
     public var pageCount: Int { ramMiB << 20 / GuestPage.size }
+    public var diskSizeBytes: Int { diskBlocks * SimulatedGuest.diskBlockSize }
 
     /// Refuses workloads the simulated guest cannot run, with the reason.
     public func validate() throws(GeminusError) {
@@ -56,6 +65,9 @@ public struct SimulatedWorkload: Sendable, Equatable, Codable {
         }
         guard outputsPerSecond >= 0 && outputsPerSecond <= dirtyPagesPerSecond else {
             throw GeminusError(.invalidArgument, "outputs per second (\(outputsPerSecond)) must be between 0 and the dirty rate (one output at most per step)")
+        }
+        guard diskBlocks >= 0 && diskBlocks <= 65_536 && diskWriteEverySteps >= 1 else {
+            throw GeminusError(.invalidArgument, "disk of \(diskBlocks) blocks (0...65,536), a write every \(diskWriteEverySteps) steps (at least 1)")
         }
     }
 }

@@ -78,6 +78,9 @@ extension PairSimulator {
         if digest(replica.memory) != cap.memoryDigest || digest(replica.committedDeviceState) != cap.deviceStateDigest {
             violate(.s3, "after committing epoch \(e) the replica differs from the guest as captured at epoch \(e)", onceAs: "s3-commit")
         }
+        if let disk = replicaDisk(s), digest(disk.bytes) != cap.diskDigest {
+            violate(.s3, "after committing epoch \(e) the replica disk differs from the guest's disk as captured at epoch \(e)", onceAs: "s3-commit-disk")
+        }
         committedOutputHighWater = max(committedOutputHighWater, replica.memory.loadU64(at: SimulatedGuest.outputSequenceAddress))
         // Commits only move forward, so older captures can never be needed again.
         captured = captured.filter { $0.key >= e }
@@ -91,6 +94,20 @@ extension PairSimulator {
         if digest(replica.memory) != cap.memoryDigest || digest(replica.committedDeviceState) != cap.deviceStateDigest {
             violate(.s3, "the replica no longer equals epoch \(e) as captured, though nothing newer was committed (a mix of epochs)", onceAs: "s3-mix")
         }
+        if let disk = replicaDisk(s), digest(disk.bytes) != cap.diskDigest {
+            violate(.s3, "the replica disk no longer equals epoch \(e)'s as captured, though nothing newer was committed (a write applied before its commit)", onceAs: "s3-mix-disk")
+        }
+    }
+
+    /// The secondary's replica disk, when the guest has one; a missing one is S3 (the replica
+    /// could not resume the guest's disk).
+    func replicaDisk(_ s: SimSecondaryHost) -> MemoryReplicaDisk? {
+        guard config.diskBlocks > 0 else { return nil }
+        guard let disk = s.replicaDisk else {
+            violate(.s3, "the guest has a disk, the secondary's replica none", onceAs: "s3-no-disk")
+            return nil
+        }
+        return disk
     }
 
     /// At the takeover: the resumed guest continues from the committed capture and stands
@@ -103,6 +120,14 @@ extension PairSimulator {
         }
         if let cap = captured[from], guest.counter != cap.counter {
             violate(.s3, "resumed counter \(guest.counter) differs from \(cap.counter) captured at epoch \(from)", onceAs: "s3-counter")
+        }
+        // The resumed guest's disk is the one captured with its memory: the write its RAM
+        // records last is there, and nothing written after the checkpoint is.
+        if let cap = captured[from], digest(guest.disk) != cap.diskDigest {
+            violate(.s3, "the resumed guest's disk differs from its disk as captured at epoch \(from)", onceAs: "s3-disk-resumed")
+        }
+        if let problem = guest.diskInconsistency() {
+            violate(.s3, "the resumed guest's disk disagrees with its memory: \(problem)", onceAs: "s3-disk-memory")
         }
         // Output that left through an acknowledged epoch must all be in the resumed history:
         // strictly, always. Output a primary released after declaring the VM unprotected is
@@ -144,11 +169,13 @@ extension PairSimulator {
         return max(f.delayMinNanos, f.delayMaxNanos) + (f.reorderPerMillion > 0 ? 5_000_000 : 0) + 1_000_000
     }
 
-    /// A full epoch on the wire: every page raw with its record, the device state, and framing.
+    /// A full epoch on the wire: every page raw with its record, the device state, the whole
+    /// disk in block records, and framing.
     var maxEpochWireBytes: Int {
         let pages = primaryPageCount
-        let frames = pages * GuestPage.size / config.maxFramePayload + 64
-        return pages * (GuestPage.size + PageRecordHeader.size) + (64 << 10) + frames * FrameHeader.size
+        let diskBytes = config.diskBlocks * (SimulatedGuest.diskBlockSize + 2 * DiskWrite.headerSize)
+        let frames = (pages * GuestPage.size + diskBytes) / config.maxFramePayload + 64
+        return pages * (GuestPage.size + PageRecordHeader.size) + (64 << 10) + diskBytes + frames * FrameHeader.size
     }
 
     /// The checks that hold at every step.
@@ -181,7 +208,7 @@ extension PairSimulator {
         // Limits: nothing grows without bound.
         if let p = primary, let node = p.node {
             let held = node.port.snapshot.heldBytes
-            if held > config.outputLimitBytes + OutputPacket.size {
+            if held > config.outputLimitBytes + SimulatedNICFrame.size {
                 violate(.bounds, "output queue holds \(held) bytes, limit \(config.outputLimitBytes)", onceAs: "bounds-output")
             }
             let sendLimit = (config.primary.maxEpochsInFlight + 1) * maxEpochWireBytes

@@ -69,6 +69,9 @@ public final class PairSimulator {
     /// The highest output sequence any checkpoint the secondary committed contains.
     var committedOutputHighWater: UInt64 = 0
     var incarnationAtLoss = 0
+    /// Guest packets released as NIC frames and as console lines (both copies).
+    var framesReleased = 0
+    var linesReleased = 0
 
     /// A run of `config.seed` with its faults drawn from `faults` (see `FaultPlanner`).
     public convenience init(config: SimulationConfig, faults: Set<FaultKind>) throws(GeminusError) {
@@ -265,6 +268,16 @@ public final class PairSimulator {
     var crashedSecondaryIncarnation = 1
     var primaryPageCount: Int { config.guestRamMiB << 20 / GuestPage.size }
 
+    /// What the primary's guest runs (and so what a resumed one continues).
+    var guestWorkload: SimulatedWorkload {
+        var w = SimulatedWorkload(ramMiB: config.guestRamMiB, dirtyPagesPerSecond: config.dirtyPagesPerSecond,
+                                  outputsPerSecond: config.outputsPerSecond, seed: config.seed)
+        w.nicFrames = config.nicFrames
+        w.diskBlocks = config.diskBlocks
+        w.diskWriteEverySteps = config.diskWriteEverySteps
+        return w
+    }
+
     /// Link faults as a scenario sets them (delay, loss, ...), for both directions.
     public func setLinkFaults(_ f: LinkFaults) {
         toSecondary.faults = f
@@ -329,6 +342,8 @@ public final class PairSimulator {
 struct CapturedState {
     var memoryDigest: UInt64
     var deviceStateDigest: UInt64
+    /// The guest's whole disk (the digest of no bytes for a guest without one).
+    var diskDigest: UInt64
     var counter: UInt64
     var outputSequence: UInt64
 }

@@ -43,25 +43,68 @@ final class SimSecondaryHost: SimHost {
     var resumed: SteppedGuest?
     var resumedFrom: Epoch = .none
     var replica: Replica? { node.replica }
+    /// The replica's disk (nil for a guest without one).
+    var replicaDisk: MemoryReplicaDisk? { replica?.disk as? MemoryReplicaDisk }
 
     init(incarnation: Int) { self.incarnation = incarnation }
 }
 
-/// The secondary host's standby: replica memory is anonymous memory; a takeover resumes a
-/// simulated guest on a copy of it, so the replica stays as committed for the checks.
+/// The secondary host's standby: replica memory is anonymous memory, the replica disk a
+/// `MemoryReplicaDisk`; a takeover resumes a simulated guest on copies of both, so the replica
+/// stays as committed for the checks.
 final class WorldStandby: StandbyHost, @unchecked Sendable {
     unowned let world: PairSimulator
     weak var host: SimSecondaryHost?
+    let diskBlocks: Int
+    /// The replica disk this standby made (the node makes one with its replica).
+    private(set) var disk: MemoryReplicaDisk?
 
-    init(world: PairSimulator) { self.world = world }
+    init(world: PairSimulator, diskBlocks: Int) {
+        self.world = world
+        self.diskBlocks = diskBlocks
+    }
 
     func makeReplicaMemory(pageCount: Int) throws(GeminusError) -> PageMemory { try PageMemory(pageCount: pageCount) }
+
+    func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? {
+        guard diskBlocks > 0 else { return nil }
+        let d = MemoryReplicaDisk(sizeBytes: UInt64(diskBlocks * SimulatedGuest.diskBlockSize))
+        disk = d
+        return d
+    }
 
     func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
         let copy = try PageMemory(pageCount: memory.pageCount)
         copy.base.copyMemory(from: memory.base, byteCount: copy.byteCount)
-        return SteppedGuest(guest: try SimulatedGuest(memory: copy, deviceState: deviceState), port: output, world: world)
+        let guest = try SimulatedGuest(memory: copy, deviceState: deviceState, disk: disk?.bytes)
+        return SteppedGuest(guest: guest, port: output, world: world)
     }
+}
+
+/// The secondary's replica disk, in memory: what `Replica` writes at commits.
+final class MemoryReplicaDisk: ReplicaDisk {
+    let sizeBytes: UInt64
+    var bytes: [UInt8]
+    private(set) var writes = 0
+
+    init(sizeBytes: UInt64) {
+        self.sizeBytes = sizeBytes
+        bytes = Array(repeating: 0, count: Int(sizeBytes))
+    }
+
+    func write(offset: UInt64, _ data: [UInt8]) throws(GeminusError) {
+        guard offset + UInt64(data.count) <= sizeBytes else {
+            throw GeminusError(.invalidArgument, "a disk write at \(offset)+\(data.count) is beyond the \(sizeBytes)-byte disk")
+        }
+        bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
+        writes += 1
+    }
+
+    func zeroAll() throws(GeminusError) {
+        bytes = Array(repeating: 0, count: Int(sizeBytes))
+    }
+
+    func sync() throws(GeminusError) {}
 }
 
 /// A node's events become trace lines (notable from `.notice` up); a few feed the run's counts

@@ -294,14 +294,16 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
         justCaptured = true
         if let h = host {
             h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
-                                          counter: guest.counter, outputSequence: guest.outputSequence)
+                                          diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
             if h.armedCrash == .duringCapture { world.crashPrimary(h, "while capturing (guest paused)") }
         }
     }
 
     /// The guest does not run while the world steps its host, so a live round here is exact:
     /// it shows the protocol, not torn pages (the real guests' finders are tested for those).
-    var supportsLiveCopy: Bool { true }
+    /// A guest with a disk gets its first copy paused, as a real one with a replicated disk
+    /// does (the disk's first copy rides the full checkpoint).
+    var supportsLiveCopy: Bool { guest.workload.diskBlocks == 0 }
 
     func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try guest.capture(full: full, into: buffer)
@@ -309,7 +311,7 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
         buffer.isLive = true
         if let h = host {
             h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
-                                          counter: guest.counter, outputSequence: guest.outputSequence)
+                                          diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
         }
     }
 

@@ -8,8 +8,7 @@ extension PairSimulator {
 
     func makePrimary() throws(GeminusError) -> SimPrimaryHost {
         let host = SimPrimaryHost()
-        let workload = SimulatedWorkload(ramMiB: config.guestRamMiB, dirtyPagesPerSecond: config.dirtyPagesPerSecond,
-                                         outputsPerSecond: config.outputsPerSecond, seed: config.seed)
+        let workload = guestWorkload
         let output = WorldOutput(world: self, resumed: false)
         output.host = host
         let port = HeldOutputPort(limitBytes: config.outputLimitBytes, destination: output, generation: Generation(1), openEpoch: Epoch(1))
@@ -32,7 +31,7 @@ extension PairSimulator {
         let host = SimSecondaryHost(incarnation: incarnation)
         host.acceptor = WorldAcceptor(world: self, host: host)
         if witness != nil { host.witnessLink = WorldWitnessLink(world: self, node: .secondary, host: host) }
-        let standby = WorldStandby(world: self)
+        let standby = WorldStandby(world: self, diskBlocks: config.diskBlocks)
         standby.host = host
         let output = WorldOutput(world: self, resumed: true)
         output.host = host
@@ -252,12 +251,30 @@ extension PairSimulator {
         flush(l)
     }
 
-    /// Output leaves a host: the observer sees it, and the checks judge it.
+    /// Output leaves a host: the observer sees it, and the checks judge it. Console lines and
+    /// NIC frames alike: each carries one guest packet, and must leave as the kind the guest
+    /// sent it as.
     func released(_ items: [GuestOutputItem], by host: SimHost, held: Bool, resumed: Bool) {
+        let who = resumed ? "the resumed guest" : "the primary"
         for item in items {
-            guard case .line(let bytes) = item, let packet = OutputPacket(decoding: bytes) else {
-                violate(.s2, "\(resumed ? "the resumed guest" : "the primary") released output that is not a guest packet", onceAs: "garbage-output")
+            let decoded: OutputPacket?
+            let asFrame: Bool
+            switch item {
+            case .line(let bytes):
+                decoded = OutputPacket(decoding: bytes)
+                asFrame = false
+            case .frame(let bytes):
+                decoded = SimulatedNICFrame.unwrap(bytes, seed: config.seed).flatMap { OutputPacket(decoding: $0) }
+                asFrame = true
+            }
+            guard let packet = decoded,
+                  packet.check == OutputPacket.checkValue(sequence: packet.sequence, counter: packet.counter, seed: config.seed) else {
+                violate(.s2, "\(who) released \(asFrame ? "a NIC frame" : "a console line") that is not a guest packet", onceAs: "garbage-output")
                 continue
+            }
+            if asFrame { framesReleased += 1 } else { linesReleased += 1 }
+            if SimulatedGuest.sendsAsFrame(sequence: packet.sequence, guestWorkload) != asFrame {
+                violate(.s2, "\(who) released output #\(packet.sequence) as a \(asFrame ? "NIC frame" : "console line"); the guest sent it as a \(asFrame ? "console line" : "NIC frame")", onceAs: "output-kind")
             }
             if resumed {
                 checkReleaseByResumed(packet)

@@ -14,6 +14,15 @@ public struct SimulationConfig: Sendable, Equatable {
     public var guestRamMiB = 1
     public var dirtyPagesPerSecond = 10_000
     public var outputsPerSecond = 1_000
+    /// Whether the guest sends every other output (even sequence numbers) as an Ethernet frame
+    /// through its NIC (`offerFrame`) rather than as a console line: both share the node's
+    /// output-commit queue and are checked alike.
+    public var nicFrames = true
+    /// Blocks of 4 KiB of the guest's disk (0: none). Its writes travel in the checkpoints and
+    /// the secondary's replica disk (in memory) is written only at commits.
+    public var diskBlocks = 64
+    /// With a disk: the guest writes one block every this many of its steps (10 per ms).
+    public var diskWriteEverySteps = 64
     /// Each side sends a heartbeat after this long without sending (docs/PROTOCOL.md).
     public var heartbeatNanos: UInt64 = 10_000_000
     /// The primary dials again this long after a connection ends or a dial fails.

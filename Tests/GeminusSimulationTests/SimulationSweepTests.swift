@@ -11,6 +11,9 @@ import GeminusSimulation
         for seed in seeds {
             var config = SimulationConfig(seed: seed)
             config.primary.liveFirstCopy = liveFirstCopy
+            // A guest with a disk gets its first copy paused (as a real one with a replicated
+            // disk): the live runs go without one, so the live rounds are exercised.
+            if liveFirstCopy { config.diskBlocks = 0 }
             let r = try PairSimulator(config: config, faults: faults).run()
             summary.add(r)
             let list = faults.count == FaultKind.allCases.count ? "all" : faults.sorted().map(\.rawValue).joined(separator: ",")
