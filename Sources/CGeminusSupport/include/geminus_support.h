@@ -100,5 +100,8 @@ int geminus_packet_open(const char *ifname);
 /// One frame from the socket without blocking: its length, or -errno (-EAGAIN: none waiting).
 /// `*outgoing` is 1 for a frame this host sent (the socket sees those too).
 long geminus_packet_receive(int fd, void *buffer, size_t length, int *outgoing);
+/// Finishes the TCP or UDP checksum of an Ethernet frame (IPv4 or IPv6, one VLAN tag at most)
+/// whose sender left it to offload. Returns 1 when it wrote one, 0 for any other frame.
+int geminus_l4_checksum_fix(uint8_t *frame, size_t length);
 
 #endif
