@@ -124,8 +124,7 @@ public final class AgentRuntime {
         } else {
             port = HeldOutputPort(limitBytes: settings.outputLimitBytes, destination: destination, generation: run.generation, openEpoch: Epoch(1))
             guest = try host.startGuest(port: port, logger: logger, events: events)
-            guest.collectDiskWrites { [port] in port.isHolding }
-            if let inbound = guest.inboundFrames { destination.deliverInbound(to: inbound) }
+            wire(guest, port)
         }
         // Whatever ends the agent, a guest it started goes with it (a QEMU left behind would be
         // a second running copy once the secondary takes over); an operator's domain stays.
@@ -161,14 +160,20 @@ public final class AgentRuntime {
             return nil
         }
         let guest = takeover.guest
-        guest.collectDiskWrites { [port = takeover.port] in port.isHolding }
-        if let inbound = guest.inboundFrames { destination.deliverInbound(to: inbound) }
+        wire(guest, takeover.port)
         events.emit(.tookOver, takeover.report.mapValues(\.any))
         // Carry on as the primary, protected by --peer if given (after a planned switchover the
         // old primary follows there); otherwise the VM runs unprotected, reported loudly.
         status.update(["tookOverFromEpoch": takeover.fromEpoch.rawValue])
         return RoleRun(role: .primary, generation: takeover.generation, carried: (guest, takeover.port, takeover.fromEpoch),
                        serial: run.serial + 1)
+    }
+
+    /// A guest that now runs here as the primary's: its disk records writes while output is held,
+    /// and frames from the host's network reach it.
+    private func wire(_ guest: any ProtectedGuest, _ port: HeldOutputPort) {
+        guest.collectDiskWrites { [port] in port.isHolding }
+        if let inbound = guest.inboundFrames { destination.deliverInbound(to: inbound) }
     }
 
     /// After a self-fence: stays in the cluster, saying that this generation's guest stopped

@@ -48,12 +48,6 @@ public final class OutputSink: @unchecked Sendable {
 public struct AgentOutputDestination: OutputDestination {
     public let sink: OutputSink?
     public let networks: [HostNetwork]
-    /// The first network (the only one of a QEMU guest the agent starts).
-    public var network: HostNetwork? { networks.first }
-
-    public init(sink: OutputSink?, network: HostNetwork?) {
-        self.init(sink: sink, networks: network.map { [$0] } ?? [])
-    }
 
     public init(sink: OutputSink?, networks: [HostNetwork]) {
         self.sink = sink

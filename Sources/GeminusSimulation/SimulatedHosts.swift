@@ -123,10 +123,7 @@ final class WorldEvents: NodeEventSink {
     func record(_ event: NodeEvent) {
         guard host.isAlive else { return }
         switch event {
-        case .captured(let e, let full, _, _, _, _):
-            if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
-            if full { world.fullCheckpoints += 1 }
-        case .liveCopied(let e, let full, _, _, _):
+        case .captured(let e, let full, _, _, _, _), .liveCopied(let e, let full, _, _, _):
             if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
             if full { world.fullCheckpoints += 1 }
         case .liveCommitted(let e, _, let full):

@@ -292,11 +292,8 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
         precondition(paused, "capture while the guest runs would copy torn pages")
         try guest.capture(full: full, into: buffer)
         justCaptured = true
-        if let h = host {
-            h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
-                                          diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
-            if h.armedCrash == .duringCapture { world.crashPrimary(h, "while capturing (guest paused)") }
-        }
+        recordCapture(buffer)
+        if let h = host, h.armedCrash == .duringCapture { world.crashPrimary(h, "while capturing (guest paused)") }
     }
 
     /// The guest does not run while the world steps its host, so a live round here is exact:
@@ -309,10 +306,13 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
         try guest.capture(full: full, into: buffer)
         buffer.deviceState = []
         buffer.isLive = true
-        if let h = host {
-            h.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
+        recordCapture(buffer)
+    }
+
+    /// What the guest looked like at this capture: the replica must equal it once it commits it.
+    private func recordCapture(_ buffer: CheckpointBuffer) {
+        host?.lastCapture = CapturedState(memoryDigest: digest(guest.memory), deviceStateDigest: digest(buffer.deviceState),
                                           diskDigest: digest(guest.disk), counter: guest.counter, outputSequence: guest.outputSequence)
-        }
     }
 
     func shutdown() { stopped = true }
