@@ -15,14 +15,23 @@ public protocol CheckpointedGuest: AnyObject, Sendable {
     /// `full`) and the device state into `buffer`, and starts a new written set.
     func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
     /// Whether `captureLive` copies without pausing (a round of the live first copy). A guest
-    /// that cannot (a replicated disk whose first copy rides the full checkpoint; a verifying
-    /// finder, whose comparison would race the running guest) gets its first copy paused.
+    /// that cannot (a verifying finder, whose comparison would race the running guest) gets its
+    /// first copy paused.
     var supportsLiveCopy: Bool { get }
     /// While the guest runs: copies every page (when `full`) or those written since the last
     /// capture into `buffer`, marked live (`isLive`, no device state), and starts a new written
     /// set. A page the guest writes during the copy may be torn here; it is written again, so
     /// the next capture carries it whole.
     func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError)
+    /// After a live round: a device's own first copy is still under way (a disk streaming to
+    /// the secondary through its mirror), so the live copy cannot end with the pause yet.
+    var liveCopyDevicesPending: Bool { get }
+    /// The full copy can only be taken live: a disk too large to carry in one paused epoch
+    /// streams while the guest runs. Such a guest needs `supportsLiveCopy`.
+    var fullCopyMustBeLive: Bool { get }
+    /// The live copy under way was abandoned (the link to the secondary went): devices stop
+    /// keeping what they kept for it.
+    func abandonLiveCopy()
     /// The guest's own progress counter (the test guests keep one in RAM), for reports.
     var progressCounter: UInt64 { get }
     /// How the last capture's time divided (nil when the guest does not measure it): the
@@ -89,6 +98,9 @@ public struct CaptureParts: Sendable, Equatable {
 extension CheckpointedGuest {
     public var lastCaptureParts: CaptureParts? { nil }
     public var supportsLiveCopy: Bool { false }
+    public var liveCopyDevicesPending: Bool { false }
+    public var fullCopyMustBeLive: Bool { false }
+    public func abandonLiveCopy() {}
     /// Without a live path: a paused copy, so the round is exact (and the guest feels it).
     public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try pause()

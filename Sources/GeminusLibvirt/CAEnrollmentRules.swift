@@ -142,28 +142,35 @@ extension CAEnrollmentCheck {
         }
     }
 
-    /// Disks: no vhost-user or vDPA back end, and none writable (not replicated for a libvirt
-    /// domain). One loop, so the problems keep the disks' order.
+    /// Disks: no vhost-user or vDPA back end; the writable ones replicable (a local raw image
+    /// or block device, not shared), and at most one of them (the checkpoint stream carries one
+    /// disk). One loop, so the problems keep the disks' order.
     static func checkDisks(_ devices: XMLElement?, _ add: Report) {
-        for d in devices?.children("disk") ?? [] {
+        var writable: [String] = []
+        for (d, disk) in zip(devices?.children("disk") ?? [], DomainDisk.of(devices: devices)) {
             let target = d.child("target")?.attr("dev").map { " \($0)" } ?? ""
             switch d.attr("type") {
             case "vhostuser":
                 add(.vhostUser, "disk\(target) is vhost-user: its back end writes guest RAM without going through QEMU",
-                    "attach the storage as a file, block or network disk served by QEMU instead of type 'vhostuser'")
+                    "attach the storage as a file or block disk served by QEMU instead of type 'vhostuser'")
             case "vhostvdpa":
                 add(.vdpa, "disk\(target) is vDPA: the device writes guest RAM by DMA",
-                    "attach the storage as a file, block or network disk served by QEMU instead of type 'vhostvdpa'")
+                    "attach the storage as a file or block disk served by QEMU instead of type 'vhostvdpa'")
             default:
-                // Geminus replicates the disks of a QEMU it starts (--disk-mib), not yet a
-                // libvirt domain's: after a failover the standby would run on its own copy (not
-                // the committed state) or, on shared storage, on writes of epochs never committed.
-                let device = d.attr("device") ?? "disk"
-                if device == "disk" && d.child("readonly") == nil {
-                    add(.unreplicatedDisk, "disk\(target) is writable, and Geminus does not replicate a libvirt domain's disks yet: after a failover the standby would run on a disk that does not match its memory (its own copy, or shared storage holding writes of epochs that were never committed)",
-                        "make the disk read-only (<readonly/>), or protect the VM with `geminus ha` (restart from its disk) instead of CA; a QEMU guest the agent starts can have a replicated disk (--disk-mib, docs/DISKS.md)")
+                guard disk.isWritable else { continue }
+                // After a failover the standby must run on a disk that holds exactly the
+                // committed epochs: only a disk whose every write the mirror sees, applied byte
+                // for byte to the standby's own copy, gives that.
+                if let why = disk.whyNotReplicable {
+                    add(.unreplicatedDisk, why.message, why.fix)
+                } else {
+                    writable.append(disk.target)
                 }
             }
+        }
+        if writable.count > 1 {
+            add(.unreplicatedDisk, "\(writable.count) writable disks (\(writable.joined(separator: ", "))): Geminus replicates one writable disk per domain today",
+                "keep one writable disk and make the others <readonly/>, or protect the VM with `geminus ha`")
         }
     }
 

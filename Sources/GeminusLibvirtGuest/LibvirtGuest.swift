@@ -62,11 +62,15 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     private var released = false
     /// The held NICs (`<interface type='server'>` moved there by `enroll --prepare`), in record order.
     public let nics: [GuestNIC]
+    /// The replicated disk (the domain's writable disk, mirrored to this agent), if it has one.
+    public let disk: ReplicatedDisk?
 
     init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
-         counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil, nics: [GuestNIC] = []) throws(GeminusError) {
+         counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil, nics: [GuestNIC] = [],
+         disk: ReplicatedDisk? = nil) throws(GeminusError) {
         self.connection = connection
         self.nics = nics
+        self.disk = disk
         self.domain = domain
         self.domainName = domain.name
         self.counterAddress = counterAddress
@@ -100,16 +104,19 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         }
         let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
         var nics: [GuestNIC] = []
+        var disk: ReplicatedDisk?
         do throws(GeminusError) {
             // Each held interface's QEMU end listens on loopback; its frames are the guest's
             // output from the first epoch on.
             nics = try LibvirtNICs.open(xml: live)
             try LibvirtNICs.awaitConnected(nics, domainName: domainName, timeout: timeout)
+            disk = try LibvirtDisk.open(xml: live, qmp: qmp, domainName: domainName)
             let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)
             let finder = try dirtyPages.makeFinder(qemuPID: connection.qemuPid(of: domain), ramFilePath: path, fallback: fallback)
             return try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory, ramFilePath: path,
-                                    counterAddress: counterAddress, finder: finder, nics: nics)
+                                    counterAddress: counterAddress, finder: finder, nics: nics, disk: disk)
         } catch {
+            disk?.stop()
             for n in nics { n.stop() }
             qmp.close()
             throw error
@@ -155,6 +162,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public var statusReport: [String: String] {
         var r = checkpointer.dirtyPageReport.merging(["guest": "libvirt", "domain": domainName]) { _, new in new }
         if !nics.isEmpty { r["nic"] = nics.map(\.statusLine).joined(separator: "; ") }
+        if let disk { r["disk"] = disk.statusLine }
         return r
     }
 
@@ -183,6 +191,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public func resume() throws(GeminusError) { try checkpointer.resume() }
     public func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.capture(full: full, into: buffer)
+        try disk?.capture(full: full, into: buffer, qmp: qmp)
     }
 
     /// Handover: the guest must not run here again. virDomainDestroy (which also ends a
@@ -190,6 +199,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public func shutdown() {
         guard markReleased() else { return }
         for n in nics { n.stop() }
+        disk?.stop()
         qmp.close()
         if (try? connection.destroy(domain)) == nil, let pid {
             // libvirt did not answer: make sure this QEMU cannot run on.
@@ -213,6 +223,8 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         // QEMU listens again once the agent's connection closes; the guest's frames then go
         // nowhere until an agent connects (the domain is left running, unprotected).
         for n in nics { n.stop() }
+        // No guest write may wait for an export that is going away.
+        disk?.detach(qmp)
         if checkpointer.isPaused { try? checkpointer.resume() }
         deviceStateFD.unregister(from: qmp)
         qmp.close()

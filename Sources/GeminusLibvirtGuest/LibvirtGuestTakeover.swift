@@ -10,7 +10,18 @@ extension LibvirtGuest {
 extension LibvirtGuest {
     public var supportsLiveCopy: Bool { checkpointer.findsWhileRunning }
 
+    public var fullCopyMustBeLive: Bool { disk?.fullCopyMustBeLive ?? false }
+    public var liveCopyDevicesPending: Bool { disk?.liveCopyPending ?? false }
+
+    /// Memory first, then what the disk's mirror received meanwhile (the first round starts it).
     public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.captureLive(full: full, into: buffer)
+        try disk?.captureLive(full: full, into: buffer, qmp: qmp)
+    }
+
+    public func abandonLiveCopy() { disk?.abandonLiveCopy() }
+
+    public func collectDiskWrites(while holding: @escaping @Sendable () -> Bool) {
+        disk?.export.collect(while: holding)
     }
 }

@@ -35,6 +35,8 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     private var _lastResume: ResumeTimings?
     /// The standby QEMU's held NICs, connected while it waits; handed to the resumed guest.
     private var nics: [GuestNIC] = []
+    /// The XML the waiting standby was started with (its disk is the replica's image).
+    private var standbyXML: String?
     private let definedPages: Int?
     /// From this host's definition; compared with the primary's at the handshake.
     public let platform: GuestPlatform
@@ -120,6 +122,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         unlink(PrivateQMP.socketPath(domain: domainName))
         let live = try libvirt { try connection.createTransient(xml: xml, paused: true, timeout: timeout) }
         domain = live
+        standbyXML = xml
         started = true
         do throws(GeminusError) {
             let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout)
@@ -140,6 +143,16 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
             stopLocked()
             throw error
         }
+    }
+
+    /// The standby domain's writable disk (its own image on this host): the replica's commits
+    /// are written there while the standby QEMU waits with it open (`-incoming` reads nothing
+    /// until the migration completes, and a raw image keeps no cache in QEMU).
+    public func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? {
+        guard let xml = lock.withLock({ standbyXML }) else {
+            throw GeminusError(.internalInvariant, "the replica disk is opened after the standby starts (makeReplicaMemory)")
+        }
+        return try LibvirtDisk.replica(definition: xml, domainName: domainName)
     }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
@@ -192,9 +205,13 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         // The finder after `cont`: taking QEMU's userfaultfd and registering its RAM costs
         // milliseconds that need not delay the resume; the first capture is full anyway.
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
+        // Its disk's mirror, for re-protection (after `cont`: nothing here delays the resume).
+        // Without it the guest still runs; a secondary with the disk refuses its epochs.
+        let disk = standbyXML.flatMap { try? LibvirtDisk.open(xml: $0, qmp: qmp, domainName: domainName) }
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
-                                     counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics)
+                                     counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics,
+                                     disk: disk)
         nics = []
         resumed = true
         _lastResume = t
@@ -224,5 +241,6 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         }
         domain = nil
         pid = nil
+        standbyXML = nil
     }
 }

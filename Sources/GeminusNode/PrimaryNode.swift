@@ -108,7 +108,16 @@ public final class PrimaryNode {
         self.lease = lease
         self.events = events
         var config = settings.machine
-        // A guest that cannot be copied while it runs gets its first copy paused.
+        // A guest that cannot be copied while it runs gets its first copy paused; one whose
+        // disk can only stream while it runs is always copied live.
+        if guest.fullCopyMustBeLive {
+            guard guest.supportsLiveCopy else {
+                throw GeminusError(.invalidArgument, "this guest's disk can only be copied while the guest runs, and its dirty pages cannot be found while it runs",
+                                   fix: "use write tracking (--dirty-pages track or auto, with the preload library installed: docs/WRITE-TRACKING.md)")
+            }
+            config.liveFirstCopy = true
+            config.fullCopyMustBeLive = true
+        }
         config.liveFirstCopy = config.liveFirstCopy && guest.supportsLiveCopy
         machine = PrimaryMachine(config: config, generation: settings.generation, resumedFrom: settings.resumedFrom)
         if let maxFramePayload {
@@ -294,6 +303,7 @@ public final class PrimaryNode {
         guard let l = link else { return }
         l.close()
         link = nil
+        guest.abandonLiveCopy()
         events.record(.linkLost(reason: reason))
         execute(machine.handle(.peerDisconnected(nowNanos: clock.nowNanos, reason: reason)))
         dialer?.redial()
@@ -316,7 +326,10 @@ public final class PrimaryNode {
             case .capture(let epoch, let full):
                 if capture(epoch, full: full, final: false) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
             case .copyLive(let epoch, let full):
-                if copyLive(epoch, full: full) { pending += machine.handle(.liveCopied(epoch, pages: buffer.pageCount, nowNanos: clock.nowNanos)) }
+                if copyLive(epoch, full: full) {
+                    pending += machine.handle(.liveCopied(epoch, pages: buffer.pageCount, devicesPending: guest.liveCopyDevicesPending,
+                                                          nowNanos: clock.nowNanos))
+                }
             case .captureFinal(let epoch):
                 if capture(epoch, full: false, final: true) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
             case .transmit(let epoch, let base):

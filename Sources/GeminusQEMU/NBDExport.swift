@@ -28,6 +28,9 @@ public final class NBDExport: @unchecked Sendable {
     private var pending: [DiskWrite] = []
     private var pendingBytes = 0
     private var collecting: @Sendable () -> Bool = { false }
+    /// Keep every write whatever `collecting` says: the disk's first copy is streaming (the
+    /// mirror's bulk copy and the guest's writes alike must reach the secondary).
+    private var keepingAll = false
     private var closed = false
     private var client: Int32 = -1
     private var _connected = false
@@ -35,11 +38,18 @@ public final class NBDExport: @unchecked Sendable {
     private var _writesReceived = 0
     public var writesReceived: Int { lock.withLock { _writesReceived } }
 
-    public init(socketPath: String, diskPath: String, sizeBytes: UInt64) throws(GeminusError) {
+    /// `clientUser`: the user QEMU runs as when it is not root (libvirt's), given the socket so
+    /// it can connect; the socket is otherwise root's alone (0600).
+    public init(socketPath: String, diskPath: String, sizeBytes: UInt64, clientUser: String? = nil) throws(GeminusError) {
         self.socketPath = socketPath
         self.diskPath = diskPath
         self.sizeBytes = sizeBytes
         listener = try UnixSocket.listen(path: socketPath, what: "the disk export socket")
+        if let clientUser, let pw = getpwnam(clientUser), chown(socketPath, pw.pointee.pw_uid, pw.pointee.pw_gid) != 0 {
+            let e = errno
+            close(listener)
+            throw GeminusError(.io, "cannot give the disk export socket \(socketPath) to \(clientUser): \(String(cString: strerror(e)))", fix: "run the agent as root")
+        }
         let t = Thread { [weak self] in self?.serve() }
         t.name = "geminus-nbd-export"
         t.start()
@@ -50,6 +60,19 @@ public final class NBDExport: @unchecked Sendable {
     /// Whether writes are kept for the next checkpoint (a secondary is being protected).
     public func collect(while condition: @escaping @Sendable () -> Bool) {
         lock.withLock { collecting = condition }
+    }
+
+    /// Every write is kept (`on`), or only while `collect`'s condition holds (`off`, which also
+    /// drops what waits when that condition is false: the copy it belonged to was abandoned).
+    public func keepAll(_ on: Bool) {
+        lock.withLock {
+            keepingAll = on
+            if !on && !collecting() {
+                pending = []
+                pendingBytes = 0
+            }
+            lock.broadcast()
+        }
     }
 
     /// QEMU's mirror is connected and has not gone away.
@@ -177,13 +200,14 @@ public final class NBDExport: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         _writesReceived += 1
-        guard collecting() else {
+        let keeping = { self.keepingAll || self.collecting() }
+        guard keeping() else {
             pending = []
             pendingBytes = 0
             return
         }
         // Over the bound: the guest's write waits (its reply is not sent) for a checkpoint.
-        while pendingBytes + w.data.count > Self.maxPendingBytes && !pending.isEmpty && !closed && collecting() {
+        while pendingBytes + w.data.count > Self.maxPendingBytes && !pending.isEmpty && !closed && keeping() {
             _ = lock.wait(until: Date().addingTimeInterval(0.1))
         }
         pending.append(w)

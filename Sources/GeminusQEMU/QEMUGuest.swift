@@ -66,7 +66,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
             r["nic"] = nic.statusLine
         }
         if let disk {
-            r["disk"] = "\(disk.setup.sizeBytes >> 20) MiB, mirror \(disk.export.isConnected ? "connected" : disk.export.lost.map { "LOST (\($0))" } ?? "not started"), \(disk.export.writesReceived) writes"
+            r["disk"] = disk.statusLine
         }
         return r
     }

@@ -22,10 +22,15 @@ extension QEMUGuest {
 }
 
 extension QEMUGuest {
-    /// A replicated disk's first copy rides the full checkpoint: such a guest is copied paused.
-    public var supportsLiveCopy: Bool { disk == nil && checkpointer.findsWhileRunning }
+    public var supportsLiveCopy: Bool { checkpointer.findsWhileRunning }
+    public var fullCopyMustBeLive: Bool { disk?.fullCopyMustBeLive ?? false }
+    public var liveCopyDevicesPending: Bool { disk?.liveCopyPending ?? false }
 
+    /// Memory first, then what the disk's mirror received meanwhile (the first round starts it).
     public func captureLive(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         try checkpointer.captureLive(full: full, into: buffer)
+        try disk?.captureLive(full: full, into: buffer, qmp: qmp)
     }
+
+    public func abandonLiveCopy() { disk?.abandonLiveCopy() }
 }

@@ -42,6 +42,10 @@ public struct PrimaryMachine: Sendable {
         /// A live round that copied at most this many pages is the last one: the pause copies
         /// what is left.
         public var liveStopPages: Int
+        /// The guest's full copy can only be taken live (a disk too large to carry in one
+        /// paused epoch streams while the guest runs): every full copy is live, even when the
+        /// secondary may hold a checkpoint (it loses it; docs/DISKS.md says what that costs).
+        public var fullCopyMustBeLive: Bool = false
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
                     peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
@@ -82,7 +86,9 @@ public struct PrimaryMachine: Sendable {
         /// The capture asked for by `.capture` finished and the guest runs again.
         case captured(Epoch, nowNanos: UInt64)
         /// The live round asked for by `.copyLive` finished; it copied `pages` pages.
-        case liveCopied(Epoch, pages: Int, nowNanos: UInt64)
+        /// `devicesPending`: a device's own first copy (a disk streaming through its mirror) is
+        /// still under way, so the pause cannot end the live copy yet.
+        case liveCopied(Epoch, pages: Int, devicesPending: Bool = false, nowNanos: UInt64)
         case acknowledged(Epoch, Generation, nowNanos: UInt64)
         case refused(Epoch, RejectReason, nowNanos: UInt64)
         /// The operator asked for a planned switchover to the secondary.
@@ -205,7 +211,7 @@ public struct PrimaryMachine: Sendable {
         if case .handedOver = switchover { return [] }
         switch event {
         case .peerConnected(let now, let peerHoldsCheckpoint):
-            nextFullMayBeLive = config.liveFirstCopy && !peerHoldsCheckpoint
+            nextFullMayBeLive = config.liveFirstCopy && (!peerHoldsCheckpoint || config.fullCopyMustBeLive)
             liveCopy = nil
             // The secondary will hold this generation's checkpoints from now on. (The agent has
             // armed the lease before it hands over a connection: `FenceWatch.arm`.)
@@ -279,7 +285,7 @@ public struct PrimaryMachine: Sendable {
                 return []
             }
 
-        case .liveCopied(let epoch, let pages, let now):
+        case .liveCopied(let epoch, let pages, let devicesPending, let now):
             precondition(captureInProgress == epoch, "copied an epoch that was not asked for")
             captureInProgress = nil
             guard var live = liveCopy else { return [] }
@@ -290,12 +296,15 @@ public struct PrimaryMachine: Sendable {
                 live.rounds += 1
                 // Another round while it shrinks the copy the pause must make; the first round
                 // copied everything, so what the guest wrote meanwhile is unknown yet: go on.
-                live.another = live.rounds < config.liveRoundsMax
-                    && (live.rounds == 1 || (pages > config.liveStopPages && pages < live.lastPages))
+                // A device still copying (a disk) keeps the rounds going, however many: the
+                // pause must find it caught up, or it would carry the rest of the disk.
+                live.another = devicesPending || (live.rounds < config.liveRoundsMax
+                    && (live.rounds == 1 || (pages > config.liveStopPages && pages < live.lastPages)))
                 live.lastPages = pages
                 liveCopy = live
-                // The next round, or the pause, follows at once.
-                nextEpochDueNanos = now
+                // The next round, or the pause, follows at once; while only a device is still
+                // copying, rounds keep the epoch cadence (each costs a pass over the written set).
+                nextEpochDueNanos = devicesPending ? now + config.epochIntervalNanos : now
                 return [.transmit(epoch, base: base)] + captureIfDue(now)
             case .peerLost, .unprotected:
                 liveCopy = nil
@@ -330,8 +339,9 @@ public struct PrimaryMachine: Sendable {
             switch protection {
             case .syncing, .protected:
                 needsFull = true
-                // The secondary may still hold its last checkpoint: the new copy is paused.
-                nextFullMayBeLive = false
+                // The secondary may still hold its last checkpoint: the new copy is paused
+                // (unless the guest can only be copied live).
+                nextFullMayBeLive = config.liveFirstCopy && config.fullCopyMustBeLive
                 liveCopy = nil
                 ignoreNacksBefore = lastCaptured.next
                 protection = .syncing(fullEpoch: lastCaptured.next)

@@ -1,0 +1,76 @@
+import Foundation
+import GeminusCore
+import GeminusHypervisor
+import GeminusLibvirt
+import GeminusQEMU
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The replicated disk of an enrolled domain (`DomainDisk.replicated`): on the primary, the
+/// mirror from the disk's node inside the domain's QEMU to the agent's export, the same
+/// `ReplicatedDisk` as a QEMU the agent starts; on the standby, the image the replica's commits
+/// are written to.
+enum LibvirtDisk {
+    /// QEMU runs as this user under libvirt (Debian): the export's socket is given to it.
+    static let qemuUser = "libvirt-qemu"
+
+    static func exportSocketPath(domain: String) -> String { "\(PrivateQMP.directory)/\(domain).nbd" }
+
+    /// The mirror of the running domain's writable disk (nil without one). `xml`: the live XML.
+    static func open(xml: String, qmp: QMPClient, domainName: String) throws(GeminusError) -> ReplicatedDisk? {
+        guard let disk = try DomainDisk.replicated(inDomainXML: xml), let path = disk.sourcePath else { return nil }
+        let node = try node(of: disk, path: path, qmp: qmp, domainName: domainName)
+        try PrivateQMP.ensureDirectory()
+        return try ReplicatedDisk(nodeName: node.name, imagePath: path, sizeBytes: node.sizeBytes,
+                                  exportSocketPath: exportSocketPath(domain: domainName), clientUser: qemuUser)
+    }
+
+    /// The block node QEMU writes the disk through (the format node libvirt named), from
+    /// `query-block`: the one writable device, which must be the disk's image, in raw format.
+    static func node(of disk: DomainDisk, path: String, qmp: QMPClient, domainName: String) throws(GeminusError) -> (name: String, sizeBytes: UInt64) {
+        let devices = (try qmp.execute("query-block") as? [[String: Any]]) ?? []
+        let writable = devices.compactMap { $0["inserted"] as? [String: Any] }.filter { $0["ro"] as? Bool == false }
+        guard writable.count == 1, let inserted = writable.first else {
+            throw GeminusError(.hypervisor, "domain '\(domainName)' runs with \(writable.count) writable block devices, its definition has one (disk \(disk.target))",
+                               fix: "restart the domain so that it runs its enrolled definition")
+        }
+        let image = inserted["image"] as? [String: Any]
+        let file = (image?["filename"] as? String) ?? (inserted["file"] as? String) ?? "?"
+        guard file == path else {
+            throw GeminusError(.hypervisor, "domain '\(domainName)''s writable device opens \(file), its definition says \(path)",
+                               fix: "restart the domain so that it runs its enrolled definition")
+        }
+        guard let name = inserted["node-name"] as? String, !name.isEmpty else {
+            throw GeminusError(.hypervisor, "QEMU names no block node for disk \(disk.target) of '\(domainName)' (query-block)")
+        }
+        let format = (inserted["drv"] as? String) ?? "?"
+        guard format == "raw" else {
+            throw GeminusError(.invalidArgument, "disk \(disk.target) of '\(domainName)' is opened as \(format): Geminus replicates raw images and block devices",
+                               fix: "convert it on both hosts (`qemu-img convert -O raw`) and set <driver name='qemu' type='raw'/>")
+        }
+        guard let size = (image?["virtual-size"] as? NSNumber)?.uint64Value, size > 0 else {
+            throw GeminusError(.hypervisor, "QEMU reports no size for disk \(disk.target) of '\(domainName)'")
+        }
+        return (name, size)
+    }
+
+    /// The standby's image of the replicated disk (from this host's definition), written at
+    /// commits; nil when the domain has no writable disk. Its size is the image's own (a file
+    /// or block device): a different size from the primary's is refused at the first epoch.
+    static func replica(definition xml: String, domainName: String) throws(GeminusError) -> (any ReplicaDisk)? {
+        guard let disk = try DomainDisk.replicated(inDomainXML: xml), let path = disk.sourcePath else { return nil }
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw GeminusError(.io, "cannot open the standby's image \(path) of disk \(disk.target): \(String(cString: strerror(errno)))",
+                               fix: "create it on this host with the primary's size (`truncate -s SIZE \(path)` for a raw file)")
+        }
+        let size = lseek(fd, 0, SEEK_END)
+        close(fd)
+        guard size > 0 else {
+            throw GeminusError(.invalidArgument, "the standby's image \(path) of disk \(disk.target) is empty",
+                               fix: "size it like the primary's (`truncate -s SIZE \(path)` for a raw file)")
+        }
+        return try FileReplicaDisk(path: path, sizeBytes: UInt64(size))
+    }
+}
