@@ -177,19 +177,42 @@ import GeminusCore
         #expect(c.problems[2].message.contains("virtiofs"))
     }
 
-    /// A libvirt domain's disks are not replicated: a writable one is refused at enrolment with
-    /// the ways out; read-only disks and CD-ROMs pass.
-    @Test func writableDisksAreRefusedReadOnlyOnesPass() {
-        let xml = Self.variant("<memballoon model='none'/>", """
-            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/var/lib/libvirt/images/data.raw'/><target dev='vdb' bus='virtio'/></disk>
-            <disk type='file' device='cdrom'><source file='/srv/boot.iso'/><target dev='sda' bus='sata'/><readonly/></disk>
-            <memballoon model='none'/>
-            """)
-        let c = CAEnrollmentCheck(xml: xml)
-        #expect(c.problems.map(\.code) == [.unreplicatedDisk])
-        #expect(c.problems.first?.message.contains("disk vdb is writable") == true)
-        #expect(c.problems.first?.fix.contains("<readonly/>") == true)
-        #expect(c.problems.first?.fix.contains("geminus ha") == true)
+    /// One writable raw file or block disk is replicated and passes; read-only disks and CD-ROMs
+    /// pass; what cannot be replicated byte for byte onto the standby's own copy is refused with
+    /// the reason and the way out.
+    @Test func oneWritableRawDiskPassesWhatCannotBeReplicatedIsRefused() throws {
+        let cdrom = "<disk type='file' device='cdrom'><source file='/srv/boot.iso'/><target dev='sda' bus='sata'/><readonly/></disk>"
+        func disk(_ inner: String, type: String = "file", target: String = "vdb") -> String {
+            "<disk type='\(type)' device='disk'>\(inner)<target dev='\(target)' bus='virtio'/></disk>"
+        }
+        let raw = disk("<driver name='qemu' type='raw'/><source file='/var/lib/libvirt/images/data.raw'/>")
+        let ok = Self.variant("<memballoon model='none'/>", raw + cdrom + "<memballoon model='none'/>")
+        #expect(CAEnrollmentCheck(xml: ok).problems.isEmpty, "\(CAEnrollmentCheck(xml: ok).problems)")
+        let chosen = try DomainDisk.replicated(inDomainXML: ok)
+        #expect(chosen?.sourcePath == "/var/lib/libvirt/images/data.raw" && chosen?.target == "vdb")
+        let block = Self.variant("<memballoon model='none'/>", disk("<driver name='qemu' type='raw'/><source dev='/dev/vg0/billing'/>", type: "block") + "<memballoon model='none'/>")
+        #expect(CAEnrollmentCheck(xml: block).problems.isEmpty)
+        #expect(try DomainDisk.replicated(inDomainXML: block)?.sourcePath == "/dev/vg0/billing")
+
+        let refused: [(String, String, String)] = [
+            (disk("<driver name='qemu' type='qcow2'/><source file='/i/a.qcow2'/>"), "qcow2 image", "qemu-img convert -O raw"),
+            (disk("<driver name='qemu' type='raw'/><source protocol='rbd' name='pool/img'/>", type: "network"), "network disk", "geminus ha"),
+            (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><shareable/>"), "<shareable/>", "remove <shareable/>"),
+            (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><transient/>"), "<transient/>", "remove <transient/>"),
+            (raw + disk("<driver name='qemu' type='raw'/><source file='/i/b.raw'/>", target: "vdc"), "2 writable disks (vdb, vdc)", "<readonly/>"),
+        ]
+        for (devices, message, fix) in refused {
+            let xml = Self.variant("<memballoon model='none'/>", devices + "<memballoon model='none'/>")
+            let c = CAEnrollmentCheck(xml: xml)
+            #expect(c.problems.map(\.code) == [.unreplicatedDisk], "\(message): \(c.problems)")
+            #expect(c.problems.first?.message.contains(message) == true, "\(c.problems)")
+            #expect(c.problems.first?.fix.contains(fix) == true, "\(c.problems)")
+            #expect(throws: GeminusError.self) { try DomainDisk.replicated(inDomainXML: xml) }
+        }
+        // A read-only qcow2 is not written: nothing to replicate.
+        let ro = Self.variant("<memballoon model='none'/>", disk("<driver name='qemu' type='qcow2'/><source file='/i/a.qcow2'/><readonly/>") + "<memballoon model='none'/>")
+        #expect(CAEnrollmentCheck(xml: ro).problems.isEmpty)
+        #expect(try DomainDisk.replicated(inDomainXML: ro) == nil)
     }
 
     @Test func hostdevAndVdpaAreRefused() {
