@@ -192,7 +192,9 @@ public final class ReplicatedDisk: @unchecked Sendable {
     /// `blockdev-mirror` from the guest's node in write-blocking mode, so a guest write
     /// completes only once the export has it.
     private func startMirror(_ qmp: QMPClient, sync: String) throws(GeminusError) {
-        if mirror == .running { try stopMirror(qmp) }
+        // A mirror of ours may be left in QEMU by an agent that died (a libvirt domain
+        // outlives its agent): it goes first, or the node name is taken.
+        if mirror == .running || leftoverMirror(qmp) { try stopMirror(qmp) }
         try qmp.execute("blockdev-add", arguments: [
             "driver": "nbd", "node-name": Self.targetNode,
             "server": ["type": "unix", "path": export.socketPath], "export": export.exportName,
@@ -212,6 +214,13 @@ public final class ReplicatedDisk: @unchecked Sendable {
         }
     }
 
+    /// Whether QEMU has our mirror's job or target node from before this agent.
+    private func leftoverMirror(_ qmp: QMPClient) -> Bool {
+        let jobs = (try? qmp.execute("query-block-jobs") as? [[String: Any]]) ?? []
+        let nodes = (try? qmp.execute("query-named-block-nodes", arguments: ["flat": true]) as? [[String: Any]]) ?? []
+        return jobs.contains { $0["device"] as? String == Self.jobID } || nodes.contains { $0["node-name"] as? String == Self.targetNode }
+    }
+
     /// Ends the running mirror job and removes its target node (a new full copy starts over).
     private func stopMirror(_ qmp: QMPClient) throws(GeminusError) {
         _ = try? qmp.execute("block-job-cancel", arguments: ["device": Self.jobID, "force": true])
@@ -223,7 +232,10 @@ public final class ReplicatedDisk: @unchecked Sendable {
             }
             Monotonic.sleep(nanos: 5_000_000)
         }
-        try qmp.execute("blockdev-del", arguments: ["node-name": Self.targetNode])
+        let nodes = (try? qmp.execute("query-named-block-nodes", arguments: ["flat": true]) as? [[String: Any]]) ?? []
+        if nodes.contains(where: { $0["node-name"] as? String == Self.targetNode }) {
+            try qmp.execute("blockdev-del", arguments: ["node-name": Self.targetNode])
+        }
         mirror = .none
         // The export's session ends when QEMU closes the connection; wait for that, so the
         // new connection is the one `isConnected` reports.
