@@ -88,4 +88,49 @@ private let ms: UInt64 = 1_000_000
         pending = run(.peerConnected(nowNanos: 3 * ms, peerHoldsCheckpoint: false), now: 3 * ms, pages: [4096, 10])
         #expect(pending.first == .copyLive(Epoch(2), full: true))
     }
+
+    /// A disk still streaming keeps the rounds going past the limit and past a small round;
+    /// they follow at the epoch cadence (not at once), and the pause comes only after a round
+    /// that found the disk caught up.
+    @Test mutating func aDeviceStillCopyingKeepsTheRoundsGoing() {
+        var pending = m.handle(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: false))
+        var now: UInt64 = 0
+        var actions: [PrimaryMachine.Action] = []
+        // Rounds 1...6 (the limit is 4) with the disk still copying, then one caught up.
+        for round in 1...7 {
+            guard case .copyLive(let epoch, let full)? = pending.first else {
+                Issue.record("round \(round): expected a live round, got \(pending)")
+                return
+            }
+            #expect(full == (round == 1))
+            pending = m.handle(.liveCopied(epoch, pages: 10, devicesPending: round < 7, nowNanos: now))
+            actions += pending
+            // Acknowledge live rounds so the window never closes (and the peer is heard).
+            _ = m.handle(.heardFromPeer(nowNanos: now))
+            _ = m.handle(.acknowledged(epoch, Generation(1), nowNanos: now))
+            if round < 7 {
+                // Not at once: the next round is due an epoch interval later.
+                #expect(pending == [.transmit(epoch, base: epoch.rawValue == 1 ? .none : Epoch(epoch.rawValue - 1))], "round \(round): \(pending)")
+                now += 25 * ms
+                pending = m.handle(.tick(nowNanos: now))
+            }
+        }
+        // The round that found the disk caught up is followed by the pause at once.
+        #expect(actions.suffix(2) == [.transmit(Epoch(7), base: Epoch(6)), .capture(Epoch(8), full: false)])
+    }
+
+    /// A guest whose disk can only be copied live is copied live even when the secondary holds
+    /// a checkpoint, and after a nack.
+    @Test mutating func aDiskThatMustStreamIsAlwaysCopiedLive() {
+        var config = PrimaryMachine.Config(liveFirstCopy: true, liveRoundsMax: 4, liveStopPages: 100)
+        config.fullCopyMustBeLive = true
+        m = PrimaryMachine(config: config, generation: Generation(1))
+        var a = run(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: true), now: 0, pages: [4096, 10])
+        #expect(a.first == .copyLive(Epoch(1), full: true))
+        _ = run(.acknowledged(Epoch(3), Generation(1), nowNanos: 1 * ms), now: 1 * ms)
+        #expect(m.protection == .protected)
+        a = run(.refused(Epoch(3), .digestMismatch, nowNanos: 30 * ms), now: 30 * ms, pages: [4096, 10])
+        #expect(a.contains(.copyLive(Epoch(4), full: true)), "\(a)")
+        #expect(!a.contains(.capture(Epoch(4), full: true)))
+    }
 }
