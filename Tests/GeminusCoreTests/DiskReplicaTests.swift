@@ -15,6 +15,10 @@ import GeminusHypervisor
             writes += 1
             bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
         }
+        func zero(offset: UInt64, length: UInt64) throws(GeminusError) {
+            writes += 1
+            bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+        }
         func zeroAll() throws(GeminusError) { bytes = [UInt8](repeating: 0, count: bytes.count) }
         func sync() throws(GeminusError) {}
     }
