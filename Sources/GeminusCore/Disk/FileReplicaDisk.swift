@@ -31,6 +31,9 @@ public final class FileReplicaDisk: ReplicaDisk {
     /// The image was written without the journal (live epochs): the journal holds the unsafe
     /// marker, and the image is no checkpoint until a journaled epoch commits.
     public private(set) var isMarkedUnsafe = false
+    /// What the last `recover()` (the one in `init`, or the standby's before resuming) found:
+    /// for the log, and for tests.
+    public private(set) var lastRecovery: DiskRecovery = .clean
     /// Direct writes not yet fdatasynced (they must be before the marker goes).
     private var imageDirty = false
     private let fd: Int32
@@ -156,6 +159,12 @@ public final class FileReplicaDisk: ReplicaDisk {
 
     @discardableResult
     public func recover() throws(GeminusError) -> DiskRecovery {
+        let found = try recoverJournal()
+        lastRecovery = found
+        return found
+    }
+
+    private func recoverJournal() throws(GeminusError) -> DiskRecovery {
         switch try journal.inspect(diskSize: sizeBytes) {
         case .clean:
             isMarkedUnsafe = false
