@@ -83,7 +83,8 @@ public final class FileReplicaDisk: ReplicaDisk {
     }
 
     private static func openImage(path: String, sizeBytes: UInt64) throws(GeminusError) -> (fd: Int32, isBlockDevice: Bool) {
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        // Never created under /dev: a mistyped device name would become a file in RAM.
+        let fd = open(path, O_RDWR | O_CLOEXEC | (path.hasPrefix("/dev/") ? 0 : O_CREAT), 0o600)
         guard fd >= 0 else {
             throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(errno)))",
                                fix: "check that its directory exists and this agent may write there")
