@@ -68,7 +68,7 @@ public enum DiskRecovery: Equatable, Sendable {
     /// A torn or damaged journal was thrown away: its epoch never committed, the image is the
     /// epoch before it.
     case discarded(String)
-    /// The image was being written without a journal (a live first copy, or a failed apply):
+    /// The image was being written without a journal (a live first copy, its marker found):
     /// it is no checkpoint, only a full epoch makes it one again.
     case notResumable
 }
