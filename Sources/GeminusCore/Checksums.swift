@@ -50,6 +50,21 @@ public struct ContentDigest: ~Copyable {
         add(data)
     }
 
+    /// One zero write record: its offset and zeroed length (8 bytes LE each), then its flags
+    /// (4 bytes LE, `DiskWrite.zeroesFlag`). Flipping a record's zero flag changes the digest.
+    public mutating func addZeroWrite(offset: UInt64, length: UInt64) {
+        var bytes = ByteWriter(capacity: 20)
+        bytes.u64(offset)
+        bytes.u64(length)
+        bytes.u32(DiskWrite.zeroesFlag)
+        bytes.bytes.withUnsafeBytes { add($0) }
+    }
+
+    /// A disk write as the secondary stages it (one record).
+    public mutating func addDiskWrite(_ w: DiskWrite) {
+        if w.isZeroes { addZeroWrite(offset: w.offset, length: w.length) } else { w.data.withUnsafeBytes { addDiskWrite(offset: w.offset, data: $0) } }
+    }
+
     public mutating func add(_ data: UnsafeRawBufferPointer) {
         guard let base = data.baseAddress, data.count > 0 else { return }
         XXH3_64bits_update(state, base, data.count)

@@ -100,6 +100,14 @@ final class MemoryReplicaDisk: ReplicaDisk {
         writes += 1
     }
 
+    func zero(offset: UInt64, length: UInt64) throws(GeminusError) {
+        guard offset <= sizeBytes, length <= sizeBytes - offset else {
+            throw GeminusError(.invalidArgument, "a disk zero write at \(offset)+\(length) is beyond the \(sizeBytes)-byte disk")
+        }
+        bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+        writes += 1
+    }
+
     func zeroAll() throws(GeminusError) {
         bytes = Array(repeating: 0, count: Int(sizeBytes))
     }

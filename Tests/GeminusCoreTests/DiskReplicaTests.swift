@@ -15,6 +15,10 @@ import GeminusHypervisor
             writes += 1
             bytes.replaceSubrange(Int(offset)..<Int(offset) + data.count, with: data)
         }
+        func zero(offset: UInt64, length: UInt64) throws(GeminusError) {
+            writes += 1
+            bytes.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length)))
+        }
         func zeroAll() throws(GeminusError) { bytes = [UInt8](repeating: 0, count: bytes.count) }
         func sync() throws(GeminusError) {}
     }
@@ -77,6 +81,101 @@ import GeminusHypervisor
             Issue.record("a write beyond the replica disk was not refused")
             return
         }
+    }
+
+    @Test func zeroWritesCrossAsHeadersAndZeroTheDiskOnlyAtTheCommit() throws {
+        let disk = MemoryDisk(size: 1 << 20)
+        let p = try Pipeline(disk: disk)
+        let filled = Self.block(7, 1 << 20)
+        #expect(try p.deliver(fullFrames(p, writes: [DiskWrite(offset: 0, data: filled)]))?.isCommitted == true)
+        #expect(disk.bytes == filled)
+
+        // 600 KiB zeroed (longer than a 64 KiB frame: one record all the same), then data
+        // inside the zeroed range: order matters.
+        let zero = DiskWrite.zeroes(offset: 100_000, length: 600_000)
+        #expect(zero.isZeroes && zero.length == 600_000 && zero.data.isEmpty)
+        let after = DiskWrite(offset: 200_000, data: Self.block(8, 1000))
+        let frames = try framesWith(p, writes: [zero, after])
+        let diskFrameBytes = try frames.map { f -> Int in
+            var d = FrameDecoder()
+            d.feed(f)
+            guard let frame = try d.next(), frame.header.kind == .diskWrites else { return 0 }
+            return frame.payload.count
+        }.reduce(0, +)
+        #expect(diskFrameBytes == 2 * DiskWrite.headerSize + 1000, "a zero write must cross as a header alone")
+        #expect(try p.deliver(Array(frames.dropLast())) == .staged)
+        #expect(disk.bytes == filled, "zeroed before the epoch committed")
+        guard case .committed(_, let stats)? = try p.deliver([frames.last!]) else {
+            Issue.record("the epoch with a zero write did not commit")
+            return
+        }
+        #expect(stats.diskBytes == 1000, "diskBytes counts data bytes only")
+        var expected = filled
+        expected.replaceSubrange(100_000..<700_000, with: repeatElement(0, count: 600_000))
+        expected.replaceSubrange(200_000..<201_000, with: Self.block(8, 1000))
+        #expect(disk.bytes == expected)
+
+        // A zero write beyond the disk is refused like a data write.
+        let beyond = try framesWith(p, writes: [.zeroes(offset: 4096, length: 1 << 20)])
+        guard case .rejected(_, .geometryMismatch, _)? = try p.deliver(beyond) else {
+            Issue.record("a zero write beyond the disk was not refused")
+            return
+        }
+        #expect(disk.bytes == expected)
+    }
+
+    /// The digest covers the zero flag: the same record with the flag flipped (and a valid frame
+    /// checksum) is refused, and the disk is untouched.
+    @Test func flippingAZeroFlagIsADigestMismatch() throws {
+        for original in [DiskWrite(offset: 8192, data: []), DiskWrite.zeroes(offset: 8192, length: 0)] {
+            let disk = MemoryDisk(size: 1 << 20)
+            let p = try Pipeline(disk: disk)
+            #expect(try p.deliver(fullFrames(p, writes: [DiskWrite(offset: 0, data: Self.block(1, 65536))]))?.isCommitted == true)
+            let before = disk.bytes
+            var frames = try framesWith(p, writes: [original, .zeroes(offset: 0, length: 4096)])
+            let i = try #require(frames.firstIndex { f in
+                var d = FrameDecoder()
+                d.feed(f)
+                return (try? d.next())??.header.kind == .diskWrites
+            })
+            var d = FrameDecoder()
+            d.feed(frames[i])
+            let frame = try #require(try d.next())
+            var payload = frame.payload
+            payload[12] ^= UInt8(DiskWrite.zeroesFlag)  // the first record's flags
+            frames[i] = FrameCodec.encode(frame.header, payload: payload)
+            guard case .rejected(_, .digestMismatch, _)? = try p.deliver(frames) else {
+                Issue.record("a flipped zero flag on \(original) was not a digest mismatch")
+                continue
+            }
+            #expect(disk.bytes == before)
+        }
+    }
+
+    /// A zero write longer than a u32 crosses as several records and lands whole, on a sparse
+    /// 5 GiB FileReplicaDisk (the journaled path).
+    @Test func aZeroWriteOverFourGiBIsSplitIntoRecords() throws {
+        let dir = try TempDir()
+        let size: UInt64 = 5 << 30
+        let disk = try FileReplicaDisk(path: dir.path + "/big.img", sizeBytes: size)
+        let p = try Pipeline(disk: disk)
+        let tail = Self.block(4, 4096)
+        let marks = [DiskWrite(offset: 4096, data: Self.block(2, 4096)), DiskWrite(offset: (4 << 30) + 8192, data: Self.block(3, 4096)),
+                     DiskWrite(offset: size - 4096, data: tail)]
+        #expect(try p.deliver(fullFrames(p, writes: marks, diskSize: size))?.isCommitted == true)
+        #expect(try dir.read("big.img", at: (4 << 30) + 8192, count: 4096) == Self.block(3, 4096))
+        let frames = try framesWith(p, writes: [.zeroes(offset: 0, length: size - 4096)], diskSize: size)
+        var records = 0
+        for f in frames {
+            var d = FrameDecoder()
+            d.feed(f)
+            if let frame = try d.next(), frame.header.kind == .diskWrites { records += frame.payload.count / DiskWrite.headerSize }
+        }
+        #expect(records == 2)
+        #expect(try p.deliver(frames)?.isCommitted == true)
+        #expect(try dir.read("big.img", at: 4096, count: 4096).allSatisfy { $0 == 0 })
+        #expect(try dir.read("big.img", at: (4 << 30) + 8192, count: 4096).allSatisfy { $0 == 0 })
+        #expect(try dir.read("big.img", at: size - 4096, count: 4096) == tail)
     }
 
     /// A full epoch of `p` carrying `writes` as its disk.

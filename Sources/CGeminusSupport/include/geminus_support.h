@@ -104,4 +104,19 @@ long geminus_packet_receive(int fd, void *buffer, size_t length, int *outgoing);
 /// whose sender left it to offload. Returns 1 when it wrote one, 0 for any other frame.
 int geminus_l4_checksum_fix(uint8_t *frame, size_t length);
 
+// ---- Replica disks, blockdev.c ----
+// 0 on success, -errno on failure (as above).
+
+/// BLKGETSIZE64: the size of the block device open as `fd`, in bytes.
+int geminus_blkdev_size(int fd, uint64_t *size);
+
+/// BLKZEROOUT over [start, start+length) (both multiples of the logical block size): the range
+/// reads as zeros afterwards (the kernel uses the device's write-zeroes command when it has one,
+/// else writes zeros itself). Unlike BLKDISCARD, zeros are guaranteed.
+int geminus_blkdev_zeroout(int fd, uint64_t start, uint64_t length);
+
+/// fallocate(PUNCH_HOLE|KEEP_SIZE) over [start, start+length): the range of a regular file
+/// reads as zeros and gives its blocks back. -EOPNOTSUPP on a filesystem without holes.
+int geminus_punch_hole(int fd, uint64_t start, uint64_t length);
+
 #endif

@@ -1,21 +1,76 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// One write the guest made to its disk in an epoch (or, in a full checkpoint, one stretch of
 /// the whole disk): carried in the checkpoint stream with the epoch's memory and applied to the
 /// replica disk only when the epoch commits (promise S2 for disks).
+///
+/// A write is either data (`data` holds the bytes) or a zero write: "this range now reads as
+/// zeros" (`isZeroes`, `data` empty). Zero writes are what the primary's disk mirror produces
+/// for WRITE_ZEROES and unallocated stretches: a mostly empty 20 GiB disk crosses the link as a
+/// few records, not 20 GiB of zero bytes.
 public struct DiskWrite: Equatable, Sendable {
     public var offset: UInt64
     public var data: [UInt8]
+    /// The zeroed length of a zero write; nil for a data write.
+    private var zeroedLength: UInt64?
 
     public init(offset: UInt64, data: [UInt8]) {
         self.offset = offset
         self.data = data
+        zeroedLength = nil
     }
 
-    /// Record header on the wire: offset u64, length u32, reserved u32.
+    /// `length` bytes from `offset` read as zeros.
+    public static func zeroes(offset: UInt64, length: UInt64) -> DiskWrite {
+        var w = DiskWrite(offset: offset, data: [])
+        w.zeroedLength = length
+        return w
+    }
+
+    public var isZeroes: Bool { zeroedLength != nil }
+    /// Bytes of the disk this write covers (`data.count` for a data write).
+    public var length: UInt64 { zeroedLength ?? UInt64(data.count) }
+    /// The first byte after the write.
+    public var end: UInt64 { offset &+ length }
+
+    /// Record header on the wire (and in the replica's journal): offset u64, length u32,
+    /// flags u32 (`zeroesFlag`; the field was reserved and sent as 0 before zero writes).
     public static let headerSize = 16
+    /// Flags bit 0: a zero write; `length` is the zeroed length and no data follows.
+    public static let zeroesFlag: UInt32 = 1
+    /// The flags this version understands; a record with any other bit set is refused.
+    public static let knownFlags: UInt32 = zeroesFlag
+}
+
+/// One epoch's disk writes, handed to the replica disk at the epoch's commit.
+public struct DiskCommit: Sendable {
+    public var epoch: Epoch
+    /// In the order the guest made them.
+    public var writes: [DiskWrite]
+    /// A full epoch: the disk is zeroed first and `writes` are its non-zero stretches.
+    public var replacesDisk: Bool
+    /// A round of the live first copy: never resumable, so it needs no crash safety (see
+    /// `FileReplicaDisk`).
+    public var isLive: Bool
+
+    public init(epoch: Epoch, writes: [DiskWrite], replacesDisk: Bool, isLive: Bool) {
+        self.epoch = epoch
+        self.writes = writes
+        self.replacesDisk = replacesDisk
+        self.isLive = isLive
+    }
+}
+
+/// What reopening a replica disk found.
+public enum DiskRecovery: Equatable, Sendable {
+    /// Nothing pending: the image is the last epoch applied.
+    case clean
+    /// A committed epoch's journal was replayed: the image is that epoch.
+    case replayed(Epoch)
+    /// A torn or damaged journal was thrown away: its epoch never committed, the image is the
+    /// epoch before it.
+    case discarded(String)
+    /// The image was being written without a journal (a live first copy, its marker found):
+    /// it is no checkpoint, only a full epoch makes it one again.
+    case notResumable
 }
 
 /// The secondary's copy of the guest's disk: the standby QEMU's disk file, written only at
@@ -24,53 +79,35 @@ public protocol ReplicaDisk: AnyObject {
     var sizeBytes: UInt64 { get }
     /// Writes `data` at `offset` (the whole buffer, or an error).
     func write(offset: UInt64, _ data: [UInt8]) throws(GeminusError)
+    /// Makes `length` bytes from `offset` read as zeros.
+    func zero(offset: UInt64, length: UInt64) throws(GeminusError)
     /// Makes the whole disk read as zeros (before a full checkpoint, which sends only the
     /// non-zero stretches).
     func zeroAll() throws(GeminusError)
     /// Makes what was written durable.
     func sync() throws(GeminusError)
+    /// Applies one committed epoch's writes. A disk that can outlive the process makes this
+    /// crash-safe (`FileReplicaDisk`: through its journal); the default applies them in order.
+    func commit(_ epoch: DiskCommit) throws(GeminusError)
+    /// Finishes or discards what a crash interrupted, before the image is resumed. The default
+    /// (a disk that dies with the process) has nothing to do.
+    @discardableResult
+    func recover() throws(GeminusError) -> DiskRecovery
 }
 
-/// A replica disk in a raw file, created (or truncated) to its size.
-public final class FileReplicaDisk: ReplicaDisk {
-    public let path: String
-    public let sizeBytes: UInt64
-    private let fd: Int32
-
-    public init(path: String, sizeBytes: UInt64) throws(GeminusError) {
-        self.path = path
-        self.sizeBytes = sizeBytes
-        fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(errno)))") }
-        guard ftruncate(fd, off_t(sizeBytes)) == 0 else {
-            let e = errno
-            close(fd)
-            throw GeminusError(.io, "cannot size the replica disk \(path) to \(sizeBytes) bytes: \(String(cString: strerror(e)))")
-        }
+extension ReplicaDisk {
+    public func commit(_ epoch: DiskCommit) throws(GeminusError) {
+        try applyInOrder(epoch)
     }
 
-    deinit { close(fd) }
+    @discardableResult
+    public func recover() throws(GeminusError) -> DiskRecovery { .clean }
 
-    public func write(offset: UInt64, _ data: [UInt8]) throws(GeminusError) {
-        guard offset + UInt64(data.count) <= sizeBytes else {
-            throw GeminusError(.invalidArgument, "a disk write at \(offset)+\(data.count) is beyond the \(sizeBytes)-byte disk")
+    /// Zeroes the whole disk for a full epoch, then applies every write in order; no sync.
+    public func applyInOrder(_ epoch: DiskCommit) throws(GeminusError) {
+        if epoch.replacesDisk { try zeroAll() }
+        for w in epoch.writes {
+            if w.isZeroes { try zero(offset: w.offset, length: w.length) } else { try write(offset: w.offset, w.data) }
         }
-        var done = 0
-        while done < data.count {
-            let n = data.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, data.count - done, off_t(offset) + off_t(done)) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw GeminusError(.io, "writing the replica disk \(path) failed: \(String(cString: strerror(errno)))") }
-            done += n
-        }
-    }
-
-    public func zeroAll() throws(GeminusError) {
-        guard ftruncate(fd, 0) == 0, ftruncate(fd, off_t(sizeBytes)) == 0 else {
-            throw GeminusError(.io, "cannot clear the replica disk \(path): \(String(cString: strerror(errno)))")
-        }
-    }
-
-    public func sync() throws(GeminusError) {
-        guard fdatasync(fd) == 0 else { throw GeminusError(.io, "cannot sync the replica disk \(path): \(String(cString: strerror(errno)))") }
     }
 }

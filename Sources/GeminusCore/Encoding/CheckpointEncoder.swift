@@ -101,29 +101,41 @@ public final class CheckpointEncoder {
             }
         }
         // Disk writes, in the guest's order, packed into frames (a write larger than a frame
-        // is split into consecutive records).
+        // is split into consecutive records; a zero write is a header alone, split only past
+        // a u32 of length).
         var disk = ByteWriter(capacity: maxFramePayload)
         var diskBytes = 0
         for w in checkpoint.diskWrites {
-            var done = 0
+            var done: UInt64 = 0
             repeat {
-                if disk.bytes.count + DiskWrite.headerSize + 1 > maxFramePayload {
+                if disk.bytes.count + DiskWrite.headerSize + (w.isZeroes ? 0 : 1) > maxFramePayload {
                     try disk.bytes.withUnsafeBytes { try send(.diskWrites, $0) }
                     disk = ByteWriter(capacity: maxFramePayload)
                 }
-                let n = min(w.data.count - done, maxFramePayload - disk.bytes.count - DiskWrite.headerSize)
-                disk.u64(w.offset + UInt64(done))
+                let offset = w.offset + done
+                if w.isZeroes {
+                    let n = min(w.length - done, UInt64(UInt32.max))
+                    disk.u64(offset)
+                    disk.u32(UInt32(n))
+                    disk.u32(DiskWrite.zeroesFlag)
+                    digest.addZeroWrite(offset: offset, length: n)
+                    done += n
+                    continue
+                }
+                let from = Int(done)
+                let n = min(w.data.count - from, maxFramePayload - disk.bytes.count - DiskWrite.headerSize)
+                disk.u64(offset)
                 disk.u32(UInt32(n))
                 disk.u32(0)
                 w.data.withUnsafeBytes { slice in
-                    let part = UnsafeRawBufferPointer(rebasing: slice[done..<done + n])
+                    let part = UnsafeRawBufferPointer(rebasing: slice[from..<from + n])
                     // The digest covers records as sent: the secondary stages each as one write.
-                    digest.addDiskWrite(offset: w.offset + UInt64(done), data: part)
+                    digest.addDiskWrite(offset: offset, data: part)
                     disk.append(part)
                 }
-                done += n
-            } while done < w.data.count
-            diskBytes += w.data.count
+                done += UInt64(n)
+            } while done < w.length
+            diskBytes += w.isZeroes ? 0 : w.data.count
         }
         if !disk.bytes.isEmpty {
             try disk.bytes.withUnsafeBytes { try send(.diskWrites, $0) }

@@ -12,7 +12,8 @@ public final class CheckpointBuffer: @unchecked Sendable {
     public private(set) var pageIndices: [Int] = []
     public var deviceState: [UInt8] = []
     /// The epoch's disk writes in the order the guest made them (a full checkpoint: every
-    /// non-zero stretch of the disk).
+    /// non-zero stretch of the disk). A zero write is one record on the wire (split at 4 GiB),
+    /// and the secondary stages one write per record: the digest is over records.
     public var diskWrites: [DiskWrite] = []
     /// The size of the guest's replicated disk (a multiple of 4 KiB), 0 without one.
     public var diskSizeBytes: UInt64 = 0
@@ -35,7 +36,8 @@ public final class CheckpointBuffer: @unchecked Sendable {
 
     public var pageCount: Int { pageIndices.count }
     public var payloadBytes: Int { pageIndices.count * GuestPage.size + deviceState.count + diskBytes }
-    public var diskBytes: Int { diskWrites.reduce(0) { $0 + $1.data.count } }
+    /// Data bytes of the disk writes (a zero write carries none).
+    public var diskBytes: Int { diskWrites.reduce(0) { $0 + ($1.isZeroes ? 0 : $1.data.count) } }
 
     public func reset() {
         pageIndices.removeAll(keepingCapacity: true)
@@ -82,7 +84,7 @@ public final class CheckpointBuffer: @unchecked Sendable {
         var d = ContentDigest()
         for i in pageIndices.indices { d.addPage(index: UInt64(pageIndices[i]), contents: contents(at: i)) }
         deviceState.withUnsafeBytes { d.add($0) }
-        for w in diskWrites { w.data.withUnsafeBytes { d.addDiskWrite(offset: w.offset, data: $0) } }
+        for w in diskWrites { d.addDiskWrite(w) }
         return d.value
     }
 }

@@ -33,6 +33,9 @@ public final class Replica {
     /// Disk writes of one epoch are staged in memory until its commit; a full epoch carries the
     /// whole disk, so this is also the largest disk that can be replicated.
     public static let maxDiskBytesPerEpoch = 256 << 20
+    /// Zero records carry no data, so the byte cap does not bound them: this does (an epoch
+    /// at the byte cap in 4 KiB writes with a zero record between each is 128 Ki records).
+    public static let maxDiskRecordsPerEpoch = 1 << 20
 
     /// The guest's disk, written at commits; nil for a guest without a replicated disk.
     public let disk: (any ReplicaDisk)?
@@ -236,14 +239,32 @@ public final class Replica {
         var r = ByteReader(payload)
         var total = staged.diskBytes
         while r.remaining > 0 {
-            guard let offset = r.u64(), let length = r.u32(), r.skip(4), let data = r.take(Int(length)) else {
+            guard let offset = r.u64(), let length = r.u32(), let flags = r.u32() else {
                 discardStaging()
                 return reject(s.epoch, .badRecord, "truncated disk write record")
             }
-            guard offset + UInt64(length) <= disk.sizeBytes else {
+            guard flags & ~DiskWrite.knownFlags == 0 else {
+                discardStaging()
+                return reject(s.epoch, .badRecord, "disk write record with unknown flags \(flags)")
+            }
+            guard UInt64(length) <= disk.sizeBytes && offset <= disk.sizeBytes - UInt64(length) else {
                 discardStaging()
                 return reject(s.epoch, .geometryMismatch, "disk write at \(offset)+\(length) beyond this replica's \(disk.sizeBytes)-byte disk")
             }
+            guard staged.diskWrites.count < Self.maxDiskRecordsPerEpoch else {
+                discardStaging()
+                return reject(s.epoch, .tooLarge, "over \(Self.maxDiskRecordsPerEpoch) disk write records in one epoch")
+            }
+            if flags & DiskWrite.zeroesFlag != 0 {
+                // No data follows; staged as it is and applied (as a hole) at the commit.
+                staged.diskWrites.append(.zeroes(offset: offset, length: UInt64(length)))
+                continue
+            }
+            guard let data = r.take(Int(length)) else {
+                discardStaging()
+                return reject(s.epoch, .badRecord, "truncated disk write record")
+            }
+            // The cap counts data bytes: a zero record stages 16 bytes whatever it zeroes.
             total += Int(length)
             guard total <= Self.maxDiskBytesPerEpoch else {
                 discardStaging()
@@ -274,10 +295,11 @@ public final class Replica {
         // The disk first: it is the one step that can fail (I/O). A failure leaves the replica
         // no whole VM (memory still at the last commit, disk part-way), so it is marked as
         // needing a full epoch and cannot be resumed until it has one.
-        if let disk, !staged.diskWrites.isEmpty || s.begin.isFull {
+        // Every epoch goes to the disk, even without writes: the first paused epoch after a live
+        // copy is what makes the disk image a checkpoint (FileReplicaDisk's durability notes).
+        if let disk {
             do throws(GeminusError) {
-                if s.begin.isFull { try disk.zeroAll() }
-                for w in staged.diskWrites { try disk.write(offset: w.offset, w.data) }
+                try disk.commit(DiskCommit(epoch: e, writes: staged.diskWrites, replacesDisk: s.begin.isFull, isLive: s.begin.isLive))
             } catch {
                 hasBaseImage = false
                 isResumable = false
