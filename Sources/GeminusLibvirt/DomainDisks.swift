@@ -21,6 +21,8 @@ public struct DomainDisk: Sendable, Equatable {
     public var isShareable: Bool
     /// `<transient/>`: QEMU writes to an overlay thrown away at shutdown.
     public var isTransient: Bool
+    /// `<driver discard>`: `unmap` passes the guest's discards to the image.
+    public var discard: String? = nil
 
     /// The guest can write it: what must be replicated for its memory and disk to agree.
     public var isWritable: Bool { !isReadOnly && device != "cdrom" && device != "floppy" }
@@ -49,6 +51,10 @@ public struct DomainDisk: Sendable, Equatable {
             return ("\(name) is a \(format) image: Geminus applies the guest's writes to the standby's image byte for byte, which only a raw image or a block device allows",
                     "convert it on both hosts (`qemu-img convert -O raw IMAGE IMAGE.raw`) and set <driver name='qemu' type='raw'/>")
         }
+        if discard == "unmap" {
+            return ("\(name) passes the guest's discards to its image (discard='unmap'): the mirror does not carry discards, so the standby's image would keep bytes the primary's dropped",
+                    "remove discard='unmap' from its <driver> (discards are then ignored on both hosts)")
+        }
         if sourcePath == nil {
             return ("\(name) has no <source>: there is nothing to replicate", "give it a <source file=...> or <source dev=...>")
         }
@@ -71,7 +77,8 @@ public struct DomainDisk: Sendable, Equatable {
             return DomainDisk(target: d.child("target")?.attr("dev") ?? "?", type: d.attr("type") ?? "file",
                               device: d.attr("device") ?? "disk", sourcePath: source?.attr("file") ?? source?.attr("dev"),
                               format: d.child("driver")?.attr("type"), isReadOnly: d.child("readonly") != nil,
-                              isShareable: d.child("shareable") != nil, isTransient: d.child("transient") != nil)
+                              isShareable: d.child("shareable") != nil, isTransient: d.child("transient") != nil,
+                              discard: d.child("driver")?.attr("discard"))
         }
     }
 

@@ -326,6 +326,12 @@ public final class SecondaryNode {
         let counter = settings.counterAddress.map { replica.memory.loadU64(at: $0) }
         let port = makePort(generation, epoch.next)
         do {
+            // The disk must be the committed epoch's: a journal of it not yet applied is
+            // replayed, and an image that is mid-copy is no checkpoint (the replica says it is
+            // resumable only after a paused commit, so this is the disk's own word on it).
+            if let disk = replica.disk, case .notResumable = try disk.recover() {
+                throw GeminusError(.internalInvariant, "the replica disk is marked mid-copy although the replica holds a whole checkpoint")
+            }
             let guest = try standby.resume(memory: replica.memory, deviceState: replica.committedDeviceState, output: port)
             // The resumed guest's writes are new history: its replica must refuse the deposed generation.
             replica.adopt(generation: generation)

@@ -17,6 +17,9 @@ import Glibc
 /// kept: protection starts again with a full checkpoint, which carries the whole disk.
 public final class NBDExport: @unchecked Sendable {
     public static let maxPendingBytes = 64 << 20
+    /// Zero records carry no bytes: their count is bounded too (the secondary refuses an epoch
+    /// of more than 2^20 records).
+    public static let maxPendingRecords = 65_536
     public let socketPath: String
     public let exportName = "geminus"
     public let sizeBytes: UInt64
@@ -108,8 +111,12 @@ public final class NBDExport: @unchecked Sendable {
     private static let replyMagic: UInt64 = 0x0003_e889_0455_65a9
     private static let requestMagic: UInt32 = 0x2560_9513
     private static let simpleReplyMagic: UInt32 = 0x6744_6698
-    /// Transmission flags: HAS_FLAGS | SEND_FLUSH.
-    private static let transmissionFlags: UInt16 = 0x0001 | 0x0004
+    /// Transmission flags: HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES. Zero writes (the bulk
+    /// copy of a mostly empty disk, or a guest's write-zeroes) travel as zero records, not as
+    /// zero bytes. TRIM is not offered: QEMU's NBD client then drops discards instead of
+    /// sending them, and enrolment refuses `discard='unmap'` on a replicated disk, so neither
+    /// side discards and both keep the same bytes.
+    private static let transmissionFlags: UInt16 = 0x0001 | 0x0004 | 0x0040
 
     private func serve() {
         while let fd = UnixSocket.accept(listener, keepWaiting: { !lock.withLock { closed } }) {
@@ -182,6 +189,13 @@ public final class NBDExport: @unchecked Sendable {
                 }
                 record(DiskWrite(offset: offset, data: data))
                 guard reply(&c, 0, handle) else { return "client gone" }
+            case 6:  // WRITE_ZEROES (flags such as NO_HOLE change nothing about what the guest reads)
+                guard inRange else {
+                    guard reply(&c, 22, handle) else { return "client gone" }
+                    continue
+                }
+                if length > 0 { record(DiskWrite.zeroes(offset: offset, length: UInt64(length))) }
+                guard reply(&c, 0, handle) else { return "client gone" }
             case 3:  // FLUSH: nothing is buffered here beyond the pending list, which is the point
                 guard reply(&c, 0, handle) else { return "client gone" }
             case 2:  // DISC
@@ -207,7 +221,8 @@ public final class NBDExport: @unchecked Sendable {
             return
         }
         // Over the bound: the guest's write waits (its reply is not sent) for a checkpoint.
-        while pendingBytes + w.data.count > Self.maxPendingBytes && !pending.isEmpty && !closed && keeping() {
+        while (pendingBytes + w.data.count > Self.maxPendingBytes || pending.count >= Self.maxPendingRecords)
+                && !pending.isEmpty && !closed && keeping() {
             _ = lock.wait(until: Date().addingTimeInterval(0.1))
         }
         pending.append(w)

@@ -199,6 +199,7 @@ import GeminusCore
             (disk("<driver name='qemu' type='raw'/><source protocol='rbd' name='pool/img'/>", type: "network"), "network disk", "geminus ha"),
             (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><shareable/>"), "<shareable/>", "remove <shareable/>"),
             (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><transient/>"), "<transient/>", "remove <transient/>"),
+            (disk("<driver name='qemu' type='raw' discard='unmap'/><source file='/i/a.raw'/>"), "discard='unmap'", "remove discard='unmap'"),
             (raw + disk("<driver name='qemu' type='raw'/><source file='/i/b.raw'/>", target: "vdc"), "2 writable disks (vdb, vdc)", "<readonly/>"),
         ]
         for (devices, message, fix) in refused {
