@@ -52,6 +52,7 @@ public final class ReplicatedDisk: @unchecked Sendable {
     /// and had not caught up at the last round.
     private var streaming = false
     private var _copied: (done: UInt64, total: UInt64)?
+    private var copyStartNanos: UInt64 = 0
 
     enum MirrorState { case none, running }
 
@@ -142,6 +143,7 @@ public final class ReplicatedDisk: @unchecked Sendable {
             try startMirror(qmp, sync: "full")
             streaming = true
             _copied = (0, sizeBytes)
+            copyStartNanos = Monotonic.nanos()
             buffer.diskWrites = []
             return
         }
@@ -155,7 +157,15 @@ public final class ReplicatedDisk: @unchecked Sendable {
     /// What `geminus status` shows about the disk and its mirror.
     public var statusLine: String {
         var line = "\(sizeBytes >> 20) MiB, mirror \(export.isConnected ? "connected" : export.lost.map { "LOST (\($0))" } ?? "not started"), \(export.writesReceived) writes"
-        if let p = copyProgress { line += ", first copy \(p.done * 100 / max(p.total, 1)) % (\(p.done >> 20) of \(p.total >> 20) MiB)" }
+        if let p = copyProgress {
+            line += ", first copy \(p.done * 100 / max(p.total, 1)) % (\(p.done >> 20) of \(p.total >> 20) MiB"
+            let seconds = Double(Monotonic.nanos() - lock.withLock { copyStartNanos }) / 1e9
+            if seconds > 0.5, p.done > 0 {
+                let rate = Double(p.done) / seconds
+                line += String(format: ", %.0f MiB/s, about %.0f s left", rate / 1_048_576, Double(p.total - min(p.done, p.total)) / rate)
+            }
+            line += ")"
+        }
         return line
     }
 

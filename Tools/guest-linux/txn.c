@@ -78,6 +78,39 @@ static uint64_t txn_ms(void)
     return (uint64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
+/* Latency of each log write (pwrite with O_DIRECT|O_SYNC: the virtual disk has it, flushed),
+ * in 10 us buckets up to 100 ms (the last bucket takes the rest), for STATUS: a protected
+ * guest's writes also wait for the disk mirror's round trip to its agent. */
+#define WLAT_BUCKETS 10000
+static uint32_t wlat[WLAT_BUCKETS];
+static uint64_t wlat_n, wlat_sum_us;
+
+static uint64_t now_us(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
+}
+
+static void wlat_record(uint64_t us)
+{
+    uint64_t b = us / 10;
+    wlat[b < WLAT_BUCKETS ? b : WLAT_BUCKETS - 1]++;
+    wlat_n++;
+    wlat_sum_us += us;
+}
+
+static uint64_t wlat_percentile(unsigned pct)
+{
+    if (!wlat_n) return 0;
+    uint64_t want = (wlat_n * pct + 99) / 100, seen = 0;
+    for (uint64_t b = 0; b < WLAT_BUCKETS; b++) {
+        seen += wlat[b];
+        if (seen >= want) return (b + 1) * 10;
+    }
+    return WLAT_BUCKETS * 10;
+}
+
 static void problem(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void problem(const char *fmt, ...)
 {
@@ -379,7 +412,10 @@ static struct tx *txn_apply(uint64_t id, int64_t amount)
         struct rec *r = (struct rec *)iobuf;
         *r = (struct rec){REC_MAGIC, seq, id, amount, bal, st->boot_marker, 0};
         r->check = fnv(r, 48);
-        if (pwrite(disk_fd, iobuf, SECTOR, (off_t)(s * SECTOR)) != SECTOR) {
+        uint64_t w0 = now_us();
+        ssize_t wrote = pwrite(disk_fd, iobuf, SECTOR, (off_t)(s * SECTOR));
+        wlat_record(now_us() - w0);
+        if (wrote != SECTOR) {
             printf("geminus-txn: write of seq %llu failed: %s\n", (unsigned long long)seq, strerror(errno));
             fflush(stdout);
             return NULL;
@@ -398,12 +434,15 @@ static const char *mode_name(void) { return disk_mode == 2 ? "rw" : disk_mode ==
 static int status_line(char *out, size_t n, const char *word)
 {
     return snprintf(out, n, "%s seq=%llu balance=%lld count=%llu first_seq=%llu disk=%s slots=%llu "
-                    "checks=%llu mismatches=%llu ahead=%llu boot=0x%llx last_problem=%s\n", word,
+                    "checks=%llu mismatches=%llu ahead=%llu boot=0x%llx writes=%llu write_us_mean=%llu "
+                    "write_us_p50=%llu write_us_p99=%llu last_problem=%s\n", word,
                     (unsigned long long)(first_seq + txcount - 1), (long long)balance,
                     (unsigned long long)txcount, (unsigned long long)first_seq, mode_name(),
                     (unsigned long long)slots, (unsigned long long)st->disk_checks,
                     (unsigned long long)st->disk_mismatches, (unsigned long long)st->disk_ahead,
-                    (unsigned long long)st->boot_marker, last_problem);
+                    (unsigned long long)st->boot_marker, (unsigned long long)wlat_n,
+                    (unsigned long long)(wlat_n ? wlat_sum_us / wlat_n : 0), (unsigned long long)wlat_percentile(50),
+                    (unsigned long long)wlat_percentile(99), last_problem);
 }
 
 static void replace_spaces(char *p) { for (; *p; p++) if (*p == ' ') *p = '_'; }
