@@ -46,6 +46,12 @@ public struct PrimaryMachine: Sendable {
         /// paused epoch streams while the guest runs): every full copy is live, even when the
         /// secondary may hold a checkpoint (it loses it; docs/DISKS.md says what that costs).
         public var fullCopyMustBeLive: Bool = false
+        /// The secondary's silence tolerated while a live first copy runs (before its pause).
+        /// Nothing is held for it then (output passes until the pause's checkpoint), so a long
+        /// bound costs no latency, and a stall of either side under the copy's load (a
+        /// multi-GiB disk applied on the secondary, two busy cores) does not restart a copy of
+        /// many seconds.
+        public var liveCopySilenceNanos: UInt64 = 2_000_000_000
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
                     peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
@@ -238,7 +244,8 @@ public struct PrimaryMachine: Sendable {
             switch protection {
             case .syncing, .protected:
                 if let timeout = switchoverTimeout(now) { return timeout }
-                if now >= lastHeardNanos && now - lastHeardNanos > config.peerSilenceNanos {
+                let bound = liveCopy != nil ? max(config.peerSilenceNanos, config.liveCopySilenceNanos) : config.peerSilenceNanos
+                if now >= lastHeardNanos && now - lastHeardNanos > bound {
                     let reason = "secondary silent for \((now - lastHeardNanos) / 1_000_000) ms"
                     actions.append(.disconnect(reason: reason))
                     actions += losePeer(now, reason: reason)

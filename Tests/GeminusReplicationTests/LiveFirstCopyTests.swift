@@ -133,4 +133,32 @@ private let ms: UInt64 = 1_000_000
         #expect(a.contains(.copyLive(Epoch(4), full: true)), "\(a)")
         #expect(!a.contains(.capture(Epoch(4), full: true)))
     }
+
+    /// While the live copy runs nothing is held, so the secondary's silence is tolerated up to
+    /// the longer live-copy bound; once the pause's checkpoint is in flight the usual bound holds.
+    @Test mutating func silenceDuringTheLiveCopyIsToleratedLongerThanAfterIt() {
+        var config = PrimaryMachine.Config(epochIntervalNanos: 25 * ms, peerSilenceNanos: 100 * ms, liveFirstCopy: true,
+                                           liveRoundsMax: 4, liveStopPages: 100)
+        config.liveCopySilenceNanos = 1_000 * ms
+        m = PrimaryMachine(config: config, generation: Generation(1))
+        var pending = m.handle(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: false))
+        #expect(pending == [.copyLive(Epoch(1), full: true)])
+        pending = m.handle(.liveCopied(Epoch(1), pages: 4096, devicesPending: true, nowNanos: 0))
+        // 500 ms of silence in the middle of the copy: not lost.
+        pending = m.handle(.tick(nowNanos: 500 * ms))
+        #expect(!pending.contains { if case .disconnect = $0 { return true }; return false }, "\(pending)")
+        #expect(m.protection != .peerLost(sinceNanos: 500 * ms))
+        // Past the live-copy bound: lost.
+        m = PrimaryMachine(config: config, generation: Generation(1))
+        _ = m.handle(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: false))
+        _ = m.handle(.liveCopied(Epoch(1), pages: 4096, devicesPending: true, nowNanos: 0))
+        pending = m.handle(.tick(nowNanos: 1_100 * ms))
+        #expect(pending.contains { if case .disconnect = $0 { return true }; return false }, "\(pending)")
+        // After the pause that ends the copy, the usual 100 ms.
+        m = PrimaryMachine(config: config, generation: Generation(1))
+        _ = run(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: false), now: 0, pages: [4096, 10])
+        #expect(m.liveCopy == nil)
+        pending = m.handle(.tick(nowNanos: 150 * ms))
+        #expect(pending.contains { if case .disconnect = $0 { return true }; return false }, "\(pending)")
+    }
 }
