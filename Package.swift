@@ -179,7 +179,7 @@ let package = Package(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
             dependencies: ["geminus", "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest", "GeminusTestSupport",
-                           "GeminusCluster", "GeminusReplication"]
+                           "GeminusCluster", "GeminusReplication", "GeminusDemo"]
         ),
     ],
     swiftLanguageModes: [.v6]
