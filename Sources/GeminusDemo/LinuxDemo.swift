@@ -39,10 +39,8 @@ public struct LinuxDemo {
             + "\(Int(killAfterSeconds)) s after it is protected"
     }
 
-    /// Runs the kill test and reads its report. Throws when it cannot run at all (not root, not in
-    /// a source tree) or when it stopped before a verdict (the report's error, with where the
-    /// logs are).
-    public func run() throws -> DemoSummary {
+    /// The kill test to run, or why the demo cannot run here (not root, not in a source tree).
+    public func preflight() throws -> String {
         guard getuid() == 0 else {
             throw DemoFailure(description: "the Linux demo needs root: it defines libvirt system domains (qemu:///system) and puts "
                 + "its client in a network namespace. Fix: run it as root (sudo Tools/demo), or run `geminus demo --tiny`, "
@@ -53,6 +51,12 @@ public struct LinuxDemo {
                 + "built in, and there is none above \(geminus.path). Fix: run the binary of a Geminus clone (Tools/demo builds "
                 + "one), or `geminus demo --tiny`")
         }
+        return killTest
+    }
+
+    /// Runs the kill test (`preflight()`'s) and reads its report. Throws when it stopped before a
+    /// verdict (the report's error, with where the logs are).
+    public func run(_ killTest: String) throws -> DemoSummary {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("geminus-demo-linux-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         var arguments = ["--geminus", geminus.path, "--kills", "1", "--narrate", "--dir", dir.path, "--disk", "rw",
@@ -115,7 +119,7 @@ public struct LinuxDemoReport {
 
         let tookOver = takeover != nil
         s.check("the standby took over", tookOver, tookOver
-            ? "host B resumed the guest from checkpoint \(s.figures["resumedFromEpoch"]!) \(takeover!) ms after the SIGKILL of host A's agent and QEMU"
+            ? "host B resumed the guest from checkpoint \(s.figures["resumedFromEpoch"]!), \(takeover!) ms after the SIGKILL of host A's agent and QEMU"
             : "no takeover after the SIGKILL")
         if tookOver {
             s.check("the same guest carried on", kill["same_boot"] as? Bool == true, kill["same_boot"] as? Bool == true

@@ -84,8 +84,9 @@ struct Demo: ParsableCommand {
             let demo = LinuxDemo(geminus: me, guestDirectory: linuxGuest, killAfterSeconds: durationSeconds,
                                  intervalMillis: intervalMillis ?? 50, ramMib: ramMib ?? 128, seed: seed,
                                  progressDescriptor: json ? 2 : 1)
+            let killTest = try demo.preflight()
             say(demo.headline)
-            summary = try demo.run()
+            summary = try demo.run(killTest)
         case .tiny:
             summary = try runTiny(executable: me, say: say)
         }
