@@ -57,9 +57,11 @@ let package = Package(
             dependencies: ["GeminusCore", "GeminusLibvirt", "GeminusQEMU", "GeminusNode"]
         ),
         .target(
-            // `geminus demo`'s script: two agent processes on loopback, the primary killed at a
-            // random moment, the checks (resumed checkpoint, output commit, failover bound, one copy);
-            // libvirtd started by the source tree's Tools/ scripts when it does not answer.
+            // `geminus demo`'s script: by default the Linux guest through the source tree's
+            // Tools/guest-linux/kill-test (its report as the verdict); with --tiny two agent
+            // processes on loopback, the primary killed at a random moment, the checks (resumed
+            // checkpoint, output commit, failover bound, one copy); libvirtd started by the
+            // source tree's Tools/ scripts when it does not answer.
             name: "GeminusDemo",
             dependencies: ["GeminusCore", "GeminusHypervisor", "GeminusQEMU", "GeminusTransport", "GeminusLibvirt", "GeminusTestSupport"]
         ),
@@ -179,7 +181,7 @@ let package = Package(
             name: "GeminusIntegrationTests",
             // Depends on the executable so `swift test` builds it: these tests run it as real processes.
             dependencies: ["geminus", "GeminusAgent", "GeminusNode", "GeminusCore", "GeminusHypervisor", "GeminusTransport", "GeminusLibvirt", "GeminusLibvirtGuest", "GeminusTestSupport",
-                           "GeminusCluster", "GeminusReplication"]
+                           "GeminusCluster", "GeminusReplication", "GeminusDemo"]
         ),
     ],
     swiftLanguageModes: [.v6]

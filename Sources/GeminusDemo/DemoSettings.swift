@@ -68,6 +68,10 @@ public struct DemoFailure: Error, CustomStringConvertible {
 public struct DemoSummary {
     public var checks: [(name: String, passed: Bool, detail: String)] = []
     public var figures: [String: Any] = [:]
+    /// Lines that say the figures for a reader, printed instead of the raw figures when present.
+    public var overview: [String] = []
+    /// One line with what the demo proves (the Linux demo's acknowledged/lost/twice/disk).
+    public var verdict: String?
     public var passed: Bool { !checks.isEmpty && checks.allSatisfy(\.passed) }
 
     public init() {}
@@ -78,6 +82,7 @@ public struct DemoSummary {
     public var json: [String: Any] {
         var j = figures
         j["passed"] = passed
+        if let verdict { j["verdict"] = verdict }
         j["checks"] = checks.map { ["name": $0.name, "passed": $0.passed, "detail": $0.detail] }
         return j
     }
@@ -85,10 +90,15 @@ public struct DemoSummary {
     /// The summary as text, one line each.
     public var reportLines: [String] {
         var lines = ["", "Summary"]
-        for key in figures.keys.sorted() { lines.append("  \(key): \(figures[key]!)") }
+        if overview.isEmpty {
+            for key in figures.keys.sorted() { lines.append("  \(key): \(figures[key]!)") }
+        } else {
+            lines += overview
+        }
         lines.append("")
         for c in checks { lines.append("  [\(c.passed ? "PASS" : "FAIL")] \(c.name): \(c.detail)") }
         lines.append("")
+        if let verdict { lines.append("Verdict: \(verdict)") }
         lines.append(passed ? "All checks passed." : "SOME CHECKS FAILED.")
         return lines
     }

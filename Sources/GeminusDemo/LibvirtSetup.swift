@@ -58,43 +58,10 @@ public enum LibvirtSetup {
         return nil
     }
 
-    /// Runs a script of the source tree and waits for it. Spawned directly, not with Foundation's
-    /// Process: Process learns that its child exited when a socket the child inherits closes, and
-    /// the daemons this script leaves running would inherit it too and hold it open (seen: the
-    /// demo waited for start-libvirt until killed). Here the child gets no descriptor beyond 0-2,
-    /// no blocked signals, and its output goes to standard error, so that it cannot mix into the
-    /// demo's JSON on standard output.
+    /// Runs a script of the source tree and waits for it; its output goes to standard error, so
+    /// that it cannot mix into the demo's JSON on standard output.
     @discardableResult
     public static func run(_ path: String, _ arguments: [String]) -> Int32 {
-        var actions = posix_spawn_file_actions_t()
-        var attributes = posix_spawnattr_t()
-        posix_spawn_file_actions_init(&actions)
-        posix_spawnattr_init(&attributes)
-        defer {
-            posix_spawn_file_actions_destroy(&actions)
-            posix_spawnattr_destroy(&attributes)
-        }
-        posix_spawn_file_actions_adddup2(&actions, 2, 1)
-        // Every descriptor above 2 closed in the child (glibc ignores one closed meanwhile).
-        for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd"))?.compactMap({ Int32($0) }) ?? [] where fd > 2 {
-            posix_spawn_file_actions_addclose(&actions, fd)
-        }
-        var none = sigset_t(), defaults = sigset_t()
-        sigemptyset(&none)
-        sigemptyset(&defaults)
-        for s in [SIGINT, SIGTERM, SIGPIPE, SIGCHLD] { sigaddset(&defaults, s) }
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        let argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid = pid_t()
-        guard posix_spawn(&pid, path, &actions, &attributes, argv, environ) == 0 else { return -1 }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 {
-            guard errno == EINTR else { return -1 }
-        }
-        // Exited: its status; killed by a signal: 128 + the signal, as a shell says.
-        return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        ChildProcess.run(path, arguments, stdout: .descriptor(2), stderr: .descriptor(2))
     }
 }
