@@ -119,11 +119,9 @@ public final class ReplicatedDisk: @unchecked Sendable {
             return
         }
         try takeWrites(into: buffer)
-        // The pause that ends a live first copy: from here on the port's holding decides
-        // (it holds from this checkpoint on).
-        if streaming {
-            streaming = false
-        }
+        // After the pause that ends a live first copy the port's holding decides (it holds
+        // from this checkpoint on).
+        streaming = false
         export.keepAll(false)
     }
 

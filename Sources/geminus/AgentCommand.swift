@@ -92,6 +92,11 @@ struct Agent: ParsableCommand {
             throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)")
         }
         guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
+        if let a = counterAddress, a < 0 || a > (ramMib << 20) - 8 {
+            // An offset into the guest's RAM file (for a guest over 3 GiB on i440fx, RAM above
+            // 4 GiB physical sits at 3 GiB in the file), read at every report: outside it, refuse.
+            throw ValidationError("--counter-address \(a) is outside the guest's \(ramMib) MiB of RAM (an offset into its RAM: 0...\((ramMib << 20) - 8))")
+        }
         guard takeoverAfterMillis >= 2 * intervalMillis else {
             throw ValidationError("--takeover-after-millis (\(takeoverAfterMillis)) must be at least twice --interval-millis (\(intervalMillis)), or every slow epoch looks like a dead primary")
         }
@@ -111,7 +116,7 @@ struct Agent: ParsableCommand {
         if nicMac != nil && nicBridge == nil { throw ValidationError("--nic-mac is for --nic-bridge") }
         if let n = diskMib {
             guard guest == .qemu else {
-                throw ValidationError("--disk-mib gives a QEMU the agent starts a replicated disk: it needs --guest qemu (a libvirt domain's disks are not replicated yet: docs/DISKS.md)")
+                throw ValidationError("--disk-mib gives a QEMU the agent starts a replicated disk: it needs --guest qemu (a libvirt domain's disk comes from its definition, enrolled with `geminus enroll`: docs/DISKS.md)")
             }
             let max = Int(DiskSetup.maxSizeBytes >> 20)
             guard n >= 1 && n <= max else {
