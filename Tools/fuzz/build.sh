@@ -15,11 +15,18 @@ MAP
 core=$(find "$root/Sources/GeminusCore" -name '*.swift' | sort)
 common=(-parse-as-library -module-name GeminusFuzz -swift-version 6 -O
         -I "$root/Sources/CLZ4" -I "$root/Sources/CXXHash" -I "$out/modules/CGeminusSupport")
-clang -O1 -g -fsanitize=fuzzer-no-link,address -c "$root/Sources/CGeminusSupport/support.c" \
-  -I "$root/Sources/CGeminusSupport/include" -o "$out/support-fuzz.o"
-clang -O2 -c "$root/Sources/CGeminusSupport/support.c" -I "$root/Sources/CGeminusSupport/include" -o "$out/support.o"
-swiftc "${common[@]}" -sanitize=fuzzer,address $core "$here/Harness.swift" "$out/support-fuzz.o" \
+# The C helpers GeminusCore calls (support.c: page primitives; blockdev.c: the replica disk's
+# ioctls and hole punching).
+fuzz_objs=() plain_objs=()
+for c in support blockdev; do
+  clang -O1 -g -fsanitize=fuzzer-no-link,address -c "$root/Sources/CGeminusSupport/$c.c" \
+    -I "$root/Sources/CGeminusSupport/include" -o "$out/$c-fuzz.o"
+  clang -O2 -c "$root/Sources/CGeminusSupport/$c.c" -I "$root/Sources/CGeminusSupport/include" -o "$out/$c.o"
+  fuzz_objs+=("$out/$c-fuzz.o")
+  plain_objs+=("$out/$c.o")
+done
+swiftc "${common[@]}" -sanitize=fuzzer,address $core "$here/Harness.swift" "${fuzz_objs[@]}" \
   -llz4 -lxxhash -o "$out/fuzz-replica" 2> >(grep -v "Cannot export local symbol" >&2)
-swiftc "${common[@]}" $core "$here/Harness.swift" "$here/MakeCorpus.swift" -D MAKE_CORPUS "$out/support.o" \
+swiftc "${common[@]}" $core "$here/Harness.swift" "$here/MakeCorpus.swift" -D MAKE_CORPUS "${plain_objs[@]}" \
   -llz4 -lxxhash -o "$out/make-corpus"
 echo "$out/fuzz-replica"
