@@ -237,6 +237,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
                                      ramFilePath: ramPath,
                                      counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics,
                                      disk: disk)
+        guest.resumeTimings = t
         nics = []
         resumed = true
         _lastResume = t
