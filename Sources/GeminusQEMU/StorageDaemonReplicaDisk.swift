@@ -20,7 +20,7 @@ public final class StorageDaemonReplicaDisk: ReplicaDisk {
     public let imagePath: String
     public let daemon: StorageDaemon
     private let backend: NBDBlockBackend
-    private let journaled: JournaledReplicaDisk
+    let journaled: JournaledReplicaDisk
     public var sizeBytes: UInt64 { backend.sizeBytes }
     public var lastRecovery: DiskRecovery { journaled.lastRecovery }
 
