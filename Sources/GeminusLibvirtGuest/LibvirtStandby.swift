@@ -156,16 +156,18 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     /// guest's offsets); the standby QEMU, inactive while it waits, takes no lock on the image,
     /// so the daemon can open it writable, and re-reads the qcow2 metadata when it activates.
     public func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? {
-        lock.lock()
-        defer { lock.unlock() }
-        guard let xml = standbyXML else {
+        let xml = lock.withLock { () -> String? in
+            // One writer per image: an earlier replica disk of this standby lets go first.
+            daemonDisk?.release()
+            daemonDisk = nil
+            return standbyXML
+        }
+        guard let xml else {
             throw GeminusError(.internalInvariant, "the replica disk is opened after the standby starts (makeReplicaMemory)")
         }
-        // One writer per image: an earlier replica disk of this standby lets go first.
-        daemonDisk?.release()
-        daemonDisk = nil
+        // Not under the lock: starting a daemon takes tens of milliseconds.
         let disk = try LibvirtDisk.replica(definition: xml, domainName: domainName)
-        daemonDisk = disk as? StorageDaemonReplicaDisk
+        lock.withLock { daemonDisk = disk as? StorageDaemonReplicaDisk }
         return disk
     }
 

@@ -41,13 +41,17 @@ public final class NBDClient {
         var tv = timeval(tv_sec: ioTimeout, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        conn = NBDConn(fd: fd)
+        var c = NBDConn(fd: fd)
+        let negotiated: (UInt64, UInt16)
         do throws(GeminusError) {
-            (sizeBytes, transmissionFlags) = try Self.handshake(&conn, exportName: exportName, socketPath: socketPath)
+            negotiated = try Self.handshake(&c, exportName: exportName, socketPath: socketPath)
         } catch {
             close(fd)
             throw error
         }
+        conn = c
+        sizeBytes = negotiated.0
+        transmissionFlags = negotiated.1
     }
 
     deinit { if !closed { close(conn.fd) } }

@@ -30,13 +30,14 @@ public final class StorageDaemonReplicaDisk: ReplicaDisk {
     public init(imagePath: String, format: String = "qcow2", runDirectory: String, name: String,
                 journalPath: String? = nil) throws(GeminusError) {
         self.imagePath = imagePath
-        daemon = try StorageDaemon.start(imagePath: imagePath, format: format, runDirectory: runDirectory, name: name)
+        let started = try StorageDaemon.start(imagePath: imagePath, format: format, runDirectory: runDirectory, name: name)
         do throws(GeminusError) {
-            let client = try daemon.connect()
-            backend = NBDBlockBackend(client: client, imagePath: imagePath)
-            journaled = try JournaledReplicaDisk(backend: backend, journalPath: journalPath ?? imagePath + ".geminus-journal")
+            let nbd = NBDBlockBackend(client: try started.connect(), imagePath: imagePath)
+            journaled = try JournaledReplicaDisk(backend: nbd, journalPath: journalPath ?? imagePath + ".geminus-journal")
+            backend = nbd
+            daemon = started
         } catch {
-            daemon.stop()
+            started.stop()
             throw error
         }
     }
@@ -221,8 +222,13 @@ public final class StorageDaemon: @unchecked Sendable {
               let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
               String(decoding: cmdline, as: UTF8.self).contains(socketPath) else { return }
         kill(pid, SIGTERM)
-        for _ in 0..<1000 where kill(pid, 0) == 0 { Monotonic.sleep(nanos: 5_000_000) }
-        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+        let deadline = Monotonic.nanos() + 5_000_000_000
+        while kill(pid, 0) == 0 && Monotonic.nanos() < deadline { Monotonic.sleep(nanos: 5_000_000) }
+        if kill(pid, 0) == 0 {
+            kill(pid, SIGKILL)
+            // Gone once reaped; its locks go with its descriptors at exit.
+            Monotonic.sleep(nanos: 100_000_000)
+        }
         unlink(pidPath)
     }
 
