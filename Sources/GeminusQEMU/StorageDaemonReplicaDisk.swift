@@ -53,7 +53,7 @@ public final class StorageDaemonReplicaDisk: ReplicaDisk {
         let t0 = Monotonic.nanos()
         guard !backend.isClosed else { return .success(0) }
         var failure: GeminusError?
-        do { try backend.client.flush() } catch { failure = error }
+        do throws(GeminusError) { try backend.client.flush() } catch { failure = error }
         backend.close()
         daemon.stop()
         if let failure { return .failure(failure) }
