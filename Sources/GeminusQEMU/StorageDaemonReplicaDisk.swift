@@ -47,7 +47,7 @@ public final class StorageDaemonReplicaDisk: ReplicaDisk {
     /// Makes what was written durable, closes the connection and stops the daemon, which then
     /// no longer holds the image. Idempotent; nothing can be written after. Returns how long it
     /// took, or why the image may not be whole on disk (the FLUSH failed). A daemon that does
-    /// not exit on SIGTERM is killed: after a FLUSH that succeeded its image is complete.
+    /// not exit when asked is killed: after a FLUSH that succeeded its image is complete.
     @discardableResult
     public func release() -> Result<UInt64, GeminusError> {
         let t0 = Monotonic.nanos()
@@ -119,13 +119,17 @@ public final class StorageDaemon: @unchecked Sendable {
     public let socketPath: String
     public let pidPath: String
     public let logPath: String
+    /// Its QMP monitor: `quit` is how it is stopped (a child spawned from a thread that blocks
+    /// SIGTERM inherits the blocked mask, and would ignore the signal).
+    public let qmpPath: String
     public static let exportName = "geminus-replica"
     public static let installHint = "apt-get install -y --no-install-recommends qemu-system-x86 (it ships qemu-storage-daemon)"
     private let process: Process
 
-    private init(imagePath: String, socketPath: String, pidPath: String, logPath: String, process: Process) {
+    private init(imagePath: String, socketPath: String, pidPath: String, logPath: String, qmpPath: String, process: Process) {
         self.imagePath = imagePath
         self.socketPath = socketPath
+        self.qmpPath = qmpPath
         self.pidPath = pidPath
         self.logPath = logPath
         self.process = process
@@ -136,7 +140,7 @@ public final class StorageDaemon: @unchecked Sendable {
 
     /// The daemon's command line: the image through QEMU's `format` driver, exported writable.
     /// `--blockdev` in JSON: a file name may hold commas, which the key=value syntax splits on.
-    static func arguments(imagePath: String, format: String, socketPath: String, pidPath: String) -> [String] {
+    static func arguments(imagePath: String, format: String, socketPath: String, pidPath: String, qmpPath: String) -> [String] {
         let blockdev: [String: Any] = ["driver": format, "node-name": "replica",
                                        "file": ["driver": "file", "filename": imagePath]]
         let json = (try? JSONSerialization.data(withJSONObject: blockdev, options: [.sortedKeys]))
@@ -144,6 +148,8 @@ public final class StorageDaemon: @unchecked Sendable {
         return ["--blockdev", json,
                 "--nbd-server", "addr.type=unix,addr.path=\(socketPath)",
                 "--export", "type=nbd,id=replica,node-name=replica,name=\(exportName),writable=on",
+                "--chardev", "socket,id=qmp,path=\(qmpPath),server=on,wait=off",
+                "--monitor", "chardev=qmp",
                 "--pidfile", pidPath]
     }
 
@@ -157,11 +163,13 @@ public final class StorageDaemon: @unchecked Sendable {
         let socketPath = "\(runDirectory)/\(name).replica.nbd"
         let pidPath = "\(runDirectory)/\(name).replica.pid"
         let logPath = "\(runDirectory)/\(name).replica.log"
-        stopLeftover(pidPath: pidPath, socketPath: socketPath)
+        let qmpPath = "\(runDirectory)/\(name).replica.qmp"
+        stopLeftover(pidPath: pidPath, socketPath: socketPath, qmpPath: qmpPath)
         unlink(socketPath)
+        unlink(qmpPath)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
-        p.arguments = arguments(imagePath: imagePath, format: format, socketPath: socketPath, pidPath: pidPath)
+        p.arguments = arguments(imagePath: imagePath, format: format, socketPath: socketPath, pidPath: pidPath, qmpPath: qmpPath)
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
         if FileManager.default.createFile(atPath: logPath, contents: nil), let h = FileHandle(forWritingAtPath: logPath) {
@@ -172,7 +180,7 @@ public final class StorageDaemon: @unchecked Sendable {
         do { try p.run() } catch {
             throw GeminusError(.hypervisor, "cannot start \(binary): \(error)", fix: installHint)
         }
-        let daemon = StorageDaemon(imagePath: imagePath, socketPath: socketPath, pidPath: pidPath, logPath: logPath, process: p)
+        let daemon = StorageDaemon(imagePath: imagePath, socketPath: socketPath, pidPath: pidPath, logPath: logPath, qmpPath: qmpPath, process: p)
         let deadline = Monotonic.nanos() + UInt64(timeout * 1e9)
         while access(socketPath, F_OK) != 0 {
             if !p.isRunning {
@@ -193,35 +201,48 @@ public final class StorageDaemon: @unchecked Sendable {
         try NBDClient(socketPath: socketPath, exportName: Self.exportName)
     }
 
-    /// SIGTERM (QEMU flushes and closes its images, releasing their locks), then SIGKILL if it
-    /// has not exited within `timeout` s. Returns whether it exited on the SIGTERM.
+    /// QMP `quit` (QEMU flushes and closes its images, releasing their locks; SIGTERM where the
+    /// monitor does not answer), then SIGKILL if it has not exited within `timeout` s. Returns
+    /// whether it exited when asked.
     @discardableResult
     public func stop(timeout: Double = 10) -> Bool {
         guard process.isRunning else { return true }
-        kill(process.processIdentifier, SIGTERM)
+        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2) {
+            // The reply may or may not come before the monitor closes: the exit is what counts.
+            _ = try? qmp.execute("quit")
+            qmp.close()
+        } else {
+            kill(process.processIdentifier, SIGTERM)
+        }
         let deadline = Monotonic.nanos() + UInt64(timeout * 1e9)
+        var asked = true
         while process.isRunning {
             if Monotonic.nanos() >= deadline {
                 kill(process.processIdentifier, SIGKILL)
                 process.waitUntilExit()
-                unlink(socketPath)
-                return false
+                asked = false
+                break
             }
-            Monotonic.sleep(nanos: 500_000)
+            Monotonic.sleep(nanos: 200_000)
         }
-        unlink(socketPath)
-        unlink(pidPath)
-        return true
+        for path in [socketPath, qmpPath, pidPath] { unlink(path) }
+        return asked
     }
 
     /// A daemon an earlier agent started on the same socket (its pid file, its command line
-    /// naming the socket) and left running when it died: it is stopped (SIGTERM, then SIGKILL).
-    static func stopLeftover(pidPath: String, socketPath: String) {
+    /// naming the socket) and left running when it died: it is stopped (QMP `quit`, SIGKILL
+    /// after 5 s; like ours, it may have inherited a blocked SIGTERM).
+    static func stopLeftover(pidPath: String, socketPath: String, qmpPath: String) {
         guard let text = try? String(contentsOfFile: pidPath, encoding: .utf8),
               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1,
               let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
               String(decoding: cmdline, as: UTF8.self).contains(socketPath) else { return }
-        kill(pid, SIGTERM)
+        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2) {
+            _ = try? qmp.execute("quit")
+            qmp.close()
+        } else {
+            kill(pid, SIGTERM)
+        }
         let deadline = Monotonic.nanos() + 5_000_000_000
         while kill(pid, 0) == 0 && Monotonic.nanos() < deadline { Monotonic.sleep(nanos: 5_000_000) }
         if kill(pid, 0) == 0 {

@@ -135,7 +135,7 @@ import Testing
             #expect(throws: GeminusError.self) { try disk.commit(DiskCommit(epoch: Epoch(3), writes: second, replacesDisk: false, isLive: false)) }
             let t0 = Monotonic.nanos()
             guard case .success = disk.release() else { Issue.record("release failed"); return }
-            print("qcow2 replica: release (FLUSH + qemu-storage-daemon SIGTERM and exit) took \((Monotonic.nanos() - t0) / 1000) us")
+            print("qcow2 replica: release (FLUSH, DISC, QMP quit and exit) took \((Monotonic.nanos() - t0) / 1000) us")
             #expect(!disk.daemon.isRunning)
             #expect(throws: GeminusError.self) { try disk.write(offset: 0, [1]) }
             let torn = try Self.guestBytes(qemuImg, image)
@@ -174,7 +174,8 @@ import Testing
         // A daemon an earlier agent started on the same socket, not ours to wait for.
         let leftover = Process()
         leftover.executableURL = URL(fileURLWithPath: qsd)
-        leftover.arguments = StorageDaemon.arguments(imagePath: image, format: "qcow2", socketPath: dir + "/t.replica.nbd", pidPath: dir + "/t.replica.pid")
+        leftover.arguments = StorageDaemon.arguments(imagePath: image, format: "qcow2", socketPath: dir + "/t.replica.nbd", pidPath: dir + "/t.replica.pid",
+                                                      qmpPath: dir + "/t.replica.qmp")
         try leftover.run()
         #expect(SerialOutputTests.waitFor { access(dir + "/t.replica.nbd", F_OK) == 0 })
         let disk = try StorageDaemonReplicaDisk(imagePath: image, runDirectory: dir, name: "t")
