@@ -119,8 +119,9 @@ public final class StorageDaemon: @unchecked Sendable {
     public let socketPath: String
     public let pidPath: String
     public let logPath: String
-    /// Its QMP monitor: `quit` is how it is stopped (a child spawned from a thread that blocks
-    /// SIGTERM inherits the blocked mask, and would ignore the signal).
+    /// Its QMP monitor: `quit` is how it is stopped. SIGTERM was seen ignored by a daemon this
+    /// (Swift) process spawned, for 10 s until SIGKILL, likely a blocked mask it inherited;
+    /// `quit` stops it in about 5 ms.
     public let qmpPath: String
     public static let exportName = "geminus-replica"
     public static let installHint = "apt-get install -y --no-install-recommends qemu-system-x86 (it ships qemu-storage-daemon)"
@@ -231,7 +232,7 @@ public final class StorageDaemon: @unchecked Sendable {
 
     /// A daemon an earlier agent started on the same socket (its pid file, its command line
     /// naming the socket) and left running when it died: it is stopped (QMP `quit`, SIGKILL
-    /// after 5 s; like ours, it may have inherited a blocked SIGTERM).
+    /// after 5 s; like ours, it may ignore SIGTERM).
     static func stopLeftover(pidPath: String, socketPath: String, qmpPath: String) {
         guard let text = try? String(contentsOfFile: pidPath, encoding: .utf8),
               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1,
