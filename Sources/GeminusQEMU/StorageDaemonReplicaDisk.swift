@@ -227,6 +227,9 @@ public final class StorageDaemon: @unchecked Sendable {
             Monotonic.sleep(nanos: 200_000)
         }
         for path in [socketPath, qmpPath, pidPath] { unlink(path) }
+        // An empty log says nothing; one with the daemon's words stays for the operator.
+        var st = stat()
+        if stat(logPath, &st) == 0 && st.st_size == 0 { unlink(logPath) }
         return asked
     }
 
