@@ -37,7 +37,7 @@ public struct CAEnrollmentCheck: Sendable, Equatable {
         /// interface to the agent's socket; other types cannot be held (docs/NETWORK.md).
         case unheldInterface = "unheld-interface"
         case sharedMemoryDevice = "shmem"
-        /// A writable disk Geminus cannot replicate (network, shared, not raw, or a second one: docs/DISKS.md).
+        /// A writable disk Geminus cannot replicate (network, shared, not raw or qcow2, a backing chain, or a second one: docs/DISKS.md).
         case unreplicatedDisk = "unreplicated-disk"
         /// No private QMP socket for the agent in <qemu:commandline>.
         case privateQMP = "private-qmp"

@@ -142,7 +142,7 @@ extension CAEnrollmentCheck {
         }
     }
 
-    /// Disks: no vhost-user or vDPA back end; the writable ones replicable (a local raw image
+    /// Disks: no vhost-user or vDPA back end; the writable ones replicable (a local raw or qcow2 image
     /// or block device, not shared), and at most one of them (the checkpoint stream carries one
     /// disk). One loop, so the problems keep the disks' order.
     static func checkDisks(_ devices: XMLElement?, _ add: Report) {

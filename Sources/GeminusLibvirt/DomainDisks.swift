@@ -23,6 +23,15 @@ public struct DomainDisk: Sendable, Equatable {
     public var isTransient: Bool
     /// `<driver discard>`: `unmap` passes the guest's discards to the image.
     public var discard: String? = nil
+    /// The file of a `<backingStore>` with a `<source>` (an overlay's base image); nil without
+    /// one (`<backingStore/>`, or none in an inactive definition: libvirt finds the chain at
+    /// start, and the agents check the image itself).
+    public var backingFile: String? = nil
+
+    /// The formats Geminus replicates: raw in place, qcow2 through QEMU's driver.
+    public static let replicableFormats = ["raw", "qcow2"]
+    /// A qcow2 image: its replica is written through qemu-storage-daemon (docs/DISKS.md).
+    public var isQCOW2: Bool { format == "qcow2" }
 
     /// The guest can write it: what must be replicated for its memory and disk to agree.
     public var isWritable: Bool { !isReadOnly && device != "cdrom" && device != "floppy" }
@@ -47,9 +56,17 @@ public struct DomainDisk: Sendable, Equatable {
             return ("\(name) is <transient/>: its writes go to an overlay the mirror does not see",
                     "remove <transient/>")
         }
-        if let format, format != "raw" {
-            return ("\(name) is a \(format) image: Geminus applies the guest's writes to the standby's image byte for byte, which only a raw image or a block device allows",
-                    "convert it on both hosts (`qemu-img convert -O raw IMAGE IMAGE.raw`) and set <driver name='qemu' type='raw'/>")
+        if let format, !Self.replicableFormats.contains(format) {
+            return ("\(name) is a \(format) image: Geminus replicates raw and qcow2 images and block devices",
+                    "convert it on both hosts (`qemu-img convert -O qcow2 IMAGE IMAGE.qcow2`, or `-O raw`) and set <driver name='qemu' type='qcow2'/> (or 'raw')")
+        }
+        if isQCOW2 && type == "block" {
+            return ("\(name) is a qcow2 image on a block device: Geminus replicates qcow2 images in files, and raw block devices",
+                    "use the block device raw (<driver type='raw'/>, `qemu-img convert -O raw` onto it), or keep the qcow2 image in a file")
+        }
+        if let backingFile {
+            return ("\(name) is an overlay on the backing image \(backingFile): Geminus replicates what the guest writes into the top image, and the standby's backing chain could differ from the primary's",
+                    "flatten it on both hosts (`qemu-img convert -O qcow2 IMAGE FLAT.qcow2`, which copies the backing data in) and point the domain at the flat image")
         }
         if discard == "unmap" {
             return ("\(name) passes the guest's discards to its image (discard='unmap'): the mirror does not carry discards, so the standby's image would keep bytes the primary's dropped",
@@ -78,7 +95,8 @@ public struct DomainDisk: Sendable, Equatable {
                               device: d.attr("device") ?? "disk", sourcePath: source?.attr("file") ?? source?.attr("dev"),
                               format: d.child("driver")?.attr("type"), isReadOnly: d.child("readonly") != nil,
                               isShareable: d.child("shareable") != nil, isTransient: d.child("transient") != nil,
-                              discard: d.child("driver")?.attr("discard"))
+                              discard: d.child("driver")?.attr("discard"),
+                              backingFile: d.child("backingStore")?.child("source").map { $0.attr("file") ?? $0.attr("dev") ?? "?" })
         }
     }
 

@@ -64,6 +64,8 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
     public let nics: [GuestNIC]
     /// The replicated disk (the domain's writable disk, mirrored to this agent), if it has one.
     public let disk: ReplicatedDisk?
+    /// How this guest was resumed on a standby (nil: it was not): the takeover report's figures.
+    public internal(set) var resumeTimings: ResumeTimings?
 
     init(connection: LibvirtConnection, domain: LibvirtDomain, qmp: QMPClient, memory: PageMemory, ramFilePath: String,
          counterAddress: Int?, finder: any DirtyPageFinder, platform: GuestPlatform? = nil, nics: [GuestNIC] = [],

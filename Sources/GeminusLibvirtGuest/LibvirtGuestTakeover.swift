@@ -3,7 +3,10 @@ import GeminusHypervisor
 
 extension LibvirtGuest {
     public var takeoverFacts: [String: JSONValue] {
-        ["guestPid": qemuPID.map { .int(Int($0)) } ?? .null, "domain": .string(domainName), "nics": .int(nics.count)]
+        var facts: [String: JSONValue] = ["guestPid": qemuPID.map { .int(Int($0)) } ?? .null, "domain": .string(domainName), "nics": .int(nics.count)]
+        // A qcow2 replica's daemon stopped before the resume: what that added to it.
+        if let t = resumeTimings, t.releaseDiskNanos > 0 { facts["releaseDiskMicros"] = .int(t.releaseDiskNanos / 1000) }
+        return facts
     }
 }
 

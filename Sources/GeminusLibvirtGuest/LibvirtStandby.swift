@@ -37,6 +37,9 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     private var nics: [GuestNIC] = []
     /// The XML the waiting standby was started with (its disk is the replica's image).
     private var standbyXML: String?
+    /// A qcow2 replica's writer (a qemu-storage-daemon holding the image): released before
+    /// the standby QEMU resumes, or when this standby is stopped or replaced.
+    private var daemonDisk: StorageDaemonReplicaDisk?
     private let definedPages: Int?
     /// From this host's definition; compared with the primary's at the handshake.
     public let platform: GuestPlatform
@@ -148,11 +151,24 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     /// The standby domain's writable disk (its own image on this host): the replica's commits
     /// are written there while the standby QEMU waits with it open (`-incoming` reads nothing
     /// until the migration completes, and a raw image keeps no cache in QEMU).
+    ///
+    /// A qcow2 image is written through a qemu-storage-daemon instead (its bytes are not at the
+    /// guest's offsets); the standby QEMU, inactive while it waits, takes no lock on the image,
+    /// so the daemon can open it writable, and re-reads the qcow2 metadata when it activates.
     public func makeReplicaDisk() throws(GeminusError) -> (any ReplicaDisk)? {
-        guard let xml = lock.withLock({ standbyXML }) else {
+        let xml = lock.withLock { () -> String? in
+            // One writer per image: an earlier replica disk of this standby lets go first.
+            daemonDisk?.release()
+            daemonDisk = nil
+            return standbyXML
+        }
+        guard let xml else {
             throw GeminusError(.internalInvariant, "the replica disk is opened after the standby starts (makeReplicaMemory)")
         }
-        return try LibvirtDisk.replica(definition: xml, domainName: domainName)
+        // Not under the lock: starting a daemon takes tens of milliseconds.
+        let disk = try LibvirtDisk.replica(definition: xml, domainName: domainName)
+        lock.withLock { daemonDisk = disk as? StorageDaemonReplicaDisk }
+        return disk
     }
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
@@ -173,6 +189,17 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         var t = ResumeTimings()
         t.hot = true
         var t0 = Monotonic.nanos()
+        // The qcow2 replica's daemon flushes and exits before the migration starts: QEMU
+        // activates the image (its write lock, its qcow2 metadata read afresh) as the incoming
+        // migration completes, and must find it whole and free.
+        if let d = daemonDisk {
+            switch d.release() {
+            case .success(let nanos): t.releaseDiskNanos = nanos
+            case .failure(let e): throw GeminusError(.io, "the replica disk could not be handed to the standby: \(e.message)", fix: e.fix)
+            }
+            daemonDisk = nil
+        }
+        t0 = Monotonic.nanos()
         var readEnd = try IncomingMigration.pipe(holding: deviceState)
         defer { if readEnd >= 0 { close(readEnd) } }
         t.writeStateNanos = Monotonic.nanos() - t0
@@ -212,6 +239,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
                                      ramFilePath: ramPath,
                                      counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics,
                                      disk: disk)
+        guest.resumeTimings = t
         nics = []
         resumed = true
         _lastResume = t
@@ -228,6 +256,8 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
     }
 
     private func stopLocked() {
+        daemonDisk?.release()
+        daemonDisk = nil
         for n in nics { n.stop() }
         nics = []
         qmp?.close()

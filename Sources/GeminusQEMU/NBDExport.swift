@@ -23,9 +23,10 @@ public final class NBDExport: @unchecked Sendable {
     public let socketPath: String
     public let exportName = "geminus"
     public let sizeBytes: UInt64
-    /// The primary's own disk file: READ requests are served from it (the mirror does not read
-    /// its target; the NBD client may).
-    private let diskPath: String
+    /// The primary's own disk file when it is raw: READ requests are served from it (the mirror
+    /// does not read its target; the NBD client may). nil for an image whose file is not the
+    /// guest's bytes (qcow2): READ then fails with EIO rather than answer wrong bytes.
+    private let diskPath: String?
     private let listener: Int32
     private let lock = NSCondition()
     private var pending: [DiskWrite] = []
@@ -43,7 +44,7 @@ public final class NBDExport: @unchecked Sendable {
 
     /// `clientUser`: the user QEMU runs as when it is not root (libvirt's), given the socket so
     /// it can connect; the socket is otherwise root's alone (0600).
-    public init(socketPath: String, diskPath: String, sizeBytes: UInt64, clientUser: String? = nil) throws(GeminusError) {
+    public init(socketPath: String, diskPath: String?, sizeBytes: UInt64, clientUser: String? = nil) throws(GeminusError) {
         self.socketPath = socketPath
         self.diskPath = diskPath
         self.sizeBytes = sizeBytes
@@ -133,7 +134,7 @@ public final class NBDExport: @unchecked Sendable {
 
     /// One client, handshake then transmission; returns why it ended.
     private func session(_ fd: Int32) -> String {
-        var c = Conn(fd: fd)
+        var c = NBDConn(fd: fd)
         guard c.put64(Self.nbdMagic), c.put64(Self.optMagic), c.put16(0x0001 | 0x0002),  // FIXED_NEWSTYLE | NO_ZEROES
               let clientFlags = c.get32() else { return "the handshake broke off" }
         let noZeroes = clientFlags & 0x2 != 0
@@ -147,9 +148,9 @@ public final class NBDExport: @unchecked Sendable {
                 return transmission(&c)
             case 6, 7:  // INFO, GO
                 var info: [UInt8] = []
-                Conn.append16(&info, 0)  // NBD_INFO_EXPORT
-                Conn.append64(&info, sizeBytes)
-                Conn.append16(&info, Self.transmissionFlags)
+                NBDConn.append16(&info, 0)  // NBD_INFO_EXPORT
+                NBDConn.append64(&info, sizeBytes)
+                NBDConn.append16(&info, Self.transmissionFlags)
                 guard optionReply(&c, option, 3, info), optionReply(&c, option, 1, []) else { return "client gone" }
                 if option == 7 { return transmission(&c) }
             case 2:  // ABORT
@@ -161,16 +162,16 @@ public final class NBDExport: @unchecked Sendable {
         }
     }
 
-    private func optionReply(_ c: inout Conn, _ option: UInt32, _ type: UInt32, _ data: [UInt8]) -> Bool {
+    private func optionReply(_ c: inout NBDConn, _ option: UInt32, _ type: UInt32, _ data: [UInt8]) -> Bool {
         c.put64(Self.replyMagic) && c.put32(option) && c.put32(type) && c.put32(UInt32(data.count)) && c.put(data)
     }
 
-    private func transmission(_ c: inout Conn) -> String {
+    private func transmission(_ c: inout NBDConn) -> String {
         lock.withLock {
             _connected = true
             _lost = nil
         }
-        let disk = open(diskPath, O_RDONLY | O_CLOEXEC)
+        let disk = diskPath.map { open($0, O_RDONLY | O_CLOEXEC) } ?? -1
         defer { if disk >= 0 { close(disk) } }
         while true {
             guard let magic = c.get32(), magic == Self.requestMagic, let _ = c.get16(), let type = c.get16(),
@@ -206,7 +207,7 @@ public final class NBDExport: @unchecked Sendable {
         }
     }
 
-    private func reply(_ c: inout Conn, _ error: UInt32, _ handle: UInt64) -> Bool {
+    private func reply(_ c: inout NBDConn, _ error: UInt32, _ handle: UInt64) -> Bool {
         c.put32(Self.simpleReplyMagic) && c.put32(error) && c.put64(handle)
     }
 
@@ -230,8 +231,8 @@ public final class NBDExport: @unchecked Sendable {
     }
 }
 
-/// Blocking big-endian reads and writes on one socket.
-private struct Conn {
+/// Blocking big-endian reads and writes on one socket (the export's and `NBDClient`'s).
+struct NBDConn {
     let fd: Int32
 
     mutating func get(_ n: Int) -> [UInt8]? {
@@ -261,9 +262,9 @@ private struct Conn {
         return true
     }
 
-    func put16(_ v: UInt16) -> Bool { var b: [UInt8] = []; Conn.append16(&b, v); return put(b) }
-    func put32(_ v: UInt32) -> Bool { var b: [UInt8] = []; Conn.append32(&b, v); return put(b) }
-    func put64(_ v: UInt64) -> Bool { var b: [UInt8] = []; Conn.append64(&b, v); return put(b) }
+    func put16(_ v: UInt16) -> Bool { var b: [UInt8] = []; NBDConn.append16(&b, v); return put(b) }
+    func put32(_ v: UInt32) -> Bool { var b: [UInt8] = []; NBDConn.append32(&b, v); return put(b) }
+    func put64(_ v: UInt64) -> Bool { var b: [UInt8] = []; NBDConn.append64(&b, v); return put(b) }
 
     static func append16(_ b: inout [UInt8], _ v: UInt16) { b += [UInt8(v >> 8), UInt8(truncatingIfNeeded: v)] }
     static func append32(_ b: inout [UInt8], _ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { b.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) } }

@@ -23,9 +23,12 @@ public struct ResumeTimings: Sendable, Equatable {
     public var hot: Bool = false
     /// `announce-self` after `cont` (not part of `totalNanos`: the guest already runs).
     public var announceNanos: UInt64 = 0
+    /// Flushing the replica disk and stopping the qemu-storage-daemon that wrote it (a qcow2
+    /// replica: the standby QEMU takes the image's write lock as it resumes); 0 for a raw one.
+    public var releaseDiskNanos: UInt64 = 0
 
     public init() {}
-    public var totalNanos: UInt64 { writeStateNanos + startNanos + loadNanos + contNanos }
+    public var totalNanos: UInt64 { writeStateNanos + releaseDiskNanos + startNanos + loadNanos + contNanos }
 }
 
 /// How the committed device state reaches the standby QEMU's `migrate-incoming`.

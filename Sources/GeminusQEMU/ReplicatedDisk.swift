@@ -42,8 +42,13 @@ public struct DiskSetup: Sendable, Equatable {
 public final class ReplicatedDisk: @unchecked Sendable {
     /// The block node QEMU's guest device writes through (mirrored from).
     public let nodeName: String
-    /// The primary's image (READs of the export, and the paused full copy, read it).
+    /// The primary's image (READs of the export, and the paused full copy, read it when raw).
     public let imagePath: String
+    /// Raw: the image file's bytes are the guest's disk at the same offsets, so the paused
+    /// full copy and the export's READs may read the file. A qcow2 file's are not: its every
+    /// full copy streams through the mirror (QEMU reads it through its driver), and the export
+    /// answers READ with EIO.
+    public let imageIsRaw: Bool
     public let sizeBytes: UInt64
     public let export: NBDExport
     private let lock = NSLock()
@@ -63,7 +68,7 @@ public final class ReplicatedDisk: @unchecked Sendable {
     static let targetNode = "geminus-replica"
 
     /// Starts the export (before the mirror is set up, which connects to it).
-    public init(nodeName: String, imagePath: String, sizeBytes: UInt64, exportSocketPath: String,
+    public init(nodeName: String, imagePath: String, imageIsRaw: Bool = true, sizeBytes: UInt64, exportSocketPath: String,
                 clientUser: String? = nil) throws(GeminusError) {
         guard sizeBytes > 0, sizeBytes % EpochBegin.diskUnitBytes == 0 else {
             throw GeminusError(.invalidArgument, "the disk \(imagePath) has \(sizeBytes) bytes: Geminus replicates disks of whole 4 KiB units",
@@ -71,8 +76,9 @@ public final class ReplicatedDisk: @unchecked Sendable {
         }
         self.nodeName = nodeName
         self.imagePath = imagePath
+        self.imageIsRaw = imageIsRaw
         self.sizeBytes = sizeBytes
-        export = try NBDExport(socketPath: exportSocketPath, diskPath: imagePath, sizeBytes: sizeBytes, clientUser: clientUser)
+        export = try NBDExport(socketPath: exportSocketPath, diskPath: imageIsRaw ? imagePath : nil, sizeBytes: sizeBytes, clientUser: clientUser)
     }
 
     /// A disk the agent's own QEMU opens (`DiskSetup.qemuArguments`).
@@ -92,8 +98,9 @@ public final class ReplicatedDisk: @unchecked Sendable {
         }
     }
 
-    /// Too large for a paused full copy: every full copy of this disk streams while the guest runs.
-    public var fullCopyMustBeLive: Bool { sizeBytes > Self.maxPausedCopyBytes }
+    /// Every full copy of this disk streams while the guest runs: too large for a paused full
+    /// copy, or not raw (the paused copy reads the image file as the guest's bytes).
+    public var fullCopyMustBeLive: Bool { sizeBytes > Self.maxPausedCopyBytes || !imageIsRaw }
 
     /// After a live round: the bulk copy has not caught up yet (the pause must wait for it).
     public var liveCopyPending: Bool { lock.withLock { streaming } }
@@ -108,7 +115,8 @@ public final class ReplicatedDisk: @unchecked Sendable {
         buffer.diskSizeBytes = sizeBytes
         if full {
             guard !fullCopyMustBeLive else {
-                throw GeminusError(.internalInvariant, "a paused full copy of a \(sizeBytes >> 20) MiB disk (over \(Self.maxPausedCopyBytes >> 20) MiB streams while the guest runs)")
+                throw GeminusError(.internalInvariant, imageIsRaw ? "a paused full copy of a \(sizeBytes >> 20) MiB disk (over \(Self.maxPausedCopyBytes >> 20) MiB streams while the guest runs)"
+                                   : "a paused full copy of a non-raw disk (it streams while the guest runs: its file is not the guest's bytes)")
             }
             // The whole disk, as it is now; what the mirror recorded so far is in it.
             streaming = false

@@ -180,7 +180,7 @@ import GeminusCore
     /// One writable raw file or block disk is replicated and passes; read-only disks and CD-ROMs
     /// pass; what cannot be replicated byte for byte onto the standby's own copy is refused with
     /// the reason and the way out.
-    @Test func oneWritableRawDiskPassesWhatCannotBeReplicatedIsRefused() throws {
+    @Test func oneWritableRawOrQCOW2DiskPassesWhatCannotBeReplicatedIsRefused() throws {
         let cdrom = "<disk type='file' device='cdrom'><source file='/srv/boot.iso'/><target dev='sda' bus='sata'/><readonly/></disk>"
         func disk(_ inner: String, type: String = "file", target: String = "vdb") -> String {
             "<disk type='\(type)' device='disk'>\(inner)<target dev='\(target)' bus='virtio'/></disk>"
@@ -193,9 +193,18 @@ import GeminusCore
         let block = Self.variant("<memballoon model='none'/>", disk("<driver name='qemu' type='raw'/><source dev='/dev/vg0/billing'/>", type: "block") + "<memballoon model='none'/>")
         #expect(CAEnrollmentCheck(xml: block).problems.isEmpty)
         #expect(try DomainDisk.replicated(inDomainXML: block)?.sourcePath == "/dev/vg0/billing")
+        // qcow2 in a file, without a backing chain (none named, or an empty <backingStore/>).
+        for backing in ["", "<backingStore/>"] {
+            let qcow2 = Self.variant("<memballoon model='none'/>", disk("<driver name='qemu' type='qcow2' cache='none'/><source file='/i/a.qcow2'/>\(backing)") + "<memballoon model='none'/>")
+            #expect(CAEnrollmentCheck(xml: qcow2).problems.isEmpty, "\(CAEnrollmentCheck(xml: qcow2).problems)")
+            #expect(try DomainDisk.replicated(inDomainXML: qcow2)?.isQCOW2 == true)
+        }
 
         let refused: [(String, String, String)] = [
-            (disk("<driver name='qemu' type='qcow2'/><source file='/i/a.qcow2'/>"), "qcow2 image", "qemu-img convert -O raw"),
+            (disk("<driver name='qemu' type='vmdk'/><source file='/i/a.vmdk'/>"), "vmdk image", "qemu-img convert -O qcow2"),
+            (disk("<driver name='qemu' type='qcow2'/><source file='/i/top.qcow2'/><backingStore type='file'><format type='qcow2'/><source file='/i/base.qcow2'/></backingStore>"),
+             "overlay on the backing image /i/base.qcow2", "flatten it"),
+            (disk("<driver name='qemu' type='qcow2'/><source dev='/dev/vg0/q'/>", type: "block"), "qcow2 image on a block device", "<driver type='raw'/>"),
             (disk("<driver name='qemu' type='raw'/><source protocol='rbd' name='pool/img'/>", type: "network"), "network disk", "geminus ha"),
             (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><shareable/>"), "<shareable/>", "remove <shareable/>"),
             (disk("<driver name='qemu' type='raw'/><source file='/i/a.raw'/><transient/>"), "<transient/>", "remove <transient/>"),

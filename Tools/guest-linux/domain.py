@@ -29,7 +29,8 @@ PRIVATE_QMP_DIR = "/run/geminus/qmp"  # PrivateQMP.directory
 
 
 def domain_xml(name, kernel, initrd, serial, ram_mib=256, vcpus=1, disk=None, disk_readonly=False,
-               bridge=None, mac="52:54:00:47:4c:02", ip="10.77.0.2/24", append="", ready=False, preload=None):
+               bridge=None, mac="52:54:00:47:4c:02", ip="10.77.0.2/24", append="", ready=False, preload=None,
+               disk_format="raw"):
     cmdline = "console=ttyS0 ipv6.disable=1 geminus.hostname=" + name
     if bridge and ip:
         cmdline += " geminus.ip=" + ip
@@ -54,7 +55,7 @@ def domain_xml(name, kernel, initrd, serial, ram_mib=256, vcpus=1, disk=None, di
               "  <devices>"]
     if disk:
         lines += ["    <disk type='file' device='disk'>",
-                  "      <driver name='qemu' type='raw' cache='none'/>",
+                  f"      <driver name='qemu' type={q(disk_format)} cache='none'/>",
                   f"      <source file={q(disk)}/>",
                   "      <target dev='vda' bus='virtio'/>"]
         if disk_readonly:
@@ -92,8 +93,9 @@ def main():
     p.add_argument("--serial", required=True, help="serial console log file")
     p.add_argument("--ram-mib", type=int, default=256)
     p.add_argument("--vcpus", type=int, default=1)
-    p.add_argument("--disk", help="raw image (the guest formats a blank one as its transaction log)")
+    p.add_argument("--disk", help="disk image (the guest formats a blank one as its transaction log)")
     p.add_argument("--disk-readonly", action="store_true")
+    p.add_argument("--disk-format", default="raw", choices=("raw", "qcow2"), help="the image's format (<driver type>)")
     p.add_argument("--bridge", help="host bridge for the virtio NIC (none: no NIC)")
     p.add_argument("--mac", default="52:54:00:47:4c:02")
     p.add_argument("--ip", default="10.77.0.2/24", help="guest address (geminus.ip), with --bridge")
@@ -105,7 +107,7 @@ def main():
         if not os.path.isabs(path):
             sys.exit(f"domain.py: {path}: libvirt needs absolute paths")
     sys.stdout.write(domain_xml(a.name, a.kernel, a.initrd, a.serial, a.ram_mib, a.vcpus, a.disk, a.disk_readonly,
-                                a.bridge, a.mac, a.ip, a.append, a.ready, a.preload))
+                                a.bridge, a.mac, a.ip, a.append, a.ready, a.preload, a.disk_format))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ public struct DiskCommit: Sendable {
     /// A full epoch: the disk is zeroed first and `writes` are its non-zero stretches.
     public var replacesDisk: Bool
     /// A round of the live first copy: never resumable, so it needs no crash safety (see
-    /// `FileReplicaDisk`).
+    /// `JournaledReplicaDisk`).
     public var isLive: Bool
 
     public init(epoch: Epoch, writes: [DiskWrite], replacesDisk: Bool, isLive: Bool) {
@@ -87,7 +87,7 @@ public protocol ReplicaDisk: AnyObject {
     /// Makes what was written durable.
     func sync() throws(GeminusError)
     /// Applies one committed epoch's writes. A disk that can outlive the process makes this
-    /// crash-safe (`FileReplicaDisk`: through its journal); the default applies them in order.
+    /// crash-safe (`JournaledReplicaDisk`: through its journal); the default applies them in order.
     func commit(_ epoch: DiskCommit) throws(GeminusError)
     /// Finishes or discards what a crash interrupted, before the image is resumed. The default
     /// (a disk that dies with the process) has nothing to do.

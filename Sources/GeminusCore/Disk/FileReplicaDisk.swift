@@ -4,43 +4,11 @@ import Glibc
 import CGeminusSupport
 
 /// A replica disk in a raw image: a regular file (created sparse when missing or empty) or a
-/// block device (used as it is), kept crash-safe by a `DiskJournal`.
-///
-/// Replica disk durability (docs/PROTOCOL.md says the same):
-/// - An epoch that is not live is applied through the journal: its writes go to the journal,
-///   which is fdatasynced (and renamed into place, the directory fsynced); only then are they
-///   applied to the image; the image is fdatasynced; then the journal is truncated to nothing
-///   and that fdatasynced. A crash before the journal is durable leaves the previous epoch's
-///   image (nothing was applied yet); a crash after it leaves a journal that replays the epoch
-///   whole when the disk is opened again or `recover()` runs. So the image is always one
-///   committed epoch, never a mix of two.
-/// - A full epoch that is not live (a resynchronisation while paused) goes through the journal
-///   too, flagged to zero the disk first: replaying it is still idempotent, and its data is
-///   bounded by `Replica.maxDiskBytesPerEpoch`, so the journal holds at most one epoch of it.
-/// - Live epochs (rounds of the live first copy) are applied directly, without the journal:
-///   until a whole paused checkpoint commits, the replica cannot be resumed anyway, and
-///   journaling a whole disk's first copy would write it twice. Before the first direct write,
-///   an "unsafe" marker is made durable in the journal's place, so a crash mid-copy is never
-///   taken for a checkpoint (`recover()` answers `.notResumable`). The next journaled epoch
-///   first fdatasyncs the image (the direct writes), then its journal replaces the marker.
-public final class FileReplicaDisk: ReplicaDisk {
+/// block device (used as it is), written in place and kept crash-safe by the journal
+/// (`JournaledReplicaDisk` says how).
+public final class FileReplicaDisk: JournaledReplicaDisk {
     public let path: String
-    public let sizeBytes: UInt64
     public let isBlockDevice: Bool
-    public let journal: DiskJournal
-    /// The image was written without the journal (live epochs): the journal holds the unsafe
-    /// marker, and the image is no checkpoint until a journaled epoch commits.
-    public private(set) var isMarkedUnsafe = false
-    /// What the last `recover()` (the one in `init`, or the standby's before resuming) found:
-    /// for the log, and for tests.
-    public private(set) var lastRecovery: DiskRecovery = .clean
-    /// Direct writes not yet fdatasynced (they must be before the marker goes).
-    private var imageDirty = false
-    private let fd: Int32
-
-    /// Test hook: after this many more record writes (`write`/`zero`), the next fails as if the
-    /// process died there (the journal and the half-applied image stay as a crash leaves them).
-    var crashAfterRecordWrites: Int?
 
     /// Opens (or creates) the image at `path` for a disk of `sizeBytes`, then recovers whatever
     /// a crash left in its journal. `journalPath` defaults to `<path>.geminus-journal` for a file;
@@ -50,19 +18,13 @@ public final class FileReplicaDisk: ReplicaDisk {
     /// Refused: a block device of another size, an existing non-empty file of another size (an
     /// operator's image is never truncated), anything but a file or a block device.
     public init(path: String, sizeBytes: UInt64, journalPath: String? = nil) throws(GeminusError) {
-        let opened = try Self.openImage(path: path, sizeBytes: sizeBytes)
-        fd = opened.fd
-        isBlockDevice = opened.isBlockDevice
+        let backend = try FileBlockBackend(path: path, sizeBytes: sizeBytes)
         self.path = path
-        self.sizeBytes = sizeBytes
-        let journalPath = journalPath ?? (opened.isBlockDevice ? Self.blockDeviceJournalPath(path) : path + ".geminus-journal")
-        journal = DiskJournal(path: journalPath)
-        // Fully initialised: from here a throw releases self and deinit closes the descriptor.
+        isBlockDevice = backend.isBlockDevice
+        let journalPath = journalPath ?? (backend.isBlockDevice ? Self.blockDeviceJournalPath(path) : path + ".geminus-journal")
         if journalPath.hasPrefix(Self.blockDeviceJournalDirectory + "/") { try Self.makeJournalDirectory() }
-        try recover()
+        try super.init(backend: backend, journalPath: journalPath)
     }
-
-    deinit { close(fd) }
 
     public static let blockDeviceJournalDirectory = "/var/lib/geminus/journals"
 
@@ -81,6 +43,26 @@ public final class FileReplicaDisk: ReplicaDisk {
             }
         }
     }
+}
+
+/// A raw file or block device written in place: the guest's offsets are the file's.
+public final class FileBlockBackend: BlockBackend {
+    public let path: String
+    public let sizeBytes: UInt64
+    public let isBlockDevice: Bool
+    public var name: String { "the replica disk \(path)" }
+    private let fd: Int32
+
+    /// See `FileReplicaDisk.init` for what is refused.
+    public init(path: String, sizeBytes: UInt64) throws(GeminusError) {
+        let opened = try Self.openImage(path: path, sizeBytes: sizeBytes)
+        fd = opened.fd
+        isBlockDevice = opened.isBlockDevice
+        self.path = path
+        self.sizeBytes = sizeBytes
+    }
+
+    deinit { close(fd) }
 
     private static func openImage(path: String, sizeBytes: UInt64) throws(GeminusError) -> (fd: Int32, isBlockDevice: Bool) {
         // Never created under /dev: a mistyped device name would become a file in RAM.
@@ -125,79 +107,7 @@ public final class FileReplicaDisk: ReplicaDisk {
         }
     }
 
-    // MARK: - Commit and recovery
-
-    public func commit(_ epoch: DiskCommit) throws(GeminusError) {
-        if epoch.isLive {
-            // Direct: never resumable (see the type's comment), but said so durably first.
-            if !isMarkedUnsafe {
-                try journal.markUnsafe(diskSize: sizeBytes)
-                isMarkedUnsafe = true
-            }
-            imageDirty = true
-            try applyInOrder(epoch)
-            return
-        }
-        if epoch.writes.isEmpty && !epoch.replacesDisk {
-            // Nothing to write; but a paused epoch after a live copy makes the image a
-            // checkpoint: once the copy's writes are durable, the marker goes.
-            guard isMarkedUnsafe else { return }
-            try syncImageThenClearJournal()
-            return
-        }
-        // The direct writes before the journal replaces the marker: a replay must start from them.
-        if imageDirty {
-            try sync()
-            imageDirty = false
-        }
-        try journal.write(epoch: epoch.epoch, diskSize: sizeBytes, replacesDisk: epoch.replacesDisk, writes: epoch.writes)
-        isMarkedUnsafe = false
-        // A failure from here leaves the journal pending: `recover()` (or the next open)
-        // replays it; the Replica meanwhile treats the replica as needing a full epoch.
-        try applyInOrder(epoch)
-        try syncImageThenClearJournal()
-    }
-
-    @discardableResult
-    public func recover() throws(GeminusError) -> DiskRecovery {
-        let found = try recoverJournal()
-        lastRecovery = found
-        return found
-    }
-
-    private func recoverJournal() throws(GeminusError) -> DiskRecovery {
-        switch try journal.inspect(diskSize: sizeBytes) {
-        case .clean:
-            isMarkedUnsafe = false
-            return .clean
-        case .unsafe:
-            isMarkedUnsafe = true
-            return .notResumable
-        case .pending(let header):
-            try journal.replay(header, onto: self)
-            try syncImageThenClearJournal()
-            return .replayed(header.epoch)
-        case .invalid(let why):
-            // Nothing is applied before a journal is durable, so the image is still the
-            // epoch before the one this journal would have been.
-            try journal.clear()
-            isMarkedUnsafe = false
-            return .discarded(why)
-        }
-    }
-
-    private func syncImageThenClearJournal() throws(GeminusError) {
-        try sync()
-        imageDirty = false
-        try journal.clear()
-        isMarkedUnsafe = false
-    }
-
-    // MARK: - Writes
-
     public func write(offset: UInt64, _ data: [UInt8]) throws(GeminusError) {
-        try checkBounds(offset, UInt64(data.count))
-        try injectCrash()
         try pwriteAll(fd, data, at: offset, what: "the replica disk \(path)")
     }
 
@@ -205,8 +115,6 @@ public final class FileReplicaDisk: ReplicaDisk {
     /// guaranteed, the device's write-zeroes command when it has one). Written zeros where
     /// neither works.
     public func zero(offset: UInt64, length: UInt64) throws(GeminusError) {
-        try checkBounds(offset, length)
-        try injectCrash()
         guard length > 0 else { return }
         if isBlockDevice {
             // BLKZEROOUT takes whole logical blocks; 4 KiB is a multiple of any of them.
@@ -261,17 +169,5 @@ public final class FileReplicaDisk: ReplicaDisk {
             try pwriteAll(fd, n == zeros.count ? zeros : Array(zeros[0..<n]), at: offset + done, what: "the replica disk \(path)")
             done += UInt64(n)
         }
-    }
-
-    private func checkBounds(_ offset: UInt64, _ length: UInt64) throws(GeminusError) {
-        guard offset <= sizeBytes, length <= sizeBytes - offset else {
-            throw GeminusError(.invalidArgument, "a disk write at \(offset)+\(length) is beyond the \(sizeBytes)-byte disk")
-        }
-    }
-
-    private func injectCrash() throws(GeminusError) {
-        guard let n = crashAfterRecordWrites else { return }
-        guard n > 0 else { throw GeminusError(.internalInvariant, "simulated crash (test hook)") }
-        crashAfterRecordWrites = n - 1
     }
 }
