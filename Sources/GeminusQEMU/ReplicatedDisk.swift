@@ -5,16 +5,9 @@ import GeminusCore
 import Glibc
 #endif
 
-/// A CA guest's disk: a raw file QEMU opens, and where its writes are replicated from. The
-/// primary QEMU mirrors every write synchronously (`blockdev-mirror`, `copy-mode=write-blocking`,
-/// `sync=none`) to `NBDExport`, served by the agent itself; each checkpoint carries the writes
-/// made in its epoch, and the secondary applies them to its replica file only when that epoch
-/// commits (`Replica`). A full checkpoint carries the whole disk instead (its non-zero 64 KiB
-/// stretches), read while the guest is paused; the mirror starts right after the first one.
-///
-/// Supported: a raw file of at most `maxSizeBytes`, on a guest the agent starts (`--guest qemu
-/// --disk-mib N`). Refused with the reason: larger disks (a full checkpoint carries the whole
-/// disk and the secondary stages it in memory), and libvirt domains' disks (not built).
+/// The setup of a disk the agent's own QEMU opens (`--guest qemu --disk-mib N`, a raw file of
+/// at most `maxSizeBytes`, created zeroed for the first primary). A libvirt domain's disk comes
+/// from its definition instead (`LibvirtDisk`); both are replicated by `ReplicatedDisk`.
 public struct DiskSetup: Sendable, Equatable {
     public static let maxSizeBytes = UInt64(Replica.maxDiskBytesPerEpoch)
     public var path: String
@@ -39,6 +32,15 @@ public struct DiskSetup: Sendable, Equatable {
     }
 }
 
+/// A protected guest's disk and where its writes are replicated from. QEMU mirrors every
+/// guest write synchronously (`blockdev-mirror`, `copy-mode=write-blocking`) from the disk's
+/// node to `NBDExport`, served by the agent itself: a guest write completes only once the export
+/// has it, and `stop` drains in-flight I/O, so each checkpoint carries exactly the writes made
+/// in its epoch; the secondary applies them only when that epoch commits (`Replica`, through
+/// its journal). The first copy is either paused (the disk's non-zero stretches read from a raw
+/// file of at most 256 MiB, the mirror set up right after with `sync=none`) or live (the mirror
+/// started with `sync=full`, QEMU streaming the whole disk into the export while the guest runs,
+/// the only way for a larger or non-raw disk). docs/DISKS.md.
 public final class ReplicatedDisk: @unchecked Sendable {
     /// The block node QEMU's guest device writes through (mirrored from).
     public let nodeName: String
