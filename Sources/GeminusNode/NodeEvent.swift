@@ -24,6 +24,8 @@ public enum NodeEvent: Sendable {
     case transmitted(Epoch, base: Epoch, frames: Int)
     case liveCopied(Epoch, full: Bool, pages: Int, micros: UInt64, round: Int)
     case fullCopyStarted(Epoch, mib: Int)
+    /// The operator asked for paused full copies, and this guest's disk can only be copied live.
+    case fullCopiesLive(reason: String)
     case fullCopyProgress(text: String, fields: [String: JSONValue])
     case acknowledged(Epoch, traced: Bool)
     case protected(vm: String, epoch: Epoch)
@@ -72,6 +74,7 @@ public enum NodeEvent: Sendable {
         case .committed(_, _, let full): return full ? .notice : .trace
         case .primaryStarted, .connected, .primaryConnected, .listening, .witnessView, .primaryBack, .fullCopyProgress: return .notice
         case .fullCopyStarted, .switchoverRequested, .protected, .handoverSent, .handoverRequested: return .notice
+        case .fullCopiesLive: return .warning
         case .finalCaptured: return .notice
         case .runningUnprotected, .notProtectingYet, .linkLost, .unprotected, .releasedAll, .peerLost, .resyncing,
              .staleAck, .switchoverRefused, .switchoverAborted, .primaryRefused, .rejected, .handoverDeclined,
@@ -117,7 +120,7 @@ public enum NodeEvent: Sendable {
         case .witnessView: return .witnessView
         case .liveCopied: return .liveCopy
         case .liveCommitted: return nil
-        case .notProtectingYet, .transmitted, .fullCopyStarted, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
+        case .notProtectingYet, .transmitted, .fullCopyStarted, .fullCopiesLive, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
              .primaryRefused, .replicaUnavailable, .primaryBack, .tookOver: return nil
         }
     }
@@ -179,6 +182,7 @@ public enum NodeEvent: Sendable {
             return "live copy round \(round) (epoch \(e)): \(full ? "all " : "")\(pages) pages copied while the guest ran, in \(micros / 1000) ms"
         case .liveCommitted(let e, let pages, _): return "live round \(e) applied (\(pages) pages; not resumable until the pause that ends the copy commits)"
         case .fullCopyStarted(let e, let mib): return "full checkpoint \(e): sending \(mib) MiB of guest RAM to the secondary"
+        case .fullCopiesLive(let reason): return "--first-copy paused is overridden: every full copy is taken while the guest runs (\(reason))"
         case .fullCopyProgress(let text, _): return text
         case .acknowledged(let e, _): return "ack \(e)"
         case .protected(let vm, let e): return "\(vm) is PROTECTED: secondary acknowledged full checkpoint \(e)"

@@ -108,6 +108,7 @@ public final class PrimaryNode {
         self.lease = lease
         self.events = events
         var config = settings.machine
+        var overridden = false
         // A guest that cannot be copied while it runs gets its first copy paused; one whose
         // disk can only stream while it runs is always copied live.
         if guest.fullCopyMustBeLive {
@@ -115,6 +116,7 @@ public final class PrimaryNode {
                 throw GeminusError(.invalidArgument, "this guest's disk can only be copied while the guest runs, and its dirty pages cannot be found while it runs",
                                    fix: "use write tracking (--dirty-pages track or auto, with the preload library installed: docs/WRITE-TRACKING.md)")
             }
+            if !config.liveFirstCopy { overridden = true }
             config.liveFirstCopy = true
             config.fullCopyMustBeLive = true
         }
@@ -133,6 +135,9 @@ public final class PrimaryNode {
         events.record(.primaryStarted(vm: settings.vmName, generation: settings.generation, resumedFrom: settings.resumedFrom,
                                       pages: guest.pageCount, peer: settings.peer))
         if dialer == nil { events.record(.runningUnprotected(vm: settings.vmName, reason: "no secondary configured")) }
+        if overridden {
+            events.record(.fullCopiesLive(reason: "its disk is over 256 MiB or not raw: it cannot be carried whole in one paused epoch"))
+        }
     }
 
     public var isLinked: Bool { link != nil }
