@@ -9,15 +9,6 @@ import Testing
 
     static func block(_ seed: UInt8, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: Int(seed) &* 57 &+ $0 &* 7 &+ 1) } }
 
-    /// What `writes` make of `image`: the model the file must match.
-    static func applied(_ writes: [DiskWrite], to image: [UInt8], replacing: Bool = false) -> [UInt8] {
-        var bytes = replacing ? [UInt8](repeating: 0, count: image.count) : image
-        for w in writes {
-            let range = Int(w.offset)..<Int(w.end)
-            if w.isZeroes { bytes.replaceSubrange(range, with: repeatElement(0, count: range.count)) } else { bytes.replaceSubrange(range, with: w.data) }
-        }
-        return bytes
-    }
 
     /// Epoch 1 (full) and epoch 2 (a delta whose writes overlap: data, a zero over part of it,
     /// data again inside the hole), and the images each leaves.
@@ -28,8 +19,8 @@ import Testing
         let second: [DiskWrite] = [DiskWrite(offset: 10_000, data: T.block(3, 70_000)), .zeroes(offset: 40_000, length: 520_000),
                                    DiskWrite(offset: 45_000, data: T.block(4, 5000)), DiskWrite(offset: 1_000_000, data: T.block(5, 48_576)),
                                    .zeroes(offset: 0, length: 100)]
-        var imageAfterFirst: [UInt8] { T.applied(first, to: [UInt8](repeating: 0, count: T.size), replacing: true) }
-        var imageAfterSecond: [UInt8] { T.applied(second, to: imageAfterFirst) }
+        var imageAfterFirst: [UInt8] { DiskWrite.applied(first, to: [UInt8](repeating: 0, count: T.size), replacing: true) }
+        var imageAfterSecond: [UInt8] { DiskWrite.applied(second, to: imageAfterFirst) }
     }
 
     func openDisk(_ dir: TempDir) throws -> FileReplicaDisk {
@@ -100,7 +91,7 @@ import Testing
         }
         let reopened = try openDisk(dir)
         #expect(reopened.lastRecovery == .replayed(Epoch(2)))
-        let expected = Self.applied(full, to: epochs.imageAfterFirst, replacing: true)
+        let expected = DiskWrite.applied(full, to: epochs.imageAfterFirst, replacing: true)
         #expect(try dir.read("replica.img") == expected)
     }
 
@@ -165,7 +156,7 @@ import Testing
         }
         let third = try openDisk(dir)
         #expect(third.lastRecovery == .replayed(Epoch(6)))
-        let expected = Self.applied(Epochs().second, to: Self.applied([DiskWrite(offset: 0, data: [1, 2, 3])], to: Epochs().imageAfterFirst))
+        let expected = DiskWrite.applied(Epochs().second, to: DiskWrite.applied([DiskWrite(offset: 0, data: [1, 2, 3])], to: Epochs().imageAfterFirst))
         #expect(try dir.read("replica.img") == expected)
     }
 
@@ -204,7 +195,7 @@ import Testing
         try disk.zero(offset: 4096, length: 3 * 4096)
         try disk.zero(offset: 100_001, length: 777)  // unaligned: the filesystem zeroes the partial blocks
         try disk.sync()
-        let expected = Self.applied([.zeroes(offset: 4096, length: 3 * 4096), .zeroes(offset: 100_001, length: 777)], to: Self.block(3, Self.size))
+        let expected = DiskWrite.applied([.zeroes(offset: 4096, length: 3 * 4096), .zeroes(offset: 100_001, length: 777)], to: Self.block(3, Self.size))
         #expect(try dir.read("replica.img") == expected)
         #expect(throws: GeminusError.self) { try disk.zero(offset: UInt64(Self.size) - 10, length: 11) }
     }
@@ -226,12 +217,12 @@ import Testing
         let writes: [DiskWrite] = [.zeroes(offset: 1000, length: 20_000), DiskWrite(offset: 5000, data: Self.block(9, 3000)),
                                    .zeroes(offset: 1 << 20, length: 1 << 20)]
         try disk.commit(DiskCommit(epoch: Epoch(1), writes: writes, replacesDisk: false, isLive: false))
-        expected = Self.applied(writes, to: expected)
+        expected = DiskWrite.applied(writes, to: expected)
         #expect(try device.read() == expected)
         // A full epoch: the whole device zeroed first.
         let full = [DiskWrite(offset: 3 << 20, data: Self.block(10, 4096))]
         try disk.commit(DiskCommit(epoch: Epoch(2), writes: full, replacesDisk: true, isLive: false))
-        #expect(try device.read() == Self.applied(full, to: expected, replacing: true))
+        #expect(try device.read() == DiskWrite.applied(full, to: expected, replacing: true))
         #expect(try dir.size("j") == 0)
     }
 }

@@ -10,15 +10,6 @@ import Testing
 @Suite(.serialized) struct QCOW2ReplicaDiskTests {
     static func block(_ seed: UInt8, _ n: Int) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: Int(seed) &* 31 &+ $0 &* 13 &+ 7) } }
 
-    /// What `writes` make of `image` (the model the guest-visible bytes must match).
-    static func applied(_ writes: [DiskWrite], to image: [UInt8], replacing: Bool = false) -> [UInt8] {
-        var bytes = replacing ? [UInt8](repeating: 0, count: image.count) : image
-        for w in writes {
-            let range = Int(w.offset)..<Int(w.end)
-            if w.isZeroes { bytes.replaceSubrange(range, with: repeatElement(0, count: range.count)) } else { bytes.replaceSubrange(range, with: w.data) }
-        }
-        return bytes
-    }
 
     /// The error `body` throws, nil if it returns.
     static func failure(_ body: () throws(GeminusError) -> Void) -> GeminusError? {
@@ -120,8 +111,8 @@ import Testing
         let second: [DiskWrite] = [DiskWrite(offset: 10_000, data: Self.block(3, 70_000)), .zeroes(offset: 40_000, length: 5 << 20),
                                    DiskWrite(offset: 45_000, data: Self.block(4, 5000)), DiskWrite(offset: 7 << 20, data: Self.block(5, 4096)),
                                    .zeroes(offset: 0, length: 100)]
-        let afterFirst = Self.applied(first, to: [UInt8](repeating: 0, count: size), replacing: true)
-        let afterSecond = Self.applied(second, to: afterFirst)
+        let afterFirst = DiskWrite.applied(first, to: [UInt8](repeating: 0, count: size), replacing: true)
+        let afterSecond = DiskWrite.applied(second, to: afterFirst)
 
         do {
             let disk = try StorageDaemonReplicaDisk(imagePath: image, runDirectory: dir, name: "t")
@@ -151,7 +142,7 @@ import Testing
         var times: [UInt64] = []
         guard case .success(let nanos) = reopened.release() else { Issue.record("release failed"); return }
         times.append(nanos)
-        #expect(try Self.guestBytes(qemuImg, image) == Self.applied(second, to: Self.applied(full, to: afterSecond, replacing: true)))
+        #expect(try Self.guestBytes(qemuImg, image) == DiskWrite.applied(second, to: DiskWrite.applied(full, to: afterSecond, replacing: true)))
         _ = try Self.run(qemuImg, ["check", "-q", "-f", "qcow2", image])
         #expect((try FileManager.default.attributesOfItem(atPath: image + ".geminus-journal")[.size] as? NSNumber)?.uint64Value == 0)
 

@@ -29,7 +29,7 @@ struct ReplicatedDiskTests {
         try guest.pause()
         try guest.capture(full: true, into: buffer)
         var replica = [UInt8](repeating: 0, count: Int(disk.sizeBytes))
-        for w in buffer.diskWrites { replica.replaceSubrange(Int(w.offset)..<Int(w.offset) + w.data.count, with: w.data) }
+        replica = DiskWrite.applied(buffer.diskWrites, to: replica)
         let atFull = try Data(contentsOf: URL(fileURLWithPath: disk.path))
         let fullIsTheDisk = replica.elementsEqual(atFull)
         #expect(fullIsTheDisk, "the full copy is not the disk")
@@ -48,7 +48,7 @@ struct ReplicatedDiskTests {
             #expect(buffer.diskSizeBytes == disk.sizeBytes)
             #expect(UInt64(buffer.diskWrites.count) == now - seq, "epoch \(epoch): \(buffer.diskWrites.count) writes for \(now - seq) blocks")
             #expect(buffer.diskWrites.allSatisfy { $0.data.count == 512 && $0.offset % 512 == 0 })
-            for w in buffer.diskWrites { replica.replaceSubrange(Int(w.offset)..<Int(w.offset) + w.data.count, with: w.data) }
+            replica = DiskWrite.applied(buffer.diskWrites, to: replica)
             let file = try Data(contentsOf: URL(fileURLWithPath: disk.path))
             let deltaIsTheDisk = replica.elementsEqual(file)
             #expect(deltaIsTheDisk, "epoch \(epoch): full copy + deltas differ from the primary's disk")
@@ -83,15 +83,8 @@ struct ReplicatedDiskTests {
         var replica = [UInt8](repeating: 0xEE, count: Int(disk.sizeBytes))
         var zeroRecords = 0
         func apply(_ b: CheckpointBuffer) {
-            if b.isFull { replica = [UInt8](repeating: 0, count: replica.count) }
-            for w in b.diskWrites {
-                if w.isZeroes {
-                    zeroRecords += 1
-                    replica.replaceSubrange(Int(w.offset)..<Int(w.offset + w.length), with: repeatElement(0, count: Int(w.length)))
-                } else {
-                    replica.replaceSubrange(Int(w.offset)..<Int(w.offset) + w.data.count, with: w.data)
-                }
-            }
+            zeroRecords += b.diskWrites.filter(\.isZeroes).count
+            replica = DiskWrite.applied(b.diskWrites, to: replica, replacing: b.isFull)
         }
         let buffer = CheckpointBuffer(limitPages: guest.pageCount)
         try guest.captureLive(full: true, into: buffer)

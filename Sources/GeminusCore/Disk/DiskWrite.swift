@@ -73,6 +73,23 @@ public enum DiskRecovery: Equatable, Sendable {
     case notResumable
 }
 
+extension DiskWrite {
+    /// `image` after `writes` in order (zeroed whole first when `replacing`): the bytes a
+    /// replica disk must hold after them, for in-memory models of a disk.
+    public static func applied(_ writes: [DiskWrite], to image: [UInt8], replacing: Bool = false) -> [UInt8] {
+        var bytes = replacing ? [UInt8](repeating: 0, count: image.count) : image
+        for w in writes {
+            let range = Int(w.offset)..<Int(w.end)
+            if w.isZeroes {
+                bytes.replaceSubrange(range, with: repeatElement(0, count: range.count))
+            } else {
+                bytes.replaceSubrange(range, with: w.data)
+            }
+        }
+        return bytes
+    }
+}
+
 /// The secondary's copy of the guest's disk: the standby QEMU's disk file, written only at
 /// commits.
 public protocol ReplicaDisk: AnyObject {
