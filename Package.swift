@@ -175,7 +175,7 @@ let package = Package(
         ),
         .testTarget(
             name: "GeminusTransportTests",
-            dependencies: ["GeminusTransport", "GeminusCore"]
+            dependencies: ["GeminusTransport", "GeminusCore", "GeminusTestSupport"]
         ),
         .testTarget(
             name: "GeminusIntegrationTests",

@@ -11,8 +11,8 @@ import GeminusCore
 /// decoder buffer, payload copy) as with `FrameDecoder`. Loopback throughput is otherwise
 /// bounded by those copies on the reader's core.
 ///
-/// Validation is the core's: `FrameCodec.parseHeader` for the header and the documented
-/// CRC32C rule for the rest.
+/// Validation is the core's `FrameCodec.parseHeader` for the header; then, during the
+/// handshake, the documented CRC32C rule for the rest, and after it the frame's AES-GCM tag.
 /// One thread at a time: the handshake's, then the connection's reader thread.
 final class FrameReader: @unchecked Sendable {
     enum Failure: Error, Equatable {
@@ -32,8 +32,12 @@ final class FrameReader: @unchecked Sendable {
     /// Frames larger than this are refused before their payload is read (the handshake
     /// allows an unauthenticated peer only small ones).
     var maxPayloadBytes = FrameHeader.maxPayloadBytes
-    /// Called with the byte count after every successful `recv` (liveness and counters).
+    /// Called with the byte count after every successful `recv` (counters only: raw bytes
+    /// prove nothing about the peer, so liveness is judged on authenticated frames).
     var onReceive: ((Int) -> Void)?
+    /// Set once the handshake has agreed the keys: from then on only sealed frames are
+    /// accepted, each opened under the next frame counter.
+    var opener: AEADDirection?
 
     init(fd: Int32) {
         self.fd = fd
@@ -56,36 +60,54 @@ final class FrameReader: @unchecked Sendable {
         } catch {
             throw .frame(error)
         }
+        let sealed = header.flags & FrameHeader.sealedFlag != 0
+        guard sealed == (opener != nil) else { throw .frame(.sealingOutOfPlace(sealed: sealed)) }
         let length = Int(header.payloadLength)
         guard length <= maxPayloadBytes else { throw .frame(.payloadTooLarge(header.payloadLength)) }
-        var running = FrameCodec.headerChecksum(UnsafeRawBufferPointer(rebasing: staging[start..<start + FrameHeader.size]))
-        let payload: [UInt8]
-        if FrameHeader.size + length <= Self.stagingBytes {
-            if start + FrameHeader.size + length > Self.stagingBytes { compact() }
-            while end - start < FrameHeader.size + length { try fill(deadlineNanos: deadlineNanos) }
-            let body = UnsafeRawBufferPointer(rebasing: staging[start + FrameHeader.size..<start + FrameHeader.size + length])
-            payload = Array(body)
+        let headerBytes = Array(UnsafeRawBufferPointer(rebasing: staging[start..<start + FrameHeader.size]))
+        let tagBytes = sealed ? FrameHeader.sealTagBytes : 0
+        var payload: [UInt8]
+        if FrameHeader.size + length + tagBytes <= Self.stagingBytes {
+            if start + FrameHeader.size + length + tagBytes > Self.stagingBytes { compact() }
+            while end - start < FrameHeader.size + length + tagBytes { try fill(deadlineNanos: deadlineNanos) }
+            payload = Array(UnsafeRawBufferPointer(rebasing: staging[start + FrameHeader.size..<start + FrameHeader.size + length]))
             start += FrameHeader.size + length
         } else {
             payload = try receiveLargePayload(length, deadlineNanos: deadlineNanos)
         }
-        running = CRC32C.checksum(payload, continuing: running)
-        guard running == crc else {
-            throw .frame(.checksumMismatch(kind: header.kind.rawValue, epoch: header.epoch.rawValue, sequence: header.sequence))
+        if let opener {
+            while end - start < tagBytes {
+                if start + tagBytes > Self.stagingBytes { compact() }
+                try fill(deadlineNanos: deadlineNanos)
+            }
+            let tag = UnsafeRawBufferPointer(rebasing: staging[start..<start + tagBytes])
+            start += tagBytes
+            let authentic = headerBytes.withUnsafeBytes { h in
+                payload.withUnsafeMutableBytes { opener.open(associated: h, text: $0, tag: tag) }
+            }
+            guard authentic else {
+                throw .frame(.unauthenticated(kind: header.kind.rawValue, epoch: header.epoch.rawValue, sequence: header.sequence))
+            }
+        } else {
+            let running = CRC32C.checksum(payload, continuing: headerBytes.withUnsafeBytes { FrameCodec.headerChecksum($0) })
+            guard running == crc else {
+                throw .frame(.checksumMismatch(kind: header.kind.rawValue, epoch: header.epoch.rawValue, sequence: header.sequence))
+            }
         }
         if start == end { start = 0; end = 0 }
         return Frame(header: header, payload: payload)
     }
 
-    /// The staged part is copied; the rest is received in place.
+    /// The staged part is copied; the rest is received in place. Bytes staged beyond the
+    /// payload (the start of its tag) stay staged.
     private func receiveLargePayload(_ length: Int, deadlineNanos: UInt64) throws(Failure) -> [UInt8] {
         let staged = min(end - start - FrameHeader.size, length)
         var failure: Failure?
         let payload = [UInt8](unsafeUninitializedCapacity: length) { buffer, count in
             let raw = UnsafeMutableRawBufferPointer(buffer)
             raw.copyMemory(from: UnsafeRawBufferPointer(rebasing: staging[start + FrameHeader.size..<start + FrameHeader.size + staged]))
-            start = 0
-            end = 0
+            start += FrameHeader.size + staged
+            if start == end { start = 0; end = 0 }
             var have = staged
             while have < length {
                 let r = receive(into: UnsafeMutableRawBufferPointer(rebasing: raw[have..<length]), deadlineNanos: deadlineNanos)

@@ -1,7 +1,8 @@
 import GeminusCore
 import Logging
 
-/// One authenticated TCP connection to the peer agent, carrying frames both ways.
+/// One authenticated TCP connection to the peer agent, carrying frames both ways, each sealed
+/// with the session keys the handshake agreed (docs/PROTOCOL.md, "Sealed frames").
 ///
 /// Sending and receiving never touch the socket: a writer thread drains a bounded outbound
 /// queue (many frames per syscall) and sends heartbeats when idle; a reader thread decodes
@@ -16,15 +17,15 @@ public final class FramedConnection: @unchecked Sendable {
     public let remoteAddress: String
     private let link: Link
 
-    init(socket: Socket, reader: FrameReader, local: PeerHello, peer: PeerHello, remoteAddress: String,
+    init(socket: Socket, handshake: Handshake.Outcome, local: PeerHello, remoteAddress: String,
          options: LinkOptions, logger: Logger) {
         self.local = local
-        self.peer = peer
+        self.peer = handshake.peer
         self.remoteAddress = remoteAddress
         socket.setNoDelay()
         link = Link(socket: socket, remoteAddress: remoteAddress, heartbeatGeneration: local.generation,
-                    options: options, logger: logger)
-        link.start(reader: reader)
+                    keys: handshake.keys, options: options, logger: logger)
+        link.start(reader: handshake.reader)
     }
 
     deinit {

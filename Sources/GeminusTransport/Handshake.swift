@@ -5,12 +5,16 @@ import GeminusCore
 /// Both sides contribute a fresh nonce, and each MAC covers both nonces and both hellos, so a
 /// recorded handshake cannot be replayed and neither hello can be altered in flight. The two
 /// MACs use different labels so the secondary's answer can never be reflected back as the
-/// primary's proof. Neither side keeps the socket on failure: the caller releases it.
+/// primary's proof. On success both sides derive the connection's two frame keys from the
+/// same transcript (`SessionKeys`), so every later frame is bound to this handshake.
+/// Neither side keeps the socket on failure: the caller releases it.
 enum Handshake {
     static let nonceBytes = 32
-    static let clientLabel = Array("geminus-v1 client".utf8)
-    static let serverLabel = Array("geminus-v1 server".utf8)
+    static let clientLabel = Array("geminus-v2 client".utf8)
+    static let serverLabel = Array("geminus-v2 server".utf8)
     static let maxReasonBytes = 1024
+    /// A `refused` reason is shown to the operator at most this long: it is unauthenticated.
+    static let maxShownReasonCharacters = 200
 
     /// First byte of a `refused` payload; the UTF-8 reason follows.
     enum Refusal: UInt8 {
@@ -22,6 +26,20 @@ enum Handshake {
     struct Outcome {
         var peer: PeerHello
         var reader: FrameReader
+        var keys: SessionKeys
+    }
+
+    /// Text from a peer that has not proven it holds the key: printable characters only (no
+    /// newlines or terminal escapes to forge log lines with), bounded, and marked as a claim.
+    static func untrusted(_ bytes: ArraySlice<UInt8>) -> String {
+        let text = String(decoding: bytes, as: UTF8.self)
+        var shown = ""
+        for scalar in text.unicodeScalars.prefix(maxShownReasonCharacters) {
+            let printable = scalar.value >= 0x20 && scalar.value != 0x7F && !(0x80..<0xA0).contains(scalar.value)
+            shown.unicodeScalars.append(printable ? scalar : "?")
+        }
+        if text.unicodeScalars.count > maxShownReasonCharacters { shown += "..." }
+        return "\"\(shown)\" (the peer's own words, unauthenticated)"
     }
 
     static func refusalPayload(_ code: Refusal, _ reason: String) -> [UInt8] {
@@ -89,23 +107,25 @@ enum Handshake {
                                "\(remote) could not prove it holds the pair key in \(key.path): it is not this pair's secondary, or its key differs",
                                fix: "copy the same key file to both hosts")
         }
-        return Outcome(peer: peer, reader: channel.reader)
+        let keys = SessionKeys.derive(pairKey: key.bytes, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS,
+                                      isClient: true)
+        return Outcome(peer: peer, reader: channel.reader, keys: keys)
     }
 
-    /// A `refused` frame becomes the secondary's reason; anything else out of turn is a
-    /// protocol violation.
+    /// A `refused` frame becomes the secondary's reason, shown as its unauthenticated claim
+    /// (anyone on the path can send one); anything else out of turn is a protocol violation.
     private static func unexpected(_ frame: Frame, expected: FrameKind, remote: String, key: PairKey) -> GeminusError {
         guard frame.kind == .refused else {
             return GeminusError(.protocolMismatch,
                                 "handshake with \(remote) failed: peer sent a \(frame.kind) frame, expected \(expected)")
         }
         let code = frame.payload.first.flatMap(Refusal.init(rawValue:))
-        let reason = String(decoding: frame.payload.dropFirst(), as: UTF8.self)
+        let reason = untrusted(frame.payload.dropFirst())
         switch code {
         case .authenticationFailed:
             return GeminusError(.authenticationFailed,
-                                "\(remote) refused this agent: authentication failed (its pair key differs from the one in \(key.path))",
-                                fix: "copy the same key file to both hosts")
+                                "\(remote) refused this agent, saying authentication failed (unauthenticated claim: either its pair key differs from the one in \(key.path), or something on the path answered for it)",
+                                fix: "copy the same key file to both hosts; if the keys match, check what listens at \(remote)")
         case .notAdmitted:
             return GeminusError(.peerRefused, "\(remote) refused this agent: \(reason)")
         case .protocolError, nil:
@@ -180,6 +200,8 @@ enum Handshake {
         try channel.io(describe) { c throws(HandshakeChannel.Failure) in
             try c.write(.accepted, generation: local.generation, payload: proof)
         }
-        return Outcome(peer: peer, reader: channel.reader)
+        let keys = SessionKeys.derive(pairKey: key.bytes, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS,
+                                      isClient: false)
+        return Outcome(peer: peer, reader: channel.reader, keys: keys)
     }
 }

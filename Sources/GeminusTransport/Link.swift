@@ -20,6 +20,9 @@ final class Link: @unchecked Sendable {
     let outbound: OutboundQueue
     let inbound: InboundQueue
     private let heartbeatFrame: [UInt8]
+    /// Seals every frame the writer sends, in wire order; the reader's `FrameReader` opens.
+    private let sealer: AEADDirection
+    private let opener: AEADDirection
     private let heartbeatNanos: UInt64
     private let logger: Logger
     private let reason = Mutex<ConnectionClosed?>(nil)
@@ -32,8 +35,11 @@ final class Link: @unchecked Sendable {
     let heartbeatsReceived = Atomic<UInt64>(0)
     let lastHeardNanos: Atomic<UInt64>
 
-    init(socket: Socket, remoteAddress: String, heartbeatGeneration: Generation, options: LinkOptions, logger: Logger) {
+    init(socket: Socket, remoteAddress: String, heartbeatGeneration: Generation, keys: SessionKeys,
+         options: LinkOptions, logger: Logger) {
         self.socket = socket
+        sealer = AEADDirection(key: keys.send, encrypting: true)
+        opener = AEADDirection(key: keys.receive, encrypting: false)
         self.remoteAddress = remoteAddress
         self.logger = logger
         outbound = OutboundQueue(limitBytes: options.outboundLimitBytes)
@@ -48,8 +54,8 @@ final class Link: @unchecked Sendable {
     func start(reader: FrameReader) {
         AllocatorTuning.apply()
         reader.maxPayloadBytes = FrameHeader.maxPayloadBytes
+        reader.opener = opener
         reader.onReceive = { [unowned self] n in
-            lastHeardNanos.store(Monotonic.nanos(), ordering: .relaxed)
             bytesReceived.add(UInt64(n), ordering: .relaxed)
         }
         socket.retain()
@@ -106,6 +112,10 @@ final class Link: @unchecked Sendable {
                 }
                 return
             }
+            // Only an authenticated frame says the peer is alive: injected bytes must not
+            // hold off a takeover (a frame must therefore cross the link within the
+            // silence bound: 4 MiB, the largest, takes 34 ms at 1 Gb/s).
+            lastHeardNanos.store(Monotonic.nanos(), ordering: .relaxed)
             guard deliver(frame) else { return }
         }
     }
@@ -127,13 +137,14 @@ final class Link: @unchecked Sendable {
         var lastSentNanos = Monotonic.nanos()
         while true {
             let due = lastSentNanos &+ heartbeatNanos
-            guard let batch = outbound.nextBatch(heartbeatDueNanos: due < lastSentNanos ? .max : due,
+            guard var batch = outbound.nextBatch(heartbeatDueNanos: due < lastSentNanos ? .max : due,
                                                  maxFrames: Self.maxFramesPerWrite, maxBytes: Self.maxBytesPerWrite)
             else { return }
             let isHeartbeat = batch.frames.isEmpty
-            let frames = isHeartbeat ? [heartbeatFrame] : batch.frames
-            let total = frames.reduce(0) { $0 + $1.count }
-            let failure = Self.withIOVecs(frames[...]) { vecs in writeAll(&vecs) }
+            if isHeartbeat { batch.frames = [heartbeatFrame] }
+            let pieces = sealInWireOrder(&batch.frames)
+            let total = pieces.reduce(0) { $0 + $1.count }
+            let failure = Self.withIOVecs(pieces[...]) { vecs in writeAll(&vecs) }
             if let failure {
                 close(failure == EPIPE || failure == ECONNRESET ? .peerClosed : .socketError(failure))
                 return
@@ -143,10 +154,24 @@ final class Link: @unchecked Sendable {
             if isHeartbeat {
                 heartbeatsSent.add(1, ordering: .relaxed)
             } else {
-                framesSent.add(UInt64(frames.count), ordering: .relaxed)
+                framesSent.add(UInt64(batch.frames.count), ordering: .relaxed)
                 outbound.written(batch.bytes)
             }
         }
+    }
+
+    /// Seals each frame in place (the queue gave up its reference, so no copy is made) and
+    /// interleaves the tags: frame, tag, frame, tag. Sealing here, on the one writer thread,
+    /// is what makes the frame counter follow the order on the wire.
+    private func sealInWireOrder(_ frames: inout [[UInt8]]) -> [[UInt8]] {
+        var pieces: [[UInt8]] = []
+        pieces.reserveCapacity(frames.count * 2)
+        for i in frames.indices {
+            let tag = FrameSeal.seal(&frames[i], with: sealer)
+            pieces.append(frames[i])
+            pieces.append(tag)
+        }
+        return pieces
     }
 
     /// Gives `body` one iovec per frame. The arrays' storage is only pinned inside

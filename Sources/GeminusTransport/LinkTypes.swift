@@ -60,10 +60,16 @@ public enum ConnectionClosed: Sendable, Equatable, CustomStringConvertible {
         return nil
     }
 
-    /// The epoch of a frame that failed its CRC32C, which the replica reports as `corrupt-frame`.
+    /// The epoch of a frame that failed its CRC32C or its seal, which the replica reports as
+    /// `corrupt-frame` (the epoch of the staged one when there is one: a failed frame's own
+    /// header is only its claim).
     public var corruptEpoch: Epoch? {
-        if case .frameError(.checksumMismatch(_, let epoch, _)) = self { return Epoch(epoch) }
-        return nil
+        switch self {
+        case .frameError(.checksumMismatch(_, let epoch, _)), .frameError(.unauthenticated(_, let epoch, _)):
+            return Epoch(epoch)
+        default:
+            return nil
+        }
     }
 
     public var description: String {
@@ -83,6 +89,8 @@ public enum ConnectionClosed: Sendable, Equatable, CustomStringConvertible {
             GeminusError(.connectionFailed, "connection to \(remote) lost: peer closed the connection")
         case .frameError(let e):
             if case .checksumMismatch = e {
+                GeminusError(.connectionFailed, "connection to \(remote) dropped: \(e)")
+            } else if case .unauthenticated = e {
                 GeminusError(.connectionFailed, "connection to \(remote) dropped: \(e)")
             } else {
                 GeminusError(.protocolMismatch, "connection to \(remote) dropped: \(e)")

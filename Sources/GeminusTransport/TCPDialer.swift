@@ -23,7 +23,7 @@ public enum TCPDialer {
                     let outcome = try Handshake.client(socket: socket, key: key, local: local, remote: remote,
                                                        deadlineNanos: deadline, timeout: timeout)
                     logger.debug("connected to \(outcome.peer.role) of '\(outcome.peer.vmName)' at \(remote)")
-                    return FramedConnection(socket: socket, reader: outcome.reader, local: local, peer: outcome.peer,
+                    return FramedConnection(socket: socket, handshake: outcome, local: local,
                                             remoteAddress: remote, options: options, logger: logger)
                 } catch {
                     socket.release()

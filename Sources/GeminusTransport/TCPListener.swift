@@ -71,7 +71,7 @@ public final class TCPListener: @unchecked Sendable {
                                                deadlineNanos: options.handshakeTimeout.deadlineFromNow,
                                                timeout: options.handshakeTimeout)
             logger.debug("accepted \(outcome.peer.role) of '\(outcome.peer.vmName)' from \(remote)")
-            return FramedConnection(socket: client, reader: outcome.reader, local: local, peer: outcome.peer,
+            return FramedConnection(socket: client, handshake: outcome, local: local,
                                     remoteAddress: remote, options: options, logger: logger)
         } catch {
             client.release()

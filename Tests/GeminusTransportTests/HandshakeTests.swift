@@ -62,7 +62,8 @@ import Testing
         #expect(server.peer.vmName == "web-1")
     }
 
-    @Test func otherProtocolVersionIsAProtocolMismatchNamingVersions() throws {
+    /// Version 1 sent every frame in the clear: a v1 peer is refused, never served (no fallback).
+    @Test func aVersion1PeerIsRefusedNamingBothVersions() throws {
         let key = try makeKey()
         let listener = try TCPListener(host: "127.0.0.1", port: 0)
         defer { listener.close() }
@@ -70,14 +71,14 @@ import Testing
         let fd = try rawConnect(port: listener.port)
         defer { close(fd) }
         let payload = [UInt8](repeating: 7, count: 32) + (try primaryHello().encoded())
-        rawSend(fd, FrameCodec.encode(FrameHeader(kind: .hello, generation: Generation(3), epoch: .none, version: 2), payload: payload))
+        rawSend(fd, FrameCodec.encode(FrameHeader(kind: .hello, generation: Generation(3), epoch: .none, version: 1), payload: payload))
 
         guard case .failure(let error) = try #require(accepted.wait()) else {
-            Issue.record("a version-2 hello was accepted")
+            Issue.record("a version-1 hello was accepted")
             return
         }
         #expect(error.code == .protocolMismatch)
-        #expect(error.message.contains(FrameError.unsupportedVersion(2).description))
+        #expect(error.message.contains(FrameError.unsupportedVersion(1).description))
         #expect(error.message.contains("version 2") && error.message.contains("version 1"))
 
         // The listener answers in its own framing so the other release can say the same.
@@ -114,6 +115,26 @@ import Testing
         }
         #expect(error?.code == .protocolMismatch)
         #expect(error?.message.contains(FrameError.unsupportedVersion(9).description) == true)
+    }
+
+    /// A `refused` frame is unauthenticated (anyone on the path can send one): its text is
+    /// shown marked as the peer's claim, with no newlines or terminal escapes to forge log
+    /// lines with, and bounded.
+    @Test func aRefusalsTextIsShownSanitisedAndMarkedUntrusted() throws {
+        let forged = "all good\n2026-12-06 error geminus: fake line\u{1B}[2J" + String(repeating: "x", count: 5000)
+        let server = try RawServer { fd in
+            _ = rawReadAll(fd, limit: 1)
+            rawSend(fd, FrameCodec.encode(FrameHeader(kind: .refused, generation: Generation(1), epoch: .none),
+                                          payload: Handshake.refusalPayload(.notAdmitted, forged)))
+        }
+        let error = #expect(throws: GeminusError.self) {
+            _ = try TCPDialer.connect(host: "127.0.0.1", port: server.port, key: try makeKey(), local: primaryHello(), timeout: .seconds(5))
+        }
+        let message = try #require(error?.message)
+        #expect(!message.contains("\n") && !message.contains("\u{1B}"))
+        #expect(message.contains("all good?2026-12-06 error geminus: fake line?[2J"))
+        #expect(message.contains("unauthenticated"))
+        #expect(message.count < 400)
     }
 
     @Test func httpRequestIsNotAGeminusAgent() throws {

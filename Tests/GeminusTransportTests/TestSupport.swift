@@ -1,5 +1,6 @@
 import Foundation
 import GeminusCore
+import GeminusTestSupport
 @testable import GeminusTransport
 import Logging
 import Testing
@@ -76,12 +77,18 @@ struct ConnectedPair {
     var listener: TCPListener
     var client: FramedConnection
     var server: FramedConnection
+    /// The man in the middle, when there is one (kept alive with the pair).
+    var relay: TamperingRelay?
 
-    init(options: LinkOptions = LinkOptions(), serverOptions: LinkOptions? = nil) throws {
+    /// `relay`: given the listener's port, a relay to dial instead (a man in the middle).
+    init(options: LinkOptions = LinkOptions(), serverOptions: LinkOptions? = nil,
+         relay: ((UInt16) throws -> TamperingRelay)? = nil) throws {
         let key = try makeKey()
         listener = try TCPListener(host: "127.0.0.1", port: 0)
         let accepted = acceptInBackground(listener, key: key, options: serverOptions ?? options)
-        client = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: primaryHello(),
+        self.relay = try relay?(listener.port)
+        let port = self.relay?.port ?? listener.port
+        client = try TCPDialer.connect(host: "127.0.0.1", port: port, key: key, local: primaryHello(),
                                        timeout: .seconds(5), options: options)
         let result = try #require(accepted.wait())
         server = try #require(try result.get())
@@ -91,6 +98,7 @@ struct ConnectedPair {
         client.close()
         server.close()
         listener.close()
+        relay?.stop()
     }
 }
 

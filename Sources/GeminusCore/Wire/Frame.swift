@@ -32,8 +32,15 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
 public struct FrameHeader: Equatable, Sendable {
     /// "GMNS" in ASCII, read as a little-endian u32.
     public static let magic: UInt32 = 0x534E_4D47
-    public static let currentVersion: UInt8 = 1
+    /// 2: frames after the handshake are sealed (docs/PROTOCOL.md, "Sealed frames"). A peer
+    /// of version 1 is refused, never served in the clear: no fallback, so no downgrade.
+    public static let currentVersion: UInt8 = 2
     public static let size = 40
+    /// `flags` bit 0: the payload is AES-256-GCM ciphertext followed by a 16-byte tag, and the
+    /// frame CRC field is zero. Set on every frame after the handshake and on no other.
+    public static let sealedFlag: UInt16 = 0x0001
+    /// Bytes of the authentication tag behind a sealed frame's payload (not in `payloadLength`).
+    public static let sealTagBytes = 16
     /// No frame payload is larger; a header claiming more is refused before anything is buffered.
     public static let maxPayloadBytes = 4 << 20
 
@@ -80,6 +87,11 @@ public enum FrameError: Error, Equatable, Sendable, CustomStringConvertible {
     case unknownKind(UInt8)
     case payloadTooLarge(UInt32)
     case checksumMismatch(kind: UInt8, epoch: UInt64, sequence: UInt32)
+    /// A sealed frame whose tag did not verify: forged, replayed, reordered, a frame before it
+    /// dropped, or corrupted in transit. The header fields are the unverified claim.
+    case unauthenticated(kind: UInt8, epoch: UInt64, sequence: UInt32)
+    /// A frame in the clear after the handshake, or a sealed one during it.
+    case sealingOutOfPlace(sealed: Bool)
 
     public var description: String {
         switch self {
@@ -93,6 +105,12 @@ public enum FrameError: Error, Equatable, Sendable, CustomStringConvertible {
             return "peer announced a \(n)-byte frame, over the \(FrameHeader.maxPayloadBytes)-byte limit"
         case .checksumMismatch(let k, let e, let s):
             return "frame kind 0x\(String(k, radix: 16)) of epoch \(e) (sequence \(s)) failed its CRC32C: corrupted in transit"
+        case .unauthenticated(let k, let e, let s):
+            return "a frame claiming kind 0x\(String(k, radix: 16)), epoch \(e), sequence \(s) failed authentication (AES-GCM tag): forged, replayed, reordered, dropped or corrupted on the way; the connection is ended and nothing in it was used"
+        case .sealingOutOfPlace(let sealed):
+            return sealed
+                ? "peer sent a sealed frame during the handshake"
+                : "peer sent a frame in the clear after the handshake (only sealed frames are accepted): forged or injected on the way"
         }
     }
 }
@@ -137,6 +155,17 @@ public enum FrameCodec {
         w.u32(crc)
         w.u32(0)
         out.append(contentsOf: w.bytes)
+    }
+
+    /// Turns an encoded header into a sealed frame's header: sets `sealedFlag`, zeroes the frame
+    /// CRC (the tag replaces it) and recomputes the header CRC, which covers the flags.
+    public static func markSealed(header: UnsafeMutableRawBufferPointer) {
+        precondition(header.count >= FrameHeader.size)
+        let flags = UInt16(littleEndian: header.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) | FrameHeader.sealedFlag
+        header.storeBytes(of: flags.littleEndian, toByteOffset: 6, as: UInt16.self)
+        header.storeBytes(of: UInt32(0), toByteOffset: 32, as: UInt32.self)
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: header[0..<32]))
+        header.storeBytes(of: crc.littleEndian, toByteOffset: 36, as: UInt32.self)
     }
 
     /// CRC32C of the 40 header bytes with the CRC field (bytes 32..<36) taken as zero: the

@@ -1,0 +1,43 @@
+import GeminusCore
+
+/// The two keys of one connection, one per direction (docs/PROTOCOL.md, "Sealed frames").
+///
+/// Derived with HKDF-SHA256 from the pair key, salted with both handshake nonces (fresh on
+/// every connection, so no two connections share a key, and a recorded stream cannot be
+/// replayed into a later one) and bound to both hellos (what each side said it is).
+struct SessionKeys {
+    static let clientToServerLabel = Array("geminus-v2 key client-to-server".utf8)
+    static let serverToClientLabel = Array("geminus-v2 key server-to-client".utf8)
+
+    var send: [UInt8]
+    var receive: [UInt8]
+
+    /// `isClient`: this side dialled (sends with the client-to-server key).
+    static func derive(pairKey: [UInt8], nonceC: [UInt8], nonceS: [UInt8], helloC: [UInt8], helloS: [UInt8],
+                       isClient: Bool) -> SessionKeys {
+        func key(_ label: [UInt8]) -> [UInt8] {
+            Crypto.hkdfSHA256(secret: pairKey, salt: nonceC + nonceS, info: label + helloC + helloS)
+        }
+        let c2s = key(clientToServerLabel)
+        let s2c = key(serverToClientLabel)
+        return isClient ? SessionKeys(send: c2s, receive: s2c) : SessionKeys(send: s2c, receive: c2s)
+    }
+}
+
+enum FrameSeal {
+    /// Seals one encoded frame (from `FrameCodec.encode`) in place and returns its tag, which
+    /// goes on the wire right behind it. The header travels in the clear, authenticated.
+    static func seal(_ frame: inout [UInt8], with direction: AEADDirection) -> [UInt8] {
+        precondition(frame.count >= FrameHeader.size, "not an encoded frame")
+        var tag = [UInt8](repeating: 0, count: FrameHeader.sealTagBytes)
+        frame.withUnsafeMutableBytes { raw in
+            let header = UnsafeMutableRawBufferPointer(rebasing: raw[0..<FrameHeader.size])
+            FrameCodec.markSealed(header: header)
+            tag.withUnsafeMutableBytes { t in
+                direction.seal(associated: UnsafeRawBufferPointer(header),
+                               text: UnsafeMutableRawBufferPointer(rebasing: raw[FrameHeader.size...]), tag: t)
+            }
+        }
+        return tag
+    }
+}
