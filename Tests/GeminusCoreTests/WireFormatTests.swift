@@ -51,12 +51,13 @@ import Testing
     }
 
     @Test func versionMagicAndSizeAreReportedAsSuch() throws {
-        var v2 = FrameCodec.encode(FrameHeader(kind: .hello, generation: Generation(1), epoch: .none))
-        v2[4] = 2
+        // Version 1 (frames in the clear) is refused, never decoded: no fallback.
+        var v1 = FrameCodec.encode(FrameHeader(kind: .hello, generation: Generation(1), epoch: .none))
+        v1[4] = 1
         var d = FrameDecoder()
-        d.feed(v2)
-        #expect(throws: FrameError.unsupportedVersion(2)) { try d.next() }
-        #expect(FrameError.unsupportedVersion(2).description.contains("same Geminus release"))
+        d.feed(v1)
+        #expect(throws: FrameError.unsupportedVersion(1)) { try d.next() }
+        #expect(FrameError.unsupportedVersion(1).description.contains("same Geminus release"))
 
         var http = FrameDecoder()
         http.feed(Array("GET / HTTP/1.1\r\nHost: x\r\n\r\n".utf8))
