@@ -135,13 +135,45 @@ enum Handshake {
 
     // MARK: Listening side (secondary)
 
-    static func server(socket: Socket, key: PairKey, local: PeerHello, admit: (PeerHello) -> String?,
-                       remote: String, deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
-        let helloS = try local.encoded()
-        let nonceS = try Crypto.randomBytes(nonceBytes)
-        let channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
-        let prefix = "refused connection from \(remote)"
-        let describe = { (f: HandshakeChannel.Failure) -> GeminusError in
+    /// A peer that proved it holds the pair key and waits for the admission decision. The
+    /// listener authenticates connections on their own threads (so a slow or silent client
+    /// cannot hold the port) and decides admission on its caller's thread.
+    struct Authenticated {
+        let peer: PeerHello
+        fileprivate let channel: HandshakeChannel
+        fileprivate let key: PairKey
+        fileprivate let local: PeerHello
+        fileprivate let transcript: (nonceC: [UInt8], nonceS: [UInt8], helloC: [UInt8], helloS: [UInt8])
+        fileprivate let prefix: String
+        let remote: String
+
+        var socket: Socket { channel.socket }
+        var localHello: PeerHello { local }
+
+        /// Gives the socket back when the connection is not taken.
+        func release() { channel.socket.release() }
+
+        /// Asks `admit` (nil to admit, else the reason to refuse), then proves this side's key
+        /// and derives the frame keys.
+        func finish(admit: (PeerHello) -> String?, timeout: Duration) throws(GeminusError) -> Outcome {
+            let t = transcript
+            if let reason = admit(peer) {
+                throw Handshake.refuse(channel, local, .notAdmitted, reason,
+                                       GeminusError(.peerRefused,
+                                                    "\(prefix) (\(peer.role) of '\(peer.vmName)', generation \(peer.generation)): \(reason)"))
+            }
+            let proof = mac(key, serverLabel, nonceC: t.nonceC, nonceS: t.nonceS, helloC: t.helloC, helloS: t.helloS)
+            try channel.io(Handshake.serverFailure(prefix, timeout)) { c throws(HandshakeChannel.Failure) in
+                try c.write(.accepted, generation: local.generation, payload: proof)
+            }
+            let keys = SessionKeys.derive(pairKey: key.bytes, nonceC: t.nonceC, nonceS: t.nonceS, helloC: t.helloC, helloS: t.helloS,
+                                          isClient: false)
+            return Outcome(peer: peer, reader: channel.reader, keys: keys)
+        }
+    }
+
+    fileprivate static func serverFailure(_ prefix: String, _ timeout: Duration) -> (HandshakeChannel.Failure) -> GeminusError {
+        { f in
             switch f {
             case .timedOut:
                 GeminusError(.timeout, "\(prefix): no complete handshake within \(timeout.millisDescription)")
@@ -153,19 +185,31 @@ enum Handshake {
                 GeminusError(.protocolMismatch, "\(prefix): \(e)")
             }
         }
-        /// Tells the peer why (best effort: it may already be gone), then gives up.
-        func refuse(_ code: Refusal, _ reason: String, _ error: GeminusError) -> GeminusError {
-            try? channel.write(.refused, generation: local.generation, payload: refusalPayload(code, reason))
-            channel.linger()
-            return error
-        }
+    }
+
+    /// Tells the peer why (best effort: it may already be gone), then gives up.
+    fileprivate static func refuse(_ channel: HandshakeChannel, _ local: PeerHello, _ code: Refusal, _ reason: String,
+                                   _ error: GeminusError) -> GeminusError {
+        try? channel.write(.refused, generation: local.generation, payload: refusalPayload(code, reason))
+        channel.linger()
+        return error
+    }
+
+    /// Hello, challenge, auth: everything up to the admission decision.
+    static func serverAuthenticate(socket: Socket, key: PairKey, local: PeerHello, remote: String,
+                                   deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Authenticated {
+        let helloS = try local.encoded()
+        let nonceS = try Crypto.randomBytes(nonceBytes)
+        let channel = HandshakeChannel(socket: socket, deadlineNanos: deadlineNanos)
+        let prefix = "refused connection from \(remote)"
+        let describe = serverFailure(prefix, timeout)
         func read() throws(GeminusError) -> Frame {
             do {
                 return try channel.read()
             } catch {
                 // Answer a peer of another version in our framing: its decoder then reports
                 // the version mismatch on its side too.
-                if case .frame(let e) = error { throw refuse(.protocolError, e.description, describe(error)) }
+                if case .frame(let e) = error { throw refuse(channel, local, .protocolError, e.description, describe(error)) }
                 throw describe(error)
             }
         }
@@ -173,35 +217,31 @@ enum Handshake {
         let hello = try read()
         guard hello.kind == .hello, let (nonceC, helloC, peer) = parseGreeting(hello.payload) else {
             let what = hello.kind == .hello ? "a malformed hello" : "a \(hello.kind) frame instead of a hello"
-            throw refuse(.protocolError, "expected a hello", GeminusError(.protocolMismatch, "\(prefix): it sent \(what)"))
+            throw refuse(channel, local, .protocolError, "expected a hello", GeminusError(.protocolMismatch, "\(prefix): it sent \(what)"))
         }
         try channel.io(describe) { c throws(HandshakeChannel.Failure) in
             try c.write(.challenge, generation: local.generation, payload: nonceS + helloS)
         }
         let auth = try read()
         guard auth.kind == .auth else {
-            throw refuse(.protocolError, "expected auth",
+            throw refuse(channel, local, .protocolError, "expected auth",
                          GeminusError(.protocolMismatch, "\(prefix): it sent a \(auth.kind) frame instead of auth"))
         }
         let expected = mac(key, clientLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
         guard Crypto.constantTimeEqual(auth.payload, expected) else {
-            throw refuse(.authenticationFailed, "authentication failed",
+            throw refuse(channel, local, .authenticationFailed, "authentication failed",
                          GeminusError(.authenticationFailed,
                                       "\(prefix): authentication failed (peer does not hold the pair key in \(key.path))",
                                       fix: "copy the same key file to both hosts"))
         }
-        // Only an authenticated peer learns whether it would be admitted.
-        if let reason = admit(peer) {
-            throw refuse(.notAdmitted, reason,
-                         GeminusError(.peerRefused,
-                                      "\(prefix) (\(peer.role) of '\(peer.vmName)', generation \(peer.generation)): \(reason)"))
-        }
-        let proof = mac(key, serverLabel, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS)
-        try channel.io(describe) { c throws(HandshakeChannel.Failure) in
-            try c.write(.accepted, generation: local.generation, payload: proof)
-        }
-        let keys = SessionKeys.derive(pairKey: key.bytes, nonceC: nonceC, nonceS: nonceS, helloC: helloC, helloS: helloS,
-                                      isClient: false)
-        return Outcome(peer: peer, reader: channel.reader, keys: keys)
+        // Only an authenticated peer learns whether it would be admitted (`finish`).
+        return Authenticated(peer: peer, channel: channel, key: key, local: local,
+                             transcript: (nonceC, nonceS, helloC, helloS), prefix: prefix, remote: remote)
+    }
+
+    static func server(socket: Socket, key: PairKey, local: PeerHello, admit: (PeerHello) -> String?,
+                       remote: String, deadlineNanos: UInt64, timeout: Duration) throws(GeminusError) -> Outcome {
+        try serverAuthenticate(socket: socket, key: key, local: local, remote: remote, deadlineNanos: deadlineNanos, timeout: timeout)
+            .finish(admit: admit, timeout: timeout)
     }
 }

@@ -6,9 +6,9 @@ import GeminusCore
 import Logging
 import Synchronization
 
-/// The secondary's listening socket. Each `accept` takes one connection and runs the
-/// handshake on the calling thread; a failed handshake is logged and thrown, and the
-/// listener goes on working.
+/// The secondary's listening socket. Connections authenticate on their own threads (at most
+/// `maxConcurrentHandshakes` at once); `accept` hands out the next authenticated one after
+/// the admission check; a failed handshake is logged and thrown, and the listener goes on.
 public final class TCPListener: @unchecked Sendable {
     public let host: String
     /// The bound port (the kernel's choice when 0 was asked for).
@@ -17,6 +17,9 @@ public final class TCPListener: @unchecked Sendable {
     private let logger: Logger
     private let closed = Mutex(false)
     private let refusalLog = Mutex(LogThrottle())
+    /// Connections still authenticating; more than this at once cuts off the oldest.
+    public static let maxConcurrentHandshakes = 8
+    private let handshakes = PreAuthHandshakes(limit: TCPListener.maxConcurrentHandshakes)
 
     public init(host: String, port: UInt16, logger: Logger = Logger(label: "geminus.transport")) throws(GeminusError) {
         self.host = host
@@ -60,33 +63,80 @@ public final class TCPListener: @unchecked Sendable {
         }
     }
 
-    /// Waits up to `timeout` for a connection (nil if none came), then authenticates it within
-    /// `options.handshakeTimeout` and asks `admit` (nil to admit, else the reason to refuse).
+    /// Waits up to `timeout` for an authenticated connection (nil if none came), then asks
+    /// `admit` (nil to admit, else the reason to refuse). Connections authenticate on their
+    /// own threads within `options.handshakeTimeout` (`PreAuthHandshakes`), so a client that
+    /// stalls does not hold the others up; a failed handshake is logged and thrown.
+    /// `local` is the hello sent to the connections this call starts; one started by an
+    /// earlier call may finish in this one with that call's hello.
     public func accept(key: PairKey, local: PeerHello, admit: (PeerHello) -> String?, timeout: Duration,
                        options: LinkOptions = LinkOptions()) throws(GeminusError) -> FramedConnection? {
-        guard let (fd, remote) = try waitForConnection(deadlineNanos: timeout.deadlineFromNow) else { return nil }
-        let client = Socket(fd: fd)
-        do throws(GeminusError) {
-            let outcome = try Handshake.server(socket: client, key: key, local: local, admit: admit, remote: remote,
-                                               deadlineNanos: options.handshakeTimeout.deadlineFromNow,
-                                               timeout: options.handshakeTimeout)
-            logger.debug("accepted \(outcome.peer.role) of '\(outcome.peer.vmName)' from \(remote)")
-            return FramedConnection(socket: client, handshake: outcome, local: local,
-                                    remoteAddress: remote, options: options, logger: logger)
-        } catch {
-            client.release()
-            // The same refusal again (a misconfigured peer retrying) is logged every 10 s with a
-            // count, not on every attempt. The peer's port changes each time, so it is not part
-            // of what counts as "the same".
-            let repeats = refusalLog.withLock { $0.admit(error.message.replacingOccurrences(of: remote, with: ""), nowNanos: Monotonic.nanos()) }
-            if let repeats {
-                logger.warning("\(error.message)\(repeats > 0 ? " (and \(repeats) times more since this was last logged)" : "")")
+        let deadline = timeout.deadlineFromNow
+        while true {
+            if let finished = handshakes.take() {
+                return try complete(finished.result, remote: finished.remote, admit: admit, options: options)
             }
+            switch try waitForConnection(deadlineNanos: deadline) {
+            case .timedOut:
+                return nil
+            case .handshakeFinished:
+                handshakes.drainWake()
+            case .connection(let fd, let remote):
+                let client = Socket(fd: fd)
+                let handshakeDeadline = options.handshakeTimeout.deadlineFromNow
+                let handshakeTimeout = options.handshakeTimeout
+                let evicted = handshakes.start(client, remote: remote) {
+                    do throws(GeminusError) {
+                        return .success(try Handshake.serverAuthenticate(socket: client, key: key, local: local, remote: remote,
+                                                                         deadlineNanos: handshakeDeadline, timeout: handshakeTimeout))
+                    } catch {
+                        client.release()
+                        return .failure(error)
+                    }
+                }
+                if let evicted {
+                    logRefusal("\(handshakes.limit) unauthenticated connections at once: cut off the oldest, from \(evicted), to make room (someone is connecting and stalling)", remote: evicted)
+                }
+            }
+        }
+    }
+
+    private func complete(_ result: PreAuthHandshakes.Result, remote: String, admit: (PeerHello) -> String?,
+                          options: LinkOptions) throws(GeminusError) -> FramedConnection {
+        do throws(GeminusError) {
+            let authenticated = try result.get()
+            do throws(GeminusError) {
+                let outcome = try authenticated.finish(admit: admit, timeout: options.handshakeTimeout)
+                logger.debug("accepted \(outcome.peer.role) of '\(outcome.peer.vmName)' from \(remote)")
+                return FramedConnection(socket: authenticated.socket, handshake: outcome, local: authenticated.localHello,
+                                        remoteAddress: remote, options: options, logger: logger)
+            } catch {
+                authenticated.release()
+                throw error
+            }
+        } catch {
+            logRefusal(error.message, remote: remote)
             throw error
         }
     }
 
-    private func waitForConnection(deadlineNanos: UInt64) throws(GeminusError) -> (Int32, String)? {
+    /// The same refusal again (a misconfigured peer retrying) is logged every 10 s with a
+    /// count, not on every attempt. The peer's port changes each time, so it is not part of
+    /// what counts as "the same".
+    private func logRefusal(_ message: String, remote: String) {
+        let repeats = refusalLog.withLock { $0.admit(message.replacingOccurrences(of: remote, with: ""), nowNanos: Monotonic.nanos()) }
+        if let repeats {
+            logger.warning("\(message)\(repeats > 0 ? " (and \(repeats) times more since this was last logged)" : "")")
+        }
+    }
+
+    private enum Waited {
+        case connection(Int32, String)
+        case handshakeFinished
+        case timedOut
+    }
+
+    private func waitForConnection(deadlineNanos: UInt64) throws(GeminusError) -> Waited {
         // Holding a reference keeps the descriptor number ours even if close() runs meanwhile.
         guard socket.retainIfOpen() else { throw closedError }
         defer { socket.release() }
@@ -104,15 +154,16 @@ public final class TCPListener: @unchecked Sendable {
                 // agent that forks in this instant leaks the descriptor into the child, and
                 // close() shuts the connection down regardless.
                 _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-                return (fd, address.description)
+                return .connection(fd, address.description)
             }
             let e = errno
             switch e {
             case EAGAIN, EWOULDBLOCK:
-                switch socket.waitUntil(Int16(POLLIN), deadlineNanos: deadlineNanos) {
-                case .timedOut: return nil
+                switch pollListenerAndWake(deadlineNanos: deadlineNanos) {
+                case .timedOut: return .timedOut
                 case .failed(let pe): throw GeminusError(.io, "waiting for connections on \(host):\(port) failed: \(Socket.describe(errno: pe))")
-                default: continue
+                case .woken: return .handshakeFinished
+                case .readable: continue
                 }
             case EINTR, ECONNABORTED, EPROTO:
                 continue
@@ -124,6 +175,28 @@ public final class TCPListener: @unchecked Sendable {
             default:
                 throw GeminusError(.io, "cannot accept a connection on \(host):\(port): \(Socket.describe(errno: e))")
             }
+        }
+    }
+
+    private enum Polled { case readable, woken, timedOut, failed(Int32) }
+
+    /// Polls the listening socket and the handshakes' wake pipe, in slices of at most 100 ms
+    /// so that `close()` is noticed.
+    private func pollListenerAndWake(deadlineNanos: UInt64) -> Polled {
+        var fds = [pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: handshakes.wakeFDs[0], events: Int16(POLLIN), revents: 0)]
+        while true {
+            let now = Monotonic.nanos()
+            if now >= deadlineNanos { return .timedOut }
+            if closed.withLock({ $0 }) { return .readable }
+            let millis = Int32(min((deadlineNanos - now + 999_999) / 1_000_000, 100))
+            let n = poll(&fds, 2, millis)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return .failed(errno)
+            }
+            if fds[1].revents != 0 { return .woken }
+            if fds[0].revents != 0 { return .readable }
         }
     }
 
@@ -139,6 +212,7 @@ public final class TCPListener: @unchecked Sendable {
             return !c
         }
         guard first else { return }
+        handshakes.close()
         socket.shutdown()
         socket.release()
     }

@@ -57,6 +57,39 @@ import Testing
         #expect(error.message.contains("is closed"))
     }
 
+    /// Review finding M1: clients that connect, send part of a hello and stall must not keep
+    /// the primary out. One handshake at a time made each of them hold the port for the whole
+    /// handshake timeout (20 of them: 40 s); now they authenticate side by side, the oldest
+    /// cut off when all slots are taken.
+    @Test func stallingClientsDoNotKeepThePrimaryOut() throws {
+        let key = try makeKey()
+        let listener = try TCPListener(host: "127.0.0.1", port: 0)
+        defer { listener.close() }
+        let accepting = Background { () -> FramedConnection? in
+            let until = Monotonic.nanos() + 20_000_000_000
+            while Monotonic.nanos() < until {
+                if let c = try? listener.accept(key: key, local: secondaryHello(), admit: { _ in nil }, timeout: .milliseconds(200)) {
+                    return c
+                }
+            }
+            return nil
+        }
+        var stalled: [Int32] = []
+        defer { stalled.forEach { close($0) } }
+        for _ in 0..<20 {
+            let fd = try rawConnect(port: listener.port)
+            rawSend(fd, Array("GMNS".utf8))
+            stalled.append(fd)
+        }
+        Monotonic.sleep(nanos: 100_000_000)
+        let start = Monotonic.nanos()
+        let client = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: primaryHello(), timeout: .seconds(5))
+        defer { client.close() }
+        #expect(elapsedMillis(since: start) < 1000)
+        let server = try #require(accepting.wait(seconds: 10) ?? nil)
+        server.close()
+    }
+
     @Test func localhostAndIPv6Work() throws {
         let key = try makeKey()
         let listener = try TCPListener(host: "localhost", port: 0)
