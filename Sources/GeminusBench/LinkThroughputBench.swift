@@ -10,7 +10,12 @@ import Glibc
 /// same run: how much of the machine's loopback the checkpoint stream can use.
 public struct LinkThroughputBench: Sendable {
     public struct Result: Sendable {
+        /// Sealed, as the agents run it.
         public var geminusBytesPerSecond = 0.0
+        /// The same link with sealing off (a bench-only setting): what sealing costs.
+        public var unsealedBytesPerSecond = 0.0
+        /// AES-256-GCM sealing alone on one core, frames of the same size.
+        public var sealBytesPerSecondPerCore = 0.0
         public var iperf3BytesPerSecond: Double?
         public var iperf3Problem: String?
     }
@@ -25,7 +30,9 @@ public struct LinkThroughputBench: Sendable {
 
     public func run() throws(GeminusError) -> Result {
         var r = Result()
-        r.geminusBytesPerSecond = try framedThroughput()
+        r.geminusBytesPerSecond = try framedThroughput(sealed: true)
+        r.unsealedBytesPerSecond = try framedThroughput(sealed: false)
+        r.sealBytesPerSecondPerCore = SealingSpeed.bytesPerSecond(frameBytes: frameBytes, seconds: min(seconds, 1))
         do throws(GeminusError) {
             r.iperf3BytesPerSecond = try iperf3Throughput()
         } catch {
@@ -34,8 +41,8 @@ public struct LinkThroughputBench: Sendable {
         return r
     }
 
-    func framedThroughput() throws(GeminusError) -> Double {
-        let pair = try LoopbackPair()
+    func framedThroughput(sealed: Bool) throws(GeminusError) -> Double {
+        let pair = try LoopbackPair(sealed: sealed)
         defer { pair.close() }
         let received = OneShot<(bytes: Int, nanos: UInt64)>()
         let server = pair.server
@@ -102,7 +109,12 @@ final class LoopbackPair: @unchecked Sendable {
     let client: FramedConnection
     let server: FramedConnection
 
-    init() throws(GeminusError) {
+    init(sealed: Bool = true) throws(GeminusError) {
+        let options = { () -> LinkOptions in
+            var o = LinkOptions()
+            o.sealFrames = sealed
+            return o
+        }()
         let dir = NSTemporaryDirectory() + "/geminus-bench-link-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -116,10 +128,11 @@ final class LoopbackPair: @unchecked Sendable {
         }
         let accepted = OneShot<FramedConnection?>()
         let acceptor = Thread {
-            accepted.set(try? listener.accept(key: key, local: hello(.secondary), admit: { _ in nil }, timeout: .seconds(10)))
+            accepted.set(try? listener.accept(key: key, local: hello(.secondary), admit: { _ in nil }, timeout: .seconds(10), options: options))
         }
         acceptor.start()
-        client = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: hello(.primary), timeout: .seconds(10))
+        client = try TCPDialer.connect(host: "127.0.0.1", port: listener.port, key: key, local: hello(.primary), timeout: .seconds(10),
+                                       options: options)
         guard let s = accepted.wait() else {
             client.close()
             throw GeminusError(.io, "the benchmark's loopback secondary did not accept the connection")

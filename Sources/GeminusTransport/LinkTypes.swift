@@ -11,6 +11,10 @@ public struct LinkOptions: Sendable {
     public var heartbeatInterval: Duration
     /// Bound on the listening side's handshake, so a silent client cannot hold the acceptor.
     public var handshakeTimeout: Duration
+    /// Off only in `geminus bench`, to measure what sealing costs against the same link in
+    /// the clear; both ends must agree. Not reachable from any agent option: protocol v2
+    /// has no unsealed mode.
+    package var sealFrames = true
 
     public init(outboundLimitBytes: Int = 64 << 20, inboundLimitBytes: Int = 64 << 20,
                 heartbeatInterval: Duration = .milliseconds(10), handshakeTimeout: Duration = .seconds(2)) {
