@@ -107,6 +107,9 @@ public final class AgentRuntime {
                 }
                 // This host's guest no longer runs: nothing from the network is for it.
                 destination.deliverInbound(to: nil)
+                if case .stoppedForSecondary(_, _, true) = outcome, let witness {
+                    awaitStopRecorded(witness, generation: run.generation, logger: logger)
+                }
                 guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
                 run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
             case .secondary:
@@ -197,6 +200,22 @@ public final class AgentRuntime {
             }
             Monotonic.sleep(nanos: 50_000_000)
         }
+    }
+
+    /// After an ordinary stop that handed the VM to the secondary: the stop notice went out with
+    /// it (`PrimaryNode.stopForSecondary`); waits a little for the witness to record it, since a
+    /// secondary that never hears it waits for this node to leave the cluster, which it may never
+    /// do (Corosync runs on), and the VM would stay down.
+    private func awaitStopRecorded(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, timeoutNanos: UInt64 = 3_000_000_000) {
+        let deadline = Monotonic.nanos() + timeoutNanos
+        while Monotonic.nanos() < deadline {
+            if let g = link.current?.view.stoppedGeneration, g >= generation {
+                logger.notice("the witness recorded that generation \(generation) of \(settings.vmName) stopped here: its secondary may take it over")
+                return
+            }
+            Monotonic.sleep(nanos: 20_000_000)
+        }
+        logger.error("the witness has not recorded within \(timeoutNanos / 1_000_000) ms that \(settings.vmName) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); its secondary takes over only once it hears it or this node leaves the cluster")
     }
 
     /// A primary starts only inside a quorate partition: outside one it must not run the VM.

@@ -78,7 +78,9 @@ public final class SecondaryAgent: @unchecked Sendable {
             standby: standby, clock: MonotonicClock(), acceptor: acceptor, witness: witness, events: sink, makePort: makePort)
         sink.record(.listening(vm: settings.vmName, host: settings.listenHost, port: Int(listener.port)))
         acceptor.start(board: node.admission)
-        let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000))
+        let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000)) { [board = node.standbyHealth] down in
+            board.down = down
+        }
         defer {
             node.finish()
             health.stop()
@@ -101,14 +103,17 @@ public final class SecondaryAgent: @unchecked Sendable {
 
 /// Asks the standby how it is about once a second on its own thread, so a standby QEMU or
 /// libvirt that hangs delays `geminus status`, never the apply loop (and so never the acks
-/// the primary's held output waits for).
+/// the primary's held output waits for). What it finds also goes to the node (`down`): a
+/// standby that is DOWN could not take over, and the primary must not count on it.
 final class StandbyHealthWatch: @unchecked Sendable {
     private let stopFlag = StopFlag()
 
-    init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int) {
+    init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int, down: @escaping @Sendable (String?) -> Void) {
         let t = Thread { [stopFlag] in
             while !stopFlag.isSet {
-                status.update(standby.checkHealth())
+                let health = standby.checkHealth()
+                status.update(health)
+                down(Self.downReason(health))
                 let until = Monotonic.nanos() + UInt64(intervalMillis) * 1_000_000
                 while !stopFlag.isSet && Monotonic.nanos() < until { Monotonic.sleep(nanos: 20_000_000) }
             }
@@ -118,6 +123,12 @@ final class StandbyHealthWatch: @unchecked Sendable {
     }
 
     func stop() { stopFlag.set() }
+
+    /// Why the standby is down, from what it said of itself (`geminus status` shows the same word).
+    static func downReason(_ health: [String: String]) -> String? {
+        guard let state = health["standby"], state.hasPrefix("DOWN") else { return nil }
+        return state
+    }
 }
 
 /// Accepts primaries on a background thread (a handshake can take a while and must not stall
