@@ -257,6 +257,7 @@ public final class PrimaryNode {
                                           payload: Array(reason.utf8.prefix(Nack.maxDetailBytes))))
             l.flush(maxNanos: 1_000_000_000)
             witness?.announceStopped(settings.generation)
+            awaitPeerClose(l)
         }
         events.record(.stoppedForSecondary(vm: settings.vmName, epoch, reason: reason, droppedPackets: dropped, guestStopped: stopped))
     }
@@ -291,6 +292,20 @@ public final class PrimaryNode {
         // Told only once the stop is checked: the node may rejoin the cluster with its
         // Corosync, and without this word its secondary would never win the VM back.
         if stopped { witness?.announceStopped(settings.generation) }
+    }
+
+    /// Waits (bounded) for the secondary to close the link on the stop notice, reading what it
+    /// sends meanwhile. Closing first with its acknowledgements unread would make this side's
+    /// TCP reset the connection, and a reset discards the notice from the secondary's receive
+    /// buffer before its agent reads it.
+    private func awaitPeerClose(_ l: any PeerLink, maxWaits: Int = 200) {
+        for _ in 0..<maxWaits {
+            switch l.receive() {
+            case .broken: return
+            case .frame: continue
+            case .idle: l.waitForInput(maxNanos: 10_000_000)
+            }
+        }
     }
 
     private func checkFenced() -> Bool {

@@ -165,7 +165,9 @@ public struct SecondaryMachine: Sendable {
             guard connected, state == .following else { return [] }
             primaryStoppedItsGuest = true
             state = .primarySilent(sinceNanos: now)
-            return [.notice(.primaryLost(reason: "the primary stopped its guest for good after checkpoint \(epoch) (\(reason))"))] + checkTakeover(now)
+            // Closing says "heard" to the primary, which waits for it before it closes its end.
+            return [.notice(.primaryLost(reason: "the primary stopped its guest for good after checkpoint \(epoch) (\(reason))")),
+                    .dropLink(reason: "the primary stopped")] + checkTakeover(now)
 
         case .standbyHealth(let down, _):
             guard down != standbyDown else { return [] }

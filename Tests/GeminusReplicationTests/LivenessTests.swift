@@ -185,6 +185,7 @@ private let ms: UInt64 = 1_000_000
         _ = m.handle(.primaryConnected(Generation(1), nowNanos: 0))
         _ = m.handle(.committed(Epoch(1), nowNanos: 1 * ms))
         let a = m.handle(.primaryStopped(Epoch(1), reason: "the agent was asked to stop", nowNanos: 5 * ms))
+        #expect(a.contains(.dropLink(reason: "the primary stopped")))
         #expect(a.last == .takeOver(from: Epoch(1), generation: Generation(2)))
     }
 
