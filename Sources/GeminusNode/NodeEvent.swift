@@ -35,8 +35,6 @@ public enum NodeEvent: Sendable {
     case resyncing(after: Epoch, RejectReason)
     /// The secondary holds `Epoch` of this generation from an earlier run of this agent.
     case continuesAfter(Epoch, generation: Generation)
-    /// The secondary's link is alive but it acknowledges nothing: its apply loop hangs.
-    case acknowledgementsStopped(reason: String)
     /// An ordinary stop handed the VM to the secondary (`PrimaryNode.stopForSecondary`).
     case stoppedForSecondary(vm: String, Epoch, reason: String, droppedPackets: Int, guestStopped: Bool)
     case epochDeferred(inFlight: Int, count: Int)
@@ -70,6 +68,8 @@ public enum NodeEvent: Sendable {
     /// A primary began an epoch at or below the one committed here (refused with a nack).
     case staleEpoch(Epoch, holds: Epoch, generation: Generation)
     case standbyDown(vm: String, reason: String)
+    /// The primary said on the link that it stopped its guest for good (`FrameKind.primaryStopped`).
+    case primarySaysStopped(Epoch, reason: String, arbitrated: Bool)
     case standbyBack(vm: String)
 
     // Both.
@@ -82,7 +82,8 @@ public enum NodeEvent: Sendable {
         case .transmitted, .acknowledged, .epochDeferred, .liveCommitted: return .trace
         case .liveCopied, .staleEpoch: return .info
         case .continuesAfter, .standbyBack: return .notice
-        case .acknowledgementsStopped, .standbyDown: return .error
+        case .standbyDown: return .error
+        case .primarySaysStopped: return .warning
         case .stoppedForSecondary(_, _, _, _, let stopped): return stopped ? .warning : .critical
         case .committed(_, _, let full): return full ? .notice : .trace
         case .primaryStarted, .connected, .primaryConnected, .listening, .witnessView, .primaryBack, .fullCopyProgress: return .notice
@@ -134,7 +135,7 @@ public enum NodeEvent: Sendable {
         case .liveCopied: return .liveCopy
         case .liveCommitted: return nil
         case .continuesAfter: return .resync
-        case .acknowledgementsStopped: return .acknowledgementsStopped
+        case .primarySaysStopped: return .primaryLost
         case .stoppedForSecondary: return .primaryStopped
         case .standbyDown: return .standbyDown
         case .standbyBack: return .standbyBack
@@ -166,7 +167,8 @@ public enum NodeEvent: Sendable {
         case .peerLost(let reason, _): return ["reason": .string(reason)]
         case .resyncing(let e, let r): return ["epoch": .int(e.rawValue), "reason": .string(r.description)]
         case .continuesAfter(let e, _): return ["epoch": .int(e.rawValue), "reason": .string("secondary-holds-newer")]
-        case .acknowledgementsStopped(let r), .standbyDown(_, let r): return ["reason": .string(r)]
+        case .standbyDown(_, let r): return ["reason": .string(r)]
+        case .primarySaysStopped(let e, let r, _): return ["reason": .string(r), "epoch": .int(e.rawValue), "primaryStopped": .bool(true)]
         case .stoppedForSecondary(_, let e, let r, let dropped, let stopped):
             return ["epoch": .int(e.rawValue), "reason": .string(r), "droppedPackets": .int(dropped), "guestStopped": .bool(stopped)]
         case .announceUnprotected(let g, let after): return ["generation": .int(g.rawValue), "after": .int(after.rawValue)]
@@ -215,7 +217,8 @@ public enum NodeEvent: Sendable {
         case .resyncing(let e, let r): return "secondary refused epoch \(e) (\(r)); sending a full checkpoint"
         case .continuesAfter(let e, let g):
             return "the secondary holds epoch \(e) of generation \(g), sent by an earlier run of this primary: numbering continues after it, with a full checkpoint"
-        case .acknowledgementsStopped(let r): return "secondary LOST: \(r)"
+        case .primarySaysStopped(let e, let r, let arbitrated):
+            return "the primary stopped its guest for good after checkpoint \(e) (\(r)): taking over without waiting out a silence\(arbitrated ? ", once the witness has the primary's stop notice" : "")"
         case .stoppedForSecondary(let vm, let e, let r, let dropped, let stopped):
             return stopped
                 ? "STOPPED \(vm) here (\(r)): the guest is stopped for good, \(dropped) held packets dropped, and the secondary told to take over from checkpoint \(e)"
@@ -291,7 +294,6 @@ public enum EventName: String, CaseIterable, Sendable, Codable {
     case primaryStarted = "primary-started"
     case progress = "progress"
     case protected = "protected"
-    case acknowledgementsStopped = "acknowledgements-stopped"
     case primaryStopped = "primary-stopped"
     case standbyDown = "standby-down"
     case standbyBack = "standby-back"

@@ -595,7 +595,6 @@ public final class PrimaryNode {
         case .peerLost(let reason): events.record(.peerLost(reason: reason, holdMillis: settings.machine.unprotectAfterNanos / 1_000_000))
         case .resyncing(let e, let reason): events.record(.resyncing(after: e, reason))
         case .continuesAfter(let e): events.record(.continuesAfter(e, generation: settings.generation))
-        case .acknowledgementsStopped(let reason): events.record(.acknowledgementsStopped(reason: reason))
         case .epochDeferred(let n):
             stats.deferredEpochs += 1
             events.record(.epochDeferred(inFlight: n, count: stats.deferredEpochs))

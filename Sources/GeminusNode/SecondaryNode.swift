@@ -325,6 +325,8 @@ public final class SecondaryNode {
                     events.record(.primaryLost(reason: reason, takeoverAfterMillis: settings.machine.takeoverAfterNanos / 1_000_000,
                                                arbitrated: settings.machine.arbitration != .none))
                 case .primaryBack: events.record(.primaryBack)
+                case .primaryStopped(let epoch, let reason):
+                    events.record(.primarySaysStopped(epoch, reason: reason, arbitrated: settings.machine.arbitration != .none))
                 case .cannotTakeOver(let reason): events.record(.cannotTakeOver(vm: settings.vmName, reason: reason))
                 case .awaitingArbitration(let reason): events.record(.awaitingArbitration(vm: settings.vmName, reason: reason))
                 case .standbyDown(let reason): events.record(.standbyDown(vm: settings.vmName, reason: reason))

@@ -174,8 +174,6 @@ public struct PrimaryMachine: Sendable {
         /// The secondary holds epoch `Epoch` of this generation, which this primary never sent
         /// (an earlier run of this primary's agent sent it): numbering continues after it.
         case continuesAfter(Epoch)
-        /// The connected secondary acknowledged nothing for too long; it is treated as lost.
-        case acknowledgementsStopped(reason: String)
         case epochDeferred(inFlight: Int)
         case staleAck(Epoch, Generation)
         case switchoverRefused(reason: String)
@@ -273,7 +271,7 @@ public struct PrimaryMachine: Sendable {
                     actions.append(.disconnect(reason: reason))
                     actions += losePeer(now, reason: reason)
                 } else if let reason = acknowledgementOverdue(now) {
-                    actions += [.notice(.acknowledgementsStopped(reason: reason)), .disconnect(reason: reason)]
+                    actions.append(.disconnect(reason: reason))
                     actions += losePeer(now, reason: reason)
                 } else {
                     actions += captureIfDue(now)

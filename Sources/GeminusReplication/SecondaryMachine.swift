@@ -66,6 +66,8 @@ public struct SecondaryMachine: Sendable {
     public enum Notice: Equatable, Sendable {
         case primaryLost(reason: String)
         case primaryBack
+        /// The primary said it stopped its guest for good after `Epoch`.
+        case primaryStopped(Epoch, reason: String)
         case cannotTakeOver(reason: String)
         /// The standby is down: nothing here could resume the VM, so the primary is let go (it
         /// runs unprotected by its usual rules) until the standby answers again.
@@ -166,8 +168,7 @@ public struct SecondaryMachine: Sendable {
             primaryStoppedItsGuest = true
             state = .primarySilent(sinceNanos: now)
             // Closing says "heard" to the primary, which waits for it before it closes its end.
-            return [.notice(.primaryLost(reason: "the primary stopped its guest for good after checkpoint \(epoch) (\(reason))")),
-                    .dropLink(reason: "the primary stopped")] + checkTakeover(now)
+            return [.notice(.primaryStopped(epoch, reason: reason)), .dropLink(reason: "the primary stopped")] + checkTakeover(now)
 
         case .standbyHealth(let down, _):
             guard down != standbyDown else { return [] }

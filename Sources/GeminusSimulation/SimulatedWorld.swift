@@ -107,6 +107,11 @@ extension PairSimulator {
             while toSecondary.receive(now: now) != nil {}
             return
         }
+        if s.applyHung {
+            // What arrives waits on the wire; the link thread's heartbeats go on.
+            if let l = s.link, !l.closed { heartbeat(l, from: s, generation: s.node.machine.generation, epoch: s.replica?.committedEpoch ?? .none) }
+            return
+        }
         var budget = readBudget.map { $0 - s.readDebtBytes } ?? Int.max
         var touchedReplica = false
         while secondary === s, budget > 0, let packet = toSecondary.receive(now: now) {
@@ -282,6 +287,25 @@ extension PairSimulator {
                 checkRelease(packet, byPrimary: node, held: held)
             }
         }
+    }
+
+    /// An ordinary stop of the primary's agent (SIGTERM): the node ends its role as the agent's
+    /// loop does on a stop request. Its host stays in the cluster (Corosync runs on).
+    public func stopPrimary() {
+        guard let p = primary, let node = p.node else { return }
+        note("world", "stop primary (its agent is asked to stop)", notable: true)
+        let outcome = node.finish(stopRequested: true)
+        note("primary", "stops: \(outcome)", notable: true)
+        p.isAlive = false
+        primary = nil
+        lostPrimary()
+    }
+
+    /// The secondary's apply loop hangs (`on`) or comes back.
+    public func hangSecondaryApply(_ on: Bool) {
+        guard let s = secondary, s.applyHung != on else { return }
+        s.applyHung = on
+        note("world", on ? "the secondary's apply loop hangs (its link still heartbeats)" : "the secondary's apply loop runs again", notable: true)
     }
 
     func crashPrimary(_ p: SimPrimaryHost, _ why: String) {

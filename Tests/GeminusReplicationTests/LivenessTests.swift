@@ -51,7 +51,6 @@ private let ms: UInt64 = 1_000_000
         #expect(m.epochsInFlight == 4)
         // The first epoch after the last ack went out at 25 ms: lost a little over 2 s later.
         #expect(at > 2_000 * ms && at <= 2_100 * ms)
-        #expect(actions.contains { if case .notice(.acknowledgementsStopped) = $0 { return true } else { return false } })
         #expect(actions.contains { if case .notice(.peerLost) = $0 { return true } else { return false } })
         #expect(m.protection == .peerLost(sinceNanos: at))
         // Then the usual rules: no witness here, so unprotected after the hold time.
