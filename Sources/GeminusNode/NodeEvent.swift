@@ -226,7 +226,7 @@ public enum NodeEvent: Sendable {
         case .staleEpoch(let e, let holds, let g):
             return "refused epoch \(e) of generation \(g): epoch \(holds) is held here already (a restarted primary, or a duplicate); the nack tells the primary where to continue"
         case .standbyDown(let vm, let r):
-            return "the standby of \(vm) is DOWN (\(r)): it could not take over, so the primary is let go (it runs unprotected) and dials are refused until the standby answers again"
+            return "the standby of \(vm) reports \(r): it could not take over, so the primary is let go (it runs unprotected) and dials are refused until the standby answers again"
         case .standbyBack(let vm): return "the standby of \(vm) answers again: the primary may connect and resynchronise"
         case .epochDeferred(let n, _): return "epoch deferred: \(n) epochs in flight (backpressure)"
         case .staleAck(let e, let g, let ours): return "ignored an acknowledgement of epoch \(e) from generation \(g) (this pair is at \(ours))"

@@ -40,7 +40,7 @@ public enum SecondaryAdmission {
             return "generation \(peer.generation) is stale: the pair is at generation \(state.generation) (this primary was deposed)"
         }
         if let why = state.standbyDown {
-            return "this secondary's standby is down (\(why)): it could not take over, so it protects nothing until the standby answers again (see `geminus status` on the secondary's host)"
+            return "this secondary's standby reports \(why): it could not take over, so it protects nothing until the standby answers again (see `geminus status` on the secondary's host)"
         }
         return nil
     }

@@ -137,6 +137,11 @@ public struct SecondaryMachine: Sendable {
 
         case .primaryDisconnected(let now, let reason):
             connected = false
+            if state == .following && letPrimaryGo {
+                // This node dropped it (its standby is down): no news of the primary.
+                state = .primarySilent(sinceNanos: lastHeardNanos)
+                return []
+            }
             if state == .following {
                 state = .primarySilent(sinceNanos: lastHeardNanos)
                 return [.notice(.primaryLost(reason: reason))] + checkTakeover(now)
@@ -183,7 +188,7 @@ public struct SecondaryMachine: Sendable {
             var actions: [Action] = [.notice(.standbyDown(reason: why))]
             if connected {
                 letPrimaryGo = true
-                actions.append(.dropLink(reason: "the standby is down (\(why)); the primary is let go until it answers again"))
+                actions.append(.dropLink(reason: "the standby reports \(why); the primary is let go until it answers again"))
             }
             return actions
 
@@ -228,7 +233,7 @@ public struct SecondaryMachine: Sendable {
             // The standby-down notice said it all when this node let the primary go.
             guard !reportedCannotTakeOver, !(standbyDown != nil && letPrimaryGo) else { return [] }
             reportedCannotTakeOver = true
-            let what = standbyDown != nil ? "the standby is down (\(why))" : why
+            let what = standbyDown != nil ? "the standby reports \(why)" : why
             return [.notice(.cannotTakeOver(reason: "\(what); nothing here can resume the VM. The VM is down: start it from the primary's host"))]
         }
         guard committedIsCurrent else {

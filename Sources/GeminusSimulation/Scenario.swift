@@ -14,7 +14,8 @@
 /// story shows what happens without it), `run 300ms|2s`, `crash primary before capture|during capture|after
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
 /// `stop primary` (an ordinary stop of its agent, as SIGTERM), `hang secondary` / `unhang secondary`
-/// (its apply loop stops while its link still heartbeats),
+/// (its apply loop stops while its link still heartbeats), `standby down` / `standby up` (what the
+/// secondary's standby health watch reports),
 /// `partition primary secondary` (both ways), `partition primary -> secondary` (one way),
 /// `heal`, `partition primary witness`, `partition secondary witness`, `heal witness` (both links), `heal primary|secondary witness`, `freeze primary 400ms`, `slow secondary 16KiB/ms`, `wall-clock jump -3600s`,
 /// `corrupt|duplicate|reorder|lose next N frames`, `corrupt next frame at byte 10`, `link delay 5ms..20ms`, and
@@ -131,6 +132,8 @@ public struct Scenario: Sendable {
             sim.hangSecondaryApply(true)
         case ("unhang", 2) where words[1] == "secondary":
             sim.hangSecondaryApply(false)
+        case ("standby", 2) where words[1] == "down" || words[1] == "up":
+            sim.setStandbyDown(words[1] == "down")
         case ("partition", 3) where words[1] == "primary" && words[2] == "secondary":
             sim.inject(.partition(primaryToSecondaryOnly: nil))
         case ("partition", 4) where words[2] == "->":

@@ -308,6 +308,13 @@ extension PairSimulator {
         note("world", on ? "the secondary's apply loop hangs (its link still heartbeats)" : "the secondary's apply loop runs again", notable: true)
     }
 
+    /// The secondary's standby health watch finds its standby DOWN (`down`) or answering again.
+    public func setStandbyDown(_ down: Bool) {
+        guard let s = secondary else { return }
+        note("world", down ? "the secondary's standby stops answering" : "the secondary's standby answers again", notable: true)
+        s.node.standbyHealth.down = down ? "DOWN (the standby QEMU does not answer)" : nil
+    }
+
     func crashPrimary(_ p: SimPrimaryHost, _ why: String) {
         guard p.isAlive else { return }
         count("primary-crash:\(p.armedCrash?.rawValue ?? "now")")

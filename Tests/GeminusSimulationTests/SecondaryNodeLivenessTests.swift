@@ -175,3 +175,37 @@ import GeminusReplication
         #expect(p.events.cannotTakeOver.first?.contains("Input/output error") == true)
     }
 }
+
+extension SecondaryNodeLivenessTests {
+    /// M3: a standby that is DOWN. Before, the secondary went on acknowledging (the health watch
+    /// only fed `geminus status`) and the primary said PROTECTED. Now the node drops the primary,
+    /// says why, and its admission refuses dials until the standby answers again.
+    @Test func aDownStandbyDropsThePrimaryAndRefusesItsDials() throws {
+        let p = try Pair()
+        try p.feed(Epoch(1), full: true, base: .none)
+        let request = AdmissionRequest(isPrimary: true, vmName: "vm", generation: Generation(1), guestPageCount: 256, platform: GuestPlatform())
+        func refusal() -> String? {
+            SecondaryAdmission.refusal(of: request, vmName: "vm", expectedPageCount: nil, platform: GuestPlatform(), state: p.node.admission.state)
+        }
+        #expect(refusal() == nil)
+
+        p.node.standbyHealth.down = "DOWN (the standby QEMU does not answer)"
+        p.clock.nowNanos += Self.ms
+        p.node.step()
+        #expect(p.link.closed)
+        #expect(p.events.all.contains { if case .standbyDown = $0 { return true } else { return false } })
+        #expect(refusal()?.contains("standby reports DOWN") == true)
+        // Its own silence afterwards takes nothing over, and says nothing more.
+        for _ in 0..<50 {
+            p.clock.nowNanos += 10 * Self.ms
+            p.node.step()
+        }
+        #expect(p.node.takeover == nil)
+        #expect(p.events.cannotTakeOver.isEmpty)
+
+        p.node.standbyHealth.down = nil
+        p.node.step()
+        #expect(refusal() == nil)
+        #expect(p.events.all.contains { if case .standbyBack = $0 { return true } else { return false } })
+    }
+}
