@@ -263,6 +263,10 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
     private(set) var paused = false
     private(set) var stopped = false
     private var justCaptured = false
+    /// Scenario faults: the next capture fails (a QMP timeout, a read error), the next resume
+    /// fails (`cont` refused).
+    var failNextCapture = false
+    var failNextResume = false
     /// The last offer of its pending output was refused (the output buffer is full).
     private(set) var stalled = false
 
@@ -281,6 +285,10 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
     }
 
     func resume() throws(GeminusError) {
+        if failNextResume {
+            failNextResume = false
+            throw GeminusError(.hypervisor, "QMP cont failed: the guest stays paused")
+        }
         if justCaptured, let h = host, h.armedCrash == .afterCapture {
             world.crashPrimary(h, "after capturing epoch \(h.node?.machine.lastCaptured ?? .none), before sending it")
         }
@@ -290,6 +298,10 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
 
     func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         precondition(paused, "capture while the guest runs would copy torn pages")
+        if failNextCapture {
+            failNextCapture = false
+            throw GeminusError(.timeout, "QMP query timed out after 2000 ms")
+        }
         try guest.capture(full: full, into: buffer)
         justCaptured = true
         recordCapture(buffer)

@@ -69,7 +69,9 @@ extension PairSimulator {
             // as good as gone.
             note("primary", "stops: \(node.outcome!)", notable: true)
             primary = nil
-            witness?.setRunning(.primary, false)
+            // An ordinary stop ends the agent only: its node stays in the cluster, and the
+            // secondary wins the VM through the stop notice, not through the node's absence.
+            if case .stoppedForSecondary = node.outcome! {} else { witness?.setRunning(.primary, false) }
             lostPrimary()
             return
         }
@@ -306,6 +308,14 @@ extension PairSimulator {
         guard let s = secondary, s.applyHung != on else { return }
         s.applyHung = on
         note("world", on ? "the secondary's apply loop hangs (its link still heartbeats)" : "the secondary's apply loop runs again", notable: true)
+    }
+
+    /// The primary's next capture fails (`capture`), or its next resume (`resume`).
+    public func failPrimaryNext(capture: Bool, resume: Bool) {
+        guard let p = primary else { return }
+        if capture { p.guest.failNextCapture = true }
+        if resume { p.guest.failNextResume = true }
+        note("world", "the primary's next \([capture ? "capture" : nil, resume ? "resume" : nil].compactMap { $0 }.joined(separator: " and ")) will fail", notable: true)
     }
 
     /// The secondary's standby health watch finds its standby DOWN (`down`) or answering again.
