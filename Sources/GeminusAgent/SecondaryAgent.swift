@@ -48,6 +48,8 @@ public final class SecondaryAgent: @unchecked Sendable {
     private let witness: (any WitnessLink)?
     /// What `geminus status` shows; the caller may serve it on a control socket.
     public let status: AgentStatus
+    /// Told (on the agent's loop) when a primary of a newer generation was let in.
+    public var generationChanged: ((Generation) -> Void)?
 
     public var boundPort: UInt16 { listener.port }
 
@@ -85,8 +87,13 @@ public final class SecondaryAgent: @unchecked Sendable {
             node.finish()
             health.stop()
         }
+        var generation = settings.generation
         while !stopFlag.isSet && Monotonic.nanos() < deadlineNanos && !node.isDone {
             node.step()
+            if node.machine.generation != generation, node.takeover == nil {
+                generation = node.machine.generation
+                generationChanged?(generation)
+            }
             if node.progressDue {
                 var fields = node.statusReport().mapValues(\.any)
                 fields["listen"] = "\(settings.listenHost):\(listener.port)"

@@ -112,4 +112,45 @@ import Testing
         #expect(tookOver != nil, "secondary's log: \((try? String(contentsOf: s.url.appendingPathComponent("s.log"), encoding: .utf8)) ?? "")")
         #expect(tookOver?["planned"] as? Bool == false)
     }
+
+    /// H1's second half: the agent of a primary that took the VM over (here by a planned
+    /// switchover, generation 2) dies and starts again. Before, every agent started at
+    /// generation 1 and its secondary, which follows generation 2, refused it as deposed: never
+    /// protected again. Now the agent keeps its generation beside its status socket
+    /// (`GenerationFile`), starts from it, and is protected again.
+    @Test func restartedPrimaryKeepsItsGeneration() throws {
+        let s = try Scratch()
+        defer { s.remove() }
+        let key = s.path("pair.key")
+        #expect(try GeminusBinary.run(["keygen", "--out", key]).status == 0)
+        // Long takeover bounds: only the switchover and the restart move anything.
+        let common = ["--vm", "ledger", "--key", key, "--events", "--log-level", "warning", "--arbitration", "none", "--ram-mib", "16",
+                      "--takeover-after-millis", "60000"]
+        let (portA, portB) = (try PlannedSwitchoverTests.freePort(), try PlannedSwitchoverTests.freePort())
+        let a = try AgentProcess(name: "A", executable: GeminusBinary.url,
+                                 arguments: ["agent", "--role", "primary", "--listen", "127.0.0.1:\(portA)", "--peer", "127.0.0.1:\(portB)",
+                                             "--status-socket", s.path("a.sock")] + common,
+                                 logFile: s.url.appendingPathComponent("a.log"))
+        defer { a.stop() }
+        let bArguments = ["--listen", "127.0.0.1:\(portB)", "--peer", "127.0.0.1:\(portA)", "--status-socket", s.path("b.sock")] + common
+        let b = try AgentProcess(name: "B", executable: GeminusBinary.url, arguments: ["agent", "--role", "secondary"] + bArguments,
+                                 logFile: s.url.appendingPathComponent("b1.log"))
+        defer { b.stop() }
+        try #require(a.wait(for: .protected, timeoutSeconds: 20) != nil)
+        let r = try GeminusBinary.run(["failover", "ledger", "--socket", s.path("a.sock"), "--json"], timeoutSeconds: 60)
+        #expect(r.status == 0, "\(r.stdout) \(r.stderr)")
+        // B runs the VM as generation 2; A follows it and is protecting it again.
+        try #require(b.wait(for: .protected, timeoutSeconds: 20) != nil)
+        #expect((try? String(contentsOfFile: s.path("b.generation"), encoding: .utf8)) == "2\n")
+
+        b.kill(SIGKILL)
+        b.process.waitUntilExit()
+        let restarted = try AgentProcess(name: "B2", executable: GeminusBinary.url, arguments: ["agent", "--role", "primary"] + bArguments,
+                                         logFile: s.url.appendingPathComponent("b2.log"))
+        defer { restarted.stop() }
+        let started = restarted.wait(for: .primaryStarted, timeoutSeconds: 10)
+        #expect(started?["generation"] as? Int == 2)
+        #expect(restarted.wait(for: .protected, timeoutSeconds: 20) != nil,
+                "restarted B's log: \((try? String(contentsOf: s.url.appendingPathComponent("b2.log"), encoding: .utf8)) ?? "")")
+    }
 }
