@@ -88,15 +88,18 @@ public final class AgentRuntime {
 
     private var ended: Bool { stopper.fired || Monotonic.nanos() >= settings.deadlineNanos }
 
+    private var generationFile: GenerationFile { GenerationFile.beside(statusSocket: server.path) }
+
     /// Runs role after role until stopped, the deadline, or a role that ends the process.
     public func run() throws {
-        var run = RoleRun(role: settings.role)
+        var run = RoleRun(role: settings.role, generation: try generationFile.read() ?? Generation(1))
         // A planned switchover swaps the roles: the old primary follows as the secondary
         // (on --listen), the new primary protects the VM by connecting to it (--peer).
         while true {
             let logger = Logger(label: "geminus.\(run.role.rawValue)")
             status.update(["role": run.role.rawValue, "state": "starting"])
             events.setRole(run.role.rawValue)
+            remember(run.generation, logger: logger)
             switch run.role {
             case .primary:
                 let outcome = try runPrimary(run, logger: logger)
@@ -154,6 +157,8 @@ public final class AgentRuntime {
                                                     counterAddress: settings.counterAddress, generation: run.generation)
         let (standby, cleanup) = try host.makeStandby(serial: run.serial, logger: logger, events: events)
         let secondary = try SecondaryAgent(settings: agentSettings, standby: standby, logger: logger, events: events, status: status, witness: witness)
+        // A primary of a newer generation was let in: a restart of this agent must refuse older ones.
+        secondary.generationChanged = { [self] generation in remember(generation, logger: logger) }
         stopper.onSignal { secondary.stop() }
         let limit = settings.outputLimitBytes, destination = self.destination
         guard let takeover = secondary.run(deadlineNanos: settings.deadlineNanos, makePort: { generation, epoch in
@@ -199,6 +204,18 @@ public final class AgentRuntime {
                 logger.warning("the witness does not know yet that \(settings.vmName) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); a secondary without word of it cannot take over")
             }
             Monotonic.sleep(nanos: 50_000_000)
+        }
+    }
+
+    /// Keeps `generation` for a restart of this agent (`GenerationFile`). A failure is said, not
+    /// fatal: the pair runs on; only a restart would start at an older generation.
+    private func remember(_ generation: Generation, logger: Logger) {
+        let file = generationFile
+        do throws(GeminusError) {
+            if try file.read() == generation { return }
+            try file.write(generation)
+        } catch {
+            logger.error("cannot keep generation \(generation) of \(settings.vmName) for a restart of this agent: \(error); restarted, it would start at an older generation and its peer would refuse it as deposed")
         }
     }
 
@@ -261,5 +278,64 @@ public final class StopOnSignal: @unchecked Sendable {
         lock.lock()
         action = a
         lock.unlock()
+    }
+}
+
+/// The pair's generation as this agent last knew it, in a small file beside its status socket
+/// (`/run/geminus/VM.generation` by default; `GenerationFile.beside(statusSocket:)`). A restarted
+/// agent starts from it: a primary that had taken the VM over (generation 2) and restarts with
+/// generation 1 is refused by its secondary as deposed, and never protected again. It lives as
+/// long as /run does: across agent restarts, not host reboots.
+public struct GenerationFile: Sendable {
+    public let path: String
+
+    public init(path: String) { self.path = path }
+
+    /// `/dir/VM.sock` → `/dir/VM.generation`.
+    public static func beside(statusSocket: String) -> GenerationFile {
+        let base = statusSocket.hasSuffix(".sock") ? String(statusSocket.dropLast(5)) : statusSocket
+        return GenerationFile(path: base + ".generation")
+    }
+
+    /// nil when there is no file. A file that is no generation (a symlink, too long, not a
+    /// positive number) is an error, not generation 1: guessing could depose the pair's primary.
+    public func read() throws(GeminusError) -> Generation? {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw GeminusError(.io, "cannot read the generation file \(path): \(String(cString: strerror(errno)))",
+                               fix: "remove it if it is not a regular file this agent wrote, then start the agent with the role it should have")
+        }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+        let text = n > 0 ? String(decoding: buffer[..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : ""
+        guard n > 0, n < buffer.count, let value = UInt64(text), value > 0 else {
+            throw GeminusError(.invalidArgument, "the generation file \(path) holds no generation number",
+                               fix: "remove it (the agent then starts at generation 1, and a secondary at a later generation refuses it as deposed)")
+        }
+        return Generation(value)
+    }
+
+    /// Replaces the file at once (written aside, synced, renamed over it): a crash leaves the old
+    /// generation or the new one, never a torn file.
+    public func write(_ generation: Generation) throws(GeminusError) {
+        let temporary = "\(path).\(getpid()).tmp"
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw GeminusError(.io, "cannot write the generation file \(temporary): \(String(cString: strerror(errno)))") }
+        let failure = writeFully(fd, Array("\(generation.rawValue)\n".utf8))
+        let synced = fsync(fd) == 0
+        close(fd)
+        guard failure == 0, synced, rename(temporary, path) == 0 else {
+            let e = failure != 0 ? failure : errno
+            unlink(temporary)
+            throw GeminusError(.io, "cannot write the generation file \(path): \(String(cString: strerror(e)))")
+        }
+        let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            fsync(dir)
+            close(dir)
+        }
     }
 }
