@@ -144,6 +144,8 @@ public final class AgentRuntime {
         if let witness { try awaitQuorum(witness) }
         let agent = try PrimaryAgent(settings: agentSettings, guest: guest, port: port, logger: logger, events: events, status: status, witness: witness)
         stopper.onSignal { agent.stop() }
+        // A signal that came during the role change (a takeover) is this agent's too.
+        if stopper.fired { agent.stop() }
         server.onSwitchover { agent.requestSwitchover() }
         defer { server.onSwitchover(nil) }
         return agent.run(deadlineNanos: settings.deadlineNanos)
@@ -160,6 +162,7 @@ public final class AgentRuntime {
         // A primary of a newer generation was let in: a restart of this agent must refuse older ones.
         secondary.generationChanged = { [self] generation in remember(generation, logger: logger) }
         stopper.onSignal { secondary.stop() }
+        if stopper.fired { secondary.stop() }
         let limit = settings.outputLimitBytes, destination = self.destination
         guard let takeover = secondary.run(deadlineNanos: settings.deadlineNanos, makePort: { generation, epoch in
             HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
