@@ -117,10 +117,15 @@ final class StandbyHealthWatch: @unchecked Sendable {
 
     init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int, down: @escaping @Sendable (String?) -> Void) {
         let t = Thread { [stopFlag] in
+            var downInARow = 0
             while !stopFlag.isSet {
                 let health = standby.checkHealth()
                 status.update(health)
-                down(Self.downReason(health))
+                // Twice in a row: one slow answer (a loaded host, a standby QEMU still starting)
+                // must not cost the primary its protection and a full resync.
+                let reason = Self.downReason(health)
+                downInARow = reason == nil ? 0 : downInARow + 1
+                down(downInARow >= Self.downChecksBeforeActing ? reason : nil)
                 let until = Monotonic.nanos() + UInt64(intervalMillis) * 1_000_000
                 while !stopFlag.isSet && Monotonic.nanos() < until { Monotonic.sleep(nanos: 20_000_000) }
             }
@@ -130,6 +135,8 @@ final class StandbyHealthWatch: @unchecked Sendable {
     }
 
     func stop() { stopFlag.set() }
+
+    static let downChecksBeforeActing = 2
 
     /// Why the standby is down, from what it said of itself (`geminus status` shows the same word).
     static func downReason(_ health: [String: String]) -> String? {
