@@ -197,6 +197,8 @@ public struct PrimaryMachine: Sendable {
     private var needsFull = true
     /// The next full copy may be live (the secondary holds no checkpoint to keep).
     private var nextFullMayBeLive = false
+    /// What the secondary said at the handshake: it holds a resumable checkpoint.
+    private var peerHoldsCheckpoint = true
     /// The live first copy under way: rounds done, pages of the last, whether another follows.
     public private(set) var liveCopy: LiveCopy?
 
@@ -238,6 +240,7 @@ public struct PrimaryMachine: Sendable {
         switch event {
         case .peerConnected(let now, let peerHoldsCheckpoint):
             nextFullMayBeLive = config.liveFirstCopy && (!peerHoldsCheckpoint || config.fullCopyMustBeLive)
+            self.peerHoldsCheckpoint = peerHoldsCheckpoint
             liveCopy = nil
             // The secondary will hold this generation's checkpoints from now on. (The agent has
             // armed the lease before it hands over a connection: `FenceWatch.arm`.)
@@ -459,7 +462,8 @@ public struct PrimaryMachine: Sendable {
         lastAcknowledged = held
         ackWaitSinceNanos = nil
         needsFull = true
-        nextFullMayBeLive = config.liveFirstCopy && config.fullCopyMustBeLive
+        // The replacement is copied as the first copy of this connection would have been.
+        nextFullMayBeLive = config.liveFirstCopy && (!peerHoldsCheckpoint || config.fullCopyMustBeLive)
         liveCopy = nil
         ignoreNacksBefore = held.next
         protection = .syncing(fullEpoch: held.next)

@@ -201,3 +201,24 @@ private let ms: UInt64 = 1_000_000
         #expect(b == [.takeOver(from: Epoch(2), generation: Generation(2))])
     }
 }
+
+extension LivenessTests {
+    /// The renumbered full copy is taken as this connection's first copy would have been: live
+    /// when the secondary said it holds no resumable checkpoint (the guest is never paused for a
+    /// whole copy of its RAM), paused when it holds one (kept whole until the new one commits).
+    @Test(arguments: [false, true])
+    func theRenumberedCopyIsLiveOnlyWhenNothingResumableIsHeld(peerHoldsCheckpoint: Bool) {
+        var m = PrimaryMachine(config: .init(liveFirstCopy: true), generation: Generation(1))
+        let first = m.handle(.peerConnected(nowNanos: 0, peerHoldsCheckpoint: peerHoldsCheckpoint))
+        // The secondary's nack comes while the first copy of the old numbering is being taken.
+        #expect(m.handle(.refused(Epoch(10), .stale, nowNanos: 1 * ms)) == [.notice(.continuesAfter(Epoch(10)))])
+        var next: [PrimaryMachine.Action] = []
+        switch first.first {
+        case .copyLive(let e, _)?: next = m.handle(.liveCopied(e, pages: 1, nowNanos: 1 * ms))
+        case .capture(let e, _)?: next = m.handle(.captured(e, nowNanos: 1 * ms))
+        default: Issue.record("no first copy: \(first)")
+        }
+        next += m.handle(.tick(nowNanos: 2 * ms))
+        #expect(next.first == (peerHoldsCheckpoint ? .capture(Epoch(11), full: true) : .copyLive(Epoch(11), full: true)))
+    }
+}
