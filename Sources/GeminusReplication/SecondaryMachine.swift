@@ -169,7 +169,9 @@ public struct SecondaryMachine: Sendable {
             return [.refuse(epoch, reason)]
 
         case .primaryStopped(let epoch, let reason, let now):
-            guard connected, state == .following else { return [] }
+            // Only a primary that stopped at a checkpoint held here: one that names a later
+            // epoch says it was acknowledged something this node never committed.
+            guard connected, state == .following, epoch <= committed else { return [] }
             primaryStoppedItsGuest = true
             state = .primarySilent(sinceNanos: now)
             // Closing says "heard" to the primary, which waits for it before it closes its end.

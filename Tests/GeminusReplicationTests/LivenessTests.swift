@@ -183,6 +183,8 @@ private let ms: UInt64 = 1_000_000
         var m = SecondaryMachine(config: .init(takeoverAfterNanos: 60_000 * ms), generation: Generation(1))
         _ = m.handle(.primaryConnected(Generation(1), nowNanos: 0))
         _ = m.handle(.committed(Epoch(1), nowNanos: 1 * ms))
+        // A stop at an epoch never committed here is no stop this node can act on.
+        #expect(m.handle(.primaryStopped(Epoch(2), reason: "forged", nowNanos: 4 * ms)).isEmpty)
         let a = m.handle(.primaryStopped(Epoch(1), reason: "the agent was asked to stop", nowNanos: 5 * ms))
         #expect(a.contains(.dropLink(reason: "the primary stopped")))
         #expect(a.last == .takeOver(from: Epoch(1), generation: Generation(2)))
