@@ -10,7 +10,10 @@ import GeminusCore
 /// - held output is released only through an acknowledged epoch, or all at once when the VM
 ///   has been declared unprotected (no secondary can resume it any more);
 /// - any doubt about what the secondary holds (a new connection, a nack) is answered with a
-///   full checkpoint;
+///   full checkpoint; a secondary that holds epochs this primary never sent (an earlier run of
+///   its agent) gets one numbered after them;
+/// - liveness is judged by acknowledgements, not only by the link: a connected secondary that
+///   acknowledges nothing for `ackTimeoutNanos` is lost like a silent one;
 /// - a planned switchover pauses the guest for good only after the secondary has acknowledged
 ///   the final checkpoint, and the guest runs here again only if the secondary says it did not
 ///   take over: never while the secondary might be running it.
