@@ -13,7 +13,8 @@
 /// Commands: `seed N`, then optionally `arbitration none` (the witness arbitrates unless a
 /// story shows what happens without it), `run 300ms|2s`, `crash primary before capture|during capture|after
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
-/// `stop primary` (an ordinary stop of its agent, as SIGTERM), `hang secondary` / `unhang secondary`
+/// `stop primary` (an ordinary stop of its agent, as SIGTERM), `restart primary` (its agent is
+/// killed and starts again while its guest runs on), `hang secondary` / `unhang secondary`
 /// (its apply loop stops while its link still heartbeats), `standby down` / `standby up` (what the
 /// secondary's standby health watch reports), `fail primary capture|resume|capture and resume` (its next one),
 /// `partition primary secondary` (both ways), `partition primary -> secondary` (one way),
@@ -126,6 +127,8 @@ public struct Scenario: Sendable {
             sim.inject(.crashSecondary)
         case ("restart", 2) where words[1] == "secondary":
             sim.inject(.restartSecondary)
+        case ("restart", 2) where words[1] == "primary":
+            sim.restartPrimaryAgent()
         case ("stop", 2) where words[1] == "primary":
             sim.stopPrimary()
         case ("hang", 2) where words[1] == "secondary":

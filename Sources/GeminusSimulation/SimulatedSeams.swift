@@ -257,7 +257,9 @@ final class WorldLease: LeaseControl {
 /// not paused. The crash points of `CrashPoint` that fall inside a capture fire here.
 final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
     let guest: SimulatedGuest
-    let port: any GuestOutputPort
+    /// Where its output goes: the port of the agent that protects it (a restarted agent brings
+    /// its own).
+    var port: any GuestOutputPort
     unowned let world: PairSimulator
     weak var host: SimPrimaryHost?
     private(set) var paused = false

@@ -16,6 +16,14 @@ extension PairSimulator {
                                  port: port, world: self)
         guest.host = host
         host.guest = guest
+        try startPrimaryAgent(host, port: port)
+        return host
+    }
+
+    /// The primary's agent on `host`: its node, dialer, witness link and lease, around the
+    /// host's guest. A restarted agent gets new ones and starts over at generation 1 epoch 1.
+    func startPrimaryAgent(_ host: SimPrimaryHost, port: HeldOutputPort) throws(GeminusError) {
+        let guest = host.guest!
         host.dialer = WorldDialer(world: self, host: host)
         if witness != nil { host.witnessLink = WorldWitnessLink(world: self, node: .primary, host: host) }
         host.lease = config.arbitration.timings.map { WorldLease(world: self, host: host, lease: PrimaryLease(timings: $0, watchesRing: config.ringLease)) }
@@ -24,7 +32,26 @@ extension PairSimulator {
                             outputLimitBytes: config.outputLimitBytes, progressIntervalNanos: .max / 2, soleCopyRedialNanos: config.redialNanos),
             guest: guest, port: port, clock: WorldClock(self), dialer: host.dialer, witness: host.witnessLink, lease: host.lease,
             events: WorldEvents(world: self, host: host, name: "primary"), maxFramePayload: config.maxFramePayload)
-        return host
+    }
+
+    /// The primary's agent dies (SIGKILL) and starts again; its guest runs on meanwhile (a
+    /// libvirt domain outlives its agent). What the old agent held is lost with it; its
+    /// connection ends as the kernel closes its socket.
+    public func restartPrimaryAgent() {
+        guard let p = primary, p.node != nil else { return }
+        note("world", "the primary's agent is killed and starts again (its guest runs on)", notable: true)
+        p.link?.close()
+        p.link = nil
+        p.dialer.stop()
+        let output = WorldOutput(world: self, resumed: false)
+        output.host = p
+        let port = HeldOutputPort(limitBytes: config.outputLimitBytes, destination: output, generation: Generation(1), openEpoch: Epoch(1))
+        p.guest.port = port
+        do {
+            try startPrimaryAgent(p, port: port)
+        } catch {
+            violate(.s1, "the restarted primary agent could not start: \(error)", onceAs: "restart-primary")
+        }
     }
 
     func makeSecondary(incarnation: Int) -> SimSecondaryHost {
