@@ -405,6 +405,7 @@ public final class PrimaryNode {
                 if capture(epoch, full: false, final: true) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
             case .transmit(let epoch, let base):
                 transmit(epoch, base: base)
+                pending += machine.handle(.transmitted(epoch, nowNanos: clock.nowNanos))
             case .releaseOutput(let epoch):
                 released(through: epoch)
             case .releaseAllOutput:

@@ -111,6 +111,9 @@ public struct PrimaryMachine: Sendable {
         /// `devicesPending`: a device's own first copy (a disk streaming through its mirror) is
         /// still under way, so the pause cannot end the live copy yet.
         case liveCopied(Epoch, pages: Int, devicesPending: Bool = false, nowNanos: UInt64)
+        /// The frames asked for by `.transmit` are all queued: the secondary can have the epoch
+        /// from now on (a full copy of a large guest takes seconds to send).
+        case transmitted(Epoch, nowNanos: UInt64)
         case acknowledged(Epoch, Generation, nowNanos: UInt64)
         /// A nack. For `.stale`, `Epoch` is the newest epoch the secondary holds (it refused an
         /// epoch at or below it); for every other reason, the epoch refused.
@@ -214,8 +217,10 @@ public struct PrimaryMachine: Sendable {
     private var ignoreNacksBefore: Epoch = .none
     private var nextEpochDueNanos: UInt64 = 0
     private var lastHeardNanos: UInt64 = 0
-    /// Since when the oldest unacknowledged epoch sent has waited (nil: nothing waits).
+    /// Since when the oldest unacknowledged epoch sent has waited (nil: nothing waits), and that
+    /// epoch while its frames are still being queued (its wait starts once they are).
     private var ackWaitSinceNanos: UInt64?
+    private var ackWaitEpoch: Epoch?
     /// Epochs that came due while `maxEpochsInFlight` were unacknowledged (each counted once).
     public private(set) var deferredEpochs = 0
     private var dueEpochDeferred = false
@@ -308,7 +313,7 @@ public struct PrimaryMachine: Sendable {
             case .syncing, .protected:
                 let base = lastTransmitted
                 lastTransmitted = epoch
-                if ackWaitSinceNanos == nil { ackWaitSinceNanos = now }
+                startAckWait(epoch, now)
                 if case .awaitingFinalAck(epoch, _) = switchover {
                     return [.transmit(epoch, base: base)]
                 }
@@ -331,7 +336,7 @@ public struct PrimaryMachine: Sendable {
             case .syncing, .protected:
                 let base = lastTransmitted
                 lastTransmitted = epoch
-                if ackWaitSinceNanos == nil { ackWaitSinceNanos = now }
+                startAckWait(epoch, now)
                 live.rounds += 1
                 // Another round while it shrinks the copy the pause must make; the first round
                 // copied everything, so what the guest wrote meanwhile is unknown yet: go on.
@@ -350,6 +355,13 @@ public struct PrimaryMachine: Sendable {
                 return []
             }
 
+        case .transmitted(let epoch, let now):
+            if epoch == ackWaitEpoch, ackWaitSinceNanos != nil {
+                ackWaitSinceNanos = now
+                ackWaitEpoch = nil
+            }
+            return []
+
         case .acknowledged(let epoch, let gen, let now):
             guard gen == generation else {
                 staleAcks += 1
@@ -363,6 +375,7 @@ public struct PrimaryMachine: Sendable {
             lastAcknowledged = epoch
             // The secondary is applying: the next epoch waiting gets a full bound from here.
             ackWaitSinceNanos = epoch < lastTransmitted ? now : nil
+            ackWaitEpoch = nil
             var actions: [Action] = [.releaseOutput(through: epoch)]
             // A live round's acknowledgement makes room in the window, nothing more: it is no checkpoint.
             if case .syncing(let full) = protection, liveCopy == nil, epoch >= full {
@@ -442,6 +455,14 @@ public struct PrimaryMachine: Sendable {
             nextEpochDueNanos = now
             return [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary declined: \(reason)"))] + captureIfDue(now)
         }
+    }
+
+    /// `epoch` goes out; when nothing else waits for an acknowledgement, its wait starts now (and
+    /// again when `.transmitted` says its last frame is queued).
+    private mutating func startAckWait(_ epoch: Epoch, _ now: UInt64) {
+        guard ackWaitSinceNanos == nil else { return }
+        ackWaitSinceNanos = now
+        ackWaitEpoch = epoch
     }
 
     /// Why the connected secondary counts as lost for want of acknowledgements, or nil. A planned

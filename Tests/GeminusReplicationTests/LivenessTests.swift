@@ -224,3 +224,22 @@ extension LivenessTests {
         #expect(next.first == (peerHoldsCheckpoint ? .capture(Epoch(11), full: true) : .copyLive(Epoch(11), full: true)))
     }
 }
+
+extension LivenessTests {
+    /// A full copy of a large guest takes a while to send: its acknowledgement deadline runs from
+    /// the moment its last frame is queued, not from the capture, or a copy that takes longer to
+    /// send than the bound would be called off every time and never finish.
+    @Test func theDeadlineOfASlowSendRunsFromItsEnd() {
+        var m = PrimaryMachine(config: .init(), generation: Generation(1))
+        #expect(Self.run(&m, .peerConnected(nowNanos: 0), now: 0) == [.capture(Epoch(1), full: true), .transmit(Epoch(1), base: .none)])
+        let sent = 50_000 * ms
+        _ = m.handle(.transmitted(Epoch(1), nowNanos: sent))
+        let bound = m.config.fullCopyAckTimeoutNanos
+        for now in [sent + bound - ms, sent + bound + ms] {
+            _ = m.handle(.heardFromPeer(nowNanos: now))
+            let a = m.handle(.tick(nowNanos: now))
+            let lost = a.contains { if case .disconnect = $0 { return true } else { return false } }
+            #expect(lost == (now > sent + bound), "at \(now / ms) ms: \(a)")
+        }
+    }
+}
