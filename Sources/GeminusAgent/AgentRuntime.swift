@@ -88,15 +88,18 @@ public final class AgentRuntime {
 
     private var ended: Bool { stopper.fired || Monotonic.nanos() >= settings.deadlineNanos }
 
+    private var generationFile: GenerationFile { GenerationFile.beside(statusSocket: server.path) }
+
     /// Runs role after role until stopped, the deadline, or a role that ends the process.
     public func run() throws {
-        var run = RoleRun(role: settings.role)
+        var run = RoleRun(role: settings.role, generation: try generationFile.read() ?? Generation(1))
         // A planned switchover swaps the roles: the old primary follows as the secondary
         // (on --listen), the new primary protects the VM by connecting to it (--peer).
         while true {
             let logger = Logger(label: "geminus.\(run.role.rawValue)")
             status.update(["role": run.role.rawValue, "state": "starting"])
             events.setRole(run.role.rawValue)
+            remember(run.generation, logger: logger)
             switch run.role {
             case .primary:
                 let outcome = try runPrimary(run, logger: logger)
@@ -107,6 +110,9 @@ public final class AgentRuntime {
                 }
                 // This host's guest no longer runs: nothing from the network is for it.
                 destination.deliverInbound(to: nil)
+                if case .stoppedForSecondary(_, _, true) = outcome, let witness {
+                    awaitStopRecorded(witness, generation: run.generation, logger: logger)
+                }
                 guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
                 run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
             case .secondary:
@@ -138,6 +144,8 @@ public final class AgentRuntime {
         if let witness { try awaitQuorum(witness) }
         let agent = try PrimaryAgent(settings: agentSettings, guest: guest, port: port, logger: logger, events: events, status: status, witness: witness)
         stopper.onSignal { agent.stop() }
+        // A signal that came during the role change (a takeover) is this agent's too.
+        if stopper.fired { agent.stop() }
         server.onSwitchover { agent.requestSwitchover() }
         defer { server.onSwitchover(nil) }
         return agent.run(deadlineNanos: settings.deadlineNanos)
@@ -151,7 +159,10 @@ public final class AgentRuntime {
                                                     counterAddress: settings.counterAddress, generation: run.generation)
         let (standby, cleanup) = try host.makeStandby(serial: run.serial, logger: logger, events: events)
         let secondary = try SecondaryAgent(settings: agentSettings, standby: standby, logger: logger, events: events, status: status, witness: witness)
+        // A primary of a newer generation was let in: a restart of this agent must refuse older ones.
+        secondary.generationChanged = { [self] generation in remember(generation, logger: logger) }
         stopper.onSignal { secondary.stop() }
+        if stopper.fired { secondary.stop() }
         let limit = settings.outputLimitBytes, destination = self.destination
         guard let takeover = secondary.run(deadlineNanos: settings.deadlineNanos, makePort: { generation, epoch in
             HeldOutputPort(limitBytes: limit, destination: destination, generation: generation, openEpoch: epoch)
@@ -199,6 +210,34 @@ public final class AgentRuntime {
         }
     }
 
+    /// Keeps `generation` for a restart of this agent (`GenerationFile`). A failure is said, not
+    /// fatal: the pair runs on; only a restart would start at an older generation.
+    private func remember(_ generation: Generation, logger: Logger) {
+        let file = generationFile
+        do throws(GeminusError) {
+            if try file.read() == generation { return }
+            try file.write(generation)
+        } catch {
+            logger.error("cannot keep generation \(generation) of \(settings.vmName) for a restart of this agent: \(error); restarted, it would start at an older generation and its peer would refuse it as deposed")
+        }
+    }
+
+    /// After an ordinary stop that handed the VM to the secondary: the stop notice went out with
+    /// it (`PrimaryNode.stopForSecondary`); waits a little for the witness to record it, since a
+    /// secondary that never hears it waits for this node to leave the cluster, which it may never
+    /// do (Corosync runs on), and the VM would stay down.
+    private func awaitStopRecorded(_ link: ClusterWitnessLink, generation: Generation, logger: Logger, timeoutNanos: UInt64 = 3_000_000_000) {
+        let deadline = Monotonic.nanos() + timeoutNanos
+        while Monotonic.nanos() < deadline {
+            if let g = link.current?.view.stoppedGeneration, g >= generation {
+                logger.notice("the witness recorded that generation \(generation) of \(settings.vmName) stopped here: its secondary may take it over")
+                return
+            }
+            Monotonic.sleep(nanos: 20_000_000)
+        }
+        logger.error("the witness has not recorded within \(timeoutNanos / 1_000_000) ms that \(settings.vmName) stopped here (\(link.current.map { "\($0.view)" } ?? "no view")); its secondary takes over only once it hears it or this node leaves the cluster")
+    }
+
     /// A primary starts only inside a quorate partition: outside one it must not run the VM.
     private func awaitQuorum(_ link: ClusterWitnessLink, timeoutNanos: UInt64 = 15_000_000_000) throws {
         let deadline = Monotonic.nanos() + timeoutNanos
@@ -242,5 +281,64 @@ public final class StopOnSignal: @unchecked Sendable {
         lock.lock()
         action = a
         lock.unlock()
+    }
+}
+
+/// The pair's generation as this agent last knew it, in a small file beside its status socket
+/// (`/run/geminus/VM.generation` by default; `GenerationFile.beside(statusSocket:)`). A restarted
+/// agent starts from it: a primary that had taken the VM over (generation 2) and restarts with
+/// generation 1 is refused by its secondary as deposed, and never protected again. It lives as
+/// long as /run does: across agent restarts, not host reboots.
+public struct GenerationFile: Sendable {
+    public let path: String
+
+    public init(path: String) { self.path = path }
+
+    /// `/dir/VM.sock` → `/dir/VM.generation`.
+    public static func beside(statusSocket: String) -> GenerationFile {
+        let base = statusSocket.hasSuffix(".sock") ? String(statusSocket.dropLast(5)) : statusSocket
+        return GenerationFile(path: base + ".generation")
+    }
+
+    /// nil when there is no file. A file that is no generation (a symlink, too long, not a
+    /// positive number) is an error, not generation 1: guessing could depose the pair's primary.
+    public func read() throws(GeminusError) -> Generation? {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw GeminusError(.io, "cannot read the generation file \(path): \(String(cString: strerror(errno)))",
+                               fix: "remove it if it is not a regular file this agent wrote, then start the agent with the role it should have")
+        }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 64)
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+        let text = n > 0 ? String(decoding: buffer[..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : ""
+        guard n > 0, n < buffer.count, let value = UInt64(text), value > 0 else {
+            throw GeminusError(.invalidArgument, "the generation file \(path) holds no generation number",
+                               fix: "remove it (the agent then starts at generation 1, and a secondary at a later generation refuses it as deposed)")
+        }
+        return Generation(value)
+    }
+
+    /// Replaces the file at once (written aside, synced, renamed over it): a crash leaves the old
+    /// generation or the new one, never a torn file.
+    public func write(_ generation: Generation) throws(GeminusError) {
+        let temporary = "\(path).\(getpid()).tmp"
+        unlink(temporary)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw GeminusError(.io, "cannot write the generation file \(temporary): \(String(cString: strerror(errno)))") }
+        let failure = writeFully(fd, Array("\(generation.rawValue)\n".utf8))
+        let synced = fsync(fd) == 0
+        close(fd)
+        guard failure == 0, synced, rename(temporary, path) == 0 else {
+            let e = failure != 0 ? failure : errno
+            unlink(temporary)
+            throw GeminusError(.io, "cannot write the generation file \(path): \(String(cString: strerror(e)))")
+        }
+        let dir = open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if dir >= 0 {
+            fsync(dir)
+            close(dir)
+        }
     }
 }

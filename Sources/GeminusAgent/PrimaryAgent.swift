@@ -127,6 +127,8 @@ public final class PrimaryAgent: @unchecked Sendable {
             case .selfFenced(_, _, let reason, _, _, _):
                 status.update(["state": "self-fenced", "fenceReason": reason])
                 stopFlag.set()
+            case .stoppedForSecondary(_, let epoch, let reason, _, let stopped):
+                status.update(["state": stopped ? "stopped-for-secondary" : "stopped", "stoppedAt": epoch.rawValue, "stopReason": reason])
             default:
                 break
             }
@@ -142,7 +144,9 @@ public final class PrimaryAgent: @unchecked Sendable {
             if node.outcome != nil { break }
             if !node.waitForInput(maxNanos: 1_000_000) { Monotonic.sleep(nanos: 1_000_000) }
         }
-        let outcome = node.finish()
+        // A stop asked for (SIGTERM) hands the VM to a following secondary; a deadline (tests,
+        // the demo) only ends the run.
+        let outcome = node.finish(stopRequested: stopFlag.isSet)
         switchoverRequests.finish(SwitchoverResult(ok: false, message: "the agent stopped before the switchover finished"))
         return outcome
     }

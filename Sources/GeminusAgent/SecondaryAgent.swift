@@ -48,6 +48,8 @@ public final class SecondaryAgent: @unchecked Sendable {
     private let witness: (any WitnessLink)?
     /// What `geminus status` shows; the caller may serve it on a control socket.
     public let status: AgentStatus
+    /// Told (on the agent's loop) when a primary of a newer generation was let in.
+    public var generationChanged: ((Generation) -> Void)?
 
     public var boundPort: UInt16 { listener.port }
 
@@ -78,13 +80,20 @@ public final class SecondaryAgent: @unchecked Sendable {
             standby: standby, clock: MonotonicClock(), acceptor: acceptor, witness: witness, events: sink, makePort: makePort)
         sink.record(.listening(vm: settings.vmName, host: settings.listenHost, port: Int(listener.port)))
         acceptor.start(board: node.admission)
-        let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000))
+        let health = StandbyHealthWatch(standby: standby, status: status, intervalMillis: max(settings.progressIntervalMillis, 1000)) { [board = node.standbyHealth] down in
+            board.down = down
+        }
         defer {
             node.finish()
             health.stop()
         }
+        var generation = settings.generation
         while !stopFlag.isSet && Monotonic.nanos() < deadlineNanos && !node.isDone {
             node.step()
+            if node.machine.generation != generation, node.takeover == nil {
+                generation = node.machine.generation
+                generationChanged?(generation)
+            }
             if node.progressDue {
                 var fields = node.statusReport().mapValues(\.any)
                 fields["listen"] = "\(settings.listenHost):\(listener.port)"
@@ -101,14 +110,22 @@ public final class SecondaryAgent: @unchecked Sendable {
 
 /// Asks the standby how it is about once a second on its own thread, so a standby QEMU or
 /// libvirt that hangs delays `geminus status`, never the apply loop (and so never the acks
-/// the primary's held output waits for).
+/// the primary's held output waits for). What it finds also goes to the node (`down`): a
+/// standby that is DOWN could not take over, and the primary must not count on it.
 final class StandbyHealthWatch: @unchecked Sendable {
     private let stopFlag = StopFlag()
 
-    init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int) {
+    init(standby: any StandbyHost, status: AgentStatus, intervalMillis: Int, down: @escaping @Sendable (String?) -> Void) {
         let t = Thread { [stopFlag] in
+            var downInARow = 0
             while !stopFlag.isSet {
-                status.update(standby.checkHealth())
+                let health = standby.checkHealth()
+                status.update(health)
+                // Twice in a row: one slow answer (a loaded host, a standby QEMU still starting)
+                // must not cost the primary its protection and a full resync.
+                let reason = Self.downReason(health)
+                downInARow = reason == nil ? 0 : downInARow + 1
+                down(downInARow >= Self.downChecksBeforeActing ? reason : nil)
                 let until = Monotonic.nanos() + UInt64(intervalMillis) * 1_000_000
                 while !stopFlag.isSet && Monotonic.nanos() < until { Monotonic.sleep(nanos: 20_000_000) }
             }
@@ -118,6 +135,14 @@ final class StandbyHealthWatch: @unchecked Sendable {
     }
 
     func stop() { stopFlag.set() }
+
+    static let downChecksBeforeActing = 2
+
+    /// Why the standby is down, from what it said of itself (`geminus status` shows the same word).
+    static func downReason(_ health: [String: String]) -> String? {
+        guard let state = health["standby"], state.hasPrefix("DOWN") else { return nil }
+        return state
+    }
 }
 
 /// Accepts primaries on a background thread (a handshake can take a while and must not stall

@@ -33,6 +33,10 @@ public enum NodeEvent: Sendable {
     case releasedAll(vm: String, packets: Int)
     case peerLost(reason: String, holdMillis: UInt64)
     case resyncing(after: Epoch, RejectReason)
+    /// The secondary holds `Epoch` of this generation from an earlier run of this agent.
+    case continuesAfter(Epoch, generation: Generation)
+    /// An ordinary stop handed the VM to the secondary (`PrimaryNode.stopForSecondary`).
+    case stoppedForSecondary(vm: String, Epoch, reason: String, droppedPackets: Int, guestStopped: Bool)
     case epochDeferred(inFlight: Int, count: Int)
     case staleAck(Epoch, Generation, ours: Generation)
     case outputStalled(vm: String, limitBytes: Int, times: Int)
@@ -61,6 +65,12 @@ public enum NodeEvent: Sendable {
     case awaitingArbitration(vm: String, reason: String)
     case tookOver(vm: String, from: Epoch, generation: Generation, planned: Bool, resumeMicros: UInt64, counter: UInt64?)
     case resumeFailedDown(String)
+    /// A primary began an epoch at or below the one committed here (refused with a nack).
+    case staleEpoch(Epoch, holds: Epoch, generation: Generation)
+    case standbyDown(vm: String, reason: String)
+    /// The primary said on the link that it stopped its guest for good (`FrameKind.primaryStopped`).
+    case primarySaysStopped(Epoch, reason: String, arbitrated: Bool)
+    case standbyBack(vm: String)
 
     // Both.
     case witnessView(WitnessView)
@@ -70,7 +80,11 @@ public enum NodeEvent: Sendable {
         switch self {
         case .captured(_, let full, _, _, _, _): return full ? .notice : .trace
         case .transmitted, .acknowledged, .epochDeferred, .liveCommitted: return .trace
-        case .liveCopied: return .info
+        case .liveCopied, .staleEpoch: return .info
+        case .continuesAfter, .standbyBack: return .notice
+        case .standbyDown: return .error
+        case .primarySaysStopped: return .warning
+        case .stoppedForSecondary(_, _, _, _, let stopped): return stopped ? .warning : .critical
         case .committed(_, _, let full): return full ? .notice : .trace
         case .primaryStarted, .connected, .primaryConnected, .listening, .witnessView, .primaryBack, .fullCopyProgress: return .notice
         case .fullCopyStarted, .switchoverRequested, .protected, .handoverSent, .handoverRequested: return .notice
@@ -120,6 +134,12 @@ public enum NodeEvent: Sendable {
         case .witnessView: return .witnessView
         case .liveCopied: return .liveCopy
         case .liveCommitted: return nil
+        case .continuesAfter: return .resync
+        case .primarySaysStopped: return .primaryLost
+        case .stoppedForSecondary: return .primaryStopped
+        case .standbyDown: return .standbyDown
+        case .standbyBack: return .standbyBack
+        case .staleEpoch: return nil
         case .notProtectingYet, .transmitted, .fullCopyStarted, .fullCopiesLive, .releasedAll, .epochDeferred, .staleAck, .outputStalled,
              .primaryRefused, .replicaUnavailable, .primaryBack, .tookOver: return nil
         }
@@ -146,6 +166,11 @@ public enum NodeEvent: Sendable {
         case .acknowledged(let e, _), .protected(_, let e), .handoverSent(_, let e), .handoverRequested(_, let e): return ["epoch": .int(e.rawValue)]
         case .peerLost(let reason, _): return ["reason": .string(reason)]
         case .resyncing(let e, let r): return ["epoch": .int(e.rawValue), "reason": .string(r.description)]
+        case .continuesAfter(let e, _): return ["epoch": .int(e.rawValue), "reason": .string("secondary-holds-newer")]
+        case .standbyDown(_, let r): return ["reason": .string(r)]
+        case .primarySaysStopped(let e, let r, _): return ["reason": .string(r), "epoch": .int(e.rawValue), "primaryStopped": .bool(true)]
+        case .stoppedForSecondary(_, let e, let r, let dropped, let stopped):
+            return ["epoch": .int(e.rawValue), "reason": .string(r), "droppedPackets": .int(dropped), "guestStopped": .bool(stopped)]
         case .announceUnprotected(let g, let after): return ["generation": .int(g.rawValue), "after": .int(after.rawValue)]
         case .switchoverRefused(let r), .switchoverAborted(_, let r): return ["reason": .string(r)]
         case .handedOver(_, let e, let g, let paused):
@@ -190,6 +215,19 @@ public enum NodeEvent: Sendable {
         case .releasedAll(let vm, let n): return "\(vm) is UNPROTECTED; released \(n) held packets"
         case .peerLost(let reason, let hold): return "secondary lost (\(reason)); holding output for up to \(hold) ms"
         case .resyncing(let e, let r): return "secondary refused epoch \(e) (\(r)); sending a full checkpoint"
+        case .continuesAfter(let e, let g):
+            return "the secondary holds epoch \(e) of generation \(g), sent by an earlier run of this primary: numbering continues after it, with a full checkpoint"
+        case .primarySaysStopped(let e, let r, let arbitrated):
+            return "the primary stopped its guest for good after checkpoint \(e) (\(r)): taking over without waiting out a silence\(arbitrated ? ", once the witness has the primary's stop notice" : "")"
+        case .stoppedForSecondary(let vm, let e, let r, let dropped, let stopped):
+            return stopped
+                ? "STOPPED \(vm) here (\(r)): the guest is stopped for good, \(dropped) held packets dropped, and the secondary told to take over from checkpoint \(e)"
+                : "STOPPED \(vm) here (\(r)), but the guest could not be confirmed stopped, so the secondary was not told to take over: check this host (is the guest still running?) and stop it by hand"
+        case .staleEpoch(let e, let holds, let g):
+            return "refused epoch \(e) of generation \(g): epoch \(holds) is held here already (a restarted primary, or a duplicate); the nack tells the primary where to continue"
+        case .standbyDown(let vm, let r):
+            return "the standby of \(vm) reports \(r): it could not take over, so the primary is let go (it runs unprotected) and dials are refused until the standby answers again"
+        case .standbyBack(let vm): return "the standby of \(vm) answers again: the primary may connect and resynchronise"
         case .epochDeferred(let n, _): return "epoch deferred: \(n) epochs in flight (backpressure)"
         case .staleAck(let e, let g, let ours): return "ignored an acknowledgement of epoch \(e) from generation \(g) (this pair is at \(ours))"
         case .outputStalled(let vm, let limit, let times):
@@ -256,6 +294,9 @@ public enum EventName: String, CaseIterable, Sendable, Codable {
     case primaryStarted = "primary-started"
     case progress = "progress"
     case protected = "protected"
+    case primaryStopped = "primary-stopped"
+    case standbyDown = "standby-down"
+    case standbyBack = "standby-back"
     case rejected = "rejected"
     case resync = "resync"
     case selfFenced = "self-fenced"

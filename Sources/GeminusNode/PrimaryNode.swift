@@ -51,6 +51,11 @@ public final class PrimaryNode {
         /// The lease said this node may lose the VM: the guest was stopped for good and the
         /// output it held dropped.
         case selfFenced(reason: String)
+        /// An ordinary stop (an error, or asked to) while the secondary held acknowledged
+        /// checkpoint `Epoch`: the guest here was stopped for good, its held output dropped, and
+        /// the secondary told to take over (`guestStopped` false: the stop could not be checked,
+        /// so nobody was told).
+        case stoppedForSecondary(Epoch, reason: String, guestStopped: Bool)
     }
 
     public let settings: Settings
@@ -197,17 +202,64 @@ public final class PrimaryNode {
     }
 
     /// Ends the role: the link closed, the dialer stopped, and the guest detached unless it was
-    /// handed over or fenced (stopped for good then). Returns how the role ended.
+    /// handed over or fenced (stopped for good then). `stopRequested`: an ordinary stop (SIGTERM),
+    /// which hands the VM to a secondary that holds an acknowledged checkpoint (`stopForSecondary`)
+    /// rather than leaving it down (a guest the agent started) or running beside the secondary's
+    /// (an operator's domain, which the secondary resumes once the link goes quiet). Returns how
+    /// the role ended.
     @discardableResult
-    public func finish() -> Outcome {
+    public func finish(stopRequested: Bool = false) -> Outcome {
+        if outcome == nil { _ = checkFenced() }
+        if outcome == nil && stopRequested { endRole(reason: "the agent was asked to stop", guestPaused: false) }
         dialer?.stop()
         link?.close()
         link = nil
-        if outcome == nil { _ = checkFenced() }
         if let outcome { return outcome }
         guest.detach()
         outcome = .stopped
         return .stopped
+    }
+
+    /// An ordinary stop: an error that ends the role, or a stop request. While the secondary
+    /// holds an acknowledged checkpoint, the VM goes on there (`stopForSecondary`); otherwise the
+    /// guest is let go as at any stop (`detach`), run again first if `guestPaused`.
+    private func endRole(reason: String, guestPaused: Bool) {
+        guard outcome == nil, !checkFenced() else { return }
+        if link != nil, case .protected = machine.protection {
+            stopForSecondary(reason: reason)
+            return
+        }
+        if guestPaused {
+            // Said loudly: a guest left paused with no agent is down, though nothing else says so.
+            do { try guest.resume() } catch {
+                events.record(.resumeFailed(vm: settings.vmName, "the guest stays PAUSED with no agent after: \(reason). Resuming it failed: \(error). Resume it by hand (virsh resume, or QMP cont) once the cause is fixed"))
+            }
+        }
+        stop()
+    }
+
+    /// Hands the VM to the secondary on an ordinary stop. Held output is dropped first (the
+    /// secondary resumes an acknowledged checkpoint; what the guest said after it, it says again
+    /// there), then the guest is stopped for good, and only once that stop is checked is the
+    /// secondary told (a `primaryStopped` frame) and, with a witness, the cluster (the stop
+    /// notice a self-fence publishes): a secondary that resumed beside a guest still running
+    /// here would run the VM twice. Stopped, not paused: a paused domain is one `virsh resume`,
+    /// or one restart of this agent, away from a second running copy.
+    private func stopForSecondary(reason: String) {
+        let epoch = machine.lastAcknowledged
+        let dropped = port.fence()
+        guest.shutdown()
+        let stopped = guest.stoppedForGood
+        // Set first: nothing the link's end sets off may run the epoch loop again.
+        outcome = .stoppedForSecondary(epoch, reason: reason, guestStopped: stopped)
+        if stopped, let l = link {
+            try? l.send(FrameCodec.encode(FrameHeader(kind: .primaryStopped, generation: settings.generation, epoch: epoch),
+                                          payload: Array(reason.utf8.prefix(Nack.maxDetailBytes))))
+            l.flush(maxNanos: 1_000_000_000)
+            witness?.announceStopped(settings.generation)
+            awaitPeerClose(l)
+        }
+        events.record(.stoppedForSecondary(vm: settings.vmName, epoch, reason: reason, droppedPackets: dropped, guestStopped: stopped))
     }
 
     /// Stop at the next step (`finish` then detaches the guest).
@@ -240,6 +292,20 @@ public final class PrimaryNode {
         // Told only once the stop is checked: the node may rejoin the cluster with its
         // Corosync, and without this word its secondary would never win the VM back.
         if stopped { witness?.announceStopped(settings.generation) }
+    }
+
+    /// Waits (bounded) for the secondary to close the link on the stop notice, reading what it
+    /// sends meanwhile. Closing first with its acknowledgements unread would make this side's
+    /// TCP reset the connection, and a reset discards the notice from the secondary's receive
+    /// buffer before its agent reads it.
+    private func awaitPeerClose(_ l: any PeerLink, maxWaits: Int = 200) {
+        for _ in 0..<maxWaits {
+            switch l.receive() {
+            case .broken: return
+            case .frame: continue
+            case .idle: l.waitForInput(maxNanos: 10_000_000)
+            }
+        }
     }
 
     private func checkFenced() -> Bool {
@@ -339,6 +405,7 @@ public final class PrimaryNode {
                 if capture(epoch, full: false, final: true) { pending += machine.handle(.captured(epoch, nowNanos: clock.nowNanos)) }
             case .transmit(let epoch, let base):
                 transmit(epoch, base: base)
+                pending += machine.handle(.transmitted(epoch, nowNanos: clock.nowNanos))
             case .releaseOutput(let epoch):
                 released(through: epoch)
             case .releaseAllOutput:
@@ -353,7 +420,7 @@ public final class PrimaryNode {
             case .resumeGuest:
                 do { try guest.resume() } catch {
                     events.record(.resumeFailed(vm: settings.vmName, "after the switchover was called off: \(error)"))
-                    stop()
+                    endRole(reason: "the guest could not be resumed after the switchover was called off (\(error))", guestPaused: false)
                 }
             case .finishHandover(let epoch, let generation):
                 finishHandover(epoch, confirmedGeneration: generation)
@@ -407,8 +474,7 @@ public final class PrimaryNode {
             return true
         } catch {
             events.record(.captureFailed(epoch, "\(error)"))
-            try? guest.resume()
-            stop()
+            endRole(reason: "checkpoint \(epoch) failed: \(error)", guestPaused: true)
             return false
         }
     }
@@ -420,7 +486,7 @@ public final class PrimaryNode {
             try guest.captureLive(full: full, into: buffer)
         } catch {
             events.record(.captureFailed(epoch, "\(error)"))
-            stop()
+            endRole(reason: "live copy round \(epoch) failed: \(error)", guestPaused: false)
             return false
         }
         let micros = (clock.nowNanos - t0) / 1000
@@ -509,7 +575,7 @@ public final class PrimaryNode {
         outputStallNanos += clock.nowNanos - since
         do { try guest.resume() } catch {
             events.record(.resumeFailed(vm: settings.vmName, "after its output found room: \(error)"))
-            stop()
+            endRole(reason: "the guest could not be resumed after its output found room (\(error))", guestPaused: false)
         }
     }
 
@@ -529,6 +595,7 @@ public final class PrimaryNode {
         case .unprotected(let reason): events.record(.unprotected(vm: settings.vmName, reason: reason))
         case .peerLost(let reason): events.record(.peerLost(reason: reason, holdMillis: settings.machine.unprotectAfterNanos / 1_000_000))
         case .resyncing(let e, let reason): events.record(.resyncing(after: e, reason))
+        case .continuesAfter(let e): events.record(.continuesAfter(e, generation: settings.generation))
         case .epochDeferred(let n):
             stats.deferredEpochs += 1
             events.record(.epochDeferred(inFlight: n, count: stats.deferredEpochs))

@@ -8,16 +8,19 @@ import Synchronization
 public enum SecondaryAdmission {
     /// What the node publishes for its acceptor (which may run on another thread).
     public struct State: Sendable, Equatable {
-        public init(generation: Generation, committed: Epoch, runsTheVM: Bool) {
+        public init(generation: Generation, committed: Epoch, runsTheVM: Bool, standbyDown: String? = nil) {
             self.generation = generation
             self.committed = committed
             self.runsTheVM = runsTheVM
+            self.standbyDown = standbyDown
         }
 
         public var generation: Generation
         public var committed: Epoch
         /// The node runs the VM itself now: every dial is a deposed primary.
         public var runsTheVM: Bool
+        /// Why the standby is down, while it is: no checkpoint sent here could be resumed.
+        public var standbyDown: String?
     }
 
     /// nil: admit; otherwise why not, said to the dialling primary.
@@ -36,6 +39,9 @@ public enum SecondaryAdmission {
         if state.runsTheVM || peer.generation < state.generation {
             return "generation \(peer.generation) is stale: the pair is at generation \(state.generation) (this primary was deposed)"
         }
+        if let why = state.standbyDown {
+            return "this secondary's standby reports \(why): it could not take over, so it protects nothing until the standby answers again (see `geminus status` on the secondary's host)"
+        }
         return nil
     }
 }
@@ -45,6 +51,16 @@ public final class AdmissionBoard: Sendable {
     private let value: Mutex<SecondaryAdmission.State>
     public init(_ initial: SecondaryAdmission.State) { value = Mutex(initial) }
     public var state: SecondaryAdmission.State {
+        get { value.withLock { $0 } }
+        set { value.withLock { $0 = newValue } }
+    }
+}
+
+/// The standby's health as its watch last found it (any thread): why it is down, or nil.
+public final class StandbyHealthBoard: Sendable {
+    private let value = Mutex<String?>(nil)
+    public init() {}
+    public var down: String? {
         get { value.withLock { $0 } }
         set { value.withLock { $0 = newValue } }
     }
@@ -114,6 +130,8 @@ public final class SecondaryNode {
     public let admission: AdmissionBoard
     private var nextProgressNanos: UInt64
     public var progressDue = false
+    /// What the standby's health watch last said, from its own thread: acted on at the next step.
+    public let standbyHealth = StandbyHealthBoard()
 
     /// - Parameter makePort: the output port of the guest once resumed here (generation, resumed epoch).
     public init(settings: Settings, standby: any StandbyHost, clock: any NodeClock, acceptor: any PeerAcceptor,
@@ -149,6 +167,8 @@ public final class SecondaryNode {
             perform(machine.handle(.witness(view, nowNanos: clock.nowNanos)))
         }
         guard !isDone else { return }
+        perform(machine.handle(.standbyHealth(down: standbyHealth.down, nowNanos: clock.nowNanos)))
+        guard !isDone else { return }
         perform(machine.handle(.tick(nowNanos: clock.nowNanos)))
         publishAdmission()
         let now = clock.nowNanos
@@ -174,7 +194,7 @@ public final class SecondaryNode {
         // Only a resumable checkpoint counts: the primary copies live to a secondary without one.
         let state = SecondaryAdmission.State(generation: machine.generation,
                                              committed: replica.map { $0.isResumable ? $0.committedEpoch : .none } ?? .none,
-                                             runsTheVM: takeover != nil)
+                                             runsTheVM: takeover != nil, standbyDown: machine.standbyDown)
         admission.state = state
     }
 
@@ -222,7 +242,15 @@ public final class SecondaryNode {
             perform(machine.handle(.heardFromPrimary(nowNanos: clock.nowNanos)))
             switch frame.kind {
             case .epochBegin, .pages, .deviceState, .diskWrites, .epochEnd:
-                handle(replica.accept(frame), replica)
+                let outcome = replica.accept(frame)
+                if frame.kind == .epochBegin, outcome == .ignored(.stale) {
+                    refuseStale(frame.epoch, replica)
+                } else {
+                    handle(outcome, replica)
+                }
+            case .primaryStopped:
+                let reason = String(decoding: frame.payload.prefix(Nack.maxDetailBytes), as: UTF8.self)
+                perform(machine.handle(.primaryStopped(frame.epoch, reason: reason, nowNanos: clock.nowNanos)))
             case .handover:
                 events.record(.handoverRequested(vm: settings.vmName, frame.epoch))
                 perform(machine.handle(.handoverRequested(frame.epoch, nowNanos: clock.nowNanos)))
@@ -231,6 +259,17 @@ public final class SecondaryNode {
                 return
             }
         }
+    }
+
+    /// A primary of this generation began an epoch at or below the one committed here: an
+    /// earlier run of its agent numbered that far (a restarted agent starts at 1 again), or it
+    /// is a duplicate. Ignoring it would leave a restarted primary unacknowledged for good, so
+    /// the nack names the newest epoch held here (for `.stale` the nack's epoch is that one):
+    /// the primary numbers on after it, and ignores it when it has sent that far itself.
+    private func refuseStale(_ epoch: Epoch, _ replica: Replica) {
+        events.record(.staleEpoch(epoch, holds: replica.committedEpoch, generation: replica.generation))
+        let nack = Nack(reason: .stale, detail: "epoch \(epoch) is not newer than epoch \(replica.committedEpoch), held here")
+        send(FrameCodec.encode(FrameHeader(kind: .nack, generation: machine.generation, epoch: replica.committedEpoch), payload: nack.encoded()))
     }
 
     private func handle(_ outcome: Replica.Outcome, _ replica: Replica) {
@@ -251,7 +290,7 @@ public final class SecondaryNode {
             perform(machine.handle(.committed(epoch, nowNanos: now)))
         case .rejected(let epoch, let reason, let detail):
             events.record(.rejected(epoch, reason, detail: detail, keeps: replica.committedEpoch))
-            perform(machine.handle(.rejected(epoch, reason, nowNanos: now)))
+            perform(machine.handle(.rejected(epoch, reason, detail: detail, nowNanos: now)))
         }
     }
 
@@ -286,8 +325,12 @@ public final class SecondaryNode {
                     events.record(.primaryLost(reason: reason, takeoverAfterMillis: settings.machine.takeoverAfterNanos / 1_000_000,
                                                arbitrated: settings.machine.arbitration != .none))
                 case .primaryBack: events.record(.primaryBack)
+                case .primaryStopped(let epoch, let reason):
+                    events.record(.primarySaysStopped(epoch, reason: reason, arbitrated: settings.machine.arbitration != .none))
                 case .cannotTakeOver(let reason): events.record(.cannotTakeOver(vm: settings.vmName, reason: reason))
                 case .awaitingArbitration(let reason): events.record(.awaitingArbitration(vm: settings.vmName, reason: reason))
+                case .standbyDown(let reason): events.record(.standbyDown(vm: settings.vmName, reason: reason))
+                case .standbyBack: events.record(.standbyBack(vm: settings.vmName))
                 }
             case .takeOver(let from, let generation):
                 takeOver(from: from, generation: generation, planned: false)
@@ -306,7 +349,7 @@ public final class SecondaryNode {
 
     private func takeOver(from epoch: Epoch, generation: Generation, planned: Bool) {
         guard let replica, replica.isResumable else {
-            events.record(.cannotTakeOver(vm: settings.vmName, reason: "the replica holds no whole checkpoint (the first copy was still under way)"))
+            events.record(.cannotTakeOver(vm: settings.vmName, reason: machine.replicaBroken ?? "the replica holds no whole checkpoint (the first copy was still under way)"))
             stopped = true
             return
         }

@@ -10,7 +10,10 @@ import GeminusCore
 /// - held output is released only through an acknowledged epoch, or all at once when the VM
 ///   has been declared unprotected (no secondary can resume it any more);
 /// - any doubt about what the secondary holds (a new connection, a nack) is answered with a
-///   full checkpoint;
+///   full checkpoint; a secondary that holds epochs this primary never sent (an earlier run of
+///   its agent) gets one numbered after them;
+/// - liveness is judged by acknowledgements, not only by the link: a connected secondary that
+///   acknowledges nothing for `ackTimeoutNanos` is lost like a silent one;
 /// - a planned switchover pauses the guest for good only after the secondary has acknowledged
 ///   the final checkpoint, and the guest runs here again only if the secondary says it did not
 ///   take over: never while the secondary might be running it.
@@ -52,6 +55,18 @@ public struct PrimaryMachine: Sendable {
         /// multi-GiB disk applied on the secondary, two busy cores) does not restart a copy of
         /// many seconds.
         public var liveCopySilenceNanos: UInt64 = 2_000_000_000
+        /// A secondary that is connected (its link's heartbeats arrive) but acknowledges nothing
+        /// for this long while epochs wait is lost: its apply loop hangs (a replica disk on hung
+        /// storage, a stuck standby), and held output must not wait for it forever. The same
+        /// bound a planned switchover holds its paused guest for its final acknowledgement
+        /// (`finalAckTimeoutNanos`, whose default it takes): a secondary that cannot
+        /// acknowledge within it could not take a switchover either. Counted from the oldest
+        /// unacknowledged epoch's send, or from the last acknowledgement.
+        public var ackTimeoutNanos: UInt64
+        /// The same while a full copy is unacknowledged: it carries the whole guest (RAM and
+        /// disk) through the link and the secondary's apply, which takes seconds for a large
+        /// guest, so the bound is generous; a hung secondary is still lost in the end.
+        public var fullCopyAckTimeoutNanos: UInt64 = 60_000_000_000
 
         public init(epochIntervalNanos: UInt64 = 25_000_000, maxEpochsInFlight: Int = 4,
                     peerSilenceNanos: UInt64 = 150_000_000, unprotectAfterNanos: UInt64 = 300_000_000,
@@ -66,6 +81,7 @@ public struct PrimaryMachine: Sendable {
             self.peerSilenceNanos = peerSilenceNanos
             self.unprotectAfterNanos = unprotectAfterNanos
             self.finalAckTimeoutNanos = finalAckTimeoutNanos
+            self.ackTimeoutNanos = finalAckTimeoutNanos
             self.takeoverConfirmTimeoutNanos = takeoverConfirmTimeoutNanos
         }
     }
@@ -95,7 +111,12 @@ public struct PrimaryMachine: Sendable {
         /// `devicesPending`: a device's own first copy (a disk streaming through its mirror) is
         /// still under way, so the pause cannot end the live copy yet.
         case liveCopied(Epoch, pages: Int, devicesPending: Bool = false, nowNanos: UInt64)
+        /// The frames asked for by `.transmit` are all queued: the secondary can have the epoch
+        /// from now on (a full copy of a large guest takes seconds to send).
+        case transmitted(Epoch, nowNanos: UInt64)
         case acknowledged(Epoch, Generation, nowNanos: UInt64)
+        /// A nack. For `.stale`, `Epoch` is the newest epoch the secondary holds (it refused an
+        /// epoch at or below it); for every other reason, the epoch refused.
         case refused(Epoch, RejectReason, nowNanos: UInt64)
         /// The operator asked for a planned switchover to the secondary.
         case switchoverRequested(nowNanos: UInt64)
@@ -156,6 +177,9 @@ public struct PrimaryMachine: Sendable {
         case unprotected(reason: String)
         case peerLost(reason: String)
         case resyncing(after: Epoch, RejectReason)
+        /// The secondary holds epoch `Epoch` of this generation, which this primary never sent
+        /// (an earlier run of this primary's agent sent it): numbering continues after it.
+        case continuesAfter(Epoch)
         case epochDeferred(inFlight: Int)
         case staleAck(Epoch, Generation)
         case switchoverRefused(reason: String)
@@ -179,6 +203,8 @@ public struct PrimaryMachine: Sendable {
     private var needsFull = true
     /// The next full copy may be live (the secondary holds no checkpoint to keep).
     private var nextFullMayBeLive = false
+    /// What the secondary said at the handshake: it holds a resumable checkpoint.
+    private var peerHoldsCheckpoint = true
     /// The live first copy under way: rounds done, pages of the last, whether another follows.
     public private(set) var liveCopy: LiveCopy?
 
@@ -191,6 +217,10 @@ public struct PrimaryMachine: Sendable {
     private var ignoreNacksBefore: Epoch = .none
     private var nextEpochDueNanos: UInt64 = 0
     private var lastHeardNanos: UInt64 = 0
+    /// Since when the oldest unacknowledged epoch sent has waited (nil: nothing waits), and that
+    /// epoch while its frames are still being queued (its wait starts once they are).
+    private var ackWaitSinceNanos: UInt64?
+    private var ackWaitEpoch: Epoch?
     /// Epochs that came due while `maxEpochsInFlight` were unacknowledged (each counted once).
     public private(set) var deferredEpochs = 0
     private var dueEpochDeferred = false
@@ -218,6 +248,7 @@ public struct PrimaryMachine: Sendable {
         switch event {
         case .peerConnected(let now, let peerHoldsCheckpoint):
             nextFullMayBeLive = config.liveFirstCopy && (!peerHoldsCheckpoint || config.fullCopyMustBeLive)
+            self.peerHoldsCheckpoint = peerHoldsCheckpoint
             liveCopy = nil
             // The secondary will hold this generation's checkpoints from now on. (The agent has
             // armed the lease before it hands over a connection: `FenceWatch.arm`.)
@@ -228,6 +259,7 @@ public struct PrimaryMachine: Sendable {
             ignoreNacksBefore = lastCaptured.next
             // Acks from before this connection can no longer arrive; count from here.
             lastAcknowledged = lastCaptured
+            ackWaitSinceNanos = nil
             nextEpochDueNanos = now
             protection = .syncing(fullEpoch: lastCaptured.next)
             return captureIfDue(now)
@@ -247,6 +279,9 @@ public struct PrimaryMachine: Sendable {
                 let bound = liveCopy != nil ? max(config.peerSilenceNanos, config.liveCopySilenceNanos) : config.peerSilenceNanos
                 if now >= lastHeardNanos && now - lastHeardNanos > bound {
                     let reason = "secondary silent for \((now - lastHeardNanos) / 1_000_000) ms"
+                    actions.append(.disconnect(reason: reason))
+                    actions += losePeer(now, reason: reason)
+                } else if let reason = acknowledgementOverdue(now) {
                     actions.append(.disconnect(reason: reason))
                     actions += losePeer(now, reason: reason)
                 } else {
@@ -278,6 +313,7 @@ public struct PrimaryMachine: Sendable {
             case .syncing, .protected:
                 let base = lastTransmitted
                 lastTransmitted = epoch
+                startAckWait(epoch, now)
                 if case .awaitingFinalAck(epoch, _) = switchover {
                     return [.transmit(epoch, base: base)]
                 }
@@ -300,6 +336,7 @@ public struct PrimaryMachine: Sendable {
             case .syncing, .protected:
                 let base = lastTransmitted
                 lastTransmitted = epoch
+                startAckWait(epoch, now)
                 live.rounds += 1
                 // Another round while it shrinks the copy the pause must make; the first round
                 // copied everything, so what the guest wrote meanwhile is unknown yet: go on.
@@ -318,6 +355,13 @@ public struct PrimaryMachine: Sendable {
                 return []
             }
 
+        case .transmitted(let epoch, let now):
+            if epoch == ackWaitEpoch, ackWaitSinceNanos != nil {
+                ackWaitSinceNanos = now
+                ackWaitEpoch = nil
+            }
+            return []
+
         case .acknowledged(let epoch, let gen, let now):
             guard gen == generation else {
                 staleAcks += 1
@@ -329,6 +373,9 @@ public struct PrimaryMachine: Sendable {
                     + losePeer(lastHeardNanos, reason: "protocol violation")
             }
             lastAcknowledged = epoch
+            // The secondary is applying: the next epoch waiting gets a full bound from here.
+            ackWaitSinceNanos = epoch < lastTransmitted ? now : nil
+            ackWaitEpoch = nil
             var actions: [Action] = [.releaseOutput(through: epoch)]
             // A live round's acknowledgement makes room in the window, nothing more: it is no checkpoint.
             if case .syncing(let full) = protection, liveCopy == nil, epoch >= full {
@@ -341,11 +388,24 @@ public struct PrimaryMachine: Sendable {
             }
             return actions
 
+        case .refused(let held, .stale, let now):
+            // Only news when the secondary holds epochs this primary never sent: an earlier
+            // run of this agent numbered them (a restart starts over at epoch 1). Otherwise it
+            // is the echo of a duplicated frame, which changes nothing.
+            guard held > lastCaptured else { return [] }
+            switch protection {
+            case .syncing, .protected:
+                return continueNumbering(after: held, now)
+            case .peerLost, .unprotected:
+                return []
+            }
+
         case .refused(let epoch, let reason, let now):
             guard epoch >= ignoreNacksBefore else { return [] }
             switch protection {
             case .syncing, .protected:
                 needsFull = true
+                ackWaitSinceNanos = nil
                 // The secondary may still hold its last checkpoint: the new copy is paused
                 // (unless the guest can only be copied live).
                 nextFullMayBeLive = config.liveFirstCopy && config.fullCopyMustBeLive
@@ -395,6 +455,45 @@ public struct PrimaryMachine: Sendable {
             nextEpochDueNanos = now
             return [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary declined: \(reason)"))] + captureIfDue(now)
         }
+    }
+
+    /// `epoch` goes out; when nothing else waits for an acknowledgement, its wait starts now (and
+    /// again when `.transmitted` says its last frame is queued).
+    private mutating func startAckWait(_ epoch: Epoch, _ now: UInt64) {
+        guard ackWaitSinceNanos == nil else { return }
+        ackWaitSinceNanos = now
+        ackWaitEpoch = epoch
+    }
+
+    /// Why the connected secondary counts as lost for want of acknowledgements, or nil. A planned
+    /// switchover has its own bound for its final checkpoint.
+    private func acknowledgementOverdue(_ now: UInt64) -> String? {
+        guard switchover == nil, let since = ackWaitSinceNanos, now >= since else { return nil }
+        let full: Bool
+        if case .syncing = protection { full = true } else { full = false }
+        let bound = full ? config.fullCopyAckTimeoutNanos : config.ackTimeoutNanos
+        guard now - since > bound else { return nil }
+        return "the secondary acknowledged nothing for \((now - since) / 1_000_000) ms (over \(bound / 1_000_000) ms) with \(epochsInFlight) epochs in flight, although its link is alive: its apply loop hangs"
+    }
+
+    /// The secondary holds epoch `held` of this generation from an earlier run of this agent:
+    /// a full checkpoint numbered after it replaces it (the epochs it holds only grow).
+    private mutating func continueNumbering(after held: Epoch, _ now: UInt64) -> [Action] {
+        lastCaptured = held
+        lastTransmitted = held
+        // Nothing of the earlier numbering will be acknowledged; output held for it goes with
+        // the acknowledgement of the full checkpoint that follows.
+        lastAcknowledged = held
+        ackWaitSinceNanos = nil
+        needsFull = true
+        // The replacement is copied as the first copy of this connection would have been.
+        nextFullMayBeLive = config.liveFirstCopy && (!peerHoldsCheckpoint || config.fullCopyMustBeLive)
+        liveCopy = nil
+        ignoreNacksBefore = held.next
+        protection = .syncing(fullEpoch: held.next)
+        nextEpochDueNanos = now
+        dueEpochDeferred = false
+        return [.notice(.continuesAfter(held))] + captureIfDue(now)
     }
 
     /// With a witness, unprotected only once the witness has recorded the announcement, and
@@ -484,6 +583,7 @@ public struct PrimaryMachine: Sendable {
         case .syncing, .protected:
             protection = .peerLost(sinceNanos: now)
             liveCopy = nil
+            ackWaitSinceNanos = nil
             switch switchover {
             case .awaitingTakeover(let final, _):
                 return [.notice(.peerLost(reason: reason))] + finishUnconfirmed(final)

@@ -37,7 +37,12 @@ public struct SecondaryMachine: Sendable {
         case primaryDisconnected(nowNanos: UInt64, reason: String)
         case heardFromPrimary(nowNanos: UInt64)
         case committed(Epoch, nowNanos: UInt64)
-        case rejected(Epoch, RejectReason, nowNanos: UInt64)
+        case rejected(Epoch, RejectReason, detail: String = "", nowNanos: UInt64)
+        /// The primary said that it stopped its guest for good after `Epoch` was acknowledged
+        /// (an ordinary stop: a capture error, SIGTERM): no silence to wait out.
+        case primaryStopped(Epoch, reason: String, nowNanos: UInt64)
+        /// The standby's health watch: `down` says why it is down, nil that it answers again.
+        case standbyHealth(down: String?, nowNanos: UInt64)
         /// Planned switchover: the primary has paused its guest for good at `Epoch`.
         case handoverRequested(Epoch, nowNanos: UInt64)
         /// What the witness says now (with `Arbitration.witness`).
@@ -61,7 +66,13 @@ public struct SecondaryMachine: Sendable {
     public enum Notice: Equatable, Sendable {
         case primaryLost(reason: String)
         case primaryBack
+        /// The primary said it stopped its guest for good after `Epoch`.
+        case primaryStopped(Epoch, reason: String)
         case cannotTakeOver(reason: String)
+        /// The standby is down: nothing here could resume the VM, so the primary is let go (it
+        /// runs unprotected by its usual rules) until the standby answers again.
+        case standbyDown(reason: String)
+        case standbyBack
         /// The primary is silent but the witness has not given this node the VM (yet).
         case awaitingArbitration(reason: String)
     }
@@ -87,6 +98,16 @@ public struct SecondaryMachine: Sendable {
     /// Since when this node has won (quorate, the primary's node gone), with a witness.
     private var wonSinceNanos: UInt64?
     private var reportedAwaiting: String?
+    /// Why the replica holds no whole VM although `committed` is set (its disk failed at a
+    /// commit), until the next whole checkpoint commits.
+    public private(set) var replicaBroken: String?
+    /// Why the standby is down (from its health watch), while it is.
+    public private(set) var standbyDown: String?
+    /// The primary said it stopped its guest for good: the takeover need not wait out a silence.
+    private var primaryStoppedItsGuest = false
+    /// This node dropped the primary because its standby is down: the silence that follows is
+    /// its own doing, not news of the primary.
+    private var letPrimaryGo = false
 
     public init(config: Config, generation: Generation) {
         self.config = config
@@ -101,6 +122,8 @@ public struct SecondaryMachine: Sendable {
             if everConnected && config.arbitration == .none { committedIsCurrent = false }
             // A new episode: if this primary is lost too, that is said again (seed 114).
             reportedCannotTakeOver = false
+            primaryStoppedItsGuest = false
+            letPrimaryGo = false
             generation = gen
             connected = true
             everConnected = true
@@ -114,6 +137,11 @@ public struct SecondaryMachine: Sendable {
 
         case .primaryDisconnected(let now, let reason):
             connected = false
+            if state == .following && letPrimaryGo {
+                // This node dropped it (its standby is down): no news of the primary.
+                state = .primarySilent(sinceNanos: lastHeardNanos)
+                return []
+            }
             if state == .following {
                 state = .primarySilent(sinceNanos: lastHeardNanos)
                 return [.notice(.primaryLost(reason: reason))] + checkTakeover(now)
@@ -128,13 +156,43 @@ public struct SecondaryMachine: Sendable {
             precondition(epoch > committed, "commits only move forward")
             committed = epoch
             committedIsCurrent = true
+            replicaBroken = nil
             reportedCannotTakeOver = false
             lastHeardNanos = max(lastHeardNanos, now)
             if state == .waitingForFirstCheckpoint { state = connected ? .following : .primarySilent(sinceNanos: lastHeardNanos) }
             return [.acknowledge(epoch)]
 
-        case .rejected(let epoch, let reason, _):
+        case .rejected(let epoch, let reason, let detail, _):
+            if reason == .diskFailure {
+                replicaBroken = "writing the replica disk failed at epoch \(epoch)\(detail.isEmpty ? "" : " (\(detail))"), so checkpoint \(committed) is no whole VM any more (its disk is part-way to the next epoch) until a full checkpoint commits"
+            }
             return [.refuse(epoch, reason)]
+
+        case .primaryStopped(let epoch, let reason, let now):
+            // Only a primary that stopped at a checkpoint held here: one that names a later
+            // epoch says it was acknowledged something this node never committed.
+            guard connected, state == .following, epoch <= committed else { return [] }
+            primaryStoppedItsGuest = true
+            state = .primarySilent(sinceNanos: now)
+            // Closing says "heard" to the primary, which waits for it before it closes its end.
+            return [.notice(.primaryStopped(epoch, reason: reason)), .dropLink(reason: "the primary stopped")] + checkTakeover(now)
+
+        case .standbyHealth(let down, _):
+            guard down != standbyDown else { return [] }
+            let wasDown = standbyDown != nil
+            standbyDown = down
+            guard let why = down else { return wasDown ? [.notice(.standbyBack)] : [] }
+            if wasDown { return [] }
+            // Without a witness, the primary now runs unprotected and releases output past the
+            // checkpoint held here: it is no state to resume any more (a witness's record says
+            // the same where there is one).
+            if config.arbitration == .none { committedIsCurrent = false }
+            var actions: [Action] = [.notice(.standbyDown(reason: why))]
+            if connected {
+                letPrimaryGo = true
+                actions.append(.dropLink(reason: "the standby reports \(why); the primary is let go until it answers again"))
+            }
+            return actions
 
         case .handoverRequested(let epoch, _):
             // Only the exact checkpoint the primary paused at: anything else would resume a
@@ -171,7 +229,15 @@ public struct SecondaryMachine: Sendable {
     }
 
     private mutating func checkTakeover(_ now: UInt64) -> [Action] {
-        guard case .primarySilent(let since) = state, now >= since, now - since >= config.takeoverAfterNanos else { return [] }
+        guard case .primarySilent(let since) = state, now >= since,
+              primaryStoppedItsGuest || now - since >= config.takeoverAfterNanos else { return [] }
+        if let why = standbyDown ?? replicaBroken {
+            // The standby-down notice said it all when this node let the primary go.
+            guard !reportedCannotTakeOver, !(standbyDown != nil && letPrimaryGo) else { return [] }
+            reportedCannotTakeOver = true
+            let what = standbyDown != nil ? "the standby reports \(why)" : why
+            return [.notice(.cannotTakeOver(reason: "\(what); nothing here can resume the VM. The VM is down: start it from the primary's host"))]
+        }
         guard committedIsCurrent else {
             guard !reportedCannotTakeOver else { return [] }
             reportedCannotTakeOver = true

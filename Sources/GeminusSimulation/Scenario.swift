@@ -13,6 +13,10 @@
 /// Commands: `seed N`, then optionally `arbitration none` (the witness arbitrates unless a
 /// story shows what happens without it), `run 300ms|2s`, `crash primary before capture|during capture|after
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
+/// `stop primary` (an ordinary stop of its agent, as SIGTERM), `restart primary` (its agent is
+/// killed and starts again while its guest runs on), `hang secondary` / `unhang secondary`
+/// (its apply loop stops while its link still heartbeats), `standby down` / `standby up` (what the
+/// secondary's standby health watch reports), `fail primary capture|resume|capture and resume` (its next one),
 /// `partition primary secondary` (both ways), `partition primary -> secondary` (one way),
 /// `heal`, `partition primary witness`, `partition secondary witness`, `heal witness` (both links), `heal primary|secondary witness`, `freeze primary 400ms`, `slow secondary 16KiB/ms`, `wall-clock jump -3600s`,
 /// `corrupt|duplicate|reorder|lose next N frames`, `corrupt next frame at byte 10`, `link delay 5ms..20ms`, and
@@ -123,6 +127,20 @@ public struct Scenario: Sendable {
             sim.inject(.crashSecondary)
         case ("restart", 2) where words[1] == "secondary":
             sim.inject(.restartSecondary)
+        case ("restart", 2) where words[1] == "primary":
+            sim.restartPrimaryAgent()
+        case ("stop", 2) where words[1] == "primary":
+            sim.stopPrimary()
+        case ("hang", 2) where words[1] == "secondary":
+            sim.hangSecondaryApply(true)
+        case ("unhang", 2) where words[1] == "secondary":
+            sim.hangSecondaryApply(false)
+        case ("fail", _) where words.count >= 3 && words[1] == "primary":
+            let what = Set(words.dropFirst(2).filter { $0 != "and" })
+            guard !what.isEmpty, what.isSubset(of: ["capture", "resume"]) else { return "write `fail primary capture`, `fail primary resume` or `fail primary capture and resume`" }
+            sim.failPrimaryNext(capture: what.contains("capture"), resume: what.contains("resume"))
+        case ("standby", 2) where words[1] == "down" || words[1] == "up":
+            sim.setStandbyDown(words[1] == "down")
         case ("partition", 3) where words[1] == "primary" && words[2] == "secondary":
             sim.inject(.partition(primaryToSecondaryOnly: nil))
         case ("partition", 4) where words[2] == "->":

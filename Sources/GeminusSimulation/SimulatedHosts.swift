@@ -42,6 +42,9 @@ final class SimSecondaryHost: SimHost {
     var resumedNode: PrimaryNode?
     var resumed: SteppedGuest?
     var resumedFrom: Epoch = .none
+    /// Its apply loop hangs (a replica disk on hung storage): nothing is read or applied, but
+    /// its link thread goes on sending heartbeats.
+    var applyHung = false
     var replica: Replica? { node.replica }
     /// The replica's disk (nil for a guest without one).
     var replicaDisk: MemoryReplicaDisk? { replica?.disk as? MemoryReplicaDisk }

@@ -257,12 +257,18 @@ final class WorldLease: LeaseControl {
 /// not paused. The crash points of `CrashPoint` that fall inside a capture fire here.
 final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
     let guest: SimulatedGuest
-    let port: any GuestOutputPort
+    /// Where its output goes: the port of the agent that protects it (a restarted agent brings
+    /// its own).
+    var port: any GuestOutputPort
     unowned let world: PairSimulator
     weak var host: SimPrimaryHost?
     private(set) var paused = false
     private(set) var stopped = false
     private var justCaptured = false
+    /// Scenario faults: the next capture fails (a QMP timeout, a read error), the next resume
+    /// fails (`cont` refused).
+    var failNextCapture = false
+    var failNextResume = false
     /// The last offer of its pending output was refused (the output buffer is full).
     private(set) var stalled = false
 
@@ -281,6 +287,10 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
     }
 
     func resume() throws(GeminusError) {
+        if failNextResume {
+            failNextResume = false
+            throw GeminusError(.hypervisor, "QMP cont failed: the guest stays paused")
+        }
         if justCaptured, let h = host, h.armedCrash == .afterCapture {
             world.crashPrimary(h, "after capturing epoch \(h.node?.machine.lastCaptured ?? .none), before sending it")
         }
@@ -290,6 +300,10 @@ final class SteppedGuest: ProtectedGuest, @unchecked Sendable {
 
     func capture(full: Bool, into buffer: CheckpointBuffer) throws(GeminusError) {
         precondition(paused, "capture while the guest runs would copy torn pages")
+        if failNextCapture {
+            failNextCapture = false
+            throw GeminusError(.timeout, "QMP query timed out after 2000 ms")
+        }
         try guest.capture(full: full, into: buffer)
         justCaptured = true
         recordCapture(buffer)

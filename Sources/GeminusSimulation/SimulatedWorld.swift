@@ -16,6 +16,14 @@ extension PairSimulator {
                                  port: port, world: self)
         guest.host = host
         host.guest = guest
+        try startPrimaryAgent(host, port: port)
+        return host
+    }
+
+    /// The primary's agent on `host`: its node, dialer, witness link and lease, around the
+    /// host's guest. A restarted agent gets new ones and starts over at generation 1 epoch 1.
+    func startPrimaryAgent(_ host: SimPrimaryHost, port: HeldOutputPort) throws(GeminusError) {
+        let guest = host.guest!
         host.dialer = WorldDialer(world: self, host: host)
         if witness != nil { host.witnessLink = WorldWitnessLink(world: self, node: .primary, host: host) }
         host.lease = config.arbitration.timings.map { WorldLease(world: self, host: host, lease: PrimaryLease(timings: $0, watchesRing: config.ringLease)) }
@@ -24,7 +32,26 @@ extension PairSimulator {
                             outputLimitBytes: config.outputLimitBytes, progressIntervalNanos: .max / 2, soleCopyRedialNanos: config.redialNanos),
             guest: guest, port: port, clock: WorldClock(self), dialer: host.dialer, witness: host.witnessLink, lease: host.lease,
             events: WorldEvents(world: self, host: host, name: "primary"), maxFramePayload: config.maxFramePayload)
-        return host
+    }
+
+    /// The primary's agent dies (SIGKILL) and starts again; its guest runs on meanwhile (a
+    /// libvirt domain outlives its agent). What the old agent held is lost with it; its
+    /// connection ends as the kernel closes its socket.
+    public func restartPrimaryAgent() {
+        guard let p = primary, p.node != nil else { return }
+        note("world", "the primary's agent is killed and starts again (its guest runs on)", notable: true)
+        p.link?.close()
+        p.link = nil
+        p.dialer.stop()
+        let output = WorldOutput(world: self, resumed: false)
+        output.host = p
+        let port = HeldOutputPort(limitBytes: config.outputLimitBytes, destination: output, generation: Generation(1), openEpoch: Epoch(1))
+        p.guest.port = port
+        do {
+            try startPrimaryAgent(p, port: port)
+        } catch {
+            violate(.s1, "the restarted primary agent could not start: \(error)", onceAs: "restart-primary")
+        }
     }
 
     func makeSecondary(incarnation: Int) -> SimSecondaryHost {
@@ -69,7 +96,9 @@ extension PairSimulator {
             // as good as gone.
             note("primary", "stops: \(node.outcome!)", notable: true)
             primary = nil
-            witness?.setRunning(.primary, false)
+            // An ordinary stop ends the agent only: its node stays in the cluster, and the
+            // secondary wins the VM through the stop notice, not through the node's absence.
+            if case .stoppedForSecondary = node.outcome! {} else { witness?.setRunning(.primary, false) }
             lostPrimary()
             return
         }
@@ -105,6 +134,11 @@ extension PairSimulator {
     func stepSecondary() {
         guard let s = secondary else {
             while toSecondary.receive(now: now) != nil {}
+            return
+        }
+        if s.applyHung {
+            // What arrives waits on the wire; the link thread's heartbeats go on.
+            if let l = s.link, !l.closed { heartbeat(l, from: s, generation: s.node.machine.generation, epoch: s.replica?.committedEpoch ?? .none) }
             return
         }
         var budget = readBudget.map { $0 - s.readDebtBytes } ?? Int.max
@@ -282,6 +316,40 @@ extension PairSimulator {
                 checkRelease(packet, byPrimary: node, held: held)
             }
         }
+    }
+
+    /// An ordinary stop of the primary's agent (SIGTERM): the node ends its role as the agent's
+    /// loop does on a stop request. Its host stays in the cluster (Corosync runs on).
+    public func stopPrimary() {
+        guard let p = primary, let node = p.node else { return }
+        note("world", "stop primary (its agent is asked to stop)", notable: true)
+        let outcome = node.finish(stopRequested: true)
+        note("primary", "stops: \(outcome)", notable: true)
+        p.isAlive = false
+        primary = nil
+        lostPrimary()
+    }
+
+    /// The secondary's apply loop hangs (`on`) or comes back.
+    public func hangSecondaryApply(_ on: Bool) {
+        guard let s = secondary, s.applyHung != on else { return }
+        s.applyHung = on
+        note("world", on ? "the secondary's apply loop hangs (its link still heartbeats)" : "the secondary's apply loop runs again", notable: true)
+    }
+
+    /// The primary's next capture fails (`capture`), or its next resume (`resume`).
+    public func failPrimaryNext(capture: Bool, resume: Bool) {
+        guard let p = primary else { return }
+        if capture { p.guest.failNextCapture = true }
+        if resume { p.guest.failNextResume = true }
+        note("world", "the primary's next \([capture ? "capture" : nil, resume ? "resume" : nil].compactMap { $0 }.joined(separator: " and ")) will fail", notable: true)
+    }
+
+    /// The secondary's standby health watch finds its standby DOWN (`down`) or answering again.
+    public func setStandbyDown(_ down: Bool) {
+        guard let s = secondary else { return }
+        note("world", down ? "the secondary's standby stops answering" : "the secondary's standby answers again", notable: true)
+        s.node.standbyHealth.down = down ? "DOWN (the standby QEMU does not answer)" : nil
     }
 
     func crashPrimary(_ p: SimPrimaryHost, _ why: String) {

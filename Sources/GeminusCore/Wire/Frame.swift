@@ -26,6 +26,8 @@ public enum FrameKind: UInt8, Sendable, CaseIterable {
     case handoverDone = 0x41
     /// Secondary to primary: not taken over (payload: the reason, UTF-8); the primary resumes.
     case handoverDeclined = 0x42
+    /// Primary to secondary: the primary stopped (an error, SIGTERM) and stopped its guest for good after `epoch`, which the secondary acknowledged; take over without waiting out a silence.
+    case primaryStopped = 0x43
 }
 
 /// The fixed 40-byte header in front of every frame (docs/PROTOCOL.md, "Frame").
