@@ -128,12 +128,13 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         standbyXML = xml
         started = true
         do throws(GeminusError) {
-            let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout)
-            qmp = q
             pid = connection.qemuPid(of: live)
+            let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout,
+                                                       peer: try LibvirtGuest.qemuPeer(connection: connection, domain: live))
+            qmp = q
             try IncomingMigration.enableIgnoreShared(q)
             nics = try LibvirtNICs.open(xml: xml)
-            let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, create: false)
+            let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, expectedBytes: pageCount * GuestPage.size)
             ramPath = path
             guard memory.pageCount == pageCount else {
                 throw GeminusError(.invalidArgument, "the standby's RAM file \(path) has \(memory.pageCount) pages, the replica \(pageCount)")
@@ -244,7 +245,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         // Its disk's mirror, for re-protection (after `cont`: nothing here delays the resume).
         // Without it the guest still runs; a secondary with the disk refuses its epochs.
-        let disk = standbyXML.flatMap { try? LibvirtDisk.open(xml: $0, qmp: qmp, domainName: domainName) }
+        let disk = standbyXML.flatMap { try? LibvirtDisk.open(xml: $0, qmp: qmp, domainName: domainName, qemuPID: pid) }
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
                                      counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics,
