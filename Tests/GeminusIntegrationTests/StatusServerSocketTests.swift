@@ -47,7 +47,7 @@ import Glibc
             }
         }
         writer.start()
-        for i in 0..<300 {
+        for i in 0..<1500 {
             let server = try StatusServer(path: s.path("s\(i % 4).sock"), status: AgentStatus())
             var st = stat()
             #expect(lstat(server.path, &st) == 0 && st.st_mode & 0o777 == 0o600, "the socket is owner-only")
