@@ -6,8 +6,8 @@ import Glibc
 
 /// The agent's private directory for the files of the QEMUs it starts (`--guest qemu`): RAM
 /// files, device state, disks, QMP, serial, NIC and disk-export sockets, logs. One per agent
-/// process, made by mkdtemp (mode 0700, a name nobody can guess), on /dev/shm because guest RAM
-/// lives there. No other user can read guest RAM, plant a file or a link where the agent or QEMU
+/// process, made by mkdtemp (mode 0700, a name nobody can guess: `geminus-run-<pid>-XXXXXX`), on
+/// /dev/shm because guest RAM lives there. No other user can read guest RAM, plant a file or a link where the agent or QEMU
 /// will open one, or listen where the agent connects (review H3).
 public enum RunDirectory {
     /// This process's run directory, created at first use.
@@ -22,13 +22,14 @@ public enum RunDirectory {
     }
 
     private static let created: (path: String, error: GeminusError?) = {
-        var template = Array("\(parent)/geminus-\(geteuid())-XXXXXX".utf8CString)
+        // The pid in the name lets a test harness sweep the directories of agents it killed.
+        var template = Array("\(parent)/geminus-run-\(getpid())-XXXXXX".utf8CString)
         let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) != nil }
         let path = String(cString: template.withUnsafeBufferPointer { $0.baseAddress! })
         guard made else {
             let e = GeminusError(.io, "cannot create the agent's run directory under \(parent): \(String(cString: strerror(errno)))",
                                  fix: "check that \(parent) exists and this agent may write there")
-            return ("\(parent)/geminus-\(geteuid())-unavailable-\(getpid())", e)
+            return ("\(parent)/geminus-run-\(getpid())-unavailable", e)
         }
         // Left empty by the guests' own cleanup; removed then, as the agent exits.
         atexit { _ = rmdir(RunDirectory.agent) }
