@@ -52,7 +52,10 @@ public final class StatusServer: @unchecked Sendable {
         self.path = path
         self.status = status
         let dir = (path as NSString).deletingLastPathComponent
-        mkdir(dir, 0o755)
+        if mkdir(dir, 0o755) != 0 && errno != EEXIST {
+            throw GeminusError(.io, "cannot create the status socket's directory \(dir): \(String(cString: strerror(errno)))",
+                               fix: "run the agent as root (for \(StatusServer.defaultDirectory)), or give it a --status-socket in a directory it may write")
+        }
         guard var addr = unixSocketAddress(path) else {
             throw GeminusError(.invalidArgument, "status socket path \(path) is too long for a unix socket", fix: "choose a shorter --status-socket")
         }
@@ -65,11 +68,12 @@ public final class StatusServer: @unchecked Sendable {
         unlink(path)
         fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw GeminusError(.io, "cannot create the status socket: \(String(cString: strerror(errno)))") }
-        let oldMask = umask(0o177)
-        let ok = withUnsafePointer(to: &addr) { p in
+        // bind gives the file the socket's own mode (less the umask): 0600 set on the socket
+        // first, so the file is owner-only from its first instant, without changing the umask
+        // of the whole process (other threads create files meanwhile).
+        let ok = fchmod(fd, 0o600) == 0 && withUnsafePointer(to: &addr) { p in
             p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0 }
         }
-        umask(oldMask)
         guard ok, listen(fd, 8) == 0 else {
             let e = String(cString: strerror(errno))
             Glibc.close(fd)

@@ -12,18 +12,23 @@ import Glibc
 /// `ReplicatedDisk` as a QEMU the agent starts; on the standby, the image the replica's commits
 /// are written to.
 enum LibvirtDisk {
-    /// QEMU runs as this user under libvirt (Debian): the export's socket is given to it.
-    static let qemuUser = "libvirt-qemu"
+    /// The user libvirt runs QEMU as (libvirt-qemu on Debian, or qemu.conf's `user`): the
+    /// export's socket is given to it.
+    static var qemuUser: String? { try? LibvirtQEMUConf.read().qemuUser().name }
 
     static func exportSocketPath(domain: String) -> String { "\(PrivateQMP.directory)/\(domain).nbd" }
 
     /// The mirror of the running domain's writable disk (nil without one). `xml`: the live XML.
-    static func open(xml: String, qmp: QMPClient, domainName: String) throws(GeminusError) -> ReplicatedDisk? {
+    /// The export takes connections from the domain's QEMU only (`qemuPID`, when libvirt's pid
+    /// file names it; else from QEMU's user).
+    static func open(xml: String, qmp: QMPClient, domainName: String, qemuPID: Int32?) throws(GeminusError) -> ReplicatedDisk? {
         guard let disk = try DomainDisk.replicated(inDomainXML: xml), let path = disk.sourcePath else { return nil }
         let node = try node(of: disk, path: path, qmp: qmp, domainName: domainName)
         try PrivateQMP.ensureDirectory()
-        return try ReplicatedDisk(nodeName: node.name, imagePath: path, imageIsRaw: node.format == "raw", sizeBytes: node.sizeBytes,
-                                  exportSocketPath: exportSocketPath(domain: domainName), clientUser: qemuUser)
+        let replicated = try ReplicatedDisk(nodeName: node.name, imagePath: path, imageIsRaw: node.format == "raw", sizeBytes: node.sizeBytes,
+                                            exportSocketPath: exportSocketPath(domain: domainName), clientUser: qemuUser)
+        if let qemuPID { replicated.admit(.process(qemuPID)) }
+        return replicated
     }
 
     /// The block node QEMU writes the disk through (the format node libvirt named), from

@@ -104,7 +104,7 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
             e.fix = "`geminus enroll \(domainName) --peer HOST --prepare` changes the definition; restart the domain to apply it"
             throw e
         }
-        let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout)
+        let qmp = try connectPrivateQMP(domainName: domainName, timeout: timeout, peer: qemuPeer(connection: connection, domain: domain))
         var nics: [GuestNIC] = []
         var disk: ReplicatedDisk?
         do throws(GeminusError) {
@@ -112,8 +112,9 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
             // output from the first epoch on.
             nics = try LibvirtNICs.open(xml: live)
             try LibvirtNICs.awaitConnected(nics, domainName: domainName, timeout: timeout)
-            disk = try LibvirtDisk.open(xml: live, qmp: qmp, domainName: domainName)
-            let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, create: false)
+            disk = try LibvirtDisk.open(xml: live, qmp: qmp, domainName: domainName, qemuPID: connection.qemuPid(of: domain))
+            let definedBytes = CAEnrollmentCheck(xml: live).facts.memoryKiB.map { Int($0) * 1024 }
+            let (path, memory) = try mapRAM(qmp: qmp, domainName: domainName, expectedBytes: definedBytes)
             let finder = try dirtyPages.makeFinder(qemuPID: connection.qemuPid(of: domain), ramFilePath: path, fallback: fallback)
             return try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory, ramFilePath: path,
                                     counterAddress: counterAddress, finder: finder, nics: nics, disk: disk)
@@ -125,32 +126,87 @@ public final class LibvirtGuest: ProtectedGuest, @unchecked Sendable {
         }
     }
 
-    static func connectPrivateQMP(domainName: String, timeout: Double) throws(GeminusError) -> QMPClient {
+    /// Connects to the domain's private QMP socket, served by `peer` (`qemuPeer`).
+    static func connectPrivateQMP(domainName: String, timeout: Double, peer: SocketPeer) throws(GeminusError) -> QMPClient {
         let socket = PrivateQMP.socketPath(domain: domainName)
         do throws(GeminusError) {
-            return try QMPClient(socketPath: socket, connectTimeout: timeout)
+            return try QMPClient(socketPath: socket, connectTimeout: timeout, peer: peer)
         } catch {
             var e = error
-            e.fix = "the domain needs its private QMP socket: `geminus enroll \(domainName) --prepare`, then restart the domain"
+            if e.code != .connectionFailed || !e.message.contains("refusing") {
+                e.fix = "the domain needs its private QMP socket: `geminus enroll \(domainName) --prepare`, then restart the domain"
+            }
             throw e
         }
     }
 
+    /// Who must be behind a domain's private QMP socket: its QEMU by pid when libvirt's pid file
+    /// names it, else a process of the user libvirt runs QEMU as (review M9).
+    static func qemuPeer(connection: LibvirtConnection, domain: LibvirtDomain) throws(GeminusError) -> SocketPeer {
+        if let pid = connection.qemuPid(of: domain) { return .process(pid) }
+        return .user(try LibvirtQEMUConf.read().qemuUser().uid)
+    }
+
     /// Asks QEMU where guest RAM lives (the path has libvirt's per-start id in it) and maps it.
-    static func mapRAM(qmp: QMPClient, domainName: String, create: Bool) throws(GeminusError) -> (String, PageMemory) {
+    /// The path comes from the QMP peer, and the agent (root) writes replicas into it, so only a
+    /// regular file under libvirt's memory backing directory is opened, without following a
+    /// link at its end, and of the domain's defined size (`expectedBytes`) when known (M9).
+    static func mapRAM(qmp: QMPClient, domainName: String, expectedBytes: Int?,
+                       conf: LibvirtQEMUConf = .read()) throws(GeminusError) -> (String, PageMemory) {
         let reply = try qmp.execute("qom-get", arguments: ["path": "/objects/pc.ram", "property": "mem-path"])
         guard let path = reply as? String, !path.isEmpty else {
             throw GeminusError(.invalidArgument, "domain '\(domainName)' has no file-backed RAM (/objects/pc.ram mem-path: \(reply))",
                                fix: "`geminus enroll \(domainName) --prepare` sets <memoryBacking><source type='file'/><access mode='shared'/>")
         }
+        let fd = try openRAMFile(path, domainName: domainName, expectedBytes: expectedBytes, conf: conf)
+        defer { close(fd) }
         var st = stat()
-        guard stat(path, &st) == 0 else {
-            throw GeminusError(.io, "cannot stat the RAM file \(path) of '\(domainName)': \(String(cString: strerror(errno)))",
+        _ = fstat(fd, &st)
+        // Mapped through the descriptor just checked, not the path again.
+        return (path, try PageMemory(fileAt: "/proc/self/fd/\(fd)", pageCount: Int(st.st_size) / GuestPage.size, create: false))
+    }
+
+    /// Opens a RAM file QEMU named, read-write, after the checks of `mapRAM`.
+    static func openRAMFile(_ path: String, domainName: String, expectedBytes: Int?, conf: LibvirtQEMUConf) throws(GeminusError) -> Int32 {
+        let base = conf.memoryBackingDirectory
+        let fix = "libvirt puts RAM files under memory_backing_dir (\(LibvirtQEMUConf.path)); restart the domain so that it runs its enrolled definition"
+        guard let resolvedBase = realpath(base, nil) else {
+            throw GeminusError(.io, "cannot resolve libvirt's memory backing directory \(base): \(String(cString: strerror(errno)))", fix: fix)
+        }
+        defer { free(resolvedBase) }
+        guard let resolvedC = realpath(path, nil) else {
+            throw GeminusError(.io, "cannot resolve the RAM file \(path) of '\(domainName)': \(String(cString: strerror(errno)))",
                                fix: "run the agent as root on the domain's host")
         }
-        let pages = Int(st.st_size) / GuestPage.size
-        guard pages > 0 else { throw GeminusError(.hypervisor, "the RAM file \(path) of '\(domainName)' is empty") }
-        return (path, try PageMemory(fileAt: path, pageCount: pages, create: create))
+        let resolved = String(cString: resolvedC)
+        free(resolvedC)
+        let prefix = String(cString: resolvedBase) + "/"
+        guard resolved.hasPrefix(prefix) else {
+            throw GeminusError(.invalidArgument, "the RAM file QEMU names for '\(domainName)', \(path), is not under libvirt's memory backing directory \(base); refusing to write guest memory there", fix: fix)
+        }
+        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            let e = errno
+            throw GeminusError(.io, e == ELOOP ? "the RAM file \(path) of '\(domainName)' is a symbolic link; refusing to follow it"
+                                              : "cannot open the RAM file \(path) of '\(domainName)': \(String(cString: strerror(e)))",
+                               fix: e == ELOOP ? fix : "run the agent as root on the domain's host")
+        }
+        var st = stat()
+        let size = fstat(fd, &st) == 0 && st.st_mode & S_IFMT == S_IFREG ? Int(st.st_size) : -1
+        let problem: String? = if size < 0 {
+            "is not a regular file"
+        } else if size == 0 || size % GuestPage.size != 0 {
+            "has \(size) bytes, not a whole number of pages"
+        } else if let expectedBytes, size != expectedBytes {
+            "has \(size) bytes, the domain is defined with \(expectedBytes)"
+        } else {
+            nil
+        }
+        if let problem {
+            close(fd)
+            throw GeminusError(.hypervisor, "the RAM file \(resolved) of '\(domainName)' \(problem); refusing to map it", fix: fix)
+        }
+        return fd
     }
 
     public var qmp: QMPClient { checkpointer.qmp }

@@ -128,19 +128,20 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         standbyXML = xml
         started = true
         do throws(GeminusError) {
-            let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout)
-            qmp = q
             pid = connection.qemuPid(of: live)
+            let q = try LibvirtGuest.connectPrivateQMP(domainName: domainName, timeout: timeout,
+                                                       peer: try LibvirtGuest.qemuPeer(connection: connection, domain: live))
+            qmp = q
             try IncomingMigration.enableIgnoreShared(q)
             nics = try LibvirtNICs.open(xml: xml)
-            let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, create: false)
+            let (path, memory) = try LibvirtGuest.mapRAM(qmp: q, domainName: domainName, expectedBytes: pageCount * GuestPage.size)
             ramPath = path
             guard memory.pageCount == pageCount else {
                 throw GeminusError(.invalidArgument, "the standby's RAM file \(path) has \(memory.pageCount) pages, the replica \(pageCount)")
             }
-            // Touch every page now: the first write to fresh tmpfs pages is slow (DESIGN.md).
-            let fd = open(path, O_RDWR | O_CLOEXEC)
-            if fd >= 0 { _ = posix_fallocate(fd, 0, off_t(memory.byteCount)); close(fd) }
+            // Every page reserved now, before the first replica write: the first write to fresh
+            // tmpfs pages is slow (DESIGN.md), and on a full tmpfs it would be a SIGBUS mid-commit.
+            try Self.reserveRAM(path: path, bytes: memory.byteCount)
             return memory
         } catch {
             stopLocked()
@@ -173,6 +174,16 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
 
     public func resume(memory: PageMemory, deviceState: [UInt8], output: any GuestOutputPort) throws(GeminusError) -> any ProtectedGuest {
         try resumeGuest(memory: memory, deviceState: deviceState, output: output)
+    }
+
+    /// Reserves the standby's RAM file (QEMU created it; opened without following a link).
+    static func reserveRAM(path: String, bytes: Int) throws(GeminusError) {
+        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else {
+            throw GeminusError(.io, "cannot open the standby's RAM file \(path) to reserve it: \(String(cString: strerror(errno)))")
+        }
+        defer { close(fd) }
+        try QEMUStandby.reserve(fd: fd, bytes: bytes, path: path)
     }
 
     /// `resume` with the concrete type. The held NICs' frames go to `output` from the resume on
@@ -234,7 +245,7 @@ public final class LibvirtStandby: StandbyHost, @unchecked Sendable {
         let finder = dirtyPages.makeFinderForResumedGuest(qemuPID: pid, ramFilePath: ramPath, fallback: trackingFallback)
         // Its disk's mirror, for re-protection (after `cont`: nothing here delays the resume).
         // Without it the guest still runs; a secondary with the disk refuses its epochs.
-        let disk = standbyXML.flatMap { try? LibvirtDisk.open(xml: $0, qmp: qmp, domainName: domainName) }
+        let disk = standbyXML.flatMap { try? LibvirtDisk.open(xml: $0, qmp: qmp, domainName: domainName, qemuPID: pid) }
         let guest = try LibvirtGuest(connection: connection, domain: domain, qmp: qmp, memory: memory,
                                      ramFilePath: ramPath,
                                      counterAddress: counterAddress, finder: finder, platform: platform.isEmpty ? nil : platform, nics: nics,

@@ -34,10 +34,12 @@ public final class NBDClient {
     static let maxZeroBytes: UInt64 = 1 << 30
 
     /// Connects (retrying until `timeout`: the server may still be starting) and negotiates
-    /// `exportName`. Every later request waits at most `ioTimeout` seconds for its reply.
-    public init(socketPath: String, exportName: String, timeout: Double = 10, ioTimeout: Int = 120) throws(GeminusError) {
+    /// `exportName` with `peer` (the daemon the agent started). Every later request waits at
+    /// most `ioTimeout` seconds for its reply.
+    public init(socketPath: String, exportName: String, timeout: Double = 10, ioTimeout: Int = 120,
+                peer: SocketPeer = .sameUser) throws(GeminusError) {
         self.socketPath = socketPath
-        let fd = try UnixSocket.connect(path: socketPath, timeout: timeout, what: "the NBD server")
+        let fd = try UnixSocket.connect(path: socketPath, timeout: timeout, what: "the NBD server", peer: peer)
         var tv = timeval(tv_sec: ioTimeout, tv_usec: 0)
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))

@@ -143,7 +143,10 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
     /// QEMU started, QMP connected, RAM mapped; captures with the compare method until `launch`
     /// chooses the finder.
     private static func start(_ config: QEMUGuestConfig, counterAddress: Int?) throws(GeminusError) -> QEMUGuest {
-        unlink(config.ramFilePath)
+        // A fresh guest's RAM file is new and this agent's from the first instant: whatever is
+        // already at the path (planted, or a leftover) is refused, not reused.
+        try RunDirectory.checkPrivate(directoriesOf: config.allFiles)
+        close(try PrivateFile.createNew(config.ramFilePath, what: "the RAM file"))
         // The NIC's socket and the disk's export listen before QEMU starts and connects.
         var nic: GuestNIC?
         var disk: ReplicatedDisk?
@@ -158,13 +161,14 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
         } catch {
             nic?.stop()
             disk?.stop()
+            unlink(config.ramFilePath)
             throw error
         }
         do throws(GeminusError) {
             let qmp = try connectQMP(process)
-            // QEMU creates and sizes the RAM file before it opens the QMP socket.
+            // QEMU has mapped the RAM file (created above) before it opens the QMP socket.
             let memory = try PageMemory(fileAt: config.ramFilePath, pageCount: config.pageCount, create: false)
-            let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
+            let serial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path, peer: .process(process.pid)) }
             return QEMUGuest(process: process, qmp: qmp, memory: memory, counterAddress: counterAddress, serial: serial, nic: nic, disk: disk)
         } catch {
             nic?.stop()
@@ -176,7 +180,7 @@ public final class QEMUGuest: ProtectedGuest, @unchecked Sendable {
 
     static func connectQMP(_ process: QEMUProcess, timeout: Double = 10) throws(GeminusError) -> QMPClient {
         do throws(GeminusError) {
-            return try QMPClient(socketPath: process.config.qmpSocketPath, connectTimeout: timeout)
+            return try QMPClient(socketPath: process.config.qmpSocketPath, connectTimeout: timeout, peer: .process(process.pid))
         } catch {
             var e = error
             if !process.isRunning { e.message = "QEMU (pid \(process.pid)) exited at start: \(process.stderrTail())" }

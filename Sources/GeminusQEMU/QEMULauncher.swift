@@ -9,7 +9,7 @@ public struct QEMUGuestConfig: Sendable {
     public var ramMiB: Int
     public var kernelPath: String
     public var append: String
-    /// Guest RAM file (memory-backend-file, share=on), normally on /dev/shm.
+    /// Guest RAM file (memory-backend-file, share=on), in the agent's run directory on /dev/shm.
     public var ramFilePath: String
     public var qmpSocketPath: String
     public var serialLogPath: String
@@ -52,6 +52,11 @@ public struct QEMUGuestConfig: Sendable {
     /// The files QEMU makes beside its RAM file (sockets and logs): removed with it.
     var sideFiles: [String] { [qmpSocketPath, serialLogPath, stderrLogPath, serialSocketPath].compactMap { $0 } }
 
+    /// Every file of this guest, each of which must be in a private run directory.
+    var allFiles: [String] {
+        [ramFilePath] + sideFiles + [nic?.socketPath, disk?.path, disk?.exportSocketPath].compactMap { $0 }
+    }
+
     /// Gives the guest a NIC with `mac`, its sockets beside the QMP socket.
     public mutating func addNIC(mac: MACAddress) {
         nic = NICSetup(mac: mac, socketPath: sideFileBase + ".nic")
@@ -66,13 +71,16 @@ public struct QEMUGuestConfig: Sendable {
     /// The QMP socket's path without `.qmp`: the NIC and disk files are named after it.
     private var sideFileBase: String { qmpSocketPath.hasSuffix(".qmp") ? String(qmpSocketPath.dropLast(4)) : qmpSocketPath }
 
-    /// Files derived from this guest's names, one set per QEMU, so several can run side by side.
-    /// `tag` should be unique on the host (e.g. a VM name plus the agent's pid).
+    /// Files derived from this guest's names, one set per QEMU, so several can run side by side,
+    /// all in `runDirectory`: by default the agent's private one (`RunDirectory.agent`; QEMU
+    /// refuses to start with files in a directory that is not private, see `QEMULauncher.start`).
+    /// `tag` should be unique in the directory (e.g. a VM name, a role and the agent's pid).
     public static func standard(tag: String, ramMiB: Int, kernelPath: String, append: String,
-                                shmDirectory: String = "/dev/shm", runDirectory: String = NSTemporaryDirectory()) -> QEMUGuestConfig {
-        let run = runDirectory.hasSuffix("/") ? String(runDirectory.dropLast()) : runDirectory
+                                runDirectory: String? = nil) -> QEMUGuestConfig {
+        let directory = runDirectory ?? RunDirectory.agent
+        let run = directory.hasSuffix("/") ? String(directory.dropLast()) : directory
         return QEMUGuestConfig(ramMiB: ramMiB, kernelPath: kernelPath, append: append,
-                               ramFilePath: "\(shmDirectory)/\(tag).ram",
+                               ramFilePath: "\(run)/\(tag).ram",
                                qmpSocketPath: "\(run)/\(tag).qmp",
                                serialLogPath: "\(run)/\(tag).serial",
                                stderrLogPath: "\(run)/\(tag).stderr")
@@ -118,12 +126,18 @@ public enum QEMULauncher {
 
     public static let installHint = "apt-get install -y --no-install-recommends qemu-system-x86"
 
-    /// Starts QEMU for `config`. A stale QMP socket file is removed first; the RAM file is left
-    /// as it is (a standby runs on the replica's contents; a fresh primary should delete it first).
+    /// Starts QEMU for `config`, whose files must all be in private run directories
+    /// (`RunDirectory.checkPrivate`). A stale QMP socket file is removed first. The RAM file is
+    /// QEMU's to open, never to create: an existing one must be this agent's own (a standby
+    /// runs on the replica's contents; a fresh primary creates it first, `QEMUGuest.launch`), a
+    /// missing one is created mode 0600 and sized here. QEMU's NIC and disk-export connections
+    /// are accepted from this QEMU's pid only.
     public static func start(_ config: QEMUGuestConfig) throws(GeminusError) -> QEMUProcess {
         guard let binary = locate(config.qemuBinary) else {
             throw GeminusError(.hypervisor, "\(config.qemuBinary) not found", fix: installHint)
         }
+        try RunDirectory.checkPrivate(directoriesOf: config.allFiles)
+        try prepareRAMFile(config)
         unlink(config.qmpSocketPath)
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
@@ -133,9 +147,9 @@ public enum QEMULauncher {
         }
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
-        if let log = config.stderrLogPath, FileManager.default.createFile(atPath: log, contents: nil),
-           let h = FileHandle(forWritingAtPath: log) {
-            p.standardError = h
+        if let log = config.stderrLogPath {
+            unlink(log)
+            p.standardError = FileHandle(fileDescriptor: try PrivateFile.createNew(log, what: "QEMU's log"), closeOnDealloc: true)
         } else {
             p.standardError = FileHandle.nullDevice
         }
@@ -144,7 +158,23 @@ public enum QEMULauncher {
         } catch {
             throw GeminusError(.hypervisor, "cannot start \(binary): \(error)", fix: installHint)
         }
+        for path in [config.nic?.socketPath, config.disk?.exportSocketPath].compactMap({ $0 }) {
+            UnixSocket.expect(.process(p.processIdentifier), onListenerAt: path)
+        }
         return QEMUProcess(process: p, config: config)
+    }
+
+    /// The RAM file exists before QEMU starts, mode 0600, this agent's (QEMU would create a
+    /// missing one 0644, readable by every local user).
+    static func prepareRAMFile(_ config: QEMUGuestConfig) throws(GeminusError) {
+        let (fd, created) = try PrivateFile.openOrCreate(config.ramFilePath, what: "the RAM file")
+        defer { close(fd) }
+        let bytes = off_t(config.ramMiB) << 20
+        if created, ftruncate(fd, bytes) != 0 {
+            let e = errno
+            unlink(config.ramFilePath)
+            throw GeminusError(.resourceExhausted, "cannot size the RAM file \(config.ramFilePath) to \(config.ramMiB) MiB: \(String(cString: strerror(e)))")
+        }
     }
 }
 

@@ -121,19 +121,32 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         return memory
     }
 
-    /// Creates (truncating) and preallocates the replica file: the first touch of a fresh tmpfs
-    /// page is slow, and failing now beats failing at failover.
+    /// Creates (or empties this agent's own) replica file and preallocates it: the first touch
+    /// of a fresh tmpfs page is slow, and failing now beats failing at failover. An existing
+    /// file is kept (a waiting standby QEMU has it mapped) but must be this agent's, not a link.
     static func preallocate(path: String, bytes: Int) throws(GeminusError) {
-        let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            throw GeminusError(.io, "cannot create replica file \(path): \(String(cString: strerror(errno)))")
-        }
+        let fd = try PrivateFile.openOrCreate(path, what: "the replica RAM file").fd
         defer { close(fd) }
+        guard ftruncate(fd, 0) == 0 else {
+            throw GeminusError(.io, "cannot empty the replica RAM file \(path): \(String(cString: strerror(errno)))")
+        }
+        do throws(GeminusError) {
+            try reserve(fd: fd, bytes: bytes, path: path)
+        } catch {
+            unlink(path)
+            throw error
+        }
+    }
+
+    /// Reserves every byte of a replica RAM file before anything is written into its mapping:
+    /// on a full tmpfs a write through the mapping is a SIGBUS in the middle of a commit (a
+    /// torn replica), while a failed reservation is an error the operator can act on (M4).
+    public static func reserve(fd: Int32, bytes: Int, path: String) throws(GeminusError) {
         let r = posix_fallocate(fd, 0, off_t(bytes))
         guard r == 0 else {
-            unlink(path)
-            throw GeminusError(.resourceExhausted, "cannot allocate \(bytes >> 20) MiB for replica file \(path): \(String(cString: strerror(r)))",
-                               fix: "free space on /dev/shm or protect a smaller VM")
+            let dir = (path as NSString).deletingLastPathComponent
+            throw GeminusError(.resourceExhausted, "cannot reserve \(bytes >> 20) MiB for the replica RAM file \(path): \(String(cString: strerror(r)))",
+                               fix: "free space on the filesystem of \(dir) (df \(dir); tmpfs: mount -o remount,size=… or a larger /dev/shm), or protect a smaller VM")
         }
     }
 
@@ -153,7 +166,7 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
             standbyQMP = try QEMUGuest.connectQMP(p)
             // Connected now, before it can run: nothing it prints after the resume is missed.
             standbySerial?.stop()
-            standbySerial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path) }
+            standbySerial = try config.serialSocketPath.map { path throws(GeminusError) in try SerialOutput(socketPath: path, peer: .process(p.pid)) }
             standbyProcess = p
         } catch {
             p.cleanup(removeRAMFile: false)
@@ -212,9 +225,10 @@ public final class QEMUStandby: StandbyHost, @unchecked Sendable {
         defer { if pipeReadEnd >= 0 { close(pipeReadEnd) } }
         switch transport {
         case .execCat:
-            guard FileManager.default.createFile(atPath: deviceStatePath, contents: Data(deviceState)) else {
-                throw GeminusError(.io, "cannot write the device state to \(deviceStatePath)")
-            }
+            unlink(deviceStatePath)
+            let fd = try PrivateFile.createNew(deviceStatePath, what: "the device-state file")
+            defer { close(fd) }
+            try pwriteAll(fd, deviceState, at: 0, what: "the device-state file \(deviceStatePath)")
         case .fdPipe:
             pipeReadEnd = try IncomingMigration.pipe(holding: deviceState)
         }

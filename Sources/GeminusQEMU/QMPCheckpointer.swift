@@ -51,11 +51,11 @@ public final class DeviceStateFD: @unchecked Sendable {
     public static func register(with qmp: QMPClient) throws(GeminusError) -> DeviceStateFD {
         removeStale(from: qmp)
         let path = "/dev/shm/geminus-devstate-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
-        let r = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        let r = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard r >= 0 else {
             throw GeminusError(.io, "cannot create the device-state file \(path): \(String(cString: strerror(errno)))")
         }
-        let w = open(path, O_WRONLY | O_CLOEXEC)
+        let w = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
         let openErrno = errno
         unlink(path)
         guard w >= 0 else {
@@ -199,12 +199,12 @@ public final class QMPCheckpointer: @unchecked Sendable {
         let t1 = Monotonic.nanos()
         switch target {
         case .file(let path):
-            unlink(path)
+            // The file is the agent's (0600, never a link) before QEMU opens it: QEMU truncates
+            // an existing file and keeps its mode, but would create a missing one 0660.
+            let fd = try PrivateFile.openOrCreate(path, what: "the device-state file").fd
+            defer { close(fd) }
             try qmp.execute("xen-save-devices-state", arguments: ["filename": path, "live": false])
-            guard let data = FileManager.default.contents(atPath: path) else {
-                throw GeminusError(.io, "cannot read the device state QEMU saved to \(path)")
-            }
-            buffer.deviceState = [UInt8](data)
+            buffer.deviceState = try Self.readAll(fd, path: path)
         case .descriptorSet(let file):
             file.rewind()
             try qmp.execute("xen-save-devices-state", arguments: ["filename": file.qemuPath, "live": false])
@@ -218,6 +218,21 @@ public final class QMPCheckpointer: @unchecked Sendable {
         current.saveNanos = t2 - t1
         current.pages = buffer.pageCount
         current.deviceStateBytes = buffer.deviceState.count
+    }
+
+    /// What QEMU wrote to the device-state file, read through the agent's own descriptor.
+    static func readAll(_ fd: Int32, path: String) throws(GeminusError) -> [UInt8] {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw GeminusError(.io, "cannot stat the device state QEMU saved to \(path): \(String(cString: strerror(errno)))") }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, $0.count - done, off_t(done)) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw GeminusError(.io, "cannot read the device state QEMU saved to \(path): \(n == 0 ? "short file" : String(cString: strerror(errno)))") }
+            done += n
+        }
+        return bytes
     }
 }
 

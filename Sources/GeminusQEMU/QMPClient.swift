@@ -40,14 +40,17 @@ public final class QMPClient: @unchecked Sendable {
     /// The greeting's "QMP" object (version, capabilities) as JSON.
     public private(set) var greeting: String = ""
 
-    /// Connects (retrying while QEMU creates the socket, up to `connectTimeout` seconds), reads
-    /// the greeting and leaves capabilities negotiation mode.
-    public init(socketPath: String, connectTimeout: Double = 5, defaultTimeout: Double = 2) throws(GeminusError) {
+    /// Connects (retrying while QEMU creates the socket, up to `connectTimeout` seconds), checks
+    /// that `peer` is at the other end (the QEMU the caller started or looked up: a QMP that
+    /// answers `stop` without stopping would make every checkpoint inconsistent), reads the
+    /// greeting and leaves capabilities negotiation mode.
+    public init(socketPath: String, connectTimeout: Double = 5, defaultTimeout: Double = 2,
+                peer: SocketPeer = .sameUser) throws(GeminusError) {
         self.socketPath = socketPath
         self.defaultTimeout = defaultTimeout
         let deadline = Monotonic.nanos() + UInt64(connectTimeout * 1e9)
         fd = try UnixSocket.connect(path: socketPath, timeout: connectTimeout, what: "QMP socket",
-                                    fix: "check that QEMU is running with -qmp unix:\(socketPath),server=on,wait=off")
+                                    fix: "check that QEMU is running with -qmp unix:\(socketPath),server=on,wait=off", peer: peer)
         do throws(GeminusError) {
             let remaining = max(0.2, Double(deadline &- Monotonic.nanos()) / 1e9)
             let line = try readLine(deadline: Monotonic.nanos() + UInt64(min(remaining, max(defaultTimeout, 1)) * 1e9), what: "greeting")

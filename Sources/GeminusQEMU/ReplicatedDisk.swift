@@ -81,6 +81,14 @@ public final class ReplicatedDisk: @unchecked Sendable {
         self.imageIsRaw = imageIsRaw
         self.sizeBytes = sizeBytes
         export = try NBDExport(socketPath: exportSocketPath, diskPath: imageIsRaw ? imagePath : nil, sizeBytes: sizeBytes, clientUser: clientUser)
+        // The socket was given to QEMU's user: its connections are QEMU's (until `admit` names
+        // the very process).
+        if let clientUser, let pw = getpwnam(clientUser) { admit(.user(pw.pointee.pw_uid)) }
+    }
+
+    /// Only `peer` may connect to the export from now on (the domain's QEMU, by pid).
+    public func admit(_ peer: SocketPeer) {
+        UnixSocket.expect(peer, onListenerAt: export.socketPath)
     }
 
     /// A disk the agent's own QEMU opens (`DiskSetup.qemuArguments`).
@@ -89,11 +97,10 @@ public final class ReplicatedDisk: @unchecked Sendable {
                       exportSocketPath: setup.exportSocketPath)
     }
 
-    /// Creates a zeroed raw disk file of `sizeBytes` (a fresh primary's disk).
+    /// Creates a zeroed raw disk file of `sizeBytes` (a fresh primary's disk), mode 0600; a
+    /// file or link already at the path is refused (`PrivateFile.createNew`).
     public static func createEmpty(_ setup: DiskSetup) throws(GeminusError) {
-        unlink(setup.path)
-        let fd = open(setup.path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw GeminusError(.io, "cannot create the disk \(setup.path): \(String(cString: strerror(errno)))") }
+        let fd = try PrivateFile.createNew(setup.path, what: "the disk")
         defer { close(fd) }
         guard ftruncate(fd, off_t(setup.sizeBytes)) == 0 else {
             throw GeminusError(.io, "cannot size the disk \(setup.path): \(String(cString: strerror(errno)))")

@@ -15,9 +15,10 @@ public final class SerialOutput: @unchecked Sendable {
     public static let maxLineBytes = 4096
     private let pump: DeviceOutputPump
 
-    /// Connects to QEMU's serial socket (QEMU listens once it runs; retried up to `timeout`).
-    public init(socketPath: String, timeout: Double = 10) throws(GeminusError) {
-        let fd = try UnixSocket.connect(path: socketPath, timeout: timeout, what: "QEMU's serial socket")
+    /// Connects to QEMU's serial socket (QEMU listens once it runs; retried up to `timeout`),
+    /// served by `peer` (the QEMU the agent started): its lines become the guest's output.
+    public init(socketPath: String, timeout: Double = 10, peer: SocketPeer = .sameUser) throws(GeminusError) {
+        let fd = try UnixSocket.connect(path: socketPath, timeout: timeout, what: "QEMU's serial socket", peer: peer)
         // Under the pump's lock: one buffer for the reads, and the line not yet ended.
         var buffer = [UInt8](repeating: 0, count: 16384)
         var partial: [UInt8] = []

@@ -173,11 +173,9 @@ public final class StorageDaemon: @unchecked Sendable {
         p.arguments = arguments(imagePath: imagePath, format: format, socketPath: socketPath, pidPath: pidPath, qmpPath: qmpPath)
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = FileHandle.nullDevice
-        if FileManager.default.createFile(atPath: logPath, contents: nil), let h = FileHandle(forWritingAtPath: logPath) {
-            p.standardError = h
-        } else {
-            p.standardError = FileHandle.nullDevice
-        }
+        // Created afresh, never through a link left in the run directory.
+        unlink(logPath)
+        p.standardError = FileHandle(fileDescriptor: try PrivateFile.createNew(logPath, what: "the storage daemon's log"), closeOnDealloc: true)
         do { try p.run() } catch {
             throw GeminusError(.hypervisor, "cannot start \(binary): \(error)", fix: installHint)
         }
@@ -199,7 +197,7 @@ public final class StorageDaemon: @unchecked Sendable {
 
     /// The NBD connection to the image.
     func connect() throws(GeminusError) -> NBDClient {
-        try NBDClient(socketPath: socketPath, exportName: Self.exportName)
+        try NBDClient(socketPath: socketPath, exportName: Self.exportName, peer: .process(process.processIdentifier))
     }
 
     /// QMP `quit` (QEMU flushes and closes its images, releasing their locks; SIGTERM where the
@@ -208,7 +206,7 @@ public final class StorageDaemon: @unchecked Sendable {
     @discardableResult
     public func stop(timeout: Double = 10) -> Bool {
         guard process.isRunning else { return true }
-        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2) {
+        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2, peer: .process(process.processIdentifier)) {
             // The reply may or may not come before the monitor closes: the exit is what counts.
             _ = try? qmp.execute("quit")
             qmp.close()
@@ -241,7 +239,7 @@ public final class StorageDaemon: @unchecked Sendable {
               let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1,
               let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline"),
               String(decoding: cmdline, as: UTF8.self).contains(socketPath) else { return }
-        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2) {
+        if let qmp = try? QMPClient(socketPath: qmpPath, connectTimeout: 1, defaultTimeout: 2, peer: .process(pid)) {
             _ = try? qmp.execute("quit")
             qmp.close()
         } else {

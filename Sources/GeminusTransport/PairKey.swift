@@ -61,6 +61,13 @@ public struct PairKey: Sendable, CustomStringConvertible {
             throw GeminusError(.keyFile, "pair key file \(path) is accessible by other users (mode 0\(mode))",
                                fix: "chmod 600 \(path)")
         }
+        // Another user's key file, or one in a directory others may write (they could replace
+        // it between two starts), is a key this agent cannot vouch for (review L3).
+        guard st.st_uid == geteuid() || st.st_uid == 0 else {
+            throw GeminusError(.keyFile, "pair key file \(path) belongs to uid \(st.st_uid), not to this agent's user (uid \(geteuid())) or root",
+                               fix: "chown \(geteuid()) \(path), or run the agent as the key's owner")
+        }
+        try checkDirectory(of: path)
         guard Int(st.st_size) <= maximumFileBytes else {
             throw GeminusError(.keyFile, "pair key file \(path) is \(st.st_size) bytes, not a hex-encoded key",
                                fix: createFix(path))
@@ -88,6 +95,24 @@ public struct PairKey: Sendable, CustomStringConvertible {
                                fix: createFix(path))
         }
         return PairKey(unchecked: key, path: path)
+    }
+
+    /// The key's directory must be this user's or root's, and not writable by group or others.
+    static func checkDirectory(of path: String) throws(GeminusError) {
+        let slash = path.lastIndex(of: "/")
+        let dir = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
+        var st = stat()
+        guard stat(dir, &st) == 0 else {
+            throw GeminusError(.keyFile, "cannot stat the directory \(dir) of pair key file \(path): \(Socket.describe(errno: errno))")
+        }
+        guard st.st_uid == geteuid() || st.st_uid == 0 else {
+            throw GeminusError(.keyFile, "the directory \(dir) of pair key file \(path) belongs to uid \(st.st_uid): that user could replace the key",
+                               fix: "keep the key in a directory of root or of the agent's user (e.g. /etc/geminus, mode 0700)")
+        }
+        guard st.st_mode & 0o022 == 0 else {
+            throw GeminusError(.keyFile, "the directory \(dir) of pair key file \(path) may be written by other users (mode 0\(String(st.st_mode & 0o7777, radix: 8))): they could replace the key",
+                               fix: "chmod go-w \(dir), or keep the key in a directory only its owner writes (e.g. /etc/geminus, mode 0700)")
+        }
     }
 
     private init(unchecked bytes: [UInt8], path: String) {

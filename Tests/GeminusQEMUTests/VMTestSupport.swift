@@ -97,10 +97,13 @@ enum VMEnv {
         return Double(xs.sorted()[xs.count / 2]) / 1e6
     }
 
-    /// Lists leftover /dev/shm files of this test process (a test fails if it leaves some).
+    /// Lists leftover files of this test process in /dev/shm and in its run directory, where
+    /// the guests' files live (a test fails if it leaves some).
     static func leftoverShmFiles() -> [String] {
         let prefix = "gq-\(getpid())-"
-        return ((try? FileManager.default.contentsOfDirectory(atPath: "/dev/shm")) ?? []).filter { $0.hasPrefix(prefix) }
+        return ["/dev/shm", RunDirectory.agent].flatMap { dir in
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasPrefix(prefix) }
+        }
     }
 }
 

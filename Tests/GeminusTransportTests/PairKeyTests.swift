@@ -84,4 +84,50 @@ import Testing
         let key = try PairKey.load(path: path)
         #expect(key.bytes == [UInt8](repeating: 0xAB, count: 40))
     }
+
+    // L3: a key file of another user, or in a directory others may write, is not this agent's.
+
+    @Test func anotherUsersKeyIsRefused() throws {
+        let path = write(String(repeating: "ab", count: 32) + "\n", to: "theirs.key", mode: 0o600)
+        let other: uid_t = geteuid() == 65534 ? 65533 : 65534
+        guard chown(path, other, gid_t(65534)) == 0 else {
+            // Giving a file away needs root (CAP_CHOWN): nothing to check as another user.
+            return
+        }
+        let error = #expect(throws: GeminusError.self) { try PairKey.load(path: path) }
+        #expect(error?.code == .keyFile)
+        #expect(error?.message.contains("belongs to uid \(other)") == true, "\(String(describing: error))")
+        #expect(error?.fix?.contains("chown") == true)
+    }
+
+    @Test func keyInADirectoryOthersMayWriteIsRefused() throws {
+        let shared = dir + "/shared"
+        mkdir(shared, 0o700)
+        chmod(shared, 0o1777)
+        let path = shared + "/pair.key"
+        _ = FileManager.default.createFile(atPath: path, contents: Data((String(repeating: "ab", count: 32) + "\n").utf8))
+        chmod(path, 0o600)
+        let error = #expect(throws: GeminusError.self) { try PairKey.load(path: path) }
+        #expect(error?.code == .keyFile)
+        #expect(error?.message.contains("may be written by other users (mode 01777)") == true, "\(String(describing: error))")
+        #expect(error?.fix?.contains("chmod go-w \(shared)") == true)
+
+        chmod(shared, 0o770)
+        let groupWritable = #expect(throws: GeminusError.self) { try PairKey.load(path: path) }
+        #expect(groupWritable?.message.contains("mode 0770") == true)
+
+        chmod(shared, 0o755)
+        #expect(try PairKey.load(path: path).bytes.count == 32, "a directory only its owner writes is fine")
+    }
+
+    @Test func keyInADirectoryOfAnotherUserIsRefused() throws {
+        let theirs = dir + "/theirs"
+        mkdir(theirs, 0o755)
+        let path = theirs + "/pair.key"
+        _ = FileManager.default.createFile(atPath: path, contents: Data((String(repeating: "ab", count: 32) + "\n").utf8))
+        chmod(path, 0o600)
+        guard chown(theirs, 65534, 65534) == 0, geteuid() != 65534 else { return }
+        let error = #expect(throws: GeminusError.self) { try PairKey.load(path: path) }
+        #expect(error?.message.contains("belongs to uid 65534: that user could replace the key") == true, "\(String(describing: error))")
+    }
 }

@@ -3,11 +3,10 @@
 #   Tools/uffd-preload/build.sh [OUTPUT_DIR]   (default: .build/geminus-uffd-preload in the repo)
 # Prints the absolute path of libgeminus-uffd-preload.so on stdout; everything else on stderr.
 #
-# The agent finds the library (WriteTrackingPreload.locate) through GEMINUS_UFFD_PRELOAD, then
-# beside or above its own executable (.build/geminus-uffd-preload/ for a swift build tree), then
-# /usr/local/lib/geminus/ and /usr/lib/geminus/. A libvirt QEMU runs as libvirt-qemu and must be
-# able to read it: install it with
-#   install -D -m 0644 "$(Tools/uffd-preload/build.sh)" /usr/local/lib/geminus/libgeminus-uffd-preload.so
+# The agent accepts the library (WriteTrackingPreload.locate) only from GEMINUS_UFFD_PRELOAD,
+# /usr/local/lib/geminus/ or /usr/lib/geminus/, and only where root alone can change it (the file
+# and every directory up to /): a build tree is never used. Install it with
+#   sudo Tools/uffd-preload/install.sh
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

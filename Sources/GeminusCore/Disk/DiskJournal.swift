@@ -96,7 +96,7 @@ public struct DiskJournal: Sendable {
 
     /// Marks the journal applied: truncated to nothing, and that made durable.
     public func clear() throws(GeminusError) {
-        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        let fd = open(path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
         if fd < 0 && errno == ENOENT { return }
         guard fd >= 0 else { throw ioError("cannot open the disk journal \(path) to clear it") }
         defer { close(fd) }
@@ -107,7 +107,7 @@ public struct DiskJournal: Sendable {
     private func replace(kind: Kind, epoch: Epoch, diskSize: UInt64, replacesDisk: Bool, count: UInt32, length: UInt64,
                          writes: [DiskWrite]) throws(GeminusError) {
         let temporary = path + ".tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw ioError("cannot create the disk journal \(temporary)") }
         var closed = false
         defer { if !closed { close(fd) } }
@@ -147,7 +147,7 @@ public struct DiskJournal: Sendable {
 
     /// What the journal file holds, with every record checked (checksum, bounds) but nothing applied.
     public func inspect(diskSize: UInt64) throws(GeminusError) -> State {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
         if fd < 0 && errno == ENOENT { return .clean }
         guard fd >= 0 else { throw ioError("cannot open the disk journal \(path)") }
         defer { close(fd) }
@@ -184,7 +184,7 @@ public struct DiskJournal: Sendable {
     /// record in order. Idempotent, so a crash during replay is mended by replaying again.
     /// The caller syncs the disk and clears the journal.
     public func replay(_ header: Header, onto disk: any ReplicaDisk) throws(GeminusError) {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { throw ioError("cannot open the disk journal \(path)") }
         defer { close(fd) }
         if header.replacesDisk { try disk.zeroAll() }
@@ -302,7 +302,7 @@ enum XXH3 {
 
 // MARK: - Positioned I/O with the whole buffer or an error
 
-func pwriteAll(_ fd: Int32, _ bytes: [UInt8], at offset: UInt64, what: String) throws(GeminusError) {
+public func pwriteAll(_ fd: Int32, _ bytes: [UInt8], at offset: UInt64, what: String) throws(GeminusError) {
     var done = 0
     while done < bytes.count {
         let n = bytes.withUnsafeBytes { raw -> Int in

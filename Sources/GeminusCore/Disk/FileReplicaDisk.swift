@@ -65,12 +65,7 @@ public final class FileBlockBackend: BlockBackend {
     deinit { close(fd) }
 
     private static func openImage(path: String, sizeBytes: UInt64) throws(GeminusError) -> (fd: Int32, isBlockDevice: Bool) {
-        // Never created under /dev: a mistyped device name would become a file in RAM.
-        let fd = open(path, O_RDWR | O_CLOEXEC | (path.hasPrefix("/dev/") ? 0 : O_CREAT), 0o600)
-        guard fd >= 0 else {
-            throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(errno)))",
-                               fix: "check that its directory exists and this agent may write there")
-        }
+        let fd = try openOrCreate(path: path)
         do throws(GeminusError) {
             var st = stat()
             guard fstat(fd, &st) == 0 else { throw GeminusError(.io, "cannot stat the replica disk \(path): \(String(cString: strerror(errno)))") }
@@ -104,6 +99,33 @@ public final class FileBlockBackend: BlockBackend {
         } catch {
             close(fd)
             throw error
+        }
+    }
+
+    /// Never created under /dev (a mistyped device name would become a file in RAM), and there
+    /// links are followed: /dev/VG/LV is root's link to /dev/dm-N. Elsewhere an existing image
+    /// is opened without following a link, and a missing one is created exclusively (H3).
+    private static func openOrCreate(path: String) throws(GeminusError) -> Int32 {
+        if path.hasPrefix("/dev/") {
+            let fd = open(path, O_RDWR | O_CLOEXEC)
+            guard fd >= 0 else {
+                throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(errno)))",
+                                   fix: "check that the device exists and this agent may write it")
+            }
+            return fd
+        }
+        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+        if fd >= 0 { return fd }
+        let e = errno
+        switch e {
+        case ENOENT:
+            return try PrivateFile.createNew(path, what: "the replica disk")
+        case ELOOP:
+            throw GeminusError(.io, "the replica disk \(path) is a symbolic link; refusing to follow it",
+                               fix: "give the standby the image's real path")
+        default:
+            throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(e)))",
+                               fix: "check that its directory exists and this agent may write there")
         }
     }
 
