@@ -1,5 +1,6 @@
 import Foundation
 import GeminusLibvirt
+import GeminusQEMU
 import Testing
 
 /// `geminus enroll` against a real libvirtd, on a throwaway domain defined for the test.
@@ -60,9 +61,9 @@ struct EnrollTests {
         let recorded = try #require(try conn.readEnrollment(of: dom))
         #expect(recorded.peer == "10.0.0.2:7401")
         #expect(recorded.intervalMilliseconds == 40)
-        // Tools/test builds the write-tracking library beside the binary: --prepare puts it in
-        // QEMU's environment, and the JSON says so.
-        let library = TinyGuest.repoRoot.appendingPathComponent(".build/geminus-uffd-preload/libgeminus-uffd-preload.so").path
+        // Tools/test installs the write-tracking library in /usr/local/lib/geminus (the only
+        // places it is trusted from): --prepare puts it in QEMU's environment, and the JSON says so.
+        let library = WriteTrackingPreload.installDirectory + "/" + WriteTrackingPreload.fileName
         #expect(CAEnrollmentCheck.qemuEnvironment("LD_PRELOAD", inDomainXML: try conn.xml(of: dom, .persistent)) == library)
         #expect(j["writeTrackingPreload"] as? String == library, "\(j)")
         // libvirt took both interfaces moved to the agent's loopback socket, model and MAC kept,
