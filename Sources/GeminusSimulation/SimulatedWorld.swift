@@ -98,7 +98,10 @@ extension PairSimulator {
             primary = nil
             // An ordinary stop ends the agent only: its node stays in the cluster, and the
             // secondary wins the VM through the stop notice, not through the node's absence.
-            if case .stoppedForSecondary = node.outcome! {} else { witness?.setRunning(.primary, false) }
+            switch node.outcome! {
+            case .stoppedForSecondary, .handedOver: break
+            default: witness?.setRunning(.primary, false)
+            }
             lostPrimary()
             return
         }
@@ -328,6 +331,23 @@ extension PairSimulator {
         p.isAlive = false
         primary = nil
         lostPrimary()
+    }
+
+    /// The operator asks the primary for a planned switchover (`geminus failover`).
+    public func requestSwitchover() {
+        guard let node = primary?.node else { return }
+        note("world", "the operator asks for a planned switchover", notable: true)
+        node.requestSwitchover()
+    }
+
+    /// A `handover` frame for the checkpoint the secondary holds reaches it on the primary's
+    /// connection without the primary having asked: what a relay on the link would forge (the
+    /// real link seals its frames, so there it ends the connection; here it gets through, to
+    /// show that the frame alone moves nothing under a witness).
+    public func forgeHandover() {
+        guard let s = secondary, let l = s.link, !l.closed else { return }
+        note("world", "a forged handover frame for checkpoint \(s.node.machine.committed) reaches the secondary", notable: true)
+        l.arrived(FrameCodec.encode(FrameHeader(kind: .handover, generation: s.node.machine.generation, epoch: s.node.machine.committed)))
     }
 
     /// The secondary's apply loop hangs (`on`) or comes back.
