@@ -219,7 +219,7 @@ public enum NodeEvent: Sendable {
         case .peerLost(let reason, let hold): return "secondary lost (\(reason)); holding output for up to \(hold) ms"
         case .resyncing(let e, let r): return "secondary refused epoch \(e) (\(r)); sending a full checkpoint"
         case .continuesAfter(let e, let g):
-            return "the secondary holds epoch \(e) of generation \(g), sent by an earlier run of this primary: numbering continues after it, with a full checkpoint"
+            return "the secondary holds epoch \(e), numbered by an earlier run of this primary: generation \(g) numbers on after it, with a full checkpoint"
         case .primarySaysStopped(let e, let r, let arbitrated):
             return "the primary stopped its guest for good after checkpoint \(e) (\(r)): taking over without waiting out a silence\(arbitrated ? ", once the witness has the primary's stop notice" : "")"
         case .stoppedForSecondary(let vm, let e, let r, let dropped, let stopped):

@@ -91,6 +91,11 @@ public struct SecondaryMachine: Sendable {
     public private(set) var state: State = .waitingForFirstCheckpoint
     public private(set) var generation: Generation
     public private(set) var committed: Epoch = .none
+    /// The generation whose primary sent `committed`. A primary of a newer generation may
+    /// connect before its first checkpoint commits here (a restarted primary agent takes the
+    /// next generation); the witness's record must be read against the checkpoint held, or a
+    /// record of the older generation would seem not to concern it.
+    public private(set) var committedGeneration: Generation
     private var connected = false
     private var lastHeardNanos: UInt64 = 0
     private var everConnected = false
@@ -125,6 +130,7 @@ public struct SecondaryMachine: Sendable {
     public init(config: Config, generation: Generation) {
         self.config = config
         self.generation = generation
+        committedGeneration = generation
     }
 
     public mutating func handle(_ event: Event) -> [Action] {
@@ -172,6 +178,7 @@ public struct SecondaryMachine: Sendable {
         case .committed(let epoch, let now):
             precondition(epoch > committed, "commits only move forward")
             committed = epoch
+            committedGeneration = generation
             committedIsCurrent = true
             replicaBroken = nil
             reportedCannotTakeOver = false
@@ -277,7 +284,7 @@ public struct SecondaryMachine: Sendable {
                     guard w.witnessHeard || primaryStopped else {
                         return awaiting("this node won, but the witness has not published its record in this membership yet")
                     }
-                    if let r = w.record, !r.allowsResuming(committed, at: generation) {
+                    if let r = w.record, !r.allowsResuming(committed, at: committedGeneration) {
                         guard !reportedCannotTakeOver else { return [] }
                         reportedCannotTakeOver = true
                         return [.notice(.cannotTakeOver(reason: "the witness recorded \(r): checkpoint \(committed) held here is behind output the primary released unprotected, so resuming it would roll back what clients saw. The VM is down: start it from the primary's host"))]
