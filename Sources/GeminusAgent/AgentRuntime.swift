@@ -113,6 +113,12 @@ public final class AgentRuntime {
                 if case .stoppedForSecondary(_, _, true) = outcome, let witness {
                     awaitStopRecorded(witness, generation: run.generation, logger: logger)
                 }
+                // An unconfirmed handover (declined, or its answer lost): the secondary resumes
+                // on the stop notice sent with it, so the notice must reach the witness before
+                // an agent without --listen exits and leaves the cluster.
+                if case .handedOver(_, nil) = outcome, let witness {
+                    awaitStopRecorded(witness, generation: run.generation, logger: logger)
+                }
                 guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
                 run = RoleRun(role: .secondary, generation: generation ?? run.generation.next, serial: run.serial + 1)
             case .secondary:
