@@ -92,7 +92,7 @@ public final class AgentRuntime {
 
     /// Runs role after role until stopped, the deadline, or a role that ends the process.
     public func run() throws {
-        var run = RoleRun(role: settings.role, generation: try generationFile.read() ?? Generation(1))
+        var run = RoleRun(role: settings.role, generation: try generationFile.startGeneration(for: settings.role))
         // A planned switchover swaps the roles: the old primary follows as the secondary
         // (on --listen), the new primary protects the VM by connecting to it (--peer).
         while true {
@@ -111,6 +111,12 @@ public final class AgentRuntime {
                 // This host's guest no longer runs: nothing from the network is for it.
                 destination.deliverInbound(to: nil)
                 if case .stoppedForSecondary(_, _, true) = outcome, let witness {
+                    awaitStopRecorded(witness, generation: run.generation, logger: logger)
+                }
+                // An unconfirmed handover (declined, or its answer lost): the secondary resumes
+                // on the stop notice sent with it, so the notice must reach the witness before
+                // an agent without --listen exits and leaves the cluster.
+                if case .handedOver(_, nil) = outcome, let witness {
                     awaitStopRecorded(witness, generation: run.generation, logger: logger)
                 }
                 guard case .handedOver(_, let generation) = outcome, settings.listen != nil, !ended else { return }
@@ -318,6 +324,27 @@ public struct GenerationFile: Sendable {
                                fix: "remove it (the agent then starts at generation 1, and a secondary at a later generation refuses it as deposed)")
         }
         return Generation(value)
+    }
+
+    /// The generation an agent starting in `role` runs as. A secondary keeps the file's (it
+    /// refuses only primaries older than it). A primary takes the next one (1 without a file):
+    /// the witness keeps, per generation, its stop notice and its record of unprotected runs,
+    /// and the secondary takes over at once on the stop notice of the generation it follows. A
+    /// primary restarted at a generation that had stopped (SIGTERM, a handover the secondary
+    /// declined) would run under that notice: a link loss would then have the secondary resume
+    /// beside it. And a restarted agent numbers its epochs from 1 again, so its record of an
+    /// unprotected run in the same generation would not cover the checkpoint the secondary
+    /// holds from the earlier agent. The secondary checks records against the generation of its
+    /// checkpoint, so a newer primary never makes it look safer.
+    public func startGeneration(for role: AgentRuntime.Role) throws(GeminusError) -> Generation {
+        let held = try read()
+        guard role == .primary else { return held ?? Generation(1) }
+        guard let held else { return Generation(1) }
+        guard held.rawValue < UInt64.max else {
+            throw GeminusError(.invalidArgument, "the generation file \(path) holds the last generation number there is",
+                               fix: "stop both agents of the pair, remove the generation files of both, and start them again (the secondary with a fresh replica)")
+        }
+        return held.next
     }
 
     /// Replaces the file at once (written aside, synced, renamed over it): a crash leaves the old

@@ -115,6 +115,11 @@ public final class PrimaryAgent: @unchecked Sendable {
             switch event {
             case .switchoverRefused(let reason):
                 mailbox.finish(SwitchoverResult(ok: false, message: "switchover refused: \(reason)"))
+            case .handoverDeclinedAfterStopNotice(_, let epoch, let reason):
+                status.update(["state": "handed-over", "handedOverAt": epoch.rawValue])
+                mailbox.finish(SwitchoverResult(
+                    ok: false, message: "the secondary declined the handover (\(reason)); this primary's stop notice was already with the witness, so its guest is stopped for good and the secondary resumes checkpoint \(epoch) as soon as its witness shows the notice: see `geminus status` on the secondary",
+                    epoch: epoch))
             case .switchoverAborted(_, let reason):
                 mailbox.finish(SwitchoverResult(ok: false, message: "switchover called off, the VM runs on here: \(reason)"))
             case .handedOver(let vm, let epoch, let g, let paused):

@@ -59,6 +59,8 @@ public enum NodeEvent: Sendable {
     case rejected(Epoch, RejectReason, detail: String, keeps: Epoch)
     case handoverRequested(vm: String, Epoch)
     case handoverDeclined(Epoch, reason: String)
+    /// The primary's side of a decline under a witness: its stop notice was out, so it stops.
+    case handoverDeclinedAfterStopNotice(vm: String, Epoch, reason: String)
     case primaryLost(reason: String, takeoverAfterMillis: UInt64, arbitrated: Bool)
     case primaryBack
     case cannotTakeOver(vm: String, reason: String)
@@ -91,7 +93,7 @@ public enum NodeEvent: Sendable {
         case .fullCopiesLive: return .warning
         case .finalCaptured: return .notice
         case .runningUnprotected, .notProtectingYet, .linkLost, .unprotected, .releasedAll, .peerLost, .resyncing,
-             .staleAck, .switchoverRefused, .switchoverAborted, .primaryRefused, .rejected, .handoverDeclined,
+             .staleAck, .switchoverRefused, .switchoverAborted, .primaryRefused, .rejected, .handoverDeclined, .handoverDeclinedAfterStopNotice,
              .primaryLost, .awaitingArbitration, .announceUnprotected: return .warning
         case .outputStalled: return .notice
         case .handedOver(_, _, let g, _): return g == nil ? .warning : .notice
@@ -127,7 +129,7 @@ public enum NodeEvent: Sendable {
         case .rejected: return .rejected
         case .committed(_, _, let full): return full ? .baseCommitted : nil
         case .handoverRequested: return .handoverRequested
-        case .handoverDeclined: return .handoverDeclined
+        case .handoverDeclined, .handoverDeclinedAfterStopNotice: return .handoverDeclined
         case .primaryLost: return .primaryLost
         case .cannotTakeOver: return .cannotTakeOver
         case .awaitingArbitration: return .awaitingArbitration
@@ -180,7 +182,8 @@ public enum NodeEvent: Sendable {
         case .listening(let vm, let host, let port): return ["vm": .string(vm), "host": .string(host), "port": .int(port)]
         case .rejected(let e, let r, let detail, _): return ["epoch": .int(e.rawValue), "reason": .string(r.description), "detail": .string(detail)]
         case .committed(let e, let pages, _): return ["epoch": .int(e.rawValue), "pages": .int(pages)]
-        case .handoverDeclined(let e, let reason): return ["epoch": .int(e.rawValue), "reason": .string(reason)]
+        case .handoverDeclined(let e, let reason), .handoverDeclinedAfterStopNotice(_, let e, let reason):
+            return ["epoch": .int(e.rawValue), "reason": .string(reason)]
         case .primaryLost(let reason, _, _), .cannotTakeOver(_, let reason), .awaitingArbitration(_, let reason): return ["reason": .string(reason)]
         case .witnessView(let v):
             return ["quorate": .bool(v.quorate), "peerPresent": .bool(v.peerPresent), "witnessHeard": .bool(v.witnessHeard),
@@ -216,7 +219,7 @@ public enum NodeEvent: Sendable {
         case .peerLost(let reason, let hold): return "secondary lost (\(reason)); holding output for up to \(hold) ms"
         case .resyncing(let e, let r): return "secondary refused epoch \(e) (\(r)); sending a full checkpoint"
         case .continuesAfter(let e, let g):
-            return "the secondary holds epoch \(e) of generation \(g), sent by an earlier run of this primary: numbering continues after it, with a full checkpoint"
+            return "the secondary holds epoch \(e), numbered by an earlier run of this primary: generation \(g) numbers on after it, with a full checkpoint"
         case .primarySaysStopped(let e, let r, let arbitrated):
             return "the primary stopped its guest for good after checkpoint \(e) (\(r)): taking over without waiting out a silence\(arbitrated ? ", once the witness has the primary's stop notice" : "")"
         case .stoppedForSecondary(let vm, let e, let r, let dropped, let stopped):
@@ -254,6 +257,8 @@ public enum NodeEvent: Sendable {
         case .rejected(let e, let r, let detail, let keeps): return "rejected epoch \(e) (\(r)): \(detail); the last committed checkpoint \(keeps) stays"
         case .handoverRequested(let vm, let e): return "the primary hands \(vm) over at checkpoint \(e)"
         case .handoverDeclined(let e, let reason): return "declined the handover at checkpoint \(e): \(reason)"
+        case .handoverDeclinedAfterStopNotice(let vm, let e, let reason):
+            return "the secondary declined the handover of \(vm) at checkpoint \(e) (\(reason)), but this primary's stop notice is already with the witness, which makes it final: the guest is stopped here for good, and the secondary resumes checkpoint \(e) as soon as its witness view shows the notice"
         case .primaryLost(let reason, let after, let arbitrated):
             return "primary lost: \(reason); taking over after \(after) ms of silence unless it returns\(arbitrated ? ", and only once the witness gives this node the VM" : "")"
         case .primaryBack: return "primary is back"

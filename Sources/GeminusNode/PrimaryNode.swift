@@ -416,6 +416,10 @@ public final class PrimaryNode {
                 dropLink(reason: reason)
             case .handOver(let epoch):
                 events.record(.handoverSent(vm: settings.vmName, epoch))
+                // With a witness the secondary resumes only on this notice as well as the frame
+                // (no single frame moves the VM). Sent first, so that it is on its way when the
+                // frame arrives; the guest stays paused and never runs here again as this generation.
+                witness?.announceStopped(settings.generation)
                 send(FrameCodec.encode(FrameHeader(kind: .handover, generation: settings.generation, epoch: epoch)))
             case .resumeGuest:
                 do { try guest.resume() } catch {
@@ -602,6 +606,8 @@ public final class PrimaryNode {
         case .staleAck(let e, let g): events.record(.staleAck(e, g, ours: settings.generation))
         case .switchoverRefused(let reason): events.record(.switchoverRefused(reason))
         case .switchoverAborted(let reason): events.record(.switchoverAborted(vm: settings.vmName, reason))
+        case .handoverDeclinedAfterStopNotice(let e, let reason):
+            events.record(.handoverDeclinedAfterStopNotice(vm: settings.vmName, e, reason: reason))
         }
     }
 

@@ -106,7 +106,8 @@ public protocol WitnessLink: AnyObject, Sendable {
     /// Asks the witness to record `record` (it answers in a later view's `record`).
     func announce(_ record: WitnessRecord)
     /// Asks the witness to record that this primary, of `generation`, stopped its guest for
-    /// good (it answers in a later view's `stoppedGeneration`). Said only after the stop.
+    /// good (it answers in a later view's `stoppedGeneration`). Said only after the stop, or for
+    /// a planned handover once the guest is paused never to run here again as `generation`.
     func announceStopped(_ generation: Generation)
     /// A primary keeps the ring lease: its state is republished every 100 ms, so that
     /// `lastOwnDeliveryNanos` shows whether its node's ring still works.

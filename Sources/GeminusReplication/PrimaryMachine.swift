@@ -158,7 +158,10 @@ public struct PrimaryMachine: Sendable {
         /// Planned switchover: pause the guest, capture the final epoch, and leave it paused.
         /// Then feed `.captured`.
         case captureFinal(Epoch)
-        /// Tell the secondary to resume the guest from `epoch` (it has acknowledged it).
+        /// Tell the secondary to resume the guest from `epoch` (it has acknowledged it). With a
+        /// witness, the stop notice of this generation goes to the witness first: the secondary
+        /// resumes only once its witness view shows it, and from then on the guest can never run
+        /// here again as this generation.
         case handOver(Epoch)
         /// The switchover was called off: run the guest that `captureFinal` left paused.
         case resumeGuest
@@ -184,6 +187,10 @@ public struct PrimaryMachine: Sendable {
         case staleAck(Epoch, Generation)
         case switchoverRefused(reason: String)
         case switchoverAborted(reason: String)
+        /// With a witness: the secondary declined the handover after this primary's stop notice
+        /// went to the witness. The notice is final, so the guest is stopped here for good and
+        /// the secondary takes over by it (`finishHandover` follows).
+        case handoverDeclinedAfterStopNotice(Epoch, reason: String)
     }
 
     public let config: Config
@@ -450,7 +457,13 @@ public struct PrimaryMachine: Sendable {
             return unprotectIfRecorded(now)
 
         case .handoverDeclined(let reason, let now):
-            guard case .awaitingTakeover = switchover else { return [] }
+            guard case .awaitingTakeover(let final, _) = switchover else { return [] }
+            if config.arbitration != .none {
+                // The witness keeps the stop notice sent with the handover, and a secondary
+                // that sees it resumes without waiting out the primary's stale quorum: running
+                // the guest here again as this generation could run it twice.
+                return [.notice(.handoverDeclinedAfterStopNotice(final, reason: reason))] + finishUnconfirmed(final)
+            }
             switchover = nil
             nextEpochDueNanos = now
             return [.resumeGuest, .notice(.switchoverAborted(reason: "the secondary declined: \(reason)"))] + captureIfDue(now)

@@ -13,10 +13,18 @@ public struct SecondaryMachine: Sendable {
         /// and its self-fence, see `ArbitrationTimings`), and the witness's record must not
         /// say the checkpoint held here is behind released output.
         public var arbitration: Arbitration
+        /// With a witness, how long a planned handover waits for the witness view to show the
+        /// primary's stop notice before it is declined. The notice normally follows the frame
+        /// within a few cluster deliveries; it is kept well below the primary's wait for the
+        /// answer (`PrimaryMachine.Config.takeoverConfirmTimeoutNanos`, 20 s by default), so that
+        /// the primary hears the decline rather than giving up on its own.
+        public var handoverRecordWaitNanos: UInt64
 
-        public init(takeoverAfterNanos: UInt64 = 150_000_000, arbitration: Arbitration = .none) {
+        public init(takeoverAfterNanos: UInt64 = 150_000_000, arbitration: Arbitration = .none,
+                    handoverRecordWaitNanos: UInt64 = 5_000_000_000) {
             self.takeoverAfterNanos = takeoverAfterNanos
             self.arbitration = arbitration
+            self.handoverRecordWaitNanos = handoverRecordWaitNanos
         }
     }
 
@@ -43,7 +51,8 @@ public struct SecondaryMachine: Sendable {
         case primaryStopped(Epoch, reason: String, nowNanos: UInt64)
         /// The standby's health watch: `down` says why it is down, nil that it answers again.
         case standbyHealth(down: String?, nowNanos: UInt64)
-        /// Planned switchover: the primary has paused its guest for good at `Epoch`.
+        /// Planned switchover: the primary has paused its guest for good at `Epoch`. With a
+        /// witness it is accepted only once the witness view holds the primary's stop notice.
         case handoverRequested(Epoch, nowNanos: UInt64)
         /// What the witness says now (with `Arbitration.witness`).
         case witness(WitnessView, nowNanos: UInt64)
@@ -58,7 +67,8 @@ public struct SecondaryMachine: Sendable {
         /// Planned switchover: resume the standby from `from` as `generation`, then tell the
         /// primary (it waits, paused, for that answer).
         case acceptHandover(from: Epoch, generation: Generation)
-        /// Planned switchover refused: the primary runs its guest on.
+        /// Planned switchover refused: the primary runs its guest on (with a witness, whose stop
+        /// notice is final, it stops it for good, and this node takes over by that notice).
         case declineHandover(Epoch, reason: String)
         case notice(Notice)
     }
@@ -81,6 +91,11 @@ public struct SecondaryMachine: Sendable {
     public private(set) var state: State = .waitingForFirstCheckpoint
     public private(set) var generation: Generation
     public private(set) var committed: Epoch = .none
+    /// The generation whose primary sent `committed`. A primary of a newer generation may
+    /// connect before its first checkpoint commits here (a restarted primary agent takes the
+    /// next generation); the witness's record must be read against the checkpoint held, or a
+    /// record of the older generation would seem not to concern it.
+    public private(set) var committedGeneration: Generation
     private var connected = false
     private var lastHeardNanos: UInt64 = 0
     private var everConnected = false
@@ -108,10 +123,14 @@ public struct SecondaryMachine: Sendable {
     /// This node dropped the primary because its standby is down: the silence that follows is
     /// its own doing, not news of the primary.
     private var letPrimaryGo = false
+    /// With a witness: a handover frame that waits for the primary's stop notice in the witness
+    /// view (no single frame moves the VM).
+    private var pendingHandover: (epoch: Epoch, sinceNanos: UInt64)?
 
     public init(config: Config, generation: Generation) {
         self.config = config
         self.generation = generation
+        committedGeneration = generation
     }
 
     public mutating func handle(_ event: Event) -> [Action] {
@@ -124,6 +143,7 @@ public struct SecondaryMachine: Sendable {
             reportedCannotTakeOver = false
             primaryStoppedItsGuest = false
             letPrimaryGo = false
+            pendingHandover = nil
             generation = gen
             connected = true
             everConnected = true
@@ -137,6 +157,9 @@ public struct SecondaryMachine: Sendable {
 
         case .primaryDisconnected(let now, let reason):
             connected = false
+            // No one to answer: a primary that sent the handover stops for good on the link's
+            // loss, and the takeover below goes by the witness as after any loss.
+            pendingHandover = nil
             if state == .following && letPrimaryGo {
                 // This node dropped it (its standby is down): no news of the primary.
                 state = .primarySilent(sinceNanos: lastHeardNanos)
@@ -155,6 +178,7 @@ public struct SecondaryMachine: Sendable {
         case .committed(let epoch, let now):
             precondition(epoch > committed, "commits only move forward")
             committed = epoch
+            committedGeneration = generation
             committedIsCurrent = true
             replicaBroken = nil
             reportedCannotTakeOver = false
@@ -173,6 +197,7 @@ public struct SecondaryMachine: Sendable {
             // epoch says it was acknowledged something this node never committed.
             guard connected, state == .following, epoch <= committed else { return [] }
             primaryStoppedItsGuest = true
+            pendingHandover = nil
             state = .primarySilent(sinceNanos: now)
             // Closing says "heard" to the primary, which waits for it before it closes its end.
             return [.notice(.primaryStopped(epoch, reason: reason)), .dropLink(reason: "the primary stopped")] + checkTakeover(now)
@@ -194,7 +219,7 @@ public struct SecondaryMachine: Sendable {
             }
             return actions
 
-        case .handoverRequested(let epoch, _):
+        case .handoverRequested(let epoch, let now):
             // Only the exact checkpoint the primary paused at: anything else would resume a
             // different guest state than the one the primary stopped with.
             guard state == .following, connected else {
@@ -203,17 +228,21 @@ public struct SecondaryMachine: Sendable {
             guard epoch == committed else {
                 return [.declineHandover(epoch, reason: "the secondary's last committed checkpoint is \(committed), not \(epoch)")]
             }
-            let newGeneration = generation.next
-            state = .tookOver(from: committed, generation: newGeneration)
-            generation = newGeneration
-            return [.acceptHandover(from: committed, generation: newGeneration)]
+            // Without a witness the frame alone moves the VM: it is sealed with the pair key, so
+            // only the primary can have sent it.
+            guard config.arbitration != .none else { return acceptHandover() }
+            guard pendingHandover == nil else { return [] }
+            pendingHandover = (epoch, now)
+            return handoverIfRecorded(now)
 
         case .witness(let view, let now):
             witness = view
             wonSinceNanos = view.quorate && !view.peerPresent ? (wonSinceNanos ?? now) : nil
-            return checkTakeover(now)
+            return handoverIfRecorded(now) + checkTakeover(now)
 
         case .tick(let now):
+            let answer = handoverIfRecorded(now)
+            if !answer.isEmpty { return answer }
             if state == .following && now >= lastHeardNanos && now - lastHeardNanos > config.takeoverAfterNanos {
                 let reason = "primary silent for \((now - lastHeardNanos) / 1_000_000) ms"
                 state = .primarySilent(sinceNanos: lastHeardNanos)
@@ -248,14 +277,14 @@ public struct SecondaryMachine: Sendable {
             // The primary of this generation said (to the witness, or to this node in this
             // membership) that it stopped its guest for good: no stale quorum of its is left to
             // wait out, present in the cluster or not, and its record came with the word.
-            let primaryStopped = witness.map { $0.quorate && $0.stoppedGeneration == generation } ?? false
+            let primaryStopped = witnessHasPrimaryStop
             let waitedOut = wonSinceNanos.map { now - $0 >= timings.takeoverWaitNanos } ?? false
             if let w = witness, primaryStopped || wonSinceNanos != nil {
                 if primaryStopped || waitedOut {
                     guard w.witnessHeard || primaryStopped else {
                         return awaiting("this node won, but the witness has not published its record in this membership yet")
                     }
-                    if let r = w.record, !r.allowsResuming(committed, at: generation) {
+                    if let r = w.record, !r.allowsResuming(committed, at: committedGeneration) {
                         guard !reportedCannotTakeOver else { return [] }
                         reportedCannotTakeOver = true
                         return [.notice(.cannotTakeOver(reason: "the witness recorded \(r): checkpoint \(committed) held here is behind output the primary released unprotected, so resuming it would roll back what clients saw. The VM is down: start it from the primary's host"))]
@@ -273,6 +302,42 @@ public struct SecondaryMachine: Sendable {
             return awaiting(waiting)
         }
         return resume()
+    }
+
+    /// The witness view (quorate) holds the stop notice of this generation's primary: it will
+    /// never run its guest again.
+    private var witnessHasPrimaryStop: Bool {
+        witness.map { $0.quorate && $0.stoppedGeneration == generation } ?? false
+    }
+
+    /// The waiting handover: accepted once the witness view shows the primary's stop notice,
+    /// declined when the checkpoint moved on or the notice did not come within the bound (a
+    /// frame alone, which the sealed link makes impossible to forge, still moves nothing).
+    private mutating func handoverIfRecorded(_ now: UInt64) -> [Action] {
+        guard let pending = pendingHandover else { return [] }
+        guard state == .following, connected else {
+            pendingHandover = nil
+            return []
+        }
+        guard pending.epoch == committed else {
+            pendingHandover = nil
+            return [.declineHandover(pending.epoch, reason: "the secondary committed checkpoint \(committed) after the handover at \(pending.epoch) was asked for: the primary's guest did not stay paused")]
+        }
+        if witnessHasPrimaryStop {
+            pendingHandover = nil
+            return acceptHandover()
+        }
+        guard now >= pending.sinceNanos, now - pending.sinceNanos > config.handoverRecordWaitNanos else { return [] }
+        pendingHandover = nil
+        let view = witness.map { "\($0)" } ?? "no view yet"
+        return [.declineHandover(pending.epoch, reason: "the witness view shows no stop notice of generation \(generation) after \(config.handoverRecordWaitNanos / 1_000_000) ms (\(view)); a handover needs the arbitration's record as well as the frame")]
+    }
+
+    private mutating func acceptHandover() -> [Action] {
+        let newGeneration = generation.next
+        state = .tookOver(from: committed, generation: newGeneration)
+        generation = newGeneration
+        return [.acceptHandover(from: committed, generation: newGeneration)]
     }
 
     private mutating func awaiting(_ why: String) -> [Action] {

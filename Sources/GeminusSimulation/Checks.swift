@@ -180,8 +180,9 @@ extension PairSimulator {
 
     /// The checks that hold at every step.
     func checkAfterStep() {
-        // S1: at most one running copy.
-        let primaryRuns = primary.map { !$0.isFrozen } ?? false
+        // S1: at most one running copy. A primary paused for good by a planned switchover (or
+        // stopped) runs nothing; it is gone once its node sees the handover's outcome.
+        let primaryRuns = primary.map { !$0.isFrozen && !$0.guest.paused && !$0.guest.stoppedForGood } ?? false
         if primaryRuns && isTakenOver {
             let message = "two running copies: the old primary (generation \(primary!.generation)) runs on after the secondary took over at \(formatMillis(takeoverAtNanos ?? 0).trimmed())"
             if splitBrainIsKnownGap { knownGap(.s1, message, onceAs: "s1") } else { violate(.s1, message, onceAs: "s1") }

@@ -13,7 +13,8 @@
 /// Commands: `seed N`, then optionally `arbitration none` (the witness arbitrates unless a
 /// story shows what happens without it), `run 300ms|2s`, `crash primary before capture|during capture|after
 /// capture|during send|after send|after ack`, `crash secondary`, `restart secondary`,
-/// `stop primary` (an ordinary stop of its agent, as SIGTERM), `restart primary` (its agent is
+/// `stop primary` (an ordinary stop of its agent, as SIGTERM), `switchover` (a planned one, as
+/// `geminus failover`), `forge handover` (a handover frame the primary never sent reaches the secondary), `restart primary` (its agent is
 /// killed and starts again while its guest runs on), `hang secondary` / `unhang secondary`
 /// (its apply loop stops while its link still heartbeats), `standby down` / `standby up` (what the
 /// secondary's standby health watch reports), `fail primary capture|resume|capture and resume` (its next one),
@@ -131,6 +132,10 @@ public struct Scenario: Sendable {
             sim.restartPrimaryAgent()
         case ("stop", 2) where words[1] == "primary":
             sim.stopPrimary()
+        case ("switchover", 1):
+            sim.requestSwitchover()
+        case ("forge", 2) where words[1] == "handover":
+            sim.forgeHandover()
         case ("hang", 2) where words[1] == "secondary":
             sim.hangSecondaryApply(true)
         case ("unhang", 2) where words[1] == "secondary":

@@ -137,6 +137,9 @@ final class WorldEvents: NodeEventSink {
         case .captured(let e, let full, _, _, _, _), .liveCopied(let e, let full, _, _, _):
             if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
             if full { world.fullCheckpoints += 1 }
+        case .finalCaptured(let e, _, _):
+            // A planned switchover's last checkpoint, which the secondary resumes.
+            if let p = host as? SimPrimaryHost, let cap = p.lastCapture { world.captured[e] = cap }
         case .liveCommitted(let e, _, let full):
             if let s = host as? SimSecondaryHost {
                 world.epochsCommitted += 1

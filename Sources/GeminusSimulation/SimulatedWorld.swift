@@ -21,14 +21,15 @@ extension PairSimulator {
     }
 
     /// The primary's agent on `host`: its node, dialer, witness link and lease, around the
-    /// host's guest. A restarted agent gets new ones and starts over at generation 1 epoch 1.
-    func startPrimaryAgent(_ host: SimPrimaryHost, port: HeldOutputPort) throws(GeminusError) {
+    /// host's guest. A restarted agent gets new ones and starts over at epoch 1, at the next
+    /// generation (as `GenerationFile.startGeneration(for: .primary)` has a real agent do).
+    func startPrimaryAgent(_ host: SimPrimaryHost, port: HeldOutputPort, generation: Generation = Generation(1)) throws(GeminusError) {
         let guest = host.guest!
         host.dialer = WorldDialer(world: self, host: host)
         if witness != nil { host.witnessLink = WorldWitnessLink(world: self, node: .primary, host: host) }
         host.lease = config.arbitration.timings.map { WorldLease(world: self, host: host, lease: PrimaryLease(timings: $0, watchesRing: config.ringLease)) }
         host.node = try PrimaryNode(
-            settings: .init(vmName: "vm", peer: "secondary", machine: config.primary, generation: Generation(1),
+            settings: .init(vmName: "vm", peer: "secondary", machine: config.primary, generation: generation,
                             outputLimitBytes: config.outputLimitBytes, progressIntervalNanos: .max / 2, soleCopyRedialNanos: config.redialNanos),
             guest: guest, port: port, clock: WorldClock(self), dialer: host.dialer, witness: host.witnessLink, lease: host.lease,
             events: WorldEvents(world: self, host: host, name: "primary"), maxFramePayload: config.maxFramePayload)
@@ -43,12 +44,13 @@ extension PairSimulator {
         p.link?.close()
         p.link = nil
         p.dialer.stop()
+        let generation = p.node!.generation.next
         let output = WorldOutput(world: self, resumed: false)
         output.host = p
-        let port = HeldOutputPort(limitBytes: config.outputLimitBytes, destination: output, generation: Generation(1), openEpoch: Epoch(1))
+        let port = HeldOutputPort(limitBytes: config.outputLimitBytes, destination: output, generation: generation, openEpoch: Epoch(1))
         p.guest.port = port
         do {
-            try startPrimaryAgent(p, port: port)
+            try startPrimaryAgent(p, port: port, generation: generation)
         } catch {
             violate(.s1, "the restarted primary agent could not start: \(error)", onceAs: "restart-primary")
         }
@@ -98,7 +100,10 @@ extension PairSimulator {
             primary = nil
             // An ordinary stop ends the agent only: its node stays in the cluster, and the
             // secondary wins the VM through the stop notice, not through the node's absence.
-            if case .stoppedForSecondary = node.outcome! {} else { witness?.setRunning(.primary, false) }
+            switch node.outcome! {
+            case .stoppedForSecondary, .handedOver: break
+            default: witness?.setRunning(.primary, false)
+            }
             lostPrimary()
             return
         }
@@ -328,6 +333,23 @@ extension PairSimulator {
         p.isAlive = false
         primary = nil
         lostPrimary()
+    }
+
+    /// The operator asks the primary for a planned switchover (`geminus failover`).
+    public func requestSwitchover() {
+        guard let node = primary?.node else { return }
+        note("world", "the operator asks for a planned switchover", notable: true)
+        node.requestSwitchover()
+    }
+
+    /// A `handover` frame for the checkpoint the secondary holds reaches it on the primary's
+    /// connection without the primary having asked: what a relay on the link would forge (the
+    /// real link seals its frames, so there it ends the connection; here it gets through, to
+    /// show that the frame alone moves nothing under a witness).
+    public func forgeHandover() {
+        guard let s = secondary, let l = s.link, !l.closed else { return }
+        note("world", "a forged handover frame for checkpoint \(s.node.machine.committed) reaches the secondary", notable: true)
+        l.arrived(FrameCodec.encode(FrameHeader(kind: .handover, generation: s.node.machine.generation, epoch: s.node.machine.committed)))
     }
 
     /// The secondary's apply loop hangs (`on`) or comes back.

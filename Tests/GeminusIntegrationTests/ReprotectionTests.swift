@@ -44,8 +44,8 @@ import Testing
     }
 
     /// The roles swapped (review finding H1): the primary's agent dies and starts again while
-    /// the secondary keeps running. The new run starts at epoch 1 of the same generation, which
-    /// the secondary already holds up to a later epoch; before, it ignored every such epoch
+    /// the secondary keeps running. The new run starts at epoch 1 (of the next generation: the
+    /// secondary holds the checkpoint of the earlier one up to a later epoch); before, it ignored every such epoch
     /// without a word, nothing was acknowledged, heartbeats kept the link "alive", and the
     /// primary was never PROTECTED again. Now the secondary's stale nack names the epoch it
     /// holds, the primary numbers on after it with a full checkpoint, and is protected again.
@@ -148,8 +148,10 @@ import Testing
         let restarted = try AgentProcess(name: "B2", executable: GeminusBinary.url, arguments: ["agent", "--role", "primary"] + bArguments,
                                          logFile: s.url.appendingPathComponent("b2.log"))
         defer { restarted.stop() }
+        // Its file says 2; a primary starts at the next generation, which A (at 2) lets in.
         let started = restarted.wait(for: .primaryStarted, timeoutSeconds: 10)
-        #expect(started?["generation"] as? Int == 2)
+        #expect(started?["generation"] as? Int == 3)
+        #expect((try? String(contentsOfFile: s.path("b.generation"), encoding: .utf8)) == "3\n")
         #expect(restarted.wait(for: .protected, timeoutSeconds: 20) != nil,
                 "restarted B's log: \((try? String(contentsOf: s.url.appendingPathComponent("b2.log"), encoding: .utf8)) ?? "")")
     }
