@@ -92,6 +92,14 @@ struct Agent: ParsableCommand {
             throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)")
         }
         guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
+        try InputCheck.name(vm, "--vm")
+        if let domain { try InputCheck.name(domain, "--domain") }
+        try InputCheck.millis(takeoverAfterMillis, "--takeover-after-millis")
+        try InputCheck.millis(peerSilenceMillis, "--peer-silence-millis")
+        try InputCheck.millis(unprotectAfterMillis, "--unprotect-after-millis")
+        // One item is always held whatever the limit (OutputQueue), so 1 byte works; 0 cannot.
+        try InputCheck.range(outputLimitBytes, "--output-limit-bytes", 1...(1 << 40), unit: "bytes")
+        try InputCheck.range(ramMib, "--ram-mib", 1...InputCheck.maxRAMMiB, unit: "MiB")
         if let a = counterAddress, a < 0 || a > (ramMib << 20) - 8 {
             // An offset into the guest's RAM file (for a guest over 3 GiB on i440fx, RAM above
             // 4 GiB physical sits at 3 GiB in the file), read at every report: outside it, refuse.
