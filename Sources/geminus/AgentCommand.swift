@@ -86,6 +86,8 @@ struct Agent: ParsableCommand {
     var arbitration = ArbitrationChoice.corosync
     @Option(help: "With --arbitration corosync: the other host's nodeid in corosync.conf.") var peerNodeId: UInt32?
     @Option(help: "With --arbitration corosync: the CPG group the pair and the witness use.") var cpgGroup = "geminus-ca"
+    @Option(help: "With --arbitration corosync: the witness host's nodeid in corosync.conf; only its publications are taken as the witness's (default: the node that is neither this one nor --peer-node-id).")
+    var witnessNodeId: UInt32?
 
     func validate() throws {
         if role == .secondary && listen == nil {
@@ -110,6 +112,9 @@ struct Agent: ParsableCommand {
         }
         if arbitration == .corosync && peerNodeId == nil {
             throw ValidationError("arbitration by Corosync (the default) needs --peer-node-id, the other host's nodeid in corosync.conf; on one host, or in tests, pass --arbitration none (a partition between two live hosts can then run the VM twice)")
+        }
+        if let w = witnessNodeId, w == peerNodeId {
+            throw ValidationError("--witness-node-id \(w) is the peer's nodeid: the witness runs on the cluster's third node")
         }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }
