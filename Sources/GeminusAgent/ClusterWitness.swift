@@ -38,6 +38,12 @@ enum WitnessMessage: Equatable {
 
         init(kind: String) { self.kind = kind }
 
+        var isPlausible: Bool {
+            let records = (record.map { [$0] } ?? []) + (self.records.map { Array($0.values) } ?? [])
+            let generations = records.map(\.generation) + (stopped.map { [$0] } ?? []) + (stoppedByVM.map { Array($0.values) } ?? [])
+            return generations.allSatisfy { Generation($0).isAcceptable } && records.allSatisfy { Epoch($0.after).isAcceptable }
+        }
+
         init(from decoder: any Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             kind = try c.decode(String.self, forKey: .kind)
@@ -83,8 +89,10 @@ enum WitnessMessage: Equatable {
         return Array(try! encoder.encode(wire))
     }
 
+    /// nil for anything malformed, including generations and epochs no pair reaches (past
+    /// their `maxAccepted`): a machine may count on from any record it is shown.
     init?(decoding bytes: [UInt8]) {
-        guard let wire = try? JSONDecoder().decode(Wire.self, from: Data(bytes)) else { return nil }
+        guard let wire = try? JSONDecoder().decode(Wire.self, from: Data(bytes)), wire.isPlausible else { return nil }
         func r(_ w: Wire.Record) -> WitnessRecord { WitnessRecord(generation: Generation(w.generation), unprotectedAfter: Epoch(w.after)) }
         switch wire.kind {
         case Self.agentKind:
@@ -110,8 +118,13 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     private let cluster: any Cluster
     private let vm: String
     private let peer: ClusterNodeID
+    /// The witness's node, nil: any node but this one and the peer (the three-node cluster of
+    /// docs/ARBITRATION.md has exactly one such node).
+    private let witness: ClusterNodeID?
     private let logger: Logger
     private let lock = NSLock()
+    private var refusedThrottle = LogThrottle()
+    private var _refusedPublications = 0
     private var cpgMembers: Set<ClusterNodeID> = []
     private var quorum: QuorumState
     private var heard = false
@@ -137,10 +150,11 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     static let heartbeatMillis: UInt64 = 100
     private var thread: Thread?
 
-    public init(cluster: any Cluster, vm: String, peer: ClusterNodeID, logger: Logger) {
+    public init(cluster: any Cluster, vm: String, peer: ClusterNodeID, witness: ClusterNodeID? = nil, logger: Logger) {
         self.cluster = cluster
         self.vm = vm
         self.peer = peer
+        self.witness = witness
         self.logger = logger
         quorum = cluster.quorum
         let t = Thread { [weak self] in self?.loop() }
@@ -154,6 +168,17 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
     }
 
     public var lastOwnDeliveryNanos: UInt64? { lock.withLock { ownDeliveryNanos } }
+
+    /// Witness publications refused because they came from a node that is not the witness.
+    public var refusedPublications: Int { lock.withLock { _refusedPublications } }
+
+    /// Only the witness speaks for the witness: a pair node (the peer agent, or a process on
+    /// it) publishing a witness message could otherwise make this secondary resume while the
+    /// primary runs (a forged `stopped`), or block every failover (a forged record).
+    private func isWitness(_ node: ClusterNodeID) -> Bool {
+        if let witness { return node == witness }
+        return node != peer && node != cluster.localNode.id
+    }
 
     public func holdLease() {
         lock.withLock { holdingLease = true }
@@ -224,6 +249,7 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
             }
             guard let event else { continue }
             var republish = false
+            var refusal: String?
             lock.withLock {
                 let before = seenAnyView ? viewLocked() : nil
                 defer {
@@ -256,12 +282,20 @@ public final class ClusterWitnessLink: WitnessLink, @unchecked Sendable {
                         peerStopped = (g, r)
                     }
                     guard case .witness(let records, let stopped)? = message else { return }
+                    guard isWitness(from.id) else {
+                        _refusedPublications += 1
+                        if let repeats = refusedThrottle.admit("\(from.id)", nowNanos: Monotonic.nanos()) {
+                            refusal = "ignored a witness publication from node \(from) (\(_refusedPublications) so far\(repeats > 0 ? ", \(repeats) since the last report" : "")): only \(witness.map { "node \($0) (--witness-node-id)" } ?? "the cluster's third node, neither this one nor the peer \(peer),") speaks for the witness; something on that node forges arbitration messages"
+                        }
+                        return
+                    }
                     heard = true
                     record = records[vm]
                     stoppedGeneration = stopped[vm]
                     if let r = record, let a = announced, r.merged(with: a) == r { confirmed = a }
                 }
             }
+            if let refusal { logger.error("\(refusal)") }
             if republish { publish() }
         }
     }
@@ -275,13 +309,18 @@ public final class WitnessService: @unchecked Sendable {
     private let cluster: any Cluster
     private let path: String
     private let logger: Logger
+    /// The nodes whose agents may announce; nil: every node but the witness's own.
+    private let pairNodes: Set<ClusterNodeID>?
+    private var refusedThrottle = LogThrottle()
+    public private(set) var refusedAnnouncements = 0
     public private(set) var records: [String: WitnessRecord]
     public private(set) var stopped: [String: Generation]
 
-    public init(cluster: any Cluster, statePath: String, logger: Logger) throws(GeminusError) {
+    public init(cluster: any Cluster, statePath: String, logger: Logger, pairNodes: Set<ClusterNodeID>? = nil) throws(GeminusError) {
         self.cluster = cluster
         path = statePath
         self.logger = logger
+        self.pairNodes = pairNodes
         records = [:]
         stopped = [:]
         if let data = FileManager.default.contents(atPath: statePath) {
@@ -296,6 +335,11 @@ public final class WitnessService: @unchecked Sendable {
 
     private var state: WitnessMessage { .witness(records: records, stopped: stopped) }
 
+    private func acceptsAgent(_ node: ClusterNodeID) -> Bool {
+        if let pairNodes { return pairNodes.contains(node) }
+        return node != cluster.localNode.id
+    }
+
     /// Serves until `shouldStop` says so or the cluster connection is lost (throws then).
     public func run(shouldStop: () -> Bool) throws {
         try cluster.publish(state.encoded())
@@ -306,6 +350,15 @@ public final class WitnessService: @unchecked Sendable {
                 try cluster.publish(state.encoded())
             case .published(let from, let message):
                 guard case .agent(let vm, let record, let stoppedGeneration)? = WitnessMessage(decoding: message) else { continue }
+                guard acceptsAgent(from.id) else {
+                    // A stop notice replaces a VM's record and 4096 fake VMs fill the table:
+                    // only the pair's agents may say either.
+                    refusedAnnouncements += 1
+                    if let repeats = refusedThrottle.admit("\(from.id)", nowNanos: Monotonic.nanos()) {
+                        logger.error("ignored an announcement for \(vm) from node \(from) (\(refusedAnnouncements) so far\(repeats > 0 ? ", \(repeats) since the last report" : "")): only \(pairNodes.map { "nodes \($0.sorted().map(String.init).joined(separator: ", ")) (--pair-node-ids)" } ?? "the pair's nodes, not the witness's own,") may announce")
+                    }
+                    continue
+                }
                 var merged = record.map { r in records[vm].map { $0.merged(with: r) } ?? r } ?? records[vm]
                 if let g = stoppedGeneration, let held = records[vm], held.generation == g, record.map({ $0.generation == g }) ?? true {
                     // A stopped primary's word on its own generation is final: it alone releases

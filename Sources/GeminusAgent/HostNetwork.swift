@@ -1,6 +1,7 @@
 import CGeminusSupport
 import Foundation
 import GeminusCore
+import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,6 +26,9 @@ public final class HostNetwork: @unchecked Sendable {
     private var _sent = 0
     private var _sendFailures = 0
     private var _received = 0
+    private var _refused = 0
+    private var refusalLog = LogThrottle()
+    private let logger = Logger(label: "geminus.network")
 
     public init(interface: String, guestMAC: [UInt8], tag: UInt8? = nil) throws(GeminusError) {
         precondition(guestMAC.count == 6)
@@ -63,13 +67,43 @@ public final class HostNetwork: @unchecked Sendable {
     }
 
     /// Sends one released frame on the interface. A send that fails (the interface is down, its
-    /// queue full) is counted: the frame is lost as on any network, never sent early.
+    /// queue full) is counted: the frame is lost as on any network, never sent early. A frame
+    /// that is not the guest's own (`refusal`) is dropped, counted and logged, never sent.
     public func transmit(_ frame: [UInt8]) {
+        if let why = Self.refusal(of: frame, guestMAC: guestMAC) {
+            let repeats: Int? = lock.withLock {
+                _refused += 1
+                return refusalLog.admit(why, nowNanos: Monotonic.nanos())
+            }
+            if let repeats {
+                logger.warning("dropped a frame from the guest's NIC on \(interface): \(why)\(repeats > 0 ? " (and \(repeats) more like it)" : ""); \(counters.refused) dropped so far")
+            }
+            return
+        }
         let n = frame.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
         lock.withLock { if n == frame.count { _sent += 1 } else { _sendFailures += 1 } }
     }
 
-    public var counters: (sent: Int, sendFailures: Int, received: Int) { lock.withLock { (_sent, _sendFailures, _received) } }
+    /// The largest frame sent: 65535, as on the guest side (`NICFrameStream.maxFrameBytes`).
+    public static let maxFrameBytes = 65535
+
+    /// Why `frame` may not leave on the host's network, nil if it may. The guest NIC is a bridge
+    /// port, so without this check the guest could send as any host on the LAN (a gratuitous
+    /// ARP with the gateway's MAC); libvirt's equivalent is nwfilter's no-mac-spoofing.
+    public static func refusal(of frame: [UInt8], guestMAC: [UInt8]) -> String? {
+        guard frame.count >= 14 else { return "a frame of \(frame.count) bytes is shorter than an Ethernet header" }
+        guard frame.count <= maxFrameBytes else { return "a frame of \(frame.count) bytes is over \(maxFrameBytes)" }
+        guard frame[6..<12].elementsEqual(guestMAC) else {
+            let source = frame[6..<12].map { String(format: "%02x", $0) }.joined(separator: ":")
+            let own = guestMAC.map { String(format: "%02x", $0) }.joined(separator: ":")
+            return "source MAC \(source) is not the guest's own \(own)"
+        }
+        return nil
+    }
+
+    public var counters: (sent: Int, sendFailures: Int, received: Int, refused: Int) {
+        lock.withLock { (_sent, _sendFailures, _received, _refused) }
+    }
 
     public func stop() {
         lock.withLock {

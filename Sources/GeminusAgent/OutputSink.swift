@@ -77,6 +77,10 @@ public struct AgentOutputDestination: OutputDestination {
         for n in networks { n.deliverInbound(to: deliver) }
     }
 
+    /// Frames the guest made that were not its own (another source MAC, a bad length): dropped
+    /// at release, never sent (HostNetwork.refusal).
+    public var framesRefused: Int { networks.reduce(0) { $0 + $1.counters.refused } }
+
     public var frameCounters: (sent: Int, failures: Int) {
         networks.reduce((0, 0)) { acc, n in
             let c = n.counters

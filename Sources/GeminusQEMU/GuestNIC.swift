@@ -101,6 +101,7 @@ public final class GuestNIC: @unchecked Sendable {
     private var closed = false
     private var _delivered = 0
     private var _deliveryDrops = 0
+    private let stream = NICFrameStreamBox()
 
     /// Listens on the setup's socket (a stale file is replaced) before QEMU starts, and takes
     /// QEMU's connection when it comes.
@@ -180,7 +181,7 @@ public final class GuestNIC: @unchecked Sendable {
         var size: Int32 = 4 << 20
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
         _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
-        let pump = Self.makePump(fd, tag: tag)
+        let pump = Self.makePump(fd, tag: tag, stream: stream)
         lock.withLock {
             if closed {
                 pump.stop()
@@ -193,29 +194,14 @@ public final class GuestNIC: @unchecked Sendable {
     }
 
     /// Reads the length-prefixed frames; stops reading (QEMU then queues) only past the cap.
-    private static func makePump(_ fd: Int32, tag: UInt8?) -> DeviceOutputPump {
+    private static func makePump(_ fd: Int32, tag: UInt8?, stream: NICFrameStreamBox) -> DeviceOutputPump {
         var buffer = [UInt8](repeating: 0, count: 65536)
-        var pending: [UInt8] = []
-        var start = 0
         return DeviceOutputPump(fd: fd, threadName: "geminus-nic-output", maxWaitingBytes: maxWaitingBytes, read: { fd in
             var frames: [[UInt8]] = []
             while frames.count < 256 {
                 let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
                 guard n > 0 else { break }
-                pending.append(contentsOf: buffer[0..<n])
-                while pending.count - start >= 4 {
-                    let len = Int(pending[start]) << 24 | Int(pending[start + 1]) << 16 | Int(pending[start + 2]) << 8 | Int(pending[start + 3])
-                    guard pending.count - start - 4 >= len else { break }
-                    frames.append(Array(pending[(start + 4)..<(start + 4 + len)]))
-                    start += 4 + len
-                }
-                if start > 0 && start == pending.count {
-                    pending.removeAll(keepingCapacity: true)
-                    start = 0
-                } else if start > 1 << 20 {
-                    pending.removeFirst(start)
-                    start = 0
-                }
+                stream.withLock { $0.feed(buffer[0..<n], into: &frames) }
             }
             return frames
         }, offer: { port, frame in port.offerFrame(tag.map { [$0] + frame } ?? frame) })
@@ -224,10 +210,14 @@ public final class GuestNIC: @unchecked Sendable {
     /// What `geminus status` shows for this NIC.
     public var statusLine: String {
         let input = framesIn
-        return "\(mac) frames out \(framesOut), in \(input.delivered), in dropped \(input.dropped)\(waitingCapHits > 0 ? ", reading stopped \(waitingCapHits) times at the \(GuestNIC.maxWaitingBytes >> 20) MiB cap" : "")\(isStalled ? ", STALLED on a full output buffer" : "")\(isConnected ? "" : ", NOT CONNECTED to QEMU (\(endpoint))")"
+        let oversize = stream.withLock { $0.oversizeFrames }
+        return "\(mac) frames out \(framesOut), in \(input.delivered), in dropped \(input.dropped)\(oversize > 0 ? ", \(oversize) frames over \(NICFrameStream.maxFrameBytes) bytes dropped" : "")\(waitingCapHits > 0 ? ", reading stopped \(waitingCapHits) times at the \(GuestNIC.maxWaitingBytes >> 20) MiB cap" : "")\(isStalled ? ", STALLED on a full output buffer" : "")\(isConnected ? "" : ", NOT CONNECTED to QEMU (\(endpoint))")"
     }
 
     public var framesOut: Int { lock.withLock { pump?.unitsOffered ?? 0 } }
+    /// Frames from the guest whose announced length was over `NICFrameStream.maxFrameBytes`:
+    /// skipped unread, never buffered or released.
+    public var oversizeFrames: Int { stream.withLock { $0.oversizeFrames } }
     /// Frames handed to the guest, and frames dropped on the way in (a network may drop a
     /// frame; the guest's protocols recover as from any loss).
     public var framesIn: (delivered: Int, dropped: Int) { lock.withLock { (_delivered, _deliveryDrops) } }
@@ -282,4 +272,64 @@ public final class GuestNIC: @unchecked Sendable {
         if listener >= 0 { shutdown(listener, Int32(SHUT_RDWR)) }
         if let setup { unlink(setup.socketPath) }
     }
+}
+
+/// The guest's side of the NIC socket as frames: each is a 4-byte big-endian length and that
+/// many bytes. The length is the guest's (QEMU's) word, so it is judged before anything is
+/// buffered: a frame announced over `maxFrameBytes` is skipped as it streams past, counted, and
+/// the frames after it are read as usual.
+public struct NICFrameStream: Sendable {
+    /// The largest frame kept. Ethernet frames are at most 1518 bytes (1522 with one VLAN tag,
+    /// 1526 with two), jumbo frames about 9216; 65535 is above all of them and is the most an
+    /// emulated NIC hands QEMU's network layer in one frame (IP's 16-bit total length), so only
+    /// a broken or hostile peer announces more.
+    public static let maxFrameBytes = 65535
+
+    private var pending: [UInt8] = []
+    private var start = 0
+    /// Bytes of an oversize frame still to be skipped.
+    private var skipping = 0
+    public private(set) var oversizeFrames = 0
+
+    public init() {}
+
+    /// Appends the whole frames `bytes` completes to `frames`.
+    public mutating func feed(_ bytes: ArraySlice<UInt8>, into frames: inout [[UInt8]]) {
+        var input = bytes
+        if skipping > 0 {
+            let n = min(skipping, input.count)
+            skipping -= n
+            input = input.dropFirst(n)
+        }
+        pending.append(contentsOf: input)
+        while pending.count - start >= 4 {
+            let len = Int(pending[start]) << 24 | Int(pending[start + 1]) << 16 | Int(pending[start + 2]) << 8 | Int(pending[start + 3])
+            if len > Self.maxFrameBytes {
+                oversizeFrames += 1
+                let here = min(len, pending.count - start - 4)
+                start += 4 + here
+                skipping = len - here
+                if skipping > 0 { break }
+                continue
+            }
+            guard pending.count - start - 4 >= len else { break }
+            frames.append(Array(pending[(start + 4)..<(start + 4 + len)]))
+            start += 4 + len
+        }
+        if skipping > 0 || start == pending.count {
+            // Everything buffered was used (or belongs to the frame being skipped).
+            pending.removeAll(keepingCapacity: true)
+            start = 0
+        } else if start > 1 << 20 {
+            pending.removeFirst(start)
+            start = 0
+        }
+    }
+}
+
+/// The stream's state, shared by the reading thread and the status line.
+final class NICFrameStreamBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stream = NICFrameStream()
+    func withLock<T>(_ body: (inout NICFrameStream) -> T) -> T { lock.withLock { body(&stream) } }
 }

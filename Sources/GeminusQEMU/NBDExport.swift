@@ -20,6 +20,10 @@ public final class NBDExport: @unchecked Sendable {
     /// Zero records carry no bytes: their count is bounded too (the secondary refuses an epoch
     /// of more than 2^20 records).
     public static let maxPendingRecords = 65_536
+    /// The largest READ or WRITE served. The NBD protocol's default maximum payload when the
+    /// server advertises no block sizes (this one does not) is 32 MiB, and QEMU's client never
+    /// sends more; a longer request is refused before a byte of it is allocated.
+    public static let maxRequestBytes: UInt32 = 32 << 20
     public let socketPath: String
     public let exportName = "geminus"
     public let sizeBytes: UInt64
@@ -118,6 +122,8 @@ public final class NBDExport: @unchecked Sendable {
     /// sending them, and enrolment refuses `discard='unmap'` on a replicated disk, so neither
     /// side discards and both keep the same bytes.
     private static let transmissionFlags: UInt16 = 0x0001 | 0x0004 | 0x0040
+    /// NBD_EINVAL: a request outside the export, too long, or of a kind not offered.
+    private static let errorInvalid: UInt32 = 22
 
     private func serve() {
         while let fd = UnixSocket.accept(listener, keepWaiting: { !lock.withLock { closed } }) {
@@ -177,22 +183,32 @@ public final class NBDExport: @unchecked Sendable {
             guard let magic = c.get32(), magic == Self.requestMagic, let _ = c.get16(), let type = c.get16(),
                   let handle = c.get64(), let offset = c.get64(), let length = c.get32() else { return "the mirror's connection closed" }
             let inRange = offset <= sizeBytes && UInt64(length) <= sizeBytes - offset
+            // Range and size are judged before anything is allocated: the length is the
+            // client's word, up to 4 GiB.
+            let servable = inRange && length <= Self.maxRequestBytes
             switch type {
             case 0:  // READ
-                var data = [UInt8](repeating: 0, count: Int(length))
-                let ok = inRange && disk >= 0 && data.withUnsafeMutableBytes { pread(disk, $0.baseAddress, $0.count, off_t(offset)) } == Int(length)
-                guard reply(&c, ok ? 0 : 5, handle), !ok || c.put(data) else { return "client gone" }
-            case 1:  // WRITE
-                guard let data = c.get(Int(length)) else { return "the mirror's connection closed mid-write" }
-                guard inRange else {
-                    guard reply(&c, 22, handle) else { return "client gone" }
+                guard servable else {
+                    guard reply(&c, Self.errorInvalid, handle) else { return "client gone" }
                     continue
                 }
+                var data = [UInt8](repeating: 0, count: Int(length))
+                let ok = disk >= 0 && data.withUnsafeMutableBytes { pread(disk, $0.baseAddress, $0.count, off_t(offset)) } == Int(length)
+                guard reply(&c, ok ? 0 : 5, handle), !ok || c.put(data) else { return "client gone" }
+            case 1:  // WRITE
+                guard servable else {
+                    // The payload follows the request whatever the answer: read past it in
+                    // small pieces so the next request is parsed from the right byte.
+                    guard c.discard(Int(length)) else { return "the mirror's connection closed mid-write" }
+                    guard reply(&c, Self.errorInvalid, handle) else { return "client gone" }
+                    continue
+                }
+                guard let data = c.get(Int(length)) else { return "the mirror's connection closed mid-write" }
                 record(DiskWrite(offset: offset, data: data))
                 guard reply(&c, 0, handle) else { return "client gone" }
             case 6:  // WRITE_ZEROES (flags such as NO_HOLE change nothing about what the guest reads)
                 guard inRange else {
-                    guard reply(&c, 22, handle) else { return "client gone" }
+                    guard reply(&c, Self.errorInvalid, handle) else { return "client gone" }
                     continue
                 }
                 if length > 0 { record(DiskWrite.zeroes(offset: offset, length: UInt64(length))) }
@@ -202,7 +218,7 @@ public final class NBDExport: @unchecked Sendable {
             case 2:  // DISC
                 return "the mirror disconnected"
             default:
-                guard reply(&c, 22, handle) else { return "client gone" }
+                guard reply(&c, Self.errorInvalid, handle) else { return "client gone" }
             }
         }
     }
@@ -245,6 +261,16 @@ struct NBDConn {
             done += r
         }
         return out
+    }
+
+    /// Reads and drops `n` bytes through a small buffer (a refused request's payload).
+    mutating func discard(_ n: Int) -> Bool {
+        var left = n
+        while left > 0 {
+            guard let piece = get(min(left, 64 << 10)) else { return false }
+            left -= piece.count
+        }
+        return true
     }
 
     mutating func get16() -> UInt16? { get(2).map { UInt16($0[0]) << 8 | UInt16($0[1]) } }

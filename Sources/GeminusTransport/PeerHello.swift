@@ -62,8 +62,10 @@ public struct PeerHello: Sendable, Equatable {
         return w.bytes
     }
 
-    /// nil for anything malformed: unknown role, lengths that disagree with the size, or text
-    /// that is not UTF-8.
+    /// nil for anything malformed: unknown role, lengths that disagree with the size, text
+    /// that is not UTF-8, or numbers no real agent sends (a page count over GuestPage.maxCount,
+    /// a generation or epoch past its `maxAccepted`). Checking them here means admission and
+    /// takeover code can do arithmetic on a hello without overflow checks of its own.
     public init?(decoding bytes: [UInt8]) {
         var r = ByteReader(bytes)
         guard let roleByte = r.u8(), let role = PeerRole(rawValue: roleByte),
@@ -74,7 +76,8 @@ public struct PeerHello: Sendable, Equatable {
               let name = r.take(Int(nameLength)), let version = r.take(Int(versionLength)),
               let platformBytes = r.take(Int(platformLength)), let platform = GuestPlatform(decoding: Array(platformBytes)),
               let vmName = String(validating: name, as: UTF8.self),
-              let agentVersion = String(validating: version, as: UTF8.self) else { return nil }
+              let agentVersion = String(validating: version, as: UTF8.self),
+              pages <= GuestPage.maxCount, Generation(generation).isAcceptable, Epoch(committed).isAcceptable else { return nil }
         self.init(role: role, vmName: vmName, generation: Generation(generation), committedEpoch: Epoch(committed),
                   guestPageCount: pages, agentVersion: agentVersion, platform: platform)
     }

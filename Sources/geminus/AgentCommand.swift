@@ -86,12 +86,22 @@ struct Agent: ParsableCommand {
     var arbitration = ArbitrationChoice.corosync
     @Option(help: "With --arbitration corosync: the other host's nodeid in corosync.conf.") var peerNodeId: UInt32?
     @Option(help: "With --arbitration corosync: the CPG group the pair and the witness use.") var cpgGroup = "geminus-ca"
+    @Option(help: "With --arbitration corosync: the witness host's nodeid in corosync.conf; only its publications are taken as the witness's (default: the node that is neither this one nor --peer-node-id).")
+    var witnessNodeId: UInt32?
 
     func validate() throws {
         if role == .secondary && listen == nil {
             throw ValidationError("the secondary needs --listen HOST:PORT (the address the primary connects to)")
         }
         guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
+        try InputCheck.name(vm, "--vm")
+        if let domain { try InputCheck.name(domain, "--domain") }
+        try InputCheck.millis(takeoverAfterMillis, "--takeover-after-millis")
+        try InputCheck.millis(peerSilenceMillis, "--peer-silence-millis")
+        try InputCheck.millis(unprotectAfterMillis, "--unprotect-after-millis")
+        // One item is always held whatever the limit (OutputQueue), so 1 byte works; 0 cannot.
+        try InputCheck.range(outputLimitBytes, "--output-limit-bytes", 1...(1 << 40), unit: "bytes")
+        try InputCheck.range(ramMib, "--ram-mib", 1...InputCheck.maxRAMMiB, unit: "MiB")
         if let a = counterAddress, a < 0 || a > (ramMib << 20) - 8 {
             // An offset into the guest's RAM file (for a guest over 3 GiB on i440fx, RAM above
             // 4 GiB physical sits at 3 GiB in the file), read at every report: outside it, refuse.
@@ -102,6 +112,9 @@ struct Agent: ParsableCommand {
         }
         if arbitration == .corosync && peerNodeId == nil {
             throw ValidationError("arbitration by Corosync (the default) needs --peer-node-id, the other host's nodeid in corosync.conf; on one host, or in tests, pass --arbitration none (a partition between two live hosts can then run the VM twice)")
+        }
+        if let w = witnessNodeId, w == peerNodeId {
+            throw ValidationError("--witness-node-id \(w) is the peer's nodeid: the witness runs on the cluster's third node")
         }
         guard maxInFlight >= 1 && maxInFlight <= 64 else { throw ValidationError("--max-in-flight must be 1...64") }
         if let d = durationSeconds, !(d > 0 && d <= 365 * 86_400) { throw ValidationError("--duration-seconds must be positive (at most a year)") }

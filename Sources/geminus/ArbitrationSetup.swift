@@ -22,7 +22,7 @@ extension Agent {
             return (.none, nil)
         }
         guard let peerNodeId else { preconditionFailure("validate() requires --peer-node-id with --arbitration corosync") }
-        return try CorosyncArbitration.open(vm: vm, peerNodeID: peerNodeId, cpgGroup: cpgGroup, logger: logger, events: events)
+        return try CorosyncArbitration.open(vm: vm, peerNodeID: peerNodeId, witnessNodeID: witnessNodeId, cpgGroup: cpgGroup, logger: logger, events: events)
     }
 }
 
@@ -39,6 +39,21 @@ struct Witness: ParsableCommand {
     @Option(help: "Where the records are kept.") var state = "/var/lib/geminus/witness.json"
     @Option(help: "The CPG group the CA agents use.") var cpgGroup = "geminus-ca"
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel = "info"
+    @Option(help: "The nodeids (corosync.conf) of the CA pairs' hosts, comma-separated: only their announcements are recorded (default: every node but this one).")
+    var pairNodeIds: String?
+
+    func validate() throws {
+        _ = try pairNodes()
+    }
+
+    func pairNodes() throws -> Set<ClusterNodeID>? {
+        guard let pairNodeIds else { return nil }
+        let ids = pairNodeIds.split(separator: ",").map { UInt32($0.trimmingCharacters(in: .whitespaces)) }
+        guard !ids.isEmpty, ids.allSatisfy({ $0 != nil }) else {
+            throw ValidationError("--pair-node-ids '\(pairNodeIds)' is not a comma-separated list of corosync nodeids like 1,2")
+        }
+        return Set(ids.compactMap { $0 })
+    }
 
     func run() throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
@@ -51,7 +66,8 @@ struct Witness: ParsableCommand {
         do {
             try FileManager.default.createDirectory(atPath: (state as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
             let cluster = try CorosyncCluster(groupName: cpgGroup)
-            let service = try WitnessService(cluster: cluster, statePath: state, logger: logger)
+            TotemCrypto.warnIfOff(logger: logger)
+            let service = try WitnessService(cluster: cluster, statePath: state, logger: logger, pairNodes: try pairNodes())
             logger.notice("witness for group \(cpgGroup) on node \(cluster.localNode), \(service.records.count) records from \(state)")
             let stopper = StopOnSignal()
             let stop = StopFlag()

@@ -58,6 +58,8 @@ struct Demo: ParsableCommand {
     func validate() throws {
         guard durationSeconds >= 1 && durationSeconds <= 3600 else { throw ValidationError("--duration-seconds must be 1...3600") }
         if let intervalMillis, !(1...10_000).contains(intervalMillis) { throw ValidationError("--interval-millis must be 1...10000") }
+        try InputCheck.millis(takeoverAfterMillis, "--takeover-after-millis")
+        if let ramMib { try InputCheck.range(ramMib, "--ram-mib", 1...InputCheck.maxRAMMiB, unit: "MiB") }
         switch try guest() {
         case .linux:
             if let dir = linuxGuest, !FileManager.default.fileExists(atPath: dir + "/vmlinuz") {

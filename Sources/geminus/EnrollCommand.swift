@@ -26,6 +26,7 @@ struct Enroll: ParsableCommand {
     @Flag(help: "Print the result as JSON.") var json = false
 
     func validate() throws {
+        try InputCheck.name(domain, "domain")
         guard intervalMillis >= 1 && intervalMillis <= 10_000 else { throw ValidationError("--interval-millis must be 1...10000") }
         guard !peer.isEmpty, !peer.contains(" ") else { throw ValidationError("--peer must be HOST or HOST:PORT") }
     }
@@ -93,6 +94,10 @@ struct Unenroll: ParsableCommand {
 
     @Argument(help: "The libvirt domain.") var domain: String
     @Option(help: "libvirt connection URI.") var uri = LibvirtConnection.defaultURI
+
+    func validate() throws {
+        try InputCheck.name(domain, "domain")
+    }
 
     func run() throws {
         do {

@@ -18,6 +18,11 @@ struct Failover: ParsableCommand {
     @Option(help: "Give up waiting for the outcome after this many seconds.") var timeoutSeconds = 60
     @Flag(help: "Print the outcome as JSON.") var json = false
 
+    func validate() throws {
+        try InputCheck.name(vm, "VM")
+        try InputCheck.range(timeoutSeconds, "--timeout-seconds", 1...86_400, unit: "seconds")
+    }
+
     func run() throws {
         let result: StatusClient.SwitchoverAnswer
         do { result = try StatusClient.switchover(vm: vm, socket: socket, timeoutSeconds: timeoutSeconds) } catch { throw operatorFailure(error) }

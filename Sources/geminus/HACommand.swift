@@ -30,6 +30,10 @@ struct HAAdd: ParsableCommand {
     @Option(help: "Restart order after a failure: higher first; equal priorities go biggest first.") var priority = 0
     @OptionGroup var state: HAStateDirOption
 
+    func validate() throws {
+        try InputCheck.name(domain, "domain")
+    }
+
     func run() throws {
         do {
             try HAAdmin.protect(domain: domain, priority: priority, stateDir: state.stateDir)
@@ -45,6 +49,10 @@ struct HARemove: ParsableCommand {
 
     @Argument(help: "The VM (the libvirt domain, without the agent's --domain-prefix).") var domain: String
     @OptionGroup var state: HAStateDirOption
+
+    func validate() throws {
+        try InputCheck.name(domain, "domain")
+    }
 
     func run() throws {
         do {
@@ -106,6 +114,10 @@ struct NodeSpare: ParsableCommand {
     @OptionGroup var dir: HAStateDirOption
     @Option(help: "How long to wait for the cluster to apply it.") var timeoutMillis = 5000
 
+    func validate() throws {
+        try InputCheck.millis(timeoutMillis, "--timeout-millis")
+    }
+
     func run() throws {
         do {
             let want = state == .on
@@ -153,6 +165,12 @@ struct HAAgent: ParsableCommand {
         guard fenceTimeoutMillis >= 100 else { throw ValidationError("--fence-timeout-millis must be at least 100") }
         guard scanIntervalMillis >= 50 && scanIntervalMillis <= 60_000 else { throw ValidationError("--scan-interval-millis must be 50...60000") }
         guard fenceRetryMillis >= 100, placementRetryMillis >= 100, selfFenceAfterMillis >= 0 else { throw ValidationError("retry intervals must be at least 100 ms") }
+        try InputCheck.millis(fenceTimeoutMillis, "--fence-timeout-millis", min: 100)
+        try InputCheck.millis(fenceRetryMillis, "--fence-retry-millis", min: 100)
+        try InputCheck.millis(placementRetryMillis, "--placement-retry-millis", min: 100)
+        // 0 is meaningful here: stop HA VMs as soon as quorum is lost.
+        try InputCheck.millis(selfFenceAfterMillis, "--self-fence-after-millis", min: 0)
+        if let ramMib { try InputCheck.range(ramMib, "--ram-mib", 1...InputCheck.maxRAMMiB, unit: "MiB") }
     }
 
     func run() throws {

@@ -11,6 +11,10 @@ struct Status: ParsableCommand {
     @Option(help: "Ask this socket only.") var socket: String?
     @Flag(help: "Print JSON (an array of the agents' status objects).") var json = false
 
+    func validate() throws {
+        if let vm { try InputCheck.name(vm, "VM") }
+    }
+
     func run() throws {
         let survey: StatusClient.Survey
         do { survey = StatusClient.survey(try StatusClient.sockets(vm: vm, socket: socket)) } catch { throw operatorFailure(error) }

@@ -96,7 +96,8 @@ import GeminusCore
         // Beyond the disk: refused (EINVAL), not recorded.
         c.request(1, handle: 5, offset: size - 2, length: 4, data: [0, 0, 0, 0])
         #expect(c.simpleReply() == (22, 5))
-        #expect(export.take().isEmpty)
+        let kept = export.take()
+        #expect(kept.isEmpty, "\(kept.count) refused writes were kept, \(kept.map(\.data.count).reduce(0, +)) bytes")
 
         // READ from the primary's disk file.
         c.request(0, handle: 6, offset: 4096, length: 512)
@@ -107,6 +108,61 @@ import GeminusCore
         c.request(2, handle: 7, offset: 0, length: 0)
         #expect(SerialOutputTests.waitFor { !export.isConnected })
         #expect(export.lost?.contains("disconnected") == true)
+    }
+
+    /// Review finding L1: a request's length is the client's word (up to 4 GiB). Out of range
+    /// or over the 32 MiB maximum, it is refused with EINVAL before anything is allocated, a
+    /// refused WRITE's payload is skipped, and the connection keeps working.
+    @Test func oversizedAndOutOfRangeRequestsAreRefusedBeforeAllocating() throws {
+        let dir = NSTemporaryDirectory() + "geminus-nbd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let size: UInt64 = 64 << 20
+        let setup = DiskSetup(path: dir + "/disk", sizeBytes: size, exportSocketPath: dir + "/nbd")
+        try ReplicatedDisk.createEmpty(setup)
+        let export = try NBDExport(socketPath: setup.exportSocketPath, diskPath: setup.path, sizeBytes: size)
+        defer { export.stop() }
+        export.collect { true }
+        let c = Client(fd: try UnixSocket.connect(path: setup.exportSocketPath, timeout: 2, what: "the export"))
+        defer { close(c.fd) }
+        _ = c.get(18)
+        c.put(Client.be(0x3, 4))
+        let name = Array("geminus".utf8)
+        c.option(7, Client.be(UInt64(name.count), 4) + name + Client.be(0, 2))
+        #expect(c.reply().0 == 3 && c.reply().0 == 1)
+
+        let peakBefore = Self.peakResidentBytes()
+        c.request(0, handle: 1, offset: 0, length: 0xFFFF_FFF0)
+        #expect(c.simpleReply() == (22, 1))
+        #expect(Self.peakResidentBytes() - peakBefore < 256 << 20, "a refused READ allocated its length")
+        c.request(0, handle: 2, offset: size, length: 1)
+        #expect(c.simpleReply() == (22, 2))
+        c.request(0, handle: 3, offset: UInt64.max, length: 2)
+        #expect(c.simpleReply() == (22, 3))
+
+        // Inside the export but over the maximum: refused, the payload skipped, nothing kept.
+        let long = Int(NBDExport.maxRequestBytes) + 4096
+        c.request(1, handle: 4, offset: 0, length: UInt32(long), data: [UInt8](repeating: 0x5A, count: long))
+        #expect(c.simpleReply() == (22, 4))
+        c.request(1, handle: 5, offset: UInt64.max - 1, length: 4, data: [1, 2, 3, 4])
+        #expect(c.simpleReply() == (22, 5))
+        let kept = export.take()
+        #expect(kept.isEmpty, "\(kept.count) refused writes were kept, \(kept.map(\.data.count).reduce(0, +)) bytes")
+
+        // The connection is still in step: a good write and read work.
+        c.request(1, handle: 6, offset: 512, length: 3, data: [7, 8, 9])
+        #expect(c.simpleReply() == (0, 6))
+        #expect(export.take() == [DiskWrite(offset: 512, data: [7, 8, 9])])
+        c.request(0, handle: 7, offset: 0, length: 16)
+        #expect(c.simpleReply() == (0, 7))
+        #expect(c.get(16) == [UInt8](repeating: 0, count: 16))
+        #expect(export.isConnected)
+    }
+
+    static func peakResidentBytes() -> Int {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return usage.ru_maxrss * 1024
     }
 
     final class Flag: @unchecked Sendable {

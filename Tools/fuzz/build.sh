@@ -29,4 +29,21 @@ swiftc "${common[@]}" -sanitize=fuzzer,address $core "$here/Harness.swift" "${fu
   -llz4 -lxxhash -o "$out/fuzz-replica" 2> >(grep -v "Cannot export local symbol" >&2)
 swiftc "${common[@]}" $core "$here/Harness.swift" "$here/MakeCorpus.swift" -D MAKE_CORPUS "${plain_objs[@]}" \
   -llz4 -lxxhash -o "$out/make-corpus"
+# The wire target: GeminusCore, GeminusHypervisor and the files of other modules that parse
+# untrusted input, in one module. Their `import GeminusCore`/`import GeminusHypervisor` lines
+# are dropped from copies (the code is otherwise the real source, unchanged).
+wire_src="$out/wire-src"
+rm -rf "$wire_src" && mkdir -p "$wire_src"
+for f in $(find "$root/Sources/GeminusHypervisor" -name '*.swift' | sort) \
+         "$root/Sources/GeminusTransport/PeerHello.swift" \
+         "$root/Sources/GeminusQEMU/GuestNIC.swift" "$root/Sources/GeminusQEMU/DeviceOutputPump.swift" \
+         "$root/Sources/GeminusQEMU/UnixSocket.swift" "$root/Sources/GeminusQEMU/NBDExport.swift"; do
+  sed -E '/^import Geminus(Core|Hypervisor)$/d' "$f" > "$wire_src/$(basename "$(dirname "$f")")-$(basename "$f")"
+done
+wire=$(find "$wire_src" -name '*.swift' | sort)
+swiftc "${common[@]}" -sanitize=fuzzer,address $core $wire "$here/WireHarness.swift" "${fuzz_objs[@]}" \
+  -llz4 -lxxhash -o "$out/fuzz-wire" 2> >(grep -v "Cannot export local symbol" >&2)
+swiftc "${common[@]}" $core $wire "$here/WireHarness.swift" "$here/MakeWireCorpus.swift" -D MAKE_CORPUS "${plain_objs[@]}" \
+  -llz4 -lxxhash -o "$out/make-wire-corpus"
 echo "$out/fuzz-replica"
+echo "$out/fuzz-wire"

@@ -128,6 +128,11 @@ public final class Replica {
                 discardStaging()
                 return reject(h.epoch, .outOfSequence, "frame \(h.sequence) of epoch \(h.epoch) where \(s.nextSequence) was expected")
             }
+            // Empty frames cost the sender almost nothing; the counter must not be the limit.
+            guard s.nextSequence < UInt32.max else {
+                discardStaging()
+                return reject(h.epoch, .tooLarge, "epoch \(h.epoch) has more than \(UInt32.max) frames")
+            }
             s.nextSequence += 1
             staging = s
             switch h.kind {
@@ -157,6 +162,11 @@ public final class Replica {
         }
         guard frame.header.sequence == 0, let b = EpochBegin(decoding: frame.payload) else {
             return reject(e, .badRecord, "malformed epoch-begin record")
+        }
+        // A committed epoch is carried forward with `next` at takeover; one past the bound
+        // could overflow there, far from the frame that brought it.
+        guard e.isAcceptable else {
+            return reject(e, .badRecord, "epoch \(e) is beyond the highest a pair can reach (\(Epoch.maxAccepted))")
         }
         guard e > committedEpoch else {
             discarding = e
