@@ -32,8 +32,9 @@ public final class PageMemory: @unchecked Sendable {
     public init(fileAt path: String, pageCount: Int, create: Bool) throws(GeminusError) {
         precondition(pageCount > 0)
         let bytes = pageCount * GuestPage.size
-        // Never through a link: a link planted at the path would give its target the guest's memory.
-        let fd = open(path, create ? (O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW) : (O_RDWR | O_CLOEXEC | O_NOFOLLOW), 0o600)
+        // Links are followed on purpose: LibvirtGuest.mapRAM maps through /proc/self/fd/N of a
+        // descriptor it opened with O_NOFOLLOW and checked; callers check their paths.
+        let fd = open(path, create ? (O_RDWR | O_CREAT | O_CLOEXEC) : (O_RDWR | O_CLOEXEC), 0o600)
         guard fd >= 0 else {
             throw GeminusError(.io, "cannot open guest memory file \(path): \(String(cString: strerror(errno)))",
                                fix: "check that the file exists and this agent may read and write it")
