@@ -45,5 +45,20 @@ swiftc "${common[@]}" -sanitize=fuzzer,address $core $wire "$here/WireHarness.sw
   -llz4 -lxxhash -o "$out/fuzz-wire" 2> >(grep -v "Cannot export local symbol" >&2)
 swiftc "${common[@]}" $core $wire "$here/WireHarness.swift" "$here/MakeWireCorpus.swift" -D MAKE_CORPUS "${plain_objs[@]}" \
   -llz4 -lxxhash -o "$out/make-wire-corpus"
+# The link target: the pair link's production frame reader (GeminusTransport's FrameReader with
+# its sealing, Crypto, Socket) and the witness's messages (GeminusAgent's WitnessMessage, with
+# GeminusReplication for its records), the same way: copies without their `import Geminus*`.
+link_src="$out/link-src"
+rm -rf "$link_src" && mkdir -p "$link_src"
+for f in $(find "$root/Sources/GeminusReplication" -name '*.swift' | sort) \
+         "$root/Sources/GeminusTransport/FrameReader.swift" "$root/Sources/GeminusTransport/Crypto.swift" \
+         "$root/Sources/GeminusTransport/SealedFrames.swift" "$root/Sources/GeminusTransport/Socket.swift" \
+         "$root/Sources/GeminusAgent/WitnessMessage.swift"; do
+  sed -E '/^import Geminus(Core|Replication)$/d' "$f" > "$link_src/$(basename "$(dirname "$f")")-$(basename "$f")"
+done
+link=$(find "$link_src" -name '*.swift' | sort)
+swiftc "${common[@]}" -package-name geminus -I "$root/Sources/CLibCrypto" -sanitize=fuzzer,address $core $link \
+  "$here/LinkHarness.swift" "${fuzz_objs[@]}" -llz4 -lxxhash -lcrypto -o "$out/fuzz-link" 2> >(grep -v "Cannot export local symbol" >&2)
 echo "$out/fuzz-replica"
 echo "$out/fuzz-wire"
+echo "$out/fuzz-link"

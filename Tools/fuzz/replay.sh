@@ -6,3 +6,4 @@ here="$(cd "$(dirname "$0")" && pwd)"
 "$here/build.sh" >/dev/null
 "$here/.out/fuzz-replica" -runs=0 "$here/corpus" 2>&1 | tail -2
 ASAN_OPTIONS=detect_leaks=0 "$here/.out/fuzz-wire" -runs=0 "$here/wire-corpus" 2>&1 | tail -2
+ASAN_OPTIONS=detect_leaks=0 "$here/.out/fuzz-link" -runs=0 "$here/link-corpus" 2>&1 | tail -2

@@ -103,10 +103,11 @@ public final class FileBlockBackend: BlockBackend {
     }
 
     /// Never created under /dev (a mistyped device name would become a file in RAM), and there
-    /// links are followed: /dev/VG/LV is root's link to /dev/dm-N. Elsewhere an existing image
-    /// is opened without following a link, and a missing one is created exclusively (H3).
+    /// links are followed: /dev/VG/LV is root's link to /dev/dm-N. Elsewhere, /dev/shm included
+    /// (a filesystem for files: the agents' run directories are there), an existing image is
+    /// opened without following a link, and a missing one is created exclusively (H3).
     private static func openOrCreate(path: String) throws(GeminusError) -> Int32 {
-        if path.hasPrefix("/dev/") {
+        if path.hasPrefix("/dev/") && !path.hasPrefix("/dev/shm/") {
             let fd = open(path, O_RDWR | O_CLOEXEC)
             guard fd >= 0 else {
                 throw GeminusError(.io, "cannot open the replica disk \(path): \(String(cString: strerror(errno)))",
