@@ -17,10 +17,14 @@ public protocol OutputDestination: Sendable {
     func deliver(_ items: [GuestOutputItem], releasedThrough: Epoch?, generation: Generation)
     /// Frames sent on the host's network, and sends that failed (lost as on a network).
     var frameCounters: (sent: Int, failures: Int) { get }
+    /// Released frames the host's network refused to send (not the guest's own source MAC, a
+    /// bad length): spoofing attempts, counted for `geminus status`.
+    var framesRefused: Int { get }
 }
 
 extension OutputDestination {
     public var frameCounters: (sent: Int, failures: Int) { (0, 0) }
+    public var framesRefused: Int { 0 }
 }
 
 /// The guest's output port on a primary: console lines and NIC frames are held, in one
@@ -101,14 +105,16 @@ public final class HeldOutputPort: GuestOutputPort, @unchecked Sendable {
         public var holding: Bool
         public var framesSent: Int
         public var frameSendFailures: Int
+        public var framesRefused: Int
     }
 
     public var snapshot: Snapshot {
         let sent = destination.frameCounters
+        let refused = destination.framesRefused
         return queue.withLock { q in
             Snapshot(heldCount: q.heldCount, heldBytes: q.heldBytes, fullRefusals: q.fullRefusals,
                      released: q.releasedCount, holding: q.mode == .holding,
-                     framesSent: sent.sent, frameSendFailures: sent.failures)
+                     framesSent: sent.sent, frameSendFailures: sent.failures, framesRefused: refused)
         }
     }
 }

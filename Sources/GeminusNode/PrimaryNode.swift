@@ -664,6 +664,7 @@ public final class PrimaryNode {
             "pausedForOutput": .bool(pausedForOutputSinceNanos != nil),
             "framesSent": .int(snap.framesSent),
             "frameSendFailures": .int(snap.frameSendFailures),
+            "framesRefused": .int(snap.framesRefused),
             "deferredEpochs": .int(stats.deferredEpochs),
             "liveRounds": .int(stats.liveRounds),
             "livePages": .int(stats.livePages),
