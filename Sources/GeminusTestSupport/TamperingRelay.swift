@@ -22,14 +22,14 @@ public final class TamperingRelay: @unchecked Sendable {
     public struct WireFrame: Sendable {
         public var bytes: [UInt8]
         public var kind: UInt8 { bytes[5] }
-        public var flags: UInt16 { UInt16(bytes[6]) | UInt16(bytes[7]) << 8 }
+        public var flags: UInt16 { var r = ByteReader(bytes, offset: 6); return r.u16() ?? 0 }
         public var sealed: Bool { flags & FrameHeader.sealedFlag != 0 }
         public var generation: UInt64 { Self.u64(bytes, 16) }
         public var epoch: UInt64 { Self.u64(bytes, 24) }
         public var payloadLength: Int { Int(Self.u32(bytes, 8)) }
 
-        static func u32(_ b: [UInt8], _ o: Int) -> UInt32 { (0..<4).reduce(0) { $0 | UInt32(b[o + $1]) << (8 * UInt32($1)) } }
-        static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { (0..<8).reduce(0) { $0 | UInt64(b[o + $1]) << (8 * UInt64($1)) } }
+        static func u32(_ b: [UInt8], _ o: Int) -> UInt32 { var r = ByteReader(b, offset: o); return r.u32() ?? 0 }
+        static func u64(_ b: [UInt8], _ o: Int) -> UInt64 { var r = ByteReader(b, offset: o); return r.u64() ?? 0 }
     }
 
     /// What to put on the wire in place of the frame just read (in order; empty drops it).

@@ -17,19 +17,6 @@ import Glibc
 #endif
 import Foundation
 
-struct ByteCursor {
-    var bytes: [UInt8]
-    var at = 0
-    mutating func u8() -> UInt8? { guard at < bytes.count else { return nil }; defer { at += 1 }; return bytes[at] }
-    mutating func u16() -> UInt16? { guard let a = u8(), let b = u8() else { return nil }; return UInt16(a) | UInt16(b) << 8 }
-    mutating func u64() -> UInt64? {
-        var v: UInt64 = 0
-        for i in 0..<8 { guard let b = u8() else { return nil }; v |= UInt64(b) << (8 * UInt64(i)) }
-        return v
-    }
-    mutating func take(_ n: Int) -> [UInt8] { let end = min(bytes.count, at + n); defer { at = end }; return Array(bytes[at..<end]) }
-}
-
 /// Writes `wire` into one end of a socketpair (closing it after) and reads frames from the
 /// other with `reader` until the stream ends or fails.
 func readAll(_ wire: [UInt8], configure: (FrameReader) -> Void) -> (frames: [Frame], failure: FrameReader.Failure?) {
@@ -82,14 +69,14 @@ let linkKey = [UInt8](repeating: 0x42, count: AEADDirection.keyBytes)
 let allKinds = FrameKind.allCases
 
 func fuzzSealedReader(_ bytes: [UInt8]) {
-    var input = ByteCursor(bytes: bytes)
+    var input = ByteReader(bytes)
     let sealer = AEADDirection(key: linkKey, encrypting: true)
     var wire: [UInt8] = []
     var honest: [(FrameHeader, [UInt8])] = []
     var tampered = false
     var previous: [UInt8]?
     while honest.count < 64, let op = input.u8(), let kind = input.u8(), let epoch = input.u64(), let length = input.u16() {
-        let payload = input.take(Int(length % 4096))
+        let payload = Array(input.take(min(Int(length % 4096), input.remaining)) ?? [])
         let header = FrameHeader(kind: allKinds[Int(kind) % allKinds.count], generation: Generation(1), epoch: Epoch(epoch))
         var frame = FrameCodec.encode(header, payload: payload)
         switch op % 5 {
